@@ -1,0 +1,81 @@
+"""
+nanoGPT-style configuration: a script defines its settings as module-level globals, then calls
+
+    from configurator import configure
+    config = configure(globals())        # python distill.py config/kld_small.py --batch_size=16 --compile=False
+
+Each argument is either a config file (plain Python, executed; its top-level names override the defaults) or
+--key=value (the value is a Python literal, or a bare string). Unlike nanoGPT's exec'd configurator:
+an unknown key is an error that lists the close matches, keys whose default is None can be set, an int is
+accepted where the default is a float, values may contain '=', and a value of the wrong type is an error.
+Returns the resulting {key: value} dict of all settings (for logging and checkpoints).
+"""
+import ast
+import difflib
+import sys
+
+_TYPES = (int, float, bool, str, type(None), list, tuple, dict)
+
+
+def config_keys(g):
+    return [k for k, v in g.items() if not k.startswith('_') and isinstance(v, _TYPES)]
+
+
+def _check(key, value, default, source):
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    elif isinstance(value, type(default)) or (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple))):
+        return value
+    raise ValueError(f'{source}: {key} expects {type(default).__name__} (default {default!r}), got {value!r}')
+
+
+def _unknown(key, keys, source):
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ''
+    return ValueError(f'{source}: unknown config key {key!r}{hint}')
+
+
+def configure(g, argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    keys = config_keys(g)
+    defaults = {k: g[k] for k in keys}
+    for arg in argv:
+        if not arg.startswith('--'):  # a config file
+            try:
+                with open(arg) as f:
+                    code = f.read()
+            except OSError as e:
+                raise FileNotFoundError(f'config file {arg!r} could not be read ({e.strerror})') from e
+            print(f'Overriding config with {arg}')
+            ns = {}
+            exec(compile(code, arg, 'exec'), ns)
+            for k, v in ns.items():
+                if k.startswith('_') or not isinstance(v, _TYPES):
+                    continue  # imports, helper functions, private names
+                if k not in defaults:
+                    raise _unknown(k, keys, arg)
+                g[k] = _check(k, v, defaults[k], arg)
+        else:
+            key, sep, val = arg[2:].partition('=')
+            if key not in defaults:
+                raise _unknown(key, keys, arg)
+            if not sep:
+                if isinstance(defaults[key], bool):
+                    val = 'True'  # a bare --flag switches a boolean on
+                else:
+                    raise ValueError(f'{arg}: expected --{key}=value')
+            if isinstance(defaults[key], str):
+                value = val  # strings are taken as written: --out_dir=123 is the string '123'
+            else:
+                try:
+                    value = ast.literal_eval(val)
+                except (SyntaxError, ValueError):
+                    value = val
+            g[key] = _check(key, value, defaults[key], arg)
+            print(f'Overriding: {key} = {g[key]!r}')
+    return {k: g[k] for k in keys}

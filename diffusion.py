@@ -1,0 +1,171 @@
+"""
+Masked diffusion (MDLM, Sahoo et al. 2024) in continuous time with the log-linear schedule:
+noise schedule, time sampling, forward masking, the SUBS parameterisation, the NELBO loss and the ancestral sampler.
+
+Conventions: the MASK id is always the last vocabulary id (mask_id = V - 1); every function takes it (or V) as an
+argument, nothing assumes GPT-2's 50257. A "model" here is any callable model(ids [B, L], sigma [B]) -> logits [B, L, V].
+"""
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+NOISE_EPS = 1e-3   # log-linear schedule: m(1) = 1 - 1e-3, so sigma(1) stays finite
+SAMPLE_EPS = 1e-5  # the sampling grid ends at t = 1e-5 (MDLM and SDTT)
+
+
+# ---------------------------------------------------------------------------------------------------- schedule
+def sigma(t, eps=NOISE_EPS):
+    """Total noise sigma(t) = -log(1 - (1 - eps) t)."""
+    return -torch.log1p(-(1 - eps) * t)
+
+
+def move_chance(t, eps=NOISE_EPS):
+    """Masking probability m(t) = 1 - exp(-sigma(t)) = (1 - eps) t."""
+    return (1 - eps) * t
+
+
+def nelbo_weight(t, eps=NOISE_EPS):
+    """sigma'(t) / expm1(sigma(t)): the NELBO weight of a masked token. For the log-linear schedule it is exactly 1/t;
+    written in the general form so another schedule only changes sigma() (computed in float64 for small t)."""
+    t64 = t.double()
+    dsigma = (1 - eps) / (1 - (1 - eps) * t64)
+    return (dsigma / torch.expm1(sigma(t64, eps))).to(t.dtype)
+
+
+def sample_t(n, device, sampling_eps=1e-3, generator=None):
+    """Stratified (antithetic) times: one uniform draw in each of the n strata [i/n, (i+1)/n), then mapped to
+    [sampling_eps, 1]. Lowers the variance of the loss versus n iid draws (MDLM)."""
+    u = torch.rand(n, device=device, generator=generator)
+    t = (u + torch.arange(n, device=device)) / n
+    return (1 - sampling_eps) * t + sampling_eps
+
+
+def q_xt(x0, p_mask, mask_id, generator=None):
+    """Forward process: each token independently replaced by MASK with probability p_mask [B]."""
+    u = torch.rand(x0.shape, device=x0.device, generator=generator)
+    return torch.where(u < p_mask[:, None], mask_id, x0)
+
+
+# ---------------------------------------------------------------------------------------------------- SUBS + loss
+def subs_log_probs(logits, xt, mask_id):
+    """SUBS parameterisation: log p_theta(x0 | xt) [B, L, V] in fp32.
+    1. the MASK column gets probability 0 (-inf); 2. log-softmax over the real tokens in fp32 (not on bf16 logits);
+    3. carry-over: where xt is not MASK the distribution is the one-hot of xt."""
+    V = logits.shape[-1]
+    assert mask_id == V - 1, f'the mask id must be the last vocabulary id ({V - 1}), got {mask_id}'
+    logp = F.pad(F.log_softmax(logits[..., :mask_id].float(), dim=-1), (0, 1), value=float('-inf'))
+    unmasked = (xt != mask_id)[..., None]
+    logp = logp.masked_fill(unmasked, float('-inf'))
+    # at unmasked positions put log 1 = 0 on xt; at masked ones xt is the mask column, which stays -inf
+    return logp.scatter(-1, xt[..., None], torch.where(unmasked, 0.0, float('-inf')))
+
+
+def mdlm_loss(logits, x0, xt, t, mask_id, reduction='mean'):
+    """MDLM NELBO per token: -log p_theta(x0 | xt) * sigma'(t)/expm1(sigma(t)) summed over masked positions, divided
+    by the number of tokens. Unmasked positions contribute 0 (SUBS carry-over), so only the masked log-probs are
+    computed: a cross-entropy over the real tokens (fp32), without materialising the full SUBS tensor."""
+    nll = F.cross_entropy(logits[..., :mask_id].float().flatten(0, 1), x0.flatten(), reduction='none').view_as(x0)
+    loss = nll * (xt == mask_id) * nelbo_weight(t)[:, None]
+    return loss.mean() if reduction == 'mean' else loss
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+def draw_categorical(logits, u):
+    """Draw one index per row of logits [N, V] from softmax(logits), by inverse CDF in float64 with uniforms u [N]
+    (float64). Float64 matters: float32 Gumbel/exponential noise truncates low-probability tokens, which lowers the
+    entropy of samples and flatters gen-PPL (Zheng et al. 2024)."""
+    logits = logits.double()
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # first index whose cdf exceeds u
+    return idx.squeeze(1).clamp_(max=logits.shape[-1] - 1)
+
+
+def sampling_grid(num_steps, eps=SAMPLE_EPS):
+    """t_k = linspace(1, eps, N+1)[k], k < N; every step goes from t to s = t - dt with dt = (1 - eps)/N."""
+    return torch.linspace(1, eps, num_steps + 1, dtype=torch.float64)[:-1].tolist(), (1 - eps) / num_steps
+
+
+@torch.no_grad()
+def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, project_fn=None, cache=False,
+           eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False):
+    """Ancestral ("DDPM") sampling of masked diffusion (SPEC §4), starting from all-MASK (with BOS at position 0 when
+    bos_id is given, and project_fn(x) applied to the prior and after every step, e.g. to write a prompt).
+    One step from t to s: a masked position stays masked with probability m(s)/m(t), otherwise takes a token drawn
+    in float64 from the SUBS distribution p_theta(x0 | xt). Positions never change once unmasked. After the last step,
+    positions still masked (rare: probability ~1e-5 each) get the argmax of one more forward pass.
+    cache=True: a sequence that no step changed since its last forward reuses that prediction (valid because the
+    network does not depend on t without time conditioning); it draws exactly the same tokens as cache=False.
+    Returns (tokens [n_samples, seq_len] int64, nfe) with nfe the mean number of forward passes per sequence."""
+    block_size = getattr(getattr(model, 'config', None), 'block_size', None)
+    if mask_id is None:
+        vocab = getattr(getattr(model, 'config', None), 'vocab_size', None)
+        if vocab is None:
+            raise ValueError('mask_id is required for a model without .config.vocab_size')
+        mask_id = vocab - 1
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f'n_samples must be an integer >= 1, got {n_samples!r}')
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
+    if not isinstance(seq_len, int) or seq_len < 1 or (block_size is not None and seq_len > block_size):
+        raise ValueError(f'seq_len must be an integer in [1, {block_size}] (the model block size), got {seq_len!r}')
+    if getattr(getattr(model, 'config', None), 'time_conditioning', False):
+        cache = False  # the prediction depends on t: nothing can be reused
+    if device is None:
+        device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device('cpu')
+    device = torch.device(device)
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+
+    def forward(x, t):
+        with autocast:
+            return model(x, sigma(torch.full((x.shape[0],), t, device=device)))
+
+    x = torch.full((n_samples, seq_len), mask_id, dtype=torch.long, device=device)
+    if bos_id is not None:
+        x[:, 0] = bos_id
+    if project_fn is not None:
+        x = project_fn(x)
+    ts, dt = sampling_grid(num_steps, eps)
+    logits = None
+    stale = torch.ones(n_samples, dtype=torch.bool, device=device)  # which sequences need a fresh forward
+    n_forward = 0  # sequence-forwards
+    steps = ts
+    if verbose:
+        from tqdm import tqdm
+        steps = tqdm(ts, desc=f'sampling {n_samples}x{seq_len}, {num_steps} steps')
+    for t in steps:
+        s = max(t - dt, 0.0)
+        # draws for every position at every step, so caching (which skips forwards) sees the same randomness
+        u_reveal = torch.rand(x.shape, dtype=torch.float64, device=device, generator=generator)
+        u_token = torch.rand(x.shape, dtype=torch.float64, device=device, generator=generator)
+        if not cache or logits is None:
+            logits, n_forward = forward(x, t), n_forward + n_samples
+            if cache:
+                logits = logits.clone()  # updated in place below; a CUDA-graph output buffer is not ours to keep
+        else:
+            rows = stale.nonzero().squeeze(1)
+            if len(rows):
+                logits[rows] = forward(x[rows], t).to(logits.dtype)
+                n_forward += len(rows)
+        reveal = (x == mask_id) & (u_reveal >= move_chance(s) / move_chance(t))  # P(reveal) = 1 - m(s)/m(t)
+        # one sync per step: only the revealed positions (about L/num_steps per sequence) need the float64 draw
+        b, l = reveal.nonzero(as_tuple=True)
+        x_new = x.clone()
+        x_new[b, l] = draw_categorical(logits[b, l, :mask_id], u_token[b, l])
+        if project_fn is not None:
+            x_new = project_fn(x_new)
+        stale = (x_new != x).any(dim=1)
+        x = x_new
+    b, l = (x == mask_id).nonzero(as_tuple=True)  # final denoise: fill what is still masked by the argmax
+    if len(b):
+        rows = b.unique()
+        final = forward(x[rows], ts[-1] - dt)[..., :mask_id].argmax(-1)
+        n_forward += len(rows)
+        x[rows] = torch.where(x[rows] == mask_id, final, x[rows])
+        if project_fn is not None:
+            x = project_fn(x)
+    return x, n_forward / n_samples

@@ -1,0 +1,330 @@
+"""
+The DiT backbone of MDLM (Sahoo et al. 2024), as used by SDTT (Deschenaux & Gulcehre 2024).
+
+One file: the network, its config, and loading/saving of checkpoints in the published layouts.
+Parameter names are exactly those of the published checkpoints (`kuleshov-group/mdlm-owt`, `jdeschena/sdtt`)
+minus their `backbone.` prefix, so loading them is a strict `load_state_dict`.
+
+The network returns raw logits [B, L, V]; the SUBS parameterisation (mask column excluded, carry-over of
+unmasked tokens, fp32 log-softmax) lives in diffusion.py, as in MDLM.
+With causal=True the same network is the autoregressive baseline of the paper (next-token loss in distill.py).
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DiTConfig:
+    vocab_size: int = 50258      # GPT-2's 50257 ids + the MASK id, which is always the last one
+    block_size: int = 1024       # model_length: the longest sequence the model is trained on
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    cond_dim: int = 128
+    dropout: float = 0.1
+    time_conditioning: bool = False  # MDLM-OWT and all SDTT models: off (sigma is zeroed)
+    causal: bool = False             # True: the AR baseline (same network, causal attention)
+
+SIZES = {  # the MDLM/SDTT model sizes (SPEC §2)
+    'small': dict(n_layer=12, n_head=12, n_embd=768),
+    'medium': dict(n_layer=24, n_head=16, n_embd=1024),
+    'large': dict(n_layer=24, n_head=16, n_embd=1536),
+}
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a weight and no bias, always computed in fp32 (also under bf16 autocast)."""
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.weight.shape) * self.weight
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class EmbeddingLayer(nn.Module):
+    # a raw parameter rather than nn.Embedding: the published checkpoints call it `vocab_embed.embedding`
+    def __init__(self, dim, vocab_size):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, idx):
+        return self.embedding[idx]
+
+
+class TimestepEmbedder(nn.Module):
+    """sigma -> 256-d sinusoid [cos | sin] -> MLP. The caller applies the final SiLU."""
+    def __init__(self, cond_dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+        args = sigma.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class Rotary(nn.Module):
+    """Rotate-half (GPT-NeoX, non-interleaved) rotary embedding of q and k, positions 0..L-1, base 10000."""
+    def __init__(self, head_dim, base=10000):
+        super().__init__()
+        # persistent: the published checkpoints carry `rotary_emb.inv_freq`
+        self.register_buffer('inv_freq', 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim)))
+
+    def forward(self, seq_len, device):
+        t = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.float())
+        emb = torch.cat([freqs, freqs], dim=-1)  # [L, head_dim]
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x, cos, sin):
+    # x: [B, L, H, D]; cos/sin: [L, D]. Done in x's dtype (bf16 under autocast), as in MDLM.
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class DDiTBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.n_embd
+        self.n_head, self.causal = cfg.n_head, cfg.causal
+        self.norm1 = LayerNorm(d)
+        self.attn_qkv = nn.Linear(d, 3 * d, bias=False)  # rows laid out (3, heads, head_dim): [q | k | v]
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)           # only on the two residual branches
+        self.norm2 = LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate='tanh'), nn.Linear(4 * d, d))
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x, cos, sin, c):
+        B, L, d = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(B, L, 3, self.n_head, d // self.n_head)
+        q, k, v = qkv.unbind(dim=2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # SDPA picks flash / memory-efficient kernels on GPU and a fused kernel on CPU; bidirectional unless causal
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=self.causal)
+        y = y.transpose(1, 2).reshape(B, L, d)
+        x = x + gate_msa * self.dropout(self.attn_out(y))
+        x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return x
+
+
+class DDitFinalLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm_final = LayerNorm(cfg.n_embd)
+        self.linear = nn.Linear(cfg.n_embd, cfg.vocab_size)
+        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.n_embd)
+        for lin in (self.linear, self.adaLN_modulation):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0, 'head_dim must be even'
+        self.config = cfg
+        self.vocab_embed = EmbeddingLayer(cfg.n_embd, cfg.vocab_size)
+        self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        self.rotary_emb = Rotary(cfg.n_embd // cfg.n_head)
+        self.blocks = nn.ModuleList([DDiTBlock(cfg) for _ in range(cfg.n_layer)])
+        self.output_layer = DDitFinalLayer(cfg)
+        self.meta = {}  # tokenizer and provenance of a loaded checkpoint (see load_pretrained)
+
+    def forward(self, idx, sigma=None):
+        """idx [B, L] token ids, sigma [B] noise levels (ignored without time conditioning) -> logits [B, L, V]."""
+        B, L = idx.shape
+        if L > self.config.block_size:
+            raise ValueError(f'sequence length {L} exceeds the model block size {self.config.block_size}')
+        if sigma is None or not self.config.time_conditioning:
+            # the published models were trained with sigma = 0: c is a learned constant, still applied by adaLN
+            sigma = torch.zeros(B, device=idx.device)
+        x = self.vocab_embed(idx)
+        c = F.silu(self.sigma_map(sigma))
+        cos, sin = self.rotary_emb(L, idx.device)
+        for block in self.blocks:
+            x = block(x, cos, sin, c)
+        return self.output_layer(x, c)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.vocab_embed.embedding.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len, backward=True):
+        """Matmul FLOPs per token (PaLM appendix B style): 6N (fwd+bwd) + attention 12*l*d*L; a forward is 1/3."""
+        cfg = self.config
+        n = self.num_params(non_embedding=True)  # the embedding is a lookup, the output layer is a matmul
+        f = 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        return f if backward else f / 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints. Three kinds load through load_pretrained:
+#   1. MDLM layout  (kuleshov-group/mdlm-owt): config.json {hidden_dim, cond_dim, n_blocks, n_heads, model_length,
+#      vocab_size, dropout, time_conditioning} + model.safetensors with keys `backbone.<name>`, fp32.
+#   2. SDTT layout  (jdeschena/sdtt, one git revision per model): config.json is a whole run config with the
+#      architecture under `model: {hidden_size, cond_dim, length, n_blocks, n_heads, dropout}`.
+#   3. this project: directories written by save_pretrained (MDLM layout plus `causal` and a `meta` dict) and
+#      training checkpoints `ckpt.pt` written by distill.py ({'model_args', 'model', 'ema', 'meta', ...}).
+
+def config_from_json(cfg, vocab_size=None):
+    """Map either published config.json layout (or ours) to a DiTConfig. vocab_size: from the weights if given."""
+    if 'model' in cfg and isinstance(cfg['model'], dict) and 'hidden_size' in cfg['model']:  # SDTT run config
+        m = cfg['model']
+        tc = cfg.get('time_conditioning', m.get('time_conditioning', False))
+        args = dict(n_embd=m['hidden_size'], cond_dim=m['cond_dim'], n_layer=m['n_blocks'], n_head=m['n_heads'],
+                    block_size=m['length'], dropout=m.get('dropout', 0.1), time_conditioning=bool(tc))
+        v = vocab_size or m.get('vocab_size') or cfg.get('vocab_size')
+    elif 'hidden_dim' in cfg:  # MDLM hub layout (and ours)
+        args = dict(n_embd=cfg['hidden_dim'], cond_dim=cfg['cond_dim'], n_layer=cfg['n_blocks'], n_head=cfg['n_heads'],
+                    block_size=cfg['model_length'], dropout=cfg.get('dropout', 0.1),
+                    time_conditioning=bool(cfg.get('time_conditioning', False)), causal=bool(cfg.get('causal', False)))
+        v = vocab_size or cfg.get('vocab_size')
+    else:
+        raise ValueError('config.json is neither the MDLM layout (hidden_dim, n_blocks, ...) nor the SDTT layout '
+                         f'(model: {{hidden_size, ...}}); keys found: {sorted(cfg)[:20]}')
+    if v is None:
+        raise ValueError('config.json has no vocab_size and it could not be read from the weights')
+    return DiTConfig(vocab_size=int(v), **args)
+
+
+def strip_prefix(state_dict, prefix='backbone.'):
+    """Published checkpoints and MDLM Lightning checkpoints prefix the backbone's keys with `backbone.`."""
+    if any(k.startswith(prefix) for k in state_dict):
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return state_dict
+
+
+def load_state_dict_strict(model, state_dict, source='checkpoint'):
+    """A strict load whose error names every missing, unexpected or mis-shaped tensor."""
+    state_dict = strip_prefix(state_dict)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        msg = [f'{source} does not match the model:']
+        if missing: msg.append(f'  missing tensors ({len(missing)}): {missing[:10]}')
+        if unexpected: msg.append(f'  unexpected tensors ({len(unexpected)}): {unexpected[:10]}')
+        if shapes: msg.append(f'  mis-shaped tensors ({len(shapes)}): {shapes[:10]}')
+        raise ValueError('\n'.join(msg))
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def default_meta(vocab_size):
+    """Special ids of a checkpoint that does not record them: GPT-2 (published models) or our byte tokenizer."""
+    if vocab_size == 50258:
+        return dict(tokenizer='gpt2', bos_id=50256, eos_id=50256, mask_id=50257)
+    if vocab_size == 258:
+        return dict(tokenizer='byte', bos_id=256, eos_id=256, mask_id=257)
+    return dict(tokenizer=None, bos_id=None, eos_id=None, mask_id=vocab_size - 1)
+
+
+def _resolve(name_or_path, revision):
+    """A local path stays as it is; anything else is a hub repo id, downloaded (config + safetensors only)."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    if name_or_path.endswith(('.pt', '.ckpt', '.safetensors')) or name_or_path.startswith(('.', '/', '~')) \
+            or name_or_path.count('/') != 1:
+        raise FileNotFoundError(f'no checkpoint at {name_or_path!r} (not a local file or directory, nor a hub id owner/name)')
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name_or_path, revision=revision, allow_patterns=['config.json', 'model.safetensors'])
+    except Exception as e:  # offline, unknown repo/revision, no huggingface_hub ...
+        raise RuntimeError(f'could not download {name_or_path!r} (revision {revision!r}) from the Hugging Face hub '
+                           f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). Without network, '
+                           f'download config.json and model.safetensors elsewhere and pass the local directory.') from e
+
+
+def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
+    """Load a DiT from a local directory, a project checkpoint file (ckpt.pt) or a Hugging Face hub id.
+    Never executes remote code: reads config.json and model.safetensors directly. Returns the model in eval mode,
+    with model.meta holding the tokenizer name and special ids (and the round/steps of SDTT students)."""
+    path = _resolve(name_or_path, revision)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'model.safetensors')) \
+            and os.path.exists(os.path.join(path, 'ckpt.pt')):
+        path = os.path.join(path, 'ckpt.pt')  # a training out_dir
+    if os.path.isfile(path):  # a project training checkpoint
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e})') from e
+        if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
+            raise ValueError(f'{path} is not a checkpoint of this project (no model_args/model); for an MDLM Lightning '
+                             f'.ckpt use distill.py init_from, for published models pass the directory')
+        model = DiT(DiTConfig(**ckpt['model_args']))
+        sd = ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model']
+        load_state_dict_strict(model, sd, source=path)
+        model.meta = {**default_meta(model.config.vocab_size), **ckpt.get('meta', {})}
+        return model.to(device).eval()
+    cfg_file, st_file = os.path.join(path, 'config.json'), os.path.join(path, 'model.safetensors')
+    for f in (cfg_file, st_file):
+        if not os.path.exists(f):
+            raise FileNotFoundError(f'{f} is missing: a checkpoint directory holds config.json and model.safetensors')
+    from safetensors.torch import load_file
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    sd = strip_prefix(load_file(st_file))
+    vocab = sd['vocab_embed.embedding'].shape[0] if 'vocab_embed.embedding' in sd else None
+    model = DiT(config_from_json(cfg, vocab_size=vocab))
+    load_state_dict_strict(model, sd, source=st_file)
+    model.meta = {**default_meta(model.config.vocab_size), **cfg.get('meta', {})}
+    return model.to(device).eval()
+
+
+def save_pretrained(model, out_dir, meta=None):
+    """Write config.json + model.safetensors in the MDLM hub layout (+ `causal`, `meta`), atomically: the files go
+    to a temporary directory that replaces out_dir only when complete."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    config = dict(model_type='mdlm', hidden_dim=cfg.n_embd, cond_dim=cfg.cond_dim, n_blocks=cfg.n_layer,
+                  n_heads=cfg.n_head, model_length=cfg.block_size, vocab_size=cfg.vocab_size, dropout=cfg.dropout,
+                  time_conditioning=cfg.time_conditioning, causal=cfg.causal, meta={**model.meta, **(meta or {})})
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix='.tmp_')
+    try:
+        sd = {'backbone.' + k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, os.path.join(tmp, 'model.safetensors'))
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            json.dump(config, f, indent=2)
+        if os.path.exists(out_dir):  # replace: move the old one aside first so a crash never leaves neither
+            old = tmp + '_old'
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return out_dir
+
