@@ -89,7 +89,7 @@ def sampling_grid(num_steps, eps=SAMPLE_EPS):
 
 @torch.no_grad()
 def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, project_fn=None, cache=False,
-           eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False):
+           eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None):
     """Ancestral ("DDPM") sampling of masked diffusion (SPEC §4), starting from all-MASK (with BOS at position 0 when
     bos_id is given, and project_fn(x) applied to the prior and after every step, e.g. to write a prompt).
     One step from t to s: a masked position stays masked with probability m(s)/m(t), otherwise takes a token drawn
@@ -97,6 +97,8 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, proj
     positions still masked (rare: probability ~1e-5 each) get the argmax of one more forward pass.
     cache=True: a sequence that no step changed since its last forward reuses that prediction (valid because the
     network does not depend on t without time conditioning); it draws exactly the same tokens as cache=False.
+    step_fn(x, logits, t, s, u, mask_id) -> new x: another update rule in place of the ancestral one (e.g. the
+    analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position.
     Returns (tokens [n_samples, seq_len] int64, nfe) with nfe the mean number of forward passes per sequence."""
     block_size = getattr(getattr(model, 'config', None), 'block_size', None)
     if mask_id is None:
@@ -113,7 +115,8 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, proj
     if getattr(getattr(model, 'config', None), 'time_conditioning', False):
         cache = False  # the prediction depends on t: nothing can be reused
     if device is None:
-        device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device('cpu')
+        p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        device = p.device if p is not None else torch.device('cpu')
     device = torch.device(device)
     if generator is None:
         generator = torch.Generator(device=device)
@@ -151,11 +154,14 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, proj
             if len(rows):
                 logits[rows] = forward(x[rows], t).to(logits.dtype)
                 n_forward += len(rows)
-        reveal = (x == mask_id) & (u_reveal >= move_chance(s) / move_chance(t))  # P(reveal) = 1 - m(s)/m(t)
-        # one sync per step: only the revealed positions (about L/num_steps per sequence) need the float64 draw
-        b, l = reveal.nonzero(as_tuple=True)
-        x_new = x.clone()
-        x_new[b, l] = draw_categorical(logits[b, l, :mask_id], u_token[b, l])
+        if step_fn is not None:
+            x_new = step_fn(x, logits, t, s, u_token, mask_id)
+        else:
+            reveal = (x == mask_id) & (u_reveal >= move_chance(s) / move_chance(t))  # P(reveal) = 1 - m(s)/m(t)
+            # one sync per step: only the revealed positions (about L/num_steps per sequence) need the float64 draw
+            b, l = reveal.nonzero(as_tuple=True)
+            x_new = x.clone()
+            x_new[b, l] = draw_categorical(logits[b, l, :mask_id], u_token[b, l])
         if project_fn is not None:
             x_new = project_fn(x_new)
         stale = (x_new != x).any(dim=1)

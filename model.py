@@ -215,8 +215,9 @@ def config_from_json(cfg, vocab_size=None):
 
 
 def strip_prefix(state_dict, prefix='backbone.'):
-    """Published checkpoints and MDLM Lightning checkpoints prefix the backbone's keys with `backbone.`."""
-    if any(k.startswith(prefix) for k in state_dict):
+    """Published checkpoints and MDLM Lightning checkpoints prefix the backbone's keys with `backbone.`; SDTT's
+    `teacher_1M_sm` (pushed from a wrapped hub model) likely has it twice: strip every level."""
+    while any(k.startswith(prefix) for k in state_dict):
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     return state_dict
 

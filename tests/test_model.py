@@ -1,0 +1,230 @@
+"""The DiT: parameter layout, an independent re-computation of the forward, checkpoint round trips, SDPA speed."""
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from model import DiT, DiTConfig, load_pretrained, save_pretrained
+
+CFG = dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=64, cond_dim=32, dropout=0.0)
+
+
+def random_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = DiT(DiTConfig(**{**CFG, **kw}))
+    with torch.no_grad():  # adaLN and output are zero-initialised: randomise everything so the test sees them
+        for n, p in m.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if 'norm' in n else 0.1) + (1.0 if 'norm' in n else 0.0))
+    return m.eval()
+
+
+def reference_forward(sd, cfg, idx, sigma):
+    """MDLM's DIT forward written out independently from a state dict: explicit softmax attention, rotary from its
+    formula (rotate-half on q and k with angle pos * base^(-2i/d)), adaLN chunks in the published order."""
+    d, H = cfg.n_embd, cfg.n_head
+    hd = d // H
+    B, L = idx.shape
+    x = sd['vocab_embed.embedding'][idx]
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
+    s = sigma if cfg.time_conditioning else torch.zeros(B)
+    emb = torch.cat([torch.cos(s[:, None] * freqs), torch.sin(s[:, None] * freqs)], -1)
+    c = F.linear(emb, sd['sigma_map.mlp.0.weight'], sd['sigma_map.mlp.0.bias'])
+    c = F.silu(F.linear(F.silu(c), sd['sigma_map.mlp.2.weight'], sd['sigma_map.mlp.2.bias']))
+    pos = torch.arange(L, dtype=torch.float64)
+    theta = pos[:, None] * 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)[None]  # [L, hd/2]
+    cos, sin = torch.cos(theta).float(), torch.sin(theta).float()
+
+    def rot(v):  # v [B, L, H, hd]: pairs (i, i + hd/2) rotate by theta_i
+        a, b = v[..., :hd // 2], v[..., hd // 2:]
+        cc, ss = cos[None, :, None], sin[None, :, None]
+        return torch.cat([a * cc - b * ss, b * cc + a * ss], -1)
+
+    def ln(v, w):
+        mu, var = v.mean(-1, keepdim=True), v.var(-1, unbiased=False, keepdim=True)
+        return (v - mu) / torch.sqrt(var + 1e-5) * w
+
+    for i in range(cfg.n_layer):
+        p = lambda n: sd[f'blocks.{i}.{n}']
+        mod = F.linear(c, p('adaLN_modulation.weight'), p('adaLN_modulation.bias'))[:, None]
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
+        h = ln(x, p('norm1.weight')) * (1 + sc1) + sh1
+        qkv = (h @ p('attn_qkv.weight').T).view(B, L, 3, H, hd)
+        q, k, v = rot(qkv[:, :, 0]), rot(qkv[:, :, 1]), qkv[:, :, 2]
+        att = torch.einsum('blhd,bmhd->bhlm', q, k) / math.sqrt(hd)
+        if cfg.causal:
+            att = att.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float('-inf'))
+        y = torch.einsum('bhlm,bmhd->blhd', att.softmax(-1), v).reshape(B, L, d)
+        x = x + g1 * (y @ p('attn_out.weight').T)
+        h = ln(x, p('norm2.weight')) * (1 + sc2) + sh2
+        h = F.linear(F.gelu(F.linear(h, p('mlp.0.weight'), p('mlp.0.bias')), approximate='tanh'),
+                     p('mlp.2.weight'), p('mlp.2.bias'))
+        x = x + g2 * h
+    sh, sc = F.linear(c, sd['output_layer.adaLN_modulation.weight'], sd['output_layer.adaLN_modulation.bias'])[:, None].chunk(2, -1)
+    h = ln(x, sd['output_layer.norm_final.weight']) * (1 + sc) + sh
+    return F.linear(h, sd['output_layer.linear.weight'], sd['output_layer.linear.bias'])
+
+
+PUBLISHED_NAMES = ['vocab_embed.embedding', 'sigma_map.mlp.0.weight', 'sigma_map.mlp.0.bias', 'sigma_map.mlp.2.weight',
+                   'sigma_map.mlp.2.bias', 'rotary_emb.inv_freq', 'blocks.0.norm1.weight', 'blocks.0.attn_qkv.weight',
+                   'blocks.0.attn_out.weight', 'blocks.0.norm2.weight', 'blocks.0.mlp.0.weight', 'blocks.0.mlp.0.bias',
+                   'blocks.0.mlp.2.weight', 'blocks.0.mlp.2.bias', 'blocks.0.adaLN_modulation.weight',
+                   'blocks.0.adaLN_modulation.bias', 'output_layer.norm_final.weight', 'output_layer.linear.weight',
+                   'output_layer.linear.bias', 'output_layer.adaLN_modulation.weight', 'output_layer.adaLN_modulation.bias']
+
+
+def test_parameter_names_shapes_and_counts():
+    m = DiT(DiTConfig(**{**CFG, 'n_layer': 1}))
+    sd = m.state_dict()
+    assert sorted(sd) == sorted(PUBLISHED_NAMES)
+    d, V, c = CFG['n_embd'], CFG['vocab_size'], CFG['cond_dim']
+    assert sd['blocks.0.attn_qkv.weight'].shape == (3 * d, d)
+    assert sd['blocks.0.adaLN_modulation.weight'].shape == (6 * d, c)
+    assert sd['output_layer.linear.weight'].shape == (V, d)
+    assert sd['rotary_emb.inv_freq'].shape == (d // CFG['n_head'] // 2,)
+    # zero-initialised adaLN and output layer (training from scratch)
+    assert m.output_layer.linear.weight.abs().sum() == 0 and m.blocks[0].adaLN_modulation.weight.abs().sum() == 0
+    # MDLM small has 169.6M parameters (SPEC §2)
+    small = DiT(DiTConfig(n_layer=12, n_head=12, n_embd=768, cond_dim=128, vocab_size=50258))
+    assert abs(small.num_params() / 1e6 - 169.6) < 0.1
+
+
+@pytest.mark.parametrize('time_conditioning,causal', [(False, False), (True, False), (False, True)])
+def test_forward_matches_independent_reference(time_conditioning, causal):
+    m = random_model(time_conditioning=time_conditioning, causal=causal)
+    idx = torch.randint(0, CFG['vocab_size'], (3, 20))
+    sigma = torch.rand(3) * 3
+    with torch.no_grad():
+        out = m(idx, sigma)
+        ref = reference_forward(m.state_dict(), m.config, idx, sigma)
+    assert out.shape == (3, 20, CFG['vocab_size'])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    if not time_conditioning:  # sigma is ignored (zeroed) exactly as the published models expect
+        torch.testing.assert_close(m(idx, sigma * 0 + 5.0), out)
+
+
+def test_bidirectional_vs_causal():
+    m = random_model()
+    idx = torch.randint(0, CFG['vocab_size'], (1, 16))
+    idx2 = idx.clone()
+    idx2[0, -1] = (idx[0, -1] + 1) % CFG['vocab_size']
+    with torch.no_grad():
+        assert not torch.allclose(m(idx)[0, 0], m(idx2)[0, 0])  # the first position sees the last
+        mc = random_model(causal=True)
+        torch.testing.assert_close(mc(idx)[0, :-1], mc(idx2)[0, :-1])  # causal: it does not
+
+
+def test_too_long_input_raises():
+    m = random_model()
+    with pytest.raises(ValueError, match='block size'):
+        m(torch.zeros(1, CFG['block_size'] + 1, dtype=torch.long))
+
+
+def _write_published(tmp_path, m, layout):
+    sd = {'backbone.' + k: v.contiguous() for k, v in m.state_dict().items()}
+    c = m.config
+    if layout == 'mdlm':
+        cfg = dict(model_type='mdlm', hidden_dim=c.n_embd, cond_dim=c.cond_dim, n_blocks=c.n_layer, n_heads=c.n_head,
+                   model_length=c.block_size, vocab_size=c.vocab_size, dropout=0.1, time_conditioning=c.time_conditioning)
+    else:  # SDTT: a whole run config, architecture under `model`
+        cfg = dict(mode='train', time_conditioning=c.time_conditioning, parameterization=dict(num_distill_steps=2),
+                   model=dict(name='small', type='ddit', hidden_size=c.n_embd, cond_dim=c.cond_dim, length=c.block_size,
+                              n_blocks=c.n_layer, n_heads=c.n_head, scale_by_sigma=True, dropout=0.1))
+    d = tmp_path / layout
+    d.mkdir()
+    save_file(sd, str(d / 'model.safetensors'))
+    (d / 'config.json').write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize('layout', ['mdlm', 'sdtt'])
+def test_load_published_layouts(tmp_path, layout):
+    m = random_model()
+    d = _write_published(tmp_path, m, layout)
+    m2 = load_pretrained(str(d))
+    assert not m2.training and m2.config.block_size == CFG['block_size'] and m2.config.dropout == 0.1
+    idx = torch.randint(0, CFG['vocab_size'], (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(m2(idx), m(idx), rtol=0, atol=0)
+
+
+def test_save_pretrained_round_trip_and_meta(tmp_path):
+    m = random_model(causal=True)
+    m.meta = dict(tokenizer='byte', bos_id=256, eos_id=256, mask_id=60)
+    out = save_pretrained(m, str(tmp_path / 'ck'), meta=dict(round=3))
+    save_pretrained(m, out, meta=dict(round=3))  # overwriting an existing directory works and leaves no temporary directories
+    assert sorted(os.listdir(tmp_path)) == ['ck']
+    m2 = load_pretrained(out)
+    assert m2.config == m.config and m2.meta['round'] == 3 and m2.meta['tokenizer'] == 'byte'
+    idx = torch.randint(0, CFG['vocab_size'], (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(m2(idx), m(idx), rtol=0, atol=0)
+
+
+def test_project_training_checkpoint(tmp_path):
+    from dataclasses import asdict
+    m, ema = random_model(0), random_model(1)
+    torch.save(dict(model_args=asdict(m.config), model=m.state_dict(), ema=ema.state_dict(), meta={'round': 2}),
+               tmp_path / 'ckpt.pt')
+    idx = torch.randint(0, CFG['vocab_size'], (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(str(tmp_path))(idx), ema(idx))  # EMA weights by default
+        torch.testing.assert_close(load_pretrained(str(tmp_path / 'ckpt.pt'), use_ema=False)(idx), m(idx))
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    m = random_model()
+    d = _write_published(tmp_path, m, 'mdlm')
+    sd = {'backbone.' + k: v for k, v in m.state_dict().items() if k != 'blocks.1.norm2.weight'}
+    sd['backbone.extra.weight'] = torch.zeros(2)
+    sd['backbone.blocks.0.attn_out.weight'] = torch.zeros(3, 3)
+    save_file(sd, str(d / 'model.safetensors'))
+    with pytest.raises(ValueError) as e:
+        load_pretrained(str(d))
+    msg = str(e.value)
+    assert 'blocks.1.norm2.weight' in msg and 'extra.weight' in msg and 'blocks.0.attn_out.weight' in msg
+    os.remove(d / 'config.json')
+    with pytest.raises(FileNotFoundError, match='config.json'):
+        load_pretrained(str(d))
+    with pytest.raises(FileNotFoundError):
+        load_pretrained(str(tmp_path / 'nope' / 'ckpt.pt'))
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='not a readable checkpoint'):
+        load_pretrained(str(tmp_path / 'junk.pt'))
+
+
+def test_hub_id_offline_fails_fast_with_advice(monkeypatch):
+    import huggingface_hub
+    calls = {}
+
+    def fake_download(repo_id, revision=None, **kw):
+        calls.update(repo_id=repo_id, revision=revision, **kw)
+        raise OSError('network is unreachable')
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', fake_download)
+    with pytest.raises(RuntimeError, match='pass the local directory'):
+        load_pretrained('jdeschena/sdtt', revision='baselines_kld_step_70000')
+    assert calls['repo_id'] == 'jdeschena/sdtt' and calls['revision'] == 'baselines_kld_step_70000'
+    assert set(calls['allow_patterns']) == {'config.json', 'model.safetensors'}  # never code
+
+
+def test_forward_not_slower_than_plain_sdpa_implementation():
+    """Speed guard, measured as a ratio in one run: our forward vs the independent reference with SDPA attention."""
+    m = random_model(n_layer=2, n_embd=128, n_head=4, block_size=128)
+    idx = torch.randint(0, CFG['vocab_size'], (4, 128))
+    sd, cfg = m.state_dict(), m.config
+
+    def bench(f, n=5):
+        f()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        return time.perf_counter() - t0
+    with torch.no_grad():
+        ours = min(bench(lambda: m(idx)) for _ in range(3))
+        ref = min(bench(lambda: reference_forward(sd, cfg, idx, None)) for _ in range(3))
+    assert ours < 1.5 * ref, (ours, ref)
