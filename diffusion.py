@@ -88,10 +88,11 @@ def sampling_grid(num_steps, eps=SAMPLE_EPS):
 
 
 @torch.no_grad()
-def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, project_fn=None, cache=False,
+def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_bos=True, project_fn=None, cache=False,
            eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None):
-    """Ancestral ("DDPM") sampling of masked diffusion (SPEC §4), starting from all-MASK (with BOS at position 0 when
-    bos_id is given, and project_fn(x) applied to the prior and after every step, e.g. to write a prompt).
+    """Ancestral ("DDPM") sampling of masked diffusion (SPEC §4), starting from all-MASK with BOS at position 0
+    (add_bos; bos_id defaults to model.meta['bos_id'] where the model has one), and project_fn(x) applied to the
+    prior and after every step, e.g. to write a prompt.
     One step from t to s: a masked position stays masked with probability m(s)/m(t), otherwise takes a token drawn
     in float64 from the SUBS distribution p_theta(x0 | xt). Positions never change once unmasked. After the last step,
     positions still masked (rare: probability ~1e-5 each) get the argmax of one more forward pass.
@@ -128,8 +129,10 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, proj
             return model(x, sigma(torch.full((x.shape[0],), t, device=device)))
 
     x = torch.full((n_samples, seq_len), mask_id, dtype=torch.long, device=device)
-    if bos_id is not None:
-        x[:, 0] = bos_id
+    if bos_id is None:
+        bos_id = getattr(model, 'meta', {}).get('bos_id')
+    if add_bos and bos_id is not None:
+        x[:, 0] = bos_id  # training rows all start with BOS, so do unconditional samples (MDLM/SDTT)
     if project_fn is not None:
         x = project_fn(x)
     ts, dt = sampling_grid(num_steps, eps)
@@ -151,7 +154,9 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, proj
                 logits = logits.clone()  # updated in place below; a CUDA-graph output buffer is not ours to keep
         else:
             rows = stale.nonzero().squeeze(1)
-            if len(rows):
+            if len(rows) == n_samples:  # all changed: no copy into the cache
+                logits, n_forward = forward(x, t).clone(), n_forward + n_samples
+            elif len(rows):
                 logits[rows] = forward(x[rows], t).to(logits.dtype)
                 n_forward += len(rows)
         if step_fn is not None:

@@ -1,0 +1,371 @@
+"""
+Sample from a masked diffusion LM (MDLM / SDTT student or teacher), as a script or as the Python API of the original
+SDTT release (`from sample import load_small_student` where the release has `from sdtt import load_small_student`).
+
+    python sample.py --init_from=jdeschena/sdtt --revision=baselines_kld_step_70000 --num_steps=32 --n_samples=8
+    python sample.py --init_from=out/kld_small --prompt="Today is a great day." --n_samples=4 --seq_len=128
+    python sample.py --init_from=out/kld_small --mode=cond_prefix --cond_data=../shared/data/corpus/val.jsonl
+    torchrun --standalone --nproc_per_node=8 sample.py --init_from=out/kld_small --n_samples=1024 --batch_size=16
+
+Output: out_dir/samples/{uncond,cond}/<settings>.npz (token ids + settings, read back with load_samples) and a
+.jsonl of the decoded text next to it. Samples are drawn in batches; batch i always uses the seed
+batch_seed(seed, i), whichever process draws it, so any number of processes gives the same samples.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import diffusion
+from configurator import config_keys, configure
+from model import load_pretrained
+from prepare_data import get_tokenizer
+
+# -------------------------------------------------------------------- settings (config file or --key=value)
+init_from = 'kuleshov-group/mdlm-owt'  # a checkpoint file, a directory (ours, MDLM or SDTT layout) or a hub id
+revision = ''             # hub revision, e.g. baselines_kld_step_70000 for jdeschena/sdtt
+num_steps = 32
+n_samples = 8             # uncond mode: number of samples
+batch_size = 8            # samples per forward batch (per process)
+seq_len = 1024
+sampler = 'ancestral'     # 'ancestral' | 'cached' (ancestral, skips forwards of unchanged sequences) | 'analytic'
+seed = 1
+prompt = ''               # uncond mode: every sample starts with BOS + this text ...
+prompt_file = ''          # ... or with the text of this file
+add_bos = True            # uncond mode: BOS at position 0, as every training row (False: the model generates it)
+mode = 'uncond'           # 'uncond' | 'cond_prefix' (SPEC §6 MAUVE protocol)
+cond_data = ''            # cond_prefix: a .jsonl file (field "text") or a Hugging Face dataset name
+cond_split = 'test'       # split of the HF dataset
+n_prompts = 8             # cond_prefix: number of documents (SPEC §6: 1024)
+min_doc_len = 1024        # cond_prefix: only documents with at least this many tokens
+prefix_bos = True         # cond_prefix: frame documents as [BOS] + tokens (as in training rows; the release: False)
+prefix_len = 50           # cond_prefix: prompt = the first prefix_len tokens of the framed document
+n_continuations = 5       # cond_prefix: samples per prompt
+cond_len = 100            # cond_prefix: total length of prefix + continuation (also the reference length)
+out_dir = 'out'
+overwrite = False
+n_print = 4               # decoded samples printed at the end
+compile = False
+device = ''               # '' = cuda if available, else cpu
+verbose = False
+_CONFIG_KEYS = config_keys(globals())  # exactly the settings above
+
+HUB_MDLM, HUB_SDTT = 'kuleshov-group/mdlm-owt', 'jdeschena/sdtt'
+LOSSES, SCALING_SIZES, ROUNDS = ('kld', 'mse', 'tvd'), ('sm', 'md', 'large'), tuple(range(1, 8))
+
+
+# -------------------------------------------------------------------- the release API
+class DiffusionLM(torch.nn.Module):
+    """A DiT plus what sampling needs: tokenizer, special ids (model.meta) and a name. The backbone is registered as
+    `backbone`, so state_dict() has the keys of the published checkpoints."""
+
+    def __init__(self, backbone, name='model'):
+        super().__init__()
+        self.backbone, self.name = backbone, name
+
+    @property
+    def meta(self):
+        return self.backbone.meta
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    @property
+    def tokenizer(self):
+        name = self.meta.get('tokenizer')
+        if name is None:
+            raise ValueError(f'{self.name}: the checkpoint names no tokenizer (meta.tokenizer); only token ids are available')
+        tok = get_tokenizer(name)
+        if tok.vocab_size != self.backbone.config.vocab_size:
+            raise ValueError(f'{self.name}: tokenizer {name} has {tok.vocab_size} ids, the model {self.backbone.config.vocab_size}')
+        return tok
+
+    def forward(self, idx, sigma=None):
+        return self.backbone(idx, sigma)
+
+    @torch.no_grad()
+    def sample(self, n_samples, num_steps, seq_len=1024, verbose=False, project_fn=None, cache=False, seed=None,
+               sampler='ancestral', add_bos=True, return_nfe=False):
+        """Token ids [n_samples, seq_len] (on the model's device); project_fn(x) is applied to the prior and after
+        every step (prompting). sampler: 'ancestral' or 'analytic'; cache: skip forwards of sequences no step changed;
+        add_bos: write BOS at position 0 (SPEC §4: unconditional samples start with BOS, as every training row; False
+        lets the model generate position 0). return_nfe: also return the forward passes per sequence."""
+        if sampler not in ('ancestral', 'analytic'):
+            raise ValueError(f"sampler must be 'ancestral' or 'analytic', got {sampler!r}")
+        tokens, nfe = diffusion.sample(self.backbone, n_samples, num_steps, seq_len, mask_id=self.meta['mask_id'],
+                                       bos_id=self.meta.get('bos_id'), add_bos=add_bos, project_fn=project_fn,
+                                       cache=cache, seed=seed, verbose=verbose,
+                                       step_fn=analytic_step if sampler == 'analytic' else None)
+        return (tokens, nfe) if return_nfe else tokens
+
+
+def load_model(name_or_path, revision=None, device='cpu'):
+    """Any checkpoint load_pretrained reads (a project ckpt.pt or out_dir, a saved or published directory, a hub id)."""
+    backbone = load_pretrained(name_or_path, revision=revision or None, device=device)
+    if os.path.exists(name_or_path):
+        path = os.path.normpath(name_or_path)
+        name = os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
+    else:
+        name = name_or_path + (f'@{revision}' if revision else '')
+    return DiffusionLM(backbone, name)
+
+
+def _choice(what, value, allowed):
+    if type(value) is not type(allowed[0]) or value not in allowed:  # type check: True == 1 and 7.0 == 7 in Python
+        raise ValueError(f'{what} must be one of {list(allowed)}, got {value!r}')
+
+
+def _load_release(repo, rev, path, device, round):
+    lm = load_model(path, device=device) if path else load_model(repo, revision=rev, device=device)
+    lm.meta.setdefault('round', round)
+    lm.meta.setdefault('source', path or (f'{repo}@{rev}' if rev else repo))
+    return lm
+
+
+def load_mdlm_small(path=None, device='cpu', revision='teacher_1M_sm'):
+    """MDLM small (1M steps) as the release loads it: jdeschena/sdtt@teacher_1M_sm. revision=None loads the same
+    model from kuleshov-group/mdlm-owt instead. Or from a local directory holding either."""
+    return _load_release(HUB_SDTT if revision else HUB_MDLM, revision, path, device, round=0)
+
+
+def load_small_student(loss='kld', round=7, path=None, device='cpu'):
+    """The students distilled from MDLM small with divergence `loss` (kld/mse/tvd), after `round` (1..7) rounds."""
+    _choice('loss', loss, LOSSES)
+    _choice('round', round, ROUNDS)
+    return _load_release(HUB_SDTT, f'baselines_{loss}_step_{10000 * round}', path, device, round)
+
+
+def load_scaling_student(size='sm', round=7, path=None, device='cpu'):
+    """The students of the scaling experiments (teachers trained 400k steps), size sm/md/large, round 1..7."""
+    _choice('size', size, SCALING_SIZES)
+    _choice('round', round, ROUNDS)
+    return _load_release(HUB_SDTT, f'scaling_400k_{size}_step_{10000 * round}', path, device, round)
+
+
+def load_scaling_teacher(size='sm', path=None, device='cpu'):
+    """The teachers of the scaling experiments (400k steps, before distillation), size sm/md/large."""
+    _choice('size', size, SCALING_SIZES)
+    return _load_release(HUB_SDTT, f'teacher_400k_{size}_step_400000', path, device, round=0)
+
+
+# -------------------------------------------------------------------- the analytic (SEDD) sampler
+def analytic_probs(logits, x, t, s, mask_id):
+    """p(x_s | x_t) [N, V] in float64 for current tokens x [N] and raw logits [N, V], computed as SEDD's Tweedie
+    tau-leaping step (MDLM's `_analytic_update`): the concrete score p_t(y)/p_t(x) of the absorbing process,
+    'staggered' by exp(dsigma), times the transposed transition exp(-dsigma Q)^T at x.
+    For the absorbing process with the SUBS denoiser this is algebraically the ancestral step (real y: p(y)(m_t - m_s)
+    /m_t, MASK: m_s/m_t; unmasked tokens stay); the tests check that numerically. Computed here from the score."""
+    sig_t, sig_s = diffusion.sigma(torch.tensor([t, s], dtype=torch.float64)).tolist()
+    edsig = math.exp(sig_t - sig_s)
+    log_k = -math.log(math.expm1(sig_t))  # log(e^-sigma / (1 - e^-sigma)): log-odds of a token being unmasked
+    masked = (x == mask_id)[:, None]
+    # score of a masked x: p_theta(y) k for real y, 1 for MASK. Of an unmasked x: 1 at x, 1/k at MASK, 0 elsewhere.
+    score = F.pad(torch.exp(F.log_softmax(logits[:, :mask_id].double(), dim=-1) + log_k), (0, 1), value=1.0)
+    unmasked = torch.zeros_like(score).scatter_(1, x[:, None], 1.0)
+    unmasked[:, mask_id] = math.exp(-log_k)
+    score = torch.where(masked, score, unmasked)
+    stag = score * edsig  # staggered score: e^dsigma score, and (1 - e^dsigma) sum(score) moved onto MASK
+    stag[:, mask_id] += (1 - edsig) * score.sum(-1)
+    # exp(-dsigma Q)^T at x: x stays itself with e^-dsigma; MASK also goes to every token with 1 - e^-dsigma
+    edge = torch.zeros_like(score).scatter_(1, x[:, None], 1 / edsig) + masked.double() * (1 - 1 / edsig)
+    return stag * edge
+
+
+def analytic_step(x, logits, t, s, u, mask_id):
+    """diffusion.sample step_fn: draws x_s from analytic_probs in float64, by inverse CDF with the uniforms u [B, L].
+    Only masked positions are computed: for unmasked ones analytic_probs is the one-hot of x (tested)."""
+    b, l = (x == mask_id).nonzero(as_tuple=True)
+    x_new = x.clone()
+    rows = max(1, 2 ** 25 // logits.shape[-1])  # chunks of [rows, V] float64 (~256 MB) whatever the batch
+    for i in range(0, len(b), rows):
+        bi, li = b[i:i + rows], l[i:i + rows]
+        probs = analytic_probs(logits[bi, li], x[bi, li], t, s, mask_id)
+        x_new[bi, li] = diffusion.draw_categorical(probs.log(), u[bi, li])
+    return x_new
+
+
+# -------------------------------------------------------------------- prompts, seeds, sample files
+def load_prefixes(source, tok, n_prompts, prefix_len, cond_len, min_doc_len, split='test', bos=True):
+    """SPEC §6: the first n_prompts documents of `source` with at least min_doc_len tokens, framed as [BOS] + tokens
+    (bos=True) or as they are. Returns (prompts [n, prefix_len], references [n, cond_len], document indices: 0-based
+    line of the .jsonl or row of the dataset)."""
+    if os.path.exists(source):
+        def texts():
+            with open(source) as f:
+                for lineno, line in enumerate(f, 1):
+                    text = json.loads(line).get('text') if line.strip() else ''
+                    if not isinstance(text, str):
+                        raise ValueError(f'{source}:{lineno}: no string field "text"')
+                    yield text
+        docs = texts()
+    else:
+        try:
+            import datasets
+            docs = (ex['text'] for ex in datasets.load_dataset(source, split=split))
+        except Exception as e:
+            raise RuntimeError(f'cond_data {source!r} is not a local .jsonl file and could not be loaded as a Hugging '
+                               f'Face dataset ({type(e).__name__}: {e}); offline, pass a .jsonl file') from e
+    refs, idx = [], []
+    for i, text in enumerate(docs):
+        ids = tok.encode(text)
+        if len(ids) >= min_doc_len:
+            refs.append(([tok.bos_token_id] * bos + ids)[:cond_len])
+            idx.append(i)
+            if len(refs) == n_prompts:
+                break
+    if len(refs) < n_prompts:
+        raise ValueError(f'{source}: only {len(refs)} documents have >= {min_doc_len} tokens, but n_prompts={n_prompts}; '
+                         'lower n_prompts or min_doc_len')
+    refs = torch.tensor(refs)
+    return refs[:, :prefix_len], refs, idx
+
+
+def clamp_prefix(prefix):
+    """project_fn that writes prefix [B, P] into the first P positions of every step's x [B, L]."""
+    def project_fn(x):
+        x[:, :prefix.shape[1]] = prefix
+        return x
+    return project_fn
+
+
+def batch_seed(seed, i):
+    """Seed of sample batch i: a function of the global batch index, not of the process that draws it."""
+    return int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+
+
+def _write_atomic(path, write):
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def save_samples(path, tokens, settings, texts, **arrays):
+    """path.npz: tokens [n, L] int32, settings (JSON string) and any extra arrays; path.jsonl: one {"i", "text"} per
+    sample. Both written to temporary names first and renamed when complete."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    _write_atomic(path + '.npz', lambda f: np.savez(f, tokens=np.asarray(tokens, dtype=np.int32),
+                                                    settings=np.array(json.dumps(settings, default=str)), **arrays))
+    lines = ''.join(json.dumps({'i': i, 'text': t}) + '\n' for i, t in enumerate(texts))
+    _write_atomic(path + '.jsonl', lambda f: f.write(lines.encode()))
+
+
+def load_samples(path):
+    """{'tokens': int64 [n, L], 'settings': dict, + the extra arrays (prompt_ids, ref_tokens, doc_idx, ...)}."""
+    with np.load(path if path.endswith('.npz') else path + '.npz', allow_pickle=False) as z:
+        out = {k: z[k] for k in z.files}
+    out['tokens'] = out['tokens'].astype(np.int64)
+    out['settings'] = json.loads(str(out['settings']))
+    return out
+
+
+# -------------------------------------------------------------------- CLI
+def main(argv=None):
+    c = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
+    config = dict(vars(c))
+    _choice('sampler', c.sampler, ('ancestral', 'cached', 'analytic'))
+    _choice('mode', c.mode, ('uncond', 'cond_prefix'))
+    if c.num_steps < 1 or c.batch_size < 1 or c.n_samples < 1:
+        raise ValueError(f'num_steps, batch_size and n_samples must be >= 1 (got {c.num_steps}, {c.batch_size}, {c.n_samples})')
+    if c.mode == 'cond_prefix' and (not c.cond_data or not 0 < c.prefix_len < c.cond_len):
+        raise ValueError(f'mode=cond_prefix needs cond_data (a .jsonl file with a "text" field or an HF dataset name, '
+                         f'got {c.cond_data!r}) and 0 < prefix_len < cond_len (got {c.prefix_len}, {c.cond_len})')
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    dev = c.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if world > 1:
+        import torch.distributed as dist
+        if dev == 'cuda':
+            dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+            torch.cuda.set_device(dev)
+        dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
+    lm = load_model(c.init_from, c.revision, device=dev)
+    block = lm.backbone.config.block_size
+    L = c.cond_len if c.mode == 'cond_prefix' else c.seq_len
+    if L > block:
+        raise ValueError(f'{"cond_len" if c.mode == "cond_prefix" else "seq_len"}={L} exceeds the model block size {block}')
+
+    n, prompts, extra, tag = c.n_samples, None, {}, ''
+    if c.mode == 'cond_prefix':
+        prefix, refs, idx = load_prefixes(c.cond_data, lm.tokenizer, c.n_prompts, c.prefix_len, c.cond_len,
+                                          c.min_doc_len, c.cond_split, c.prefix_bos)
+        n = c.n_prompts * c.n_continuations
+        prompts = prefix.repeat_interleave(c.n_continuations, dim=0)  # prompt-major: rows j*K .. j*K+K-1
+        extra = dict(prompt_ids=prefix, ref_tokens=refs, doc_idx=idx,
+                     prompt_index=np.repeat(np.arange(c.n_prompts), c.n_continuations))
+        tag = f'_p{c.prefix_len}x{c.n_continuations}'
+    elif c.prompt or c.prompt_file:
+        if c.prompt:
+            text = c.prompt
+        else:
+            with open(c.prompt_file) as f:
+                text = f.read()
+        ids = [lm.tokenizer.bos_token_id] + lm.tokenizer.encode(text)
+        if len(ids) >= L:
+            raise ValueError(f'the prompt has {len(ids)} tokens (with BOS), seq_len={L} leaves no room to generate')
+        prompts, extra = torch.tensor([ids]).expand(n, -1), dict(prompt_ids=np.array([ids]))
+        tag = '_prompt' + hashlib.sha1(text.encode()).hexdigest()[:8]
+    kind = 'uncond' if c.mode == 'uncond' and prompts is None else 'cond'
+    tag += '_nobos' if kind == 'uncond' and not c.add_bos else ''
+    name = re.sub(r'[^A-Za-z0-9._@-]+', '-', lm.name).strip('-') + \
+        (f"_r{lm.meta['round']}" if lm.meta.get('round') is not None else '')
+    path = os.path.join(c.out_dir, 'samples', kind, f'{name}_{c.sampler}_T{c.num_steps}_L{L}_n{n}_s{c.seed}{tag}')
+    if os.path.exists(path + '.npz') and not c.overwrite:
+        raise FileExistsError(f'{path}.npz exists; pass --overwrite=True to replace it')
+    if c.compile:
+        lm.backbone.compile()
+
+    # each process draws batches rank, rank + world, ...; batch i = rows [i*bs, (i+1)*bs) with seed batch_seed(seed, i)
+    t0, mine, nfe = time.time(), [], 0.0
+    n_batches = math.ceil(n / c.batch_size)
+    for i in range(rank, n_batches, world):
+        rows = slice(i * c.batch_size, min(n, (i + 1) * c.batch_size))
+        b = rows.stop - rows.start
+        proj = None if prompts is None else clamp_prefix(prompts[rows].to(lm.device))
+        tb = time.time()
+        x, f = lm.sample(b, c.num_steps, L, verbose=c.verbose, project_fn=proj, cache=c.sampler == 'cached',
+                         seed=batch_seed(c.seed, i), sampler='analytic' if c.sampler == 'analytic' else 'ancestral',
+                         add_bos=c.add_bos, return_nfe=True)
+        mine.append((i, x.cpu().numpy()))  # the .cpu() waits for the batch: the timing below is real
+        nfe += f * b
+        if c.verbose and rank == 0:
+            tb = time.time() - tb
+            print(f'batch {i + 1}/{n_batches}: {tb:.2f}s, {b * L / tb:,.0f} tokens/s, nfe {f:.1f}')
+    parts = [(mine, nfe)]
+    if world > 1:
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object((mine, nfe), parts, dst=0)
+    dt = time.time() - t0
+    if rank == 0:
+        batches = sorted((batch for p in parts for batch in p[0]), key=lambda batch: batch[0])
+        tokens = np.concatenate([x for _, x in batches])
+        nfe = sum(p[1] for p in parts) / n
+        stats = dict(n_samples=n, seq_len=L, nfe=nfe, seconds=round(dt, 3), tokens_per_s=round(n * L / dt, 1),
+                     seconds_per_batch=round(dt * world / n_batches, 3), world_size=world, device=str(lm.device))
+        settings = {**config, **stats, 'model': lm.name, 'meta': lm.meta}
+        texts = lm.tokenizer.batch_decode(tokens) if lm.meta.get('tokenizer') else [' '.join(map(str, r)) for r in tokens]
+        save_samples(path, tokens, settings, texts, **extra)
+        for i, t in enumerate(texts[:c.n_print]):
+            print(f'---------- sample {i}\n{t}')
+        print(f'{n} samples x {L} tokens in {dt:.2f}s ({n * L / dt:,.0f} tokens/s), NFE {nfe:.1f} per sequence '
+              f'({c.num_steps} steps, {c.sampler}) -> {path}.npz')
+        print(json.dumps(stats))
+    if world > 1:
+        dist.destroy_process_group()
+    return path
+
+
+if __name__ == '__main__':
+    import sys
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        sys.exit(f'sample.py: error: {e}')

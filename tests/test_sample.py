@@ -1,0 +1,234 @@
+"""sample.py: the release API (loaders, .sample, tokenizer), the analytic sampler, prompting, the CLI's files and
+multi-process sampling. Tiny models on CPU; the hub is replaced by local directories (only the download is stubbed)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import diffusion  # noqa: E402
+import sample  # noqa: E402
+from model import DiT, DiTConfig, default_meta, save_pretrained  # noqa: E402
+
+
+def tiny_dir(path, vocab_size, block_size=64, seed=0):
+    """A small DiT with random (not zero-initialised) output weights, saved like a published model."""
+    torch.manual_seed(seed)
+    model = DiT(DiTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, cond_dim=16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    save_pretrained(model, str(path), meta=default_meta(vocab_size))
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def byte_dir(tmp_path_factory):
+    return tiny_dir(tmp_path_factory.mktemp('byte') / 'model', 258)
+
+
+@pytest.fixture(scope='module')
+def gpt2_dir(tmp_path_factory):
+    return tiny_dir(tmp_path_factory.mktemp('gpt2') / 'model', 50258)
+
+
+@pytest.fixture
+def hub(monkeypatch, gpt2_dir):
+    """The hub: every (repo, revision) resolves to the local gpt2-vocab model; the requests are recorded."""
+    import huggingface_hub
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, **kw):
+        calls.append((repo_id, revision))
+        return gpt2_dir
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', snapshot_download)
+    return calls
+
+
+def test_loaders_resolve_repo_and_revision(hub, gpt2_dir):
+    sample.load_mdlm_small()
+    sample.load_mdlm_small(revision=None)
+    lm = sample.load_small_student(loss='mse', round=2)
+    sample.load_scaling_student(size='large', round=3)
+    sample.load_scaling_teacher(size='md')
+    sample.load_small_student()
+    assert hub == [('jdeschena/sdtt', 'teacher_1M_sm'), ('kuleshov-group/mdlm-owt', None),
+                   ('jdeschena/sdtt', 'baselines_mse_step_20000'), ('jdeschena/sdtt', 'scaling_400k_large_step_30000'),
+                   ('jdeschena/sdtt', 'teacher_400k_md_step_400000'), ('jdeschena/sdtt', 'baselines_kld_step_70000')]
+    assert lm.meta['round'] == 2 and lm.name == 'jdeschena/sdtt@baselines_mse_step_20000'
+    assert isinstance(lm.backbone, DiT) and lm.tokenizer.name == 'gpt2' and lm.tokenizer.bos_token_id == 50256
+    local = sample.load_small_student('tvd', 1, path=gpt2_dir)  # a local directory instead of the hub
+    assert len(hub) == 6 and local.meta['round'] == 1
+    assert local.to('cpu') is local and local.eval() is local
+    for bad in (dict(loss='kl'), dict(loss='kld', round=8), dict(round=0), dict(round=True), dict(round=7.0)):
+        with pytest.raises(ValueError, match='loss must be|round must be'):
+            sample.load_small_student(**bad)
+    for fn in (sample.load_scaling_student, sample.load_scaling_teacher):
+        with pytest.raises(ValueError, match='size must be one of'):
+            fn(size='small')
+
+
+def readme_blocks():
+    text = (ROOT.parent / 'shared' / 'seed' / 'SDTT_RELEASE_README.md').read_text()
+    return re.findall(r'```python\n(.*?)```', text, flags=re.S)
+
+
+def test_seed_readme_snippets_run(hub, capsys):
+    """Every python block of the release README, with only `from sdtt` -> `from sample`. To fit a CPU test, the
+    device is cpu and the sizes shrink (256 steps x 1024 tokens -> 4 x 32); nothing else changes."""
+    blocks = readme_blocks()
+    assert len(blocks) == 5
+    ns = {}  # one session: the teachers block calls load_scaling_student, imported by the block before it
+    for code in blocks:
+        code = code.replace('from sdtt import', 'from sample import')
+        code = code.replace('model.cuda()', 'model.to("cpu")').replace('device="cuda"', 'device="cpu"')
+        code = code.replace('num_steps=256', 'num_steps=4').replace('seq_len=1024', 'seq_len=32')
+        exec(compile(code, 'README', 'exec'), ns)
+    assert ('jdeschena/sdtt', 'scaling_400k_md_step_10000') in hub and ('jdeschena/sdtt', 'teacher_1M_sm') in hub
+    assert ns['tokens'].shape == (8, 32) and ns['tokens'].dtype == torch.int64
+    assert len(ns['uncond_text']) == 8 and all(isinstance(t, str) for t in ns['uncond_text'])
+    prompt = '<|endoftext|>Today is a great day. The sun is shining,'
+    assert all(t.startswith(prompt) for t in ns['cond_text'])
+    assert (ns['tokens'][:, :ns['prompt_len']] == ns['prompt_tokens']).all()
+
+
+def test_analytic_transition_equals_ancestral():
+    """SEDD's score-based step and the ancestral step are the same distribution for the absorbing process."""
+    g = torch.Generator().manual_seed(0)
+    V, mask = 11, 10
+    logits = 3 * torch.randn(40, V, generator=g)
+    x = torch.where(torch.rand(40, generator=g) < 0.6, mask, torch.randint(0, mask, (40,), generator=g))
+    ts, dt = diffusion.sampling_grid(8)
+    for t in (ts[0], ts[3], ts[-1]):
+        s = t - dt
+        probs = sample.analytic_probs(logits, x, t, s, mask)
+        m_t, m_s = diffusion.move_chance(torch.tensor(t, dtype=torch.float64)), diffusion.move_chance(torch.tensor(s, dtype=torch.float64))
+        p = torch.softmax(logits[:, :mask].double(), -1)
+        expected = torch.cat([p * (m_t - m_s) / m_t, torch.full((40, 1), float(m_s / m_t), dtype=torch.float64)], -1)
+        expected = torch.where((x == mask)[:, None], expected, torch.nn.functional.one_hot(x, V).double())
+        assert probs.dtype == torch.float64
+        torch.testing.assert_close(probs, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_cache_same_tokens_fewer_nfe(byte_dir):
+    lm = sample.load_model(byte_dir)
+    a, nfe_a = lm.sample(3, 128, 16, seed=3, return_nfe=True)
+    b, nfe_b = lm.sample(3, 128, 16, seed=3, cache=True, return_nfe=True)
+    assert torch.equal(a, b) and nfe_a == 128 and nfe_b <= 17  # 16 positions: at most 16 steps change a sequence
+    c, _ = lm.sample(3, 128, 16, seed=3, sampler='analytic', cache=True, return_nfe=True)
+    assert not (c == 257).any() and not (a == 257).any()
+
+
+def recording_load(monkeypatch):
+    """sample.main loads its model through load_model: record every input the network sees."""
+    seen, load = [], sample.load_model
+
+    def load_model(*a, **kw):
+        lm = load(*a, **kw)
+        lm.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+        return lm
+    monkeypatch.setattr(sample, 'load_model', load_model)
+    return seen
+
+
+@pytest.mark.parametrize('sampler_name', ['ancestral', 'cached', 'analytic'])
+def test_prompt_kept_at_every_step(byte_dir, tmp_path, monkeypatch, sampler_name):
+    seen = recording_load(monkeypatch)
+    path = sample.main([f'--init_from={byte_dir}', '--prompt=Hello, world', '--seq_len=32', '--num_steps=12',
+                        '--n_samples=3', '--batch_size=2', f'--sampler={sampler_name}', f'--out_dir={tmp_path}'])
+    prompt = torch.tensor([256] + list(b'Hello, world'))
+    assert len(seen) >= 2 and all((x[:, :13] == prompt).all() for x in seen)
+    out = sample.load_samples(path)
+    assert '/cond/' in path and (out['tokens'][:, :13] == prompt.numpy()).all()
+    assert (out['prompt_ids'] == prompt.numpy()).all() and out['settings']['sampler'] == sampler_name
+
+
+def test_cond_prefix_mode(byte_dir, tmp_path, monkeypatch):
+    docs = [('short %d ' % i) * 2 if i % 2 else ('document %d, long enough. ' % i) * 4 for i in range(8)]
+    data = tmp_path / 'docs.jsonl'
+    data.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
+    seen = recording_load(monkeypatch)
+    path = sample.main([f'--init_from={byte_dir}', '--mode=cond_prefix', f'--cond_data={data}', '--n_prompts=3',
+                        '--min_doc_len=60', '--prefix_len=10', '--cond_len=24', '--n_continuations=2',
+                        '--batch_size=4', '--num_steps=8', f'--out_dir={tmp_path}'])
+    out = sample.load_samples(path)
+    assert list(out['doc_idx']) == [0, 2, 4] and out['tokens'].shape == (6, 24)
+    refs = [[256] + list(docs[i].encode())[:23] for i in (0, 2, 4)]
+    assert (out['ref_tokens'] == np.array(refs)).all() and (out['prompt_ids'] == out['ref_tokens'][:, :10]).all()
+    prompts = torch.tensor(out['prompt_ids']).repeat_interleave(2, 0)
+    assert list(out['prompt_index']) == [0, 0, 1, 1, 2, 2]
+    assert (out['tokens'][:, :10] == prompts.numpy()).all()
+    # every row the network sees (at every step; batches of 4 and 2 rows) starts with one of the prompts
+    assert all((row[:10] == prompts).all(1).any() for x in seen for row in x)
+
+
+def test_files_round_trip_and_overwrite(byte_dir, tmp_path, capsys):
+    argv = [f'--init_from={byte_dir}', '--seq_len=24', '--num_steps=6', '--n_samples=3', '--batch_size=2',
+            '--seed=5', f'--out_dir={tmp_path}']
+    path = sample.main(argv)
+    assert path.startswith(str(tmp_path / 'samples' / 'uncond'))
+    out = sample.load_samples(path)
+    assert out['tokens'].shape == (3, 24) and out['tokens'].dtype == np.int64
+    st = out['settings']
+    assert (st['num_steps'], st['seed'], st['sampler'], st['nfe'], st['meta']['tokenizer']) == (6, 5, 'ancestral', 6.0, 'byte')
+    lines = [json.loads(l) for l in open(path + '.jsonl')]
+    tok = sample.get_tokenizer('byte')
+    assert [l['text'] for l in lines] == tok.batch_decode(out['tokens'])
+    assert 'tokens/s' in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match='overwrite'):
+        sample.main(argv)
+    assert sample.main(argv + ['--overwrite=True']) == path
+    assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith('.tmp')]
+    again = sample.load_samples(path)
+    assert (again['tokens'] == out['tokens']).all()  # same seed, same samples
+
+
+def test_two_processes_equal_one(byte_dir, tmp_path):
+    argv = [f'--init_from={byte_dir}', '--seq_len=24', '--num_steps=6', '--n_samples=5', '--batch_size=2',
+            '--seed=7', '--device=cpu']
+    one = sample.load_samples(sample.main(argv + [f'--out_dir={tmp_path / "one"}']))
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(ROOT / 'sample.py'), *argv, f'--out_dir={tmp_path / "two"}'],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = list((tmp_path / 'two' / 'samples' / 'uncond').glob('*.npz'))
+    assert len(files) == 1
+    two = sample.load_samples(str(files[0]))
+    assert two['settings']['world_size'] == 2 and np.array_equal(one['tokens'], two['tokens'])
+    assert two['settings']['nfe'] == one['settings']['nfe']
+
+
+def test_bad_input(byte_dir, tmp_path):
+    base = [f'--init_from={byte_dir}', f'--out_dir={tmp_path}']
+    with pytest.raises(ValueError, match='no room to generate'):
+        sample.main(base + ['--seq_len=8', '--prompt=a prompt longer than eight bytes'])
+    with pytest.raises(ValueError, match='exceeds the model block size 64'):
+        sample.main(base + ['--seq_len=128'])
+    with pytest.raises(ValueError, match='num_steps'):
+        sample.main(base + ['--num_steps=0'])
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        sample.main(base + ['--sampler=ddim'])
+    lm = sample.load_model(byte_dir)
+    with pytest.raises(ValueError, match='num_steps must be an integer >= 1'):
+        lm.sample(2, 0, 16)
+    with pytest.raises(ValueError, match='seq_len must be'):
+        lm.sample(2, 4, 65)
+    with pytest.raises(FileNotFoundError, match='no checkpoint'):
+        sample.load_model(str(tmp_path / 'missing' / 'ckpt.pt'))
+    junk = tmp_path / 'notes.pt'
+    junk.write_text('not a checkpoint')
+    with pytest.raises(ValueError, match='not a readable checkpoint'):
+        sample.load_model(str(junk))
+    with pytest.raises(ValueError, match='needs cond_data'):
+        sample.main(base + ['--mode=cond_prefix'])
+    r = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--init_from={tmp_path / "missing"}'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 1 and 'sample.py: error: no checkpoint' in r.stderr
