@@ -102,7 +102,8 @@ def test_sampler_token_frequencies_match_the_model_at_1024_steps():
     x, nfe = D.sample(m, n_samples=256, num_steps=1024, seq_len=64, mask_id=1000, seed=0)
     assert nfe == 1024 and (x != 1000).all()
     assert chi2_groups(x, p) < 13.8
-    # the rare tokens as a group get their share, 0.02 (+- 4 sigma = 0.0044)
+    # the rare tokens as a group get their share, 0.02 (+- 4 sigma = 0.0044); measured once in the same setting, the
+    # reference's float32 exponential race gives 0.007
     assert abs((x >= 10).float().mean().item() - 0.02) < 0.0044
 
 

@@ -1,0 +1,493 @@
+"""
+Training for the three objectives of the project, one nanoGPT-style script:
+  sdtt  self-distillation through time (SPEC §5): the student matches in one step K ancestral steps of a frozen teacher
+  mdlm  masked-diffusion pretraining from scratch with the MDLM NELBO (the teachers)
+  ar    the autoregressive baseline: the same network with causal attention and next-token loss
+
+    python distill.py config/tiny_mdlm.py                                 # CPU, minutes
+    torchrun --standalone --nproc_per_node=8 distill.py config/kld_small.py
+    python distill.py config/kld_small.py --init_from=resume              # continue out_dir/ckpt.pt exactly
+
+Writes to out_dir: ckpt.pt (latest state, atomic), log.jsonl (one JSON line per log/eval step) and, for sdtt, one
+directory per finished round, round_{r}_steps_{n}/ (EMA weights, save_pretrained layout: the student after r rounds,
+meant to sample with n steps; load_pretrained and sample.py read it).
+Every random draw of a step is seeded from (seed, step, micro-batch index), and the batch of a step is a pure function
+of (seed, step): resuming, or changing the number of GPUs at a fixed global batch, sees the same data and noise.
+"""
+import copy
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from configurator import configure, config_keys
+from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
+from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma
+from model import DiT, DiTConfig, default_meta, load_pretrained, load_state_dict_strict, save_pretrained, strip_prefix
+from prepare_data import load_meta, open_split
+
+# ----------------------------------------------------------------------------------------------------------- config
+# defaults: SDTT of the published MDLM small on one node (config/kld_small.py spells out the paper recipe)
+objective = 'sdtt'          # 'sdtt' | 'mdlm' | 'ar'
+data_dir = 'data/owt'       # written by prepare_data.py: train.bin, val.bin, meta.json
+out_dir = 'out/sdtt'
+init_from = 'kuleshov-group/mdlm-owt'  # 'scratch' | 'resume' | hub id | model dir | ckpt.pt or its out_dir | MDLM .ckpt
+init_revision = None        # hub revision of init_from (e.g. 'teacher_1M_sm' of jdeschena/sdtt)
+# model (init_from='scratch'; a loaded model keeps its own architecture, except dropout)
+n_layer, n_head, n_embd, cond_dim, block_size = 12, 12, 768, 128, 1024
+dropout = 0.1
+time_conditioning = False
+# optimisation (SPEC §3 / §5 reference defaults)
+batch_size = 16             # micro-batch per process
+global_batch_size = 128     # sequences per optimiser step, over all processes and accumulation steps
+max_iters = 80000
+learning_rate = 3e-4        # SDTT paper text: 6e-5 with 500 warm-up steps; the reference code: 3e-4 / 2500
+warmup_iters = 2500
+weight_decay, beta1, beta2, grad_clip = 0.0, 0.9, 0.999, 1.0
+ema_decay = 0.9999          # EMA of the weights, with warm-up min(decay, (1 + n)/(10 + n)); used for eval and saving
+sampling_eps = None         # lowest training t; None: 1e-5 for sdtt (SDTT), 1e-3 for mdlm (MDLM)
+# SDTT
+num_distill_steps = 2       # K: teacher steps the student learns to take in one
+divergence = 'kld'          # 'kld' (reverse KL) | 'kl_fwd' | 'mse' | 'tvd' (reference: L1 of log-probs) | 'tvd_true'
+reference_time_grid = False # True: the reference's buggy teacher times t*space + (1 - t)*t_end (SPEC §5)
+teacher_num_steps = 1024    # sampling steps of the original teacher; round r: dt = (1 - 1e-5)/teacher_num_steps * K^r
+round_every = 10000         # optimiser steps per round
+min_num_sampling_steps = 8  # stop before a round whose student would sample with fewer steps
+teacher_from_ema = False    # at a round boundary the teacher (and student) become the EMA weights, EMA restarts
+reset_optimizer_each_round = False
+# logging, evaluation, checkpoints
+log_interval, eval_interval, eval_iters, ckpt_interval = 10, 1000, 20, 1000
+wandb_log, wandb_project, wandb_run_name = False, 'sdtt', 'run'
+# system
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16'          # 'bfloat16' (autocast on CUDA; losses always fp32) | 'float32'
+compile = False
+peak_flops = 989e12         # per device, for MFU (H100 SXM dense bf16)
+_DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
+
+
+# ----------------------------------------------------------------------------------------------------------- losses
+def real_log_probs(logits, mask_id):
+    """log p(x0 | xt) over the real tokens (the mask column, always the last, has probability 0), fp32 [B, L, V-1].
+    At masked positions this IS the SUBS distribution; the divergences only look at those, and without the -inf
+    mask column and the one-hot carry-over nothing in them can be inf - inf."""
+    return F.log_softmax(logits[..., :mask_id].float(), dim=-1)
+
+
+def teacher_times(t, dt, K, reference_grid=False):
+    """Start times [K, B] of the K teacher steps from t [B]; each step goes from t_k to t_k - dt.
+    Intended: t_k = t - k dt. Reference (SPEC §5 bug): t*space + (1 - t)*t_end, space = linspace(1, 0, K),
+    t_end = t - K dt; its first step starts near t(2 - t) and reveals a factor 1/(2 - t) fewer tokens.
+    Both are clamped below at 1e-5 (the end of the sampling grid), as in the reference."""
+    if reference_grid:
+        space = torch.linspace(1, 0, K, dtype=t.dtype, device=t.device)[:, None]
+        ts = t * space + (1 - t) * (t - K * dt)
+    else:
+        ts = t - dt * torch.arange(K, dtype=t.dtype, device=t.device)[:, None]
+    return ts.clamp(min=_T_MIN)
+
+
+@torch.no_grad()
+def teacher_targets(teacher, xt, t, dt, K, mask_id, reference_grid=False, autocast=nullcontext()):
+    """SDTT soft targets (SPEC §5), log-probs [B, L, V-1] fp32, meaningful at the positions masked in xt.
+    The teacher takes K ancestral steps of size dt from xt, drawing each next state from its own prediction
+    (float64 draws). A position revealed at step k gets the teacher's full distribution of step k; positions not
+    revealed before the last step get the last step's. The last step's draw changes no target, so it is skipped."""
+    times = teacher_times(t, dt, K, reference_grid)
+    x, pending, target = xt, xt == mask_id, None
+    for k in range(K):
+        with autocast:
+            logits = teacher(x, sigma(times[k]))
+        logp = real_log_probs(logits, mask_id)
+        target = logp if target is None else torch.where(pending[..., None], logp, target, out=target)
+        if k == K - 1:
+            break
+        s = (times[k] - dt).clamp(min=0)  # s <= 0 reveals everything still masked
+        keep = move_chance(s) / move_chance(times[k])  # P(a masked position stays masked)
+        reveal = pending & (torch.rand(x.shape, dtype=torch.float64, device=x.device) >= keep[:, None])
+        pending = pending & ~reveal
+        # one host sync per teacher step: only the ~L dt/t revealed positions need the float64 draw
+        # (a dense float64 draw over B x L x V would cost more than the teacher's forward)
+        b, l = reveal.nonzero(as_tuple=True)
+        x = x.clone()
+        x[b, l] = draw_categorical(logp[b, l], torch.rand(len(b), dtype=torch.float64, device=x.device))
+    return target
+
+
+def sdtt_divergence(ls, lt, weight, name):
+    """Divergence between student ls and teacher lt log-probs [B, L, V-1] (fp32), averaged over the positions with
+    weight 1 (those masked in xt). Names and semantics of the SDTT reference (SPEC §5) plus a true TVD."""
+    if name == 'kld':        # reverse KL(student || teacher): the paper's best
+        d = (ls.exp() * (ls - lt)).sum(-1)
+    elif name == 'kl_fwd':   # KL(teacher || student)
+        d = (lt.exp() * (lt - ls)).sum(-1)
+    elif name == 'mse':      # squared error of LOG-probs, mean over positions x V
+        d = (ls - lt).square().mean(-1)
+    elif name == 'tvd':      # the reference's "tvd": L1 distance of LOG-probs summed over V
+        d = (ls - lt).abs().sum(-1)
+    elif name == 'tvd_true': # total variation 0.5 * sum |p_s - p_t|
+        d = 0.5 * (ls.exp() - lt.exp()).abs().sum(-1)
+    else:
+        raise ValueError(f"divergence must be 'kld', 'kl_fwd', 'mse', 'tvd' or 'tvd_true', got {name!r}")
+    weight = weight.to(d.dtype)
+    return (d * weight).sum() / weight.sum().clamp(min=1)
+
+
+def training_loss(model, x0, objective, mask_id, sampling_eps=1e-3, autocast=nullcontext(), teacher=None, dt=None,
+                  K=2, divergence='kld', reference_grid=False):
+    """The loss of one micro-batch x0 [B, L] (random draws from the default generator)."""
+    if objective == 'ar':  # next-token loss over the real tokens
+        with autocast:
+            logits = model(x0[:, :-1])
+        return F.cross_entropy(logits[..., :mask_id].float().flatten(0, 1), x0[:, 1:].flatten())
+    t = sample_t(x0.shape[0], x0.device, sampling_eps)
+    xt = q_xt(x0, move_chance(t), mask_id)
+    if objective == 'mdlm':
+        with autocast:
+            logits = model(xt, sigma(t))
+        return mdlm_loss(logits, x0, xt, t, mask_id)
+    target = teacher_targets(teacher, xt, t, dt, K, mask_id, reference_grid, autocast)
+    with autocast:
+        logits = model(xt, sigma(t))
+    return sdtt_divergence(real_log_probs(logits, mask_id), target, xt == mask_id, divergence)
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def mix_seed(*ints):
+    """A 63-bit seed from a tuple of integers (different tuples give unrelated streams)."""
+    return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@lru_cache(maxsize=4)
+def epoch_permutation(n_rows, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def get_batch(data, first, count, seed, seq_len, device):
+    """Samples first .. first+count-1 of the stream "every row once per epoch, in a seeded random order", as int64
+    [count, seq_len] (rows cut to seq_len). Sample i of step s is global sample s * global_batch_size + i."""
+    n = len(data)
+    rows = np.array([epoch_permutation(n, seed, i // n)[i % n] for i in range(first, first + count)])
+    x = torch.from_numpy(data[rows, :seq_len].astype(np.int64))
+    return x.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else x
+
+
+# ------------------------------------------------------------------------------------------------------- checkpoints
+def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
+    """A checkpoint of the original MDLM code ("distill a model you trained yourself"): weights under 'state_dict' with
+    'backbone.' prefixes, EMA under 'ema' -> 'shadow_params' (a list in parameter order), used when present.
+    Its pickled hyper-parameters are not read, so n_head and block_size come from the config."""
+    try:
+        ck = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f'{path}: torch.load(weights_only=True) refuses it ({type(e).__name__}): MDLM Lightning checkpoints also '
+            f'pickle their hyper-parameters (an OmegaConf config and a tokenizer). If you trust the file, keep only '
+            f"the weights once:\n  python -c \"import torch; "
+            f"c = torch.load('{path}', map_location='cpu', weights_only=False); "
+            f"torch.save({{'state_dict': c['state_dict'], 'ema': c.get('ema')}}, '{path[:-5]}_weights.ckpt')\"\n"
+            f'and pass init_from={path[:-5]}_weights.ckpt') from e
+    if not isinstance(ck, dict) or 'state_dict' not in ck:
+        raise ValueError(f'{path} has no state_dict: not an MDLM Lightning checkpoint')
+    sd = strip_prefix(ck['state_dict'])
+    emb = sd['vocab_embed.embedding']
+    cfg = DiTConfig(vocab_size=emb.shape[0], n_embd=emb.shape[1], cond_dim=sd['sigma_map.mlp.0.weight'].shape[0],
+                    n_layer=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}), n_head=n_head,
+                    block_size=block_size, time_conditioning=time_conditioning)
+    model = DiT(cfg)
+    shadow = (ck.get('ema') or {}).get('shadow_params')
+    if shadow is not None:
+        names = [n for n, _ in model.named_parameters()]
+        if len(shadow) < len(names) or any(s.shape != p.shape for s, (_, p) in zip(shadow, model.named_parameters())):
+            raise ValueError(f'{path}: the EMA shadow_params do not follow the DiT parameter order')
+        sd = {**sd, **dict(zip(names, shadow))}
+    print(f'teacher: {path} ({"EMA" if shadow is not None else "raw"} weights, n_head={n_head} from the config)')
+    load_state_dict_strict(model, sd, path)
+    model.meta = default_meta(cfg.vocab_size)
+    return model.eval()
+
+
+def save_checkpoint(ckpt, path):
+    tmp = path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def append_log(path, record, keep_upto=None):
+    """Append one JSON line; keep_upto=n first drops the lines of steps > n (those a resumed run will redo)."""
+    if keep_upto is not None:
+        lines = open(path).readlines() if os.path.exists(path) else []
+        with open(path + '.tmp', 'w') as f:  # (a line cut short by kill -9 does not end with a newline: dropped)
+            f.writelines(l for l in lines if l.endswith('\n') and json.loads(l).get('step', 0) <= keep_upto)
+        os.replace(path + '.tmp', path)
+    if record is not None:
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+# ----------------------------------------------------------------------------------------------------------- training
+def main(argv=None):
+    globals().update(_DEFAULTS)  # main() may run several times in one process (tests)
+    config = configure(globals(), argv)
+    if objective not in ('sdtt', 'mdlm', 'ar'):
+        raise ValueError(f"objective must be 'sdtt', 'mdlm' or 'ar', got {objective!r}")
+    sdtt_divergence(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.ones(1, 1), divergence)  # check the name early
+    if not init_from:
+        raise ValueError("init_from is empty: set it to 'scratch', 'resume' or the teacher (hub id, dir, ckpt.pt, .ckpt)")
+    if dtype not in ('bfloat16', 'float32'):
+        raise ValueError(f"dtype must be 'bfloat16' (autocast on CUDA) or 'float32', got {dtype!r}")
+    eps = sampling_eps if sampling_eps is not None else (1e-5 if objective == 'sdtt' else 1e-3)
+    K = num_distill_steps
+
+    # ---- processes: torchrun sets RANK/WORLD_SIZE; one process otherwise
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if ddp:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        rank, world = dist.get_rank(), dist.get_world_size()
+        dev = torch.device(f'cuda:{int(os.environ["LOCAL_RANK"])}' if device.startswith('cuda') else device)
+        if dev.type == 'cuda':
+            torch.cuda.set_device(dev)
+    else:
+        rank, world, dev = 0, 1, torch.device(device)
+    master = rank == 0
+    if global_batch_size % (world * batch_size):
+        raise ValueError(f'global_batch_size={global_batch_size} is not divisible by world size {world} x '
+                         f'batch_size {batch_size}: change batch_size or global_batch_size')
+    grad_accum = global_batch_size // (world * batch_size)
+    torch.manual_seed(seed)
+    bf16 = dev.type == 'cuda' and dtype == 'bfloat16'
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext()
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data
+    meta = load_meta(data_dir)
+    train_data, val_data = open_split(data_dir, 'train'), open_split(data_dir, 'val')
+    mask_id = meta['mask_id']
+
+    # ---- models: the student (or the mdlm/ar model), its EMA copy, and for sdtt the frozen teacher
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    ckpt = source = None
+    if init_from == 'resume':
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f'init_from=resume: no {ckpt_path} (start a run first, or fix out_dir)')
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        changed = [k for k in ('objective', 'seed', 'global_batch_size', 'data_dir', 'num_distill_steps', 'divergence',
+                               'teacher_num_steps', 'round_every') if ckpt['config'].get(k) != config[k]]
+        if changed and master:
+            print(f'warning: resuming with other {", ".join(changed)} than {ckpt_path}: not an exact continuation')
+        model = DiT(DiTConfig(**ckpt['model_args']))
+        model.load_state_dict(ckpt['model'])
+    elif os.path.exists(ckpt_path):
+        raise FileExistsError(f'{ckpt_path} exists: continue it with --init_from=resume, or pick another out_dir')
+    if init_from == 'scratch':
+        if objective == 'sdtt':
+            raise ValueError("objective='sdtt' needs a teacher: init_from = hub id, model directory, ckpt.pt or .ckpt")
+        model = DiT(DiTConfig(vocab_size=meta['vocab_size'], block_size=block_size, n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd, cond_dim=cond_dim, dropout=dropout, time_conditioning=time_conditioning,
+                              causal=objective == 'ar'))
+    elif init_from != 'resume':  # start from trained weights: the teacher of sdtt, or a model to train further
+        if init_from.endswith('.ckpt'):
+            source = load_lightning_ckpt(init_from, n_head, block_size, time_conditioning)
+        else:
+            source = load_pretrained(init_from, revision=init_revision)
+        model = DiT(replace(source.config, dropout=dropout))
+        model.load_state_dict(source.state_dict())
+    if model.config.vocab_size != meta['vocab_size']:
+        raise ValueError(f'{data_dir} is tokenized with {meta.get("tokenizer")} (vocabulary {meta["vocab_size"]}), the '
+                         f'model has vocabulary {model.config.vocab_size}: prepare the data with the model tokenizer')
+    if model.config.causal != (objective == 'ar'):
+        raise ValueError(f'objective={objective} needs a {"causal" if objective == "ar" else "bidirectional"} model')
+    model.to(dev)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    teacher = None
+    if objective == 'sdtt':
+        teacher = DiT(model.config)
+        teacher.load_state_dict(ckpt['teacher'] if ckpt else source.state_dict())
+        teacher = teacher.to(dev).requires_grad_(False).eval()  # not a submodule of the student: no grads, EMA, optim
+    if ckpt:
+        ema.load_state_dict(ckpt['ema'])
+    del source
+    seq_len = min(meta['row_len'], model.config.block_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
+                                  weight_decay=weight_decay, fused=dev.type == 'cuda')
+    step, rnd, ema_updates = 0, 0, 0
+    if ckpt:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        step, rnd, ema_updates = ckpt['step'], ckpt['round'], ckpt['ema_updates']
+        torch.set_rng_state(ckpt['rng']['torch'])
+        if dev.type == 'cuda' and ckpt['rng']['cuda']:
+            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+        if master:
+            print(f'resumed {ckpt_path} at step {step}, round {rnd}')
+    fwd = torch.compile(model) if compile else model
+    teacher_fwd = torch.compile(teacher) if compile and teacher is not None else teacher
+    if ddp:
+        fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None)
+
+    def dt_of(r):  # teacher step size in round r: K teacher steps of round r are one student step
+        return (1 - _T_MIN) / teacher_num_steps * K ** r
+
+    def student_steps(r):  # sampling steps of the student after round r
+        return round(teacher_num_steps / K ** (r + 1))
+
+    def meta_now():
+        m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id')}
+        m.update(objective=objective, step=step)
+        if objective == 'sdtt':
+            m.update(round=rnd, num_sampling_steps=teacher_num_steps if rnd == 0 else student_steps(rnd - 1),
+                     divergence=divergence, num_distill_steps=K)
+        return m
+
+    def checkpoint():
+        if not bool(finite):
+            return  # a NaN/inf step: keep the last good checkpoint (the loop stops at the next log)
+        save_checkpoint(dict(model_args=asdict(model.config), model=model.state_dict(), ema=ema.state_dict(),
+                             teacher=teacher.state_dict() if teacher is not None else None,
+                             optimizer=optimizer.state_dict(), step=step, round=rnd, dt=dt_of(rnd),
+                             ema_updates=ema_updates, config=config, meta=meta_now(),
+                             rng=dict(torch=torch.get_rng_state(),
+                                      cuda=torch.cuda.get_rng_state_all() if dev.type == 'cuda' else [])), ckpt_path)
+
+    def loss_fn(net, x0):
+        return training_loss(net, x0, objective, mask_id, eps, autocast, teacher_fwd, dt_of(rnd), K, divergence,
+                             reference_time_grid)
+
+    @torch.no_grad()
+    def evaluate():  # EMA weights on fixed validation samples and noise: val NELBO / next-token loss / distill loss
+        total = torch.zeros((), device=dev)
+        for i in range(eval_iters):
+            torch.manual_seed(mix_seed(seed, 1, i, rank))
+            total += loss_fn(ema, get_batch(val_data, (i * world + rank) * batch_size, batch_size, seed, seq_len, dev))
+        if ddp:
+            dist.all_reduce(total)
+        return total.item() / (eval_iters * world)
+
+    # ---- logging: stdout, out_dir/log.jsonl (a resumed run first drops the lines of the steps it redoes), wandb
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        append_log(log_path, None, keep_upto=step if ckpt else -1)
+        if wandb_log:
+            import wandb
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+    def log(rec, text):  # rec=None: print only
+        if master:
+            print(text)
+            if rec is not None:
+                append_log(log_path, rec)
+                if wandb_log:
+                    wandb.log(rec, step=rec['step'])
+    flops = model.flops_per_token(seq_len) + (K * teacher.flops_per_token(seq_len, backward=False) if teacher else 0)
+    tokens_per_step = global_batch_size * seq_len
+    log(None, f'{objective}: {model.num_params() / 1e6:.1f}M parameters, {world} process(es) x {grad_accum} '
+              f'micro-batch(es) of {batch_size} x {seq_len} tokens, {tokens_per_step:,} tokens/step'
+              + (f', K={K}, {divergence}' if teacher else ''))
+
+    stop = []  # Ctrl-C / SIGTERM: finish the current step, save, exit (a second Ctrl-C aborts at once)
+    def on_signal(signum, frame):
+        stop.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f'\nsignal {signum}: stopping after this step and saving {ckpt_path} (Ctrl-C again to abort)')
+    old_handlers = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
+
+    finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss since the last check was finite (no sync)
+    loss_sum, t_log, step_log = torch.zeros((), device=dev), time.time(), step
+    halt, saved_step = False, step  # halt: agreed by all processes (at log steps under DDP)
+    while True:
+        if objective == 'sdtt' and student_steps(rnd) < min_num_sampling_steps:
+            log(None, f'done: a round-{rnd} student would sample with {student_steps(rnd)} < {min_num_sampling_steps} '
+                      'steps')
+            break
+        if step >= max_iters or halt:
+            break
+        lr = learning_rate * min(1.0, (step + 1) / (warmup_iters + 1))
+        for g in optimizer.param_groups:
+            g['lr'] = lr
+        for micro in range(grad_accum):
+            gm = rank * grad_accum + micro  # index of this micro-batch within the global batch
+            torch.manual_seed(mix_seed(seed, 0, step, gm))  # noise, dropout and teacher draws of this micro-batch
+            x0 = get_batch(train_data, step * global_batch_size + gm * batch_size, batch_size, seed, seq_len, dev)
+            with fwd.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
+                loss = loss_fn(fwd, x0) / grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+        finite &= torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        d = min(ema_decay, (1 + ema_updates) / (10 + ema_updates))
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+        step, ema_updates = step + 1, ema_updates + 1
+        halt = halt or (bool(stop) and not ddp)
+
+        last = step >= max_iters
+        if step % log_interval == 0 or last:
+            stats = torch.stack([loss_sum, grad_norm.float(), (~finite).float(),
+                                 torch.tensor(float(bool(stop)), device=dev)])
+            if ddp:
+                dist.all_reduce(stats)  # one sync per log step: mean loss, any NaN, any stop request
+            loss_val, norm_val, bad, stop_any = stats.tolist()
+            if bad:
+                raise FloatingPointError(f'non-finite loss or gradient before step {step}: stopping; the last good '
+                                         f'checkpoint ({ckpt_path}) is kept. Lower learning_rate or check the data.')
+            halt = halt or stop_any > 0
+            dt_s = time.time() - t_log
+            n = step - step_log
+            rec = dict(step=step, loss=loss_val / world / n, lr=lr, round=rnd, dt=dt_of(rnd) if teacher else None,
+                       grad_norm=norm_val / world, tokens_per_s=n * tokens_per_step / dt_s,
+                       mfu=n * tokens_per_step * flops / dt_s / (peak_flops * world), time=time.time())
+            log(rec, f"step {step} | loss {rec['loss']:.4f} | lr {lr:.2e} | round {rnd} | {rec['tokens_per_s']:,.0f} "
+                     f"tok/s | mfu {100 * rec['mfu']:.1f}% | grad norm {rec['grad_norm']:.3f}")
+            loss_sum.zero_()
+            t_log, step_log = time.time(), step
+        if eval_interval and eval_iters and (step % eval_interval == 0 or last):
+            name = {'mdlm': 'val_nelbo', 'ar': 'val_loss', 'sdtt': 'val_distill_loss'}[objective]
+            val = evaluate()
+            rec = {'step': step, name: val, **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
+            log(rec, ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
+            t_log = time.time()  # tokens/s measures training only
+        boundary = objective == 'sdtt' and step % round_every == 0
+        if boundary:  # round rnd done: save the student, it becomes the teacher, dt grows K-fold
+            if not bool(finite):
+                raise FloatingPointError(f'non-finite loss or gradient before step {step}: stopping, {ckpt_path} kept')
+            rnd += 1
+            if master:
+                rdir = os.path.join(out_dir, f'round_{rnd}_steps_{student_steps(rnd - 1)}')
+                ema.meta = meta_now()
+                save_pretrained(ema, rdir)
+                print(f'round {rnd} done at step {step}: {rdir}; next dt = {dt_of(rnd):.3e}')
+            if teacher_from_ema:  # as the reference's use_ema_on_growth: student and teacher restart from the EMA
+                model.load_state_dict(ema.state_dict())
+                ema_updates = 0
+            teacher.load_state_dict(model.state_dict())
+            if reset_optimizer_each_round:
+                optimizer.state.clear()
+        if master and (boundary or (ckpt_interval and step % ckpt_interval == 0)):
+            checkpoint()
+            saved_step, t_log = step, time.time()
+    if master and (saved_step != step or not os.path.exists(ckpt_path)):
+        checkpoint()
+    if master:
+        print(f'checkpoint: {ckpt_path} (step {step}, round {rnd})')
+    for sig, handler in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
+        signal.signal(sig, handler)
+    if ddp:
+        dist.barrier()  # wait for rank 0's final checkpoint: gloo aborts if a peer leaves the group early
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,277 @@
+"""distill.py: SDTT targets and divergences, rounds, exact resume after kill -9, DDP == one process, mdlm/ar training."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import diffusion as D
+import distill
+from model import DiT, DiTConfig, load_pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V, MASK, L = 258, 257, 32
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--cond_dim=32', f'--block_size={L}', '--batch_size=4',
+        '--global_batch_size=8', '--warmup_iters=5', '--eval_iters=1', '--eval_interval=1000', '--device=cpu']
+
+
+def write_data(d, vocab_size=V, tokenizer='byte', n_train=128, n_val=16):
+    """A toy repetitive corpus in the prepare_data layout: [BOS] a b c a b c ... [EOS], random phase."""
+    rng = np.random.default_rng(0)
+    os.makedirs(d, exist_ok=True)
+    for split, n in (('train', n_train), ('val', n_val)):
+        rows = ((np.arange(L)[None] + rng.integers(0, 3, (n, 1))) % 3 + 97).astype(np.uint16)
+        rows[:, 0] = rows[:, -1] = 256
+        rows.tofile(os.path.join(d, f'{split}.bin'))
+    meta = dict(tokenizer=tokenizer, vocab_size=vocab_size, bos_id=256, eos_id=256, mask_id=vocab_size - 1, row_len=L,
+                n_train_rows=n_train, n_val_rows=n_val)
+    with open(os.path.join(d, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return d
+
+
+def read_log(out_dir, key='loss'):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return {r["step"]: r[key] for r in (json.loads(l) for l in f if l.endswith("\n")) if key in r}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    # tiny models: one thread is faster, and on a busy machine 2 spinning OpenMP threads are 30x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return write_data(str(tmp_path_factory.mktemp('data')))
+
+
+@pytest.fixture(scope='module')
+def teacher_dir(data, tmp_path_factory):
+    """A tiny MDLM trained for 40 steps: the teacher of the sdtt tests (and the mdlm learning test)."""
+    out = str(tmp_path_factory.mktemp('mdlm'))
+    distill.main(TINY + ['--objective=mdlm', '--init_from=scratch', f'--data_dir={data}', f'--out_dir={out}',
+                         '--max_iters=40', '--learning_rate=3e-3', '--log_interval=5'])
+    return out
+
+
+def sdtt_args(data, teacher_dir, out, *extra):
+    return TINY + ['--objective=sdtt', f'--init_from={teacher_dir}', f'--data_dir={data}', f'--out_dir={out}',
+                   '--learning_rate=1e-3', '--log_interval=1', *extra]
+
+
+def random_dit(seed=0):
+    torch.manual_seed(seed)
+    m = DiT(DiTConfig(vocab_size=V, block_size=L, n_layer=2, n_head=2, n_embd=32, cond_dim=32, dropout=0.0))
+    for p in m.parameters():  # the zero-initialised output/adaLN layers would give uniform predictions
+        torch.nn.init.normal_(p, std=0.3)
+    return m.eval()
+
+
+# --------------------------------------------------------------------------------------------- targets, divergences
+def test_teacher_equal_student_and_k1_gives_zero_kld():
+    m = random_dit()
+    torch.manual_seed(1)
+    x0 = torch.randint(0, 256, (4, L))
+    t = D.sample_t(4, 'cpu', 1e-5)
+    xt = D.q_xt(x0, D.move_chance(t), MASK)
+    target = distill.teacher_targets(m, xt, t, 1 / 64, 1, MASK)
+    ls = distill.real_log_probs(m(xt, D.sigma(t)), MASK)
+    for name in ('kld', 'kl_fwd', 'mse', 'tvd', 'tvd_true'):
+        assert distill.sdtt_divergence(ls, target, xt == MASK, name).abs() < 1e-5, name
+    # K=2: the teacher moves, the loss is positive, and nothing is NaN (the mask column and carried-over tokens)
+    torch.manual_seed(2)
+    target2 = distill.teacher_targets(m, xt, t, 0.2, 2, MASK)
+    loss = distill.sdtt_divergence(ls, target2, xt == MASK, 'kld')
+    loss.backward()
+    assert loss > 1e-4 and all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+class FakeTeacher(torch.nn.Module):
+    """Deterministic: call k puts (almost) all mass on token (5k + position) mod 257; records its inputs."""
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    @staticmethod
+    def logits(x, k):
+        tok = (5 * k + torch.arange(x.shape[1])) % MASK
+        return torch.zeros(*x.shape, V).scatter_(-1, tok.expand_as(x)[..., None], 40.0)
+
+    def forward(self, x, sigma):
+        self.calls.append((x.clone(), sigma.clone()))
+        return self.logits(x, len(self.calls) - 1)
+
+
+def test_targets_follow_the_spec_on_a_hand_built_teacher():
+    B, n, K, dt = 2, 4096, 3, 0.1
+    torch.manual_seed(0)
+    x0 = torch.randint(0, 256, (B, n))
+    t = torch.tensor([0.6, 0.9], dtype=torch.float32)
+    xt = D.q_xt(x0, D.move_chance(t), MASK)
+    teacher = FakeTeacher()
+    target = distill.teacher_targets(teacher, xt, t, dt, K, MASK)
+    xs = [c[0] for c in teacher.calls]
+    assert len(xs) == K and torch.equal(xs[0], xt)
+    for k in range(K):  # teacher step k runs at t - k dt
+        torch.testing.assert_close(teacher.calls[k][1], D.sigma(t - k * dt))
+    step_logp = [distill.real_log_probs(FakeTeacher.logits(x, k), MASK) for k, x in enumerate(xs)]
+    pos = torch.arange(n).expand(B, n)
+    for k in range(K - 1):
+        revealed = (xs[k] == MASK) & (xs[k + 1] != MASK)
+        # revealed tokens are draws from the teacher's prediction of step k (here deterministic)
+        assert torch.equal(xs[k + 1][revealed], ((5 * k + pos) % MASK)[revealed])
+        # ... and their target is the teacher's full distribution of step k
+        assert torch.equal(target[revealed], step_logp[k][revealed])
+        # reveal probability 1 - m(s)/m(t_k) per masked position
+        tk = t - k * dt
+        p = 1 - D.move_chance(tk - dt) / D.move_chance(tk)
+        frac = revealed.sum(1) / (xs[k] == MASK).sum(1)
+        assert ((frac - p).abs() < 4 * (p * (1 - p) / (xs[k] == MASK).sum(1)).sqrt()).all(), (frac, p)
+    still = xs[-1] == MASK  # not revealed before the last step: the last step's distribution
+    assert torch.equal(target[still], step_logp[-1][still])
+    assert torch.equal(xs[-1][xt != MASK], xt[xt != MASK])  # unmasked tokens never change
+
+
+def test_reference_time_grid():
+    t = torch.tensor([0.5, 0.9, 1e-4], dtype=torch.float64)
+    intended = distill.teacher_times(t, 0.1, 2)
+    torch.testing.assert_close(intended, torch.tensor([[0.5, 0.9, 1e-4], [0.4, 0.8, 1e-5]], dtype=torch.float64))
+    ref = distill.teacher_times(t, 0.1, 2, reference_grid=True)
+    # t*space + (1 - t)*t_end with space = [1, 0] and t_end = t - K dt, clamped at 1e-5
+    expected = torch.tensor([[0.5 + 0.5 * 0.3, 0.9 + 0.1 * 0.7, 1e-5], [0.5 * 0.3, 0.1 * 0.7, 1e-5]], dtype=torch.float64)
+    torch.testing.assert_close(ref, expected)
+    # so the reference's first step reveals a factor ~1/(2 - t) fewer tokens: dt / t_0 vs dt / t
+    assert abs(ref[0, 0] / intended[0, 0] - (2 - 0.5)) < 0.3
+
+
+# --------------------------------------------------------------------------------------------- training runs
+def test_mdlm_and_ar_losses_go_down(data, teacher_dir, tmp_path):
+    mdlm = read_log(teacher_dir)
+    assert mdlm[40] < 0.5 * mdlm[5], mdlm
+    assert read_log(teacher_dir, 'val_nelbo')[40] < 2.0
+    distill.main(TINY + ['--objective=ar', '--init_from=scratch', f'--data_dir={data}', f'--out_dir={tmp_path}',
+                         '--max_iters=30', '--learning_rate=3e-3', '--log_interval=5'])
+    ar = read_log(str(tmp_path))
+    assert ar[30] < 0.5 * ar[5], ar
+    assert load_pretrained(str(tmp_path)).config.causal  # the AR judge loads like any other checkpoint
+
+
+def test_rounds_double_dt_copy_the_student_and_stop(data, teacher_dir, tmp_path):
+    out = str(tmp_path)
+    # teacher 16 steps, K=2: rounds give students of 8 and 4 steps; a third (2 < 4 steps) is not started
+    distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=100', '--round_every=3', '--teacher_num_steps=16',
+                           '--min_num_sampling_steps=4', '--ckpt_interval=100'))
+    dts = read_log(out, 'dt')
+    dt0 = (1 - 1e-5) / 16
+    assert sorted(dts) == [1, 2, 3, 4, 5, 6]  # stopped at the end of round 2
+    assert [dts[s] for s in (1, 3, 4, 6)] == pytest.approx([dt0, dt0, 2 * dt0, 2 * dt0])
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl', 'round_1_steps_8', 'round_2_steps_4']
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['step'] == 6 and ckpt['round'] == 2 and ckpt['dt'] == pytest.approx(4 * dt0)
+    for k, v in ckpt['model'].items():  # the last boundary copied the raw student into the teacher
+        assert torch.equal(ckpt['teacher'][k], v), k
+    original = load_pretrained(teacher_dir)
+    assert not torch.equal(ckpt['teacher']['blocks.0.attn_qkv.weight'], original.state_dict()['blocks.0.attn_qkv.weight'])
+    student = load_pretrained(os.path.join(out, 'round_1_steps_8'))
+    assert student.meta['round'] == 1 and student.meta['num_sampling_steps'] == 8 and student.meta['mask_id'] == MASK
+    tokens, nfe = D.sample(student, 2, student.meta['num_sampling_steps'], L, seed=0)
+    assert tokens.shape == (2, L) and (tokens != MASK).all()
+
+
+def test_resume_after_kill_equals_uninterrupted(data, teacher_dir, tmp_path):
+    args = ['--max_iters=1000000', '--round_every=8', '--teacher_num_steps=1024', '--ckpt_interval=4']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+    def launch(out, *extra):
+        return subprocess.Popen([sys.executable, 'distill.py', *sdtt_args(data, teacher_dir, out, *args, *extra)],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ref, cut = str(tmp_path / 'ref'), str(tmp_path / 'cut')
+    p_ref = launch(ref)  # uninterrupted: 7 rounds of 8 steps (1024 -> 8 steps), then it stops by itself
+    p = launch(cut)
+    deadline = time.time() + 60
+    while max(read_log(cut) if os.path.exists(os.path.join(cut, 'log.jsonl')) else {}, default=0) < 14:
+        assert p.poll() is None and time.time() < deadline, p.stderr.read().decode()
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)  # kill -9 between checkpoints (every 4 steps and at round ends)
+    p.wait()
+    killed_at = max(read_log(cut))
+    assert killed_at < 56
+    p = launch(cut, '--init_from=resume')
+    assert p.wait() == 0, p.stderr.read().decode()
+    assert p_ref.wait() == 0, p_ref.stderr.read().decode()
+    a, b = read_log(ref), read_log(cut)
+    assert sorted(a) == list(range(1, 57)) and a == b  # every step once, bit-identical losses
+    ca = torch.load(os.path.join(ref, 'ckpt.pt'), weights_only=True)
+    cb = torch.load(os.path.join(cut, 'ckpt.pt'), weights_only=True)
+    for key in ('model', 'ema', 'teacher'):
+        for k in ca[key]:
+            assert torch.equal(ca[key][k], cb[key][k]), (key, k)
+
+
+def test_ddp_two_processes_equal_one(data, teacher_dir, tmp_path):
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    common = ['--max_iters=4', '--round_every=2', '--teacher_num_steps=64']
+    distill.main(sdtt_args(data, teacher_dir, one, *common))  # 1 process, 2 accumulation steps of 4
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'distill.py', *sdtt_args(data, teacher_dir, two, *common)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = read_log(one), read_log(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-4), (s, a[s], b[s])
+    ca = torch.load(os.path.join(one, 'ckpt.pt'), weights_only=True)
+    cb = torch.load(os.path.join(two, 'ckpt.pt'), weights_only=True)
+    assert ca['round'] == cb['round'] == 2
+    for k in ca['model']:
+        torch.testing.assert_close(ca['model'][k], cb['model'][k], rtol=1e-4, atol=1e-5)
+
+
+class Opaque:  # stands for the OmegaConf config / tokenizer pickled in MDLM Lightning hyper_parameters
+    pass
+
+
+def test_mdlm_lightning_checkpoint_teacher(tmp_path):
+    m = random_dit()
+    params = [p.detach() + 1 for p in m.parameters()]
+    ck = {'state_dict': {'backbone.' + k: v for k, v in m.state_dict().items()},
+          'ema': {'decay': 0.9999, 'num_updates': 5, 'shadow_params': params}}
+    torch.save(ck, tmp_path / 'weights.ckpt')
+    t = distill.load_lightning_ckpt(str(tmp_path / 'weights.ckpt'), n_head=2, block_size=L, time_conditioning=False)
+    assert (t.config.n_layer, t.config.n_embd, t.config.cond_dim, t.config.vocab_size) == (2, 32, 32, V)
+    for p, e in zip(t.parameters(), params):  # the EMA weights, mapped by parameter order
+        assert torch.equal(p, e)
+    torch.save({**ck, 'hyper_parameters': {'config': Opaque()}}, tmp_path / 'full.ckpt')
+    with pytest.raises(ValueError, match='weights_only'):
+        distill.load_lightning_ckpt(str(tmp_path / 'full.ckpt'), n_head=2, block_size=L, time_conditioning=False)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / 'run')
+    with pytest.raises(ValueError, match='not divisible'):
+        distill.main(sdtt_args(data, teacher_dir, out, '--global_batch_size=6'))
+    gpt2_data = write_data(str(tmp_path / 'gpt2'), vocab_size=50258, tokenizer='gpt2', n_train=8, n_val=8)
+    with pytest.raises(ValueError, match='tokenized with gpt2'):
+        distill.main(sdtt_args(gpt2_data, teacher_dir, out))
+    with pytest.raises(FileNotFoundError):
+        distill.main(sdtt_args(data, str(tmp_path / 'nothing_here'), out))
+    distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=2'))
+    with pytest.raises(FileExistsError, match='resume'):  # never overwrite a run by accident
+        distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=2'))
+    before = open(os.path.join(out, 'ckpt.pt'), 'rb').read()
+    monkeypatch.setattr(distill, 'training_loss', lambda *a, **k: torch.tensor(float('nan'), requires_grad=True))
+    with pytest.raises(FloatingPointError, match='non-finite'):
+        distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=4', '--init_from=resume', '--ckpt_interval=1',
+                               '--log_interval=2'))
+    assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before  # the last good checkpoint is kept
