@@ -23,7 +23,7 @@ def random_model(seed=0, **kw):
     return m.eval()
 
 
-def reference_forward(sd, cfg, idx, sigma):
+def reference_forward(sd, cfg, idx, sigma, sdpa=False):
     """MDLM's DIT forward written out independently from a state dict: explicit softmax attention, rotary from its
     formula (rotate-half on q and k with angle pos * base^(-2i/d)), adaLN chunks in the published order."""
     d, H = cfg.n_embd, cfg.n_head
@@ -56,10 +56,14 @@ def reference_forward(sd, cfg, idx, sigma):
         h = ln(x, p('norm1.weight')) * (1 + sc1) + sh1
         qkv = (h @ p('attn_qkv.weight').T).view(B, L, 3, H, hd)
         q, k, v = rot(qkv[:, :, 0]), rot(qkv[:, :, 1]), qkv[:, :, 2]
-        att = torch.einsum('blhd,bmhd->bhlm', q, k) / math.sqrt(hd)
-        if cfg.causal:
-            att = att.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float('-inf'))
-        y = torch.einsum('bhlm,bmhd->blhd', att.softmax(-1), v).reshape(B, L, d)
+        if sdpa:  # the plain SDPA version of the same network, for the speed comparison
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=cfg.causal).transpose(1, 2).reshape(B, L, d)
+        else:
+            att = torch.einsum('blhd,bmhd->bhlm', q, k) / math.sqrt(hd)
+            if cfg.causal:
+                att = att.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float('-inf'))
+            y = torch.einsum('bhlm,bmhd->blhd', att.softmax(-1), v).reshape(B, L, d)
         x = x + g1 * (y @ p('attn_out.weight').T)
         h = ln(x, p('norm2.weight')) * (1 + sc2) + sh2
         h = F.linear(F.gelu(F.linear(h, p('mlp.0.weight'), p('mlp.0.bias')), approximate='tanh'),
@@ -213,7 +217,8 @@ def test_hub_id_offline_fails_fast_with_advice(monkeypatch):
 
 
 def test_forward_not_slower_than_plain_sdpa_implementation():
-    """Speed guard, measured as a ratio in one run: our forward vs the independent reference with SDPA attention."""
+    """Speed guard, measured as a ratio in one run: our forward vs the independent reference with SDPA attention
+    (the same network written plainly). A generous bound: CI machines are noisy; the ratio is ~1."""
     m = random_model(n_layer=2, n_embd=128, n_head=4, block_size=128)
     idx = torch.randint(0, CFG['vocab_size'], (4, 128))
     sd, cfg = m.state_dict(), m.config
@@ -226,5 +231,5 @@ def test_forward_not_slower_than_plain_sdpa_implementation():
         return time.perf_counter() - t0
     with torch.no_grad():
         ours = min(bench(lambda: m(idx)) for _ in range(3))
-        ref = min(bench(lambda: reference_forward(sd, cfg, idx, None)) for _ in range(3))
+        ref = min(bench(lambda: reference_forward(sd, cfg, idx, None, sdpa=True)) for _ in range(3))
     assert ours < 1.5 * ref, (ours, ref)

@@ -1,0 +1,533 @@
+"""
+Evaluation of masked diffusion LMs (SPEC §6): generative perplexity with unigram entropy, MAUVE, LAMBADA,
+validation NELBO perplexity, and the SDTT figure (gen-PPL and entropy against sampling steps).
+
+    python evaluate.py --eval=genppl --samples=out/samples/uncond --judge=gpt2-large --plot
+    python evaluate.py --eval=mauve --samples=out/samples/cond   # sample.py --mode=cond_prefix files (+ their references)
+    python evaluate.py --eval=lambada,valppl --init_from=out/ckpt.pt --lambada_path=../shared/data/lambada_openai_test.jsonl --data_dir=data/owt
+    python evaluate.py --eval= --plot                  # only redraw out_dir/genppl.png from out_dir/eval.jsonl
+    torchrun --nproc_per_node=8 evaluate.py ...      # the work is sharded across ranks and gathered
+
+Every evaluation appends one JSON line to out_dir/eval.jsonl. The metric functions (gen_ppl, unigram_entropy, judge_pass,
+mauve_score, lambada, val_ppl, plot_genppl) are importable; the script only runs under __main__.
+"""
+import glob
+import json
+import math
+import os
+import subprocess
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from configurator import config_keys, configure
+from diffusion import SAMPLE_EPS as _SAMPLE_EPS, move_chance, nelbo_weight, sample_t, sigma
+from model import load_pretrained
+from prepare_data import get_tokenizer, load_meta, open_split
+from sample import load_samples
+
+# ----------------------------------------------------------------------------------------------------- config
+eval = 'genppl'         # comma list of genppl, mauve, lambada, valppl ('' with --plot: only redraw the figure)
+samples = ''            # genppl/mauve: a sample .npz written by sample.py, a glob, or a directory (searched recursively)
+judge = 'gpt2-large'    # genppl/mauve: HF causal LM id or local dir, or a project AR checkpoint (ckpt.pt / its dir)
+judge_dtype = 'float32' # the judge's dtype (SDTT: fp32)
+init_from = ''          # lambada/valppl: the model evaluated (a DiT checkpoint, directory or hub id; or a causal LM)
+revision = ''           # hub revision of init_from (jdeschena/sdtt keeps one model per revision)
+dtype = 'bfloat16'      # autocast dtype of init_from on CUDA ('float32': no autocast)
+lambada_path = 'EleutherAI/lambada_openai'  # a jsonl with one {"text": ...} per line, or the HF dataset (test split)
+n_t = 32                # lambada: t draws per passage for the NELBO perplexity
+data_dir = ''           # valppl: a prepare_data.py directory with val.bin and meta.json
+val_rows = 0            # valppl: evaluate the first val_rows rows (0: all)
+val_draws = 4           # valppl: stratified t draws per row
+mauve_seeds = 5         # mauve: k-means seeds 1..mauve_seeds (SDTT), mean and std reported
+batch_size = 8          # sequences per forward (lambada/valppl: passages/rows x t draws)
+seed = 0
+out_dir = 'out'
+plot = False            # draw out_dir/genppl.png from out_dir/eval.jsonl
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+compile = False
+_CONFIG_KEYS = config_keys(globals())  # exactly the settings above
+
+
+# ----------------------------------------------------------------------------------------------------- models
+class _HFTokenizer:
+    """A transformers tokenizer with the project tokenizer's interface (encode without special tokens)."""
+    def __init__(self, name):
+        from transformers import AutoTokenizer
+        self.t = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        self.name, self.bos_token_id, self.eos_token_id = name, self.t.bos_token_id, self.t.eos_token_id
+
+    def encode(self, text):
+        return self.t(text, add_special_tokens=False)['input_ids']
+
+
+def _is_dit(name):
+    """A project/MDLM/SDTT DiT (loaded by model.load_pretrained) rather than a transformers causal LM."""
+    if os.path.isfile(name):
+        return True  # ckpt.pt
+    if os.path.isdir(name):
+        cfg_path = os.path.join(name, 'config.json')
+        if os.path.exists(os.path.join(name, 'ckpt.pt')) or not os.path.exists(cfg_path):
+            return True  # load_pretrained explains what is missing
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        return cfg.get('model_type') == 'mdlm' or 'hidden_dim' in cfg or isinstance(cfg.get('model'), dict)
+    return any(k in name.lower() for k in ('mdlm', 'sdtt'))  # a hub id: kuleshov-group/mdlm-owt, jdeschena/sdtt
+
+
+class LM:
+    """A model to score text with: a project DiT (kind 'diffusion', or 'causal' for the AR baseline) or a transformers
+    causal LM ('causal'). .tok encodes text; .logits() returns fp32 logits over the real tokens only: a DiT's MASK
+    column is dropped (SUBS gives it probability 0). .bos is put in front of every scored sequence."""
+
+    def __init__(self, name, device='cpu', dtype='float32', revision='', compile=False):
+        if not name:
+            raise ValueError('no model given: set --judge (genppl/mauve) or --init_from (lambada/valppl)')
+        if name.startswith(('/', '.', '~')) and not os.path.exists(name):
+            raise FileNotFoundError(f'no model at {name!r}')
+        self.name, self.device = name, torch.device(device)
+        amp = getattr(torch, dtype)
+        self.autocast = torch.autocast('cuda', dtype=amp) if self.device.type == 'cuda' and amp != torch.float32 \
+            else nullcontext()
+        if _is_dit(name):
+            self.model = load_pretrained(name, revision=revision or None, device=device)
+            m, cfg = self.model.meta, self.model.config
+            if not m.get('tokenizer'):
+                raise ValueError(f'{name}: its meta records no tokenizer (gpt2 or byte); re-save it with meta')
+            self.kind = 'causal' if cfg.causal else 'diffusion'
+            self.tok, self.tok_name = get_tokenizer(m['tokenizer']), m['tokenizer']
+            self.bos, self.eos, self.mask, self.n_real, self.n_ctx = m['bos_id'], m['eos_id'], m['mask_id'], m['mask_id'], cfg.block_size
+        else:
+            try:
+                from transformers import AutoModelForCausalLM
+                self.model = AutoModelForCausalLM.from_pretrained(name, dtype=amp, trust_remote_code=False).to(device).eval()
+            except Exception as e:
+                raise RuntimeError(f'could not load the causal LM {name!r} with transformers ({type(e).__name__}: '
+                                   f'{str(e).splitlines()[0] if str(e) else ""}). Offline? Pass a local directory '
+                                   '(save_pretrained) or a project AR checkpoint.') from e
+            self.autocast, cfg = nullcontext(), self.model.config
+            self.kind, self.mask, self.n_real = 'causal', None, cfg.vocab_size
+            self.n_ctx = getattr(cfg, 'n_positions', None) or getattr(cfg, 'max_position_embeddings', None) or 10**9
+            if cfg.model_type == 'gpt2' and cfg.vocab_size == 50257:  # GPT-2's own ids: our offline tokenizer
+                self.tok, self.tok_name = get_tokenizer('gpt2'), 'gpt2'
+            else:
+                self.tok, self.tok_name = _HFTokenizer(name), name
+            self.bos, self.eos = self.tok.bos_token_id, self.tok.eos_token_id
+            self.bos = self.eos if self.bos is None else self.bos
+        self.fwd = torch.compile(self.model, dynamic=True) if compile else self.model
+
+    @torch.no_grad()
+    def logits(self, ids, t=None, attn=None, hidden=False):
+        """ids [B, L] -> (fp32 logits [B, L, n_real], fp32 last hidden state [B, L, d] if hidden else None)."""
+        h = {}
+        with self.autocast:
+            if self.mask is None:
+                out = self.fwd(input_ids=ids, attention_mask=attn, output_hidden_states=hidden)
+                lg, h['h'] = out.logits, out.hidden_states[-1] if hidden else None
+            else:  # the DiT's last hidden state is the input of its output layer
+                hook = self.model.output_layer.register_forward_hook(lambda m, i, o: h.update(h=i[0])) if hidden else None
+                lg = self.fwd(ids, None if t is None else sigma(t))[..., :self.mask]
+                if hook:
+                    hook.remove()
+        return lg.float(), (h['h'].float() if hidden else None)
+
+
+def _pad(seqs, device):
+    """Right-pad 1-D id tensors with 0: causal models never see the padding from real positions."""
+    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device)
+    attn = (torch.arange(ids.shape[1], device=device)[None] < torch.tensor([len(s) for s in seqs], device=device)[:, None])
+    return ids, attn.long()
+
+
+# ----------------------------------------------------------------------------------------------------- torchrun
+def _rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _host(parts):
+    """Per-batch result tensors, kept on the device during the loop (no sync per batch) -> one numpy array."""
+    return torch.cat(parts).double().cpu().numpy() if parts else np.empty(0)
+
+
+def _gather(idx, vals):
+    """This rank's per-item results (items idx) -> all items in order, on every rank."""
+    vals = np.asarray(vals, dtype=np.float64)
+    if not dist.is_initialized():
+        return vals
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (list(idx), vals))
+    shape = next((v.shape[1:] for _, v in parts if len(v)), ())  # a rank may have had no items
+    out = np.empty((sum(len(i) for i, _ in parts),) + shape)
+    for i, v in parts:
+        out[i] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- samples
+def read_samples(path):
+    """sample.load_samples plus the checks: a non-empty integer [n_samples, seq_len] array and a known tokenizer."""
+    try:
+        s = load_samples(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f'{path} is not a sample file of sample.py ({type(e).__name__}: {e})') from e
+    t = s['tokens']
+    if t.ndim != 2 or t.size == 0:
+        raise ValueError(f'{path}: expected a non-empty array "tokens" [n_samples, seq_len], got shape {t.shape}')
+    if not s['settings'].get('meta', {}).get('tokenizer'):
+        raise ValueError(f'{path}: its settings name no tokenizer (settings.meta.tokenizer); cannot check or decode the ids')
+    return s
+
+
+def sample_files(spec):
+    """A file, a glob, or a directory (all .npz below it) -> sorted paths; nothing found is an error."""
+    if os.path.isdir(spec):
+        paths = glob.glob(os.path.join(spec, '**', '*.npz'), recursive=True)
+    else:
+        paths = [p for p in glob.glob(spec) if os.path.isfile(p)]
+    if not paths:
+        raise FileNotFoundError(f'no sample files at --samples={spec!r} (a .npz from sample.py, a glob, or a directory)')
+    return sorted(paths)
+
+
+def judge_inputs(judge, tokens, tok_name):
+    """Sample ids -> the judge's inputs (list of 1-D LongTensors), position 0 never scored. Same tokenizer: the ids
+    as they are (SDTT). Otherwise the text (BOS/EOS dropped, as SDTT's llama path) is retokenized behind the judge's BOS."""
+    if judge.kind != 'causal':
+        raise ValueError(f'the judge {judge.name} is a bidirectional diffusion model; use a causal LM or an AR checkpoint')
+    tok = get_tokenizer(tok_name)
+    bad = tokens[(tokens < 0) | (tokens >= tok.mask_token_id)]
+    if len(bad):
+        what = 'MASK ids (unfinished samples)' if (bad == tok.mask_token_id).any() else f'ids outside [0, {tok.mask_token_id})'
+        raise ValueError(f'samples contain {what} of the {tok_name!r} tokenizer they were written with: {sorted(set(bad.tolist()))[:5]}')
+    if tok_name == judge.tok_name:
+        if tokens.max() >= judge.n_real:
+            raise ValueError(f'sample ids up to {tokens.max()} but the judge {judge.name} has {judge.n_real} tokens')
+        seqs = list(torch.from_numpy(tokens))
+    else:
+        texts = [tok.decode([i for i in row if i not in (tok.bos_token_id, tok.eos_token_id)]) for row in tokens.tolist()]
+        seqs = [torch.tensor([judge.bos] + judge.tok.encode(s)) for s in texts]
+    longest = max(len(s) for s in seqs)
+    if longest > judge.n_ctx:
+        raise ValueError(f'a sample is {longest} judge tokens long, more than the context of {judge.name} ({judge.n_ctx}); '
+                         'use a judge with a longer context or shorter samples')
+    return seqs
+
+
+def _batches(n, bs, desc, tokens_of):
+    """This rank's items (rank::world) in batches, with a tokens/s progress bar."""
+    rank, world = _rank_world()
+    idx = list(range(rank, n, world))
+    bar = tqdm(total=sum(tokens_of(i) for i in idx), desc=desc, unit='tok', unit_scale=True, disable=rank != 0)
+    for b in range(0, len(idx), bs):
+        yield idx[b: b + bs]
+        bar.update(sum(tokens_of(i) for i in idx[b: b + bs]))
+    bar.close()
+
+
+def unigram_entropy(tokens):
+    """Entropy (nats) of the empirical distribution of token ids within each sample: [N, L] -> [N]. Vectorised: sort
+    each row, count the runs of equal ids."""
+    s = np.sort(np.asarray(tokens), axis=1)
+    N, L = s.shape
+    start = np.ones_like(s, dtype=bool)
+    start[:, 1:] = s[:, 1:] != s[:, :-1]
+    p = np.bincount(np.cumsum(start.ravel()) - 1) / L  # one count per run, runs in row order
+    return -np.bincount(np.repeat(np.arange(N), start.sum(1)), weights=p * np.log(p), minlength=N)
+
+
+def judge_pass(judge, seqs, batch_size=8, hidden=False):
+    """One batched pass of the judge over its input sequences. Per sequence: the mean NLL of positions 1..n-1 (token i
+    predicted from tokens < i), or with hidden=True the last hidden state at its final token (MAUVE's features)."""
+    idx_all, out = [], []
+    for idx in _batches(len(seqs), batch_size, f'judge {judge.name}', lambda i: len(seqs[i])):
+        ids, attn = _pad([seqs[i] for i in idx], judge.device)
+        lg, h = judge.logits(ids, attn=attn, hidden=hidden)
+        if hidden:
+            out.append(h[torch.arange(len(idx)), attn.sum(1) - 1])
+        else:
+            nll = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction='none').view(len(idx), -1)
+            valid = attn[:, 1:].double()
+            out.append((nll.double() * valid).sum(1) / valid.sum(1))
+        idx_all += idx
+    return _gather(idx_all, _host(out))
+
+
+def gen_ppl(judge, tokens, tok_name, batch_size=8):
+    """Generative perplexity (SPEC §6): exp of the mean over samples of each sample's mean NLL under the judge, with
+    the mean per-sample unigram entropy next to it. Every sample is scored (none dropped)."""
+    nll, ent = judge_pass(judge, judge_inputs(judge, tokens, tok_name), batch_size), unigram_entropy(tokens)
+    return dict(gen_ppl=math.exp(nll.mean()), nll_mean=nll.mean(), nll_std=nll.std(), entropy=ent.mean(),
+                entropy_std=ent.std(), n_samples=len(nll), seq_len=tokens.shape[1], retokenized=tok_name != judge.tok_name)
+
+
+# ----------------------------------------------------------------------------------------------------- MAUVE
+def mauve_score(p_features, q_features, seeds=5, scaling=5.0):
+    """MAUVE (mauve-text) over k-means seeds 1..seeds, as SDTT: p = references, q = model samples, scaling factor 5.
+    Returns mean, std (population, np.std) and the per-seed scores."""
+    try:
+        import mauve
+    except ImportError as e:
+        raise ImportError('MAUVE needs the mauve-text package: pip install mauve-text') from e
+    scores = [mauve.compute_mauve(p_features=np.asarray(p_features), q_features=np.asarray(q_features), seed=s,
+                                  mauve_scaling_factor=scaling, device_id=-1, verbose=False).mauve
+              for s in range(1, seeds + 1)]
+    return dict(mauve=float(np.mean(scores)), mauve_std=float(np.std(scores)), mauve_per_seed=scores)
+
+
+# ----------------------------------------------------------------------------------------------------- LAMBADA, val
+def read_lambada(path):
+    """Passages from a local jsonl ({"text": ...} per line, the OpenAI file) or an HF dataset id (test split)."""
+    if os.path.exists(path):
+        texts = []
+        with open(path) as f:
+            for n, line in filter(lambda x: x[1].strip(), enumerate(f, 1)):
+                try:
+                    texts.append(json.loads(line)['text'])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f'{path}:{n}: expected one JSON object {{"text": "..."}} per line (the OpenAI '
+                                     'lambada_test.jsonl format)') from None
+    else:
+        try:
+            import datasets
+            texts = datasets.load_dataset(path, split='test')['text']
+        except Exception as e:
+            raise RuntimeError(f'could not load LAMBADA {path!r} as a local file or HF dataset ({type(e).__name__}: {e}); '
+                               'offline? pass --lambada_path=<lambada_openai_test.jsonl>') from e
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or ' ' not in t.strip()]
+    if not texts or bad:
+        raise ValueError(f'{path}: {len(texts)} passages, {len(bad)} without a last word to predict (first: {bad[:3]})')
+    return texts
+
+
+def _draws(keys, n_t, L, seed, eps):
+    """Per item: n_t stratified times and [n_t, L] uniforms from a generator seeded by (seed, item index), so the
+    numbers do not depend on the batch size or the number of ranks."""
+    g, ts, us = torch.Generator(), [], []
+    for k in keys:
+        g.manual_seed(seed * 1_000_003 + int(k))
+        ts.append(sample_t(n_t, 'cpu', eps, g))
+        us.append(torch.rand(n_t, L, generator=g))
+    return torch.cat(ts), torch.cat(us)
+
+
+def _nelbo(lm, x0, maskable, keys, n_t, seed, eps):
+    """MDLM NELBO (nats) of each row of x0 [B, L]: the 1/t-weighted NLL of the masked tokens (mdlm_loss's sum), only
+    `maskable` ones ever masked (the others clamped), averaged over n_t stratified t draws. Exact savings: rows with
+    nothing masked add 0 (no forward) and, without time conditioning, the output depends on x_t only, so each distinct
+    (x_t, x0) is forwarded once (a one-token LAMBADA target has a single masked pattern: 1 forward, not n_t)."""
+    B, L = x0.shape
+    t, u = (v.to(x0.device) for v in _draws(keys, n_t, L, seed, eps))
+    x0r = x0.repeat_interleave(n_t, 0)
+    hit = maskable.repeat_interleave(n_t, 0) & (u < move_chance(t)[:, None])
+    xt = torch.where(hit, lm.mask, x0r)
+    keep = hit.any(1).nonzero().squeeze(1)
+    timed = getattr(lm.model.config, 'time_conditioning', False)
+    pairs, inv = (torch.cat([xt[keep], x0r[keep]], 1), torch.arange(len(keep), device=x0.device)) if timed else \
+        torch.unique(torch.cat([xt[keep], x0r[keep]], 1), dim=0, return_inverse=True)
+    lg, _ = lm.logits(pairs[:, :L], t[keep] if timed else None)
+    nll = F.cross_entropy(lg.flatten(0, 1), pairs[:, L:].flatten(), reduction='none').view(-1, L)
+    loss = torch.zeros(B * n_t, dtype=torch.float64, device=x0.device)
+    loss[keep] = ((nll[inv] * hit[keep]).sum(1) * nelbo_weight(t[keep])).double()
+    return loss.view(B, n_t).mean(1)
+
+
+def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
+    """LAMBADA (SPEC §6). Target = the last word with its leading space. DiT: input BOS + context + MASK per target
+    token + EOS; accuracy from one forward (argmax over real tokens; all target tokens right); NLL = the NELBO of the
+    target tokens with the context clamped, averaged over n_t t draws. Causal LM: BOS + context + target,
+    teacher-forced greedy (accuracy) and the exact NLL. ppl = exp(sum of per-word NLLs / n_words). Contexts longer
+    than the model fit lose tokens on the left (counted in n_truncated)."""
+    tok, diffusion = lm.tok, lm.kind == 'diffusion'
+    seqs, spans, n_trunc = [], [], 0
+    for text in texts:
+        ctx, word = text.rsplit(' ', 1)
+        c, w = tok.encode(ctx), tok.encode(' ' + word)
+        keep = lm.n_ctx - len(w) - 1 - diffusion  # room for BOS (+ EOS)
+        if keep < 0:
+            raise ValueError(f'a LAMBADA target of {len(w)} tokens does not fit the context of {lm.name} ({lm.n_ctx})')
+        n_trunc += len(c) > keep
+        c = c[len(c) - keep:] if len(c) > keep else c
+        seqs.append([lm.bos] + c + w + ([lm.eos] if diffusion else []))
+        spans.append((1 + len(c), 1 + len(c) + len(w)))
+    # a bidirectional model sees padding, so batches hold passages of one length (sorted by length, then index)
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+    per_fwd = max(1, batch_size // n_t) if diffusion else batch_size
+    idx_all, res = [], []
+    for pos in _batches(len(order), per_fwd, f'LAMBADA {lm.name}', lambda j: len(seqs[order[j]])):
+        items = [order[j] for j in pos]
+        for L in sorted({len(seqs[i]) for i in items}):
+            grp = [i for i in items if len(seqs[i]) == L]
+            x0 = torch.tensor([seqs[i] for i in grp], device=lm.device)
+            tgt = torch.zeros_like(x0, dtype=torch.bool)
+            for r, i in enumerate(grp):
+                tgt[r, spans[i][0]:spans[i][1]] = True
+            if diffusion:
+                lg, _ = lm.logits(x0.masked_fill(tgt, lm.mask), torch.full((len(grp),), _SAMPLE_EPS, device=lm.device))
+                correct = ((lg.argmax(-1) == x0) | ~tgt).all(1)
+                nll = _nelbo(lm, x0, tgt, grp, n_t, seed, _SAMPLE_EPS)
+            else:  # logits at position p predict token p + 1
+                lg, _ = lm.logits(x0)
+                lg, y, tgt = lg[:, :-1], x0[:, 1:], tgt[:, 1:]
+                correct = ((lg.argmax(-1) == y) | ~tgt).all(1)
+                nll = (F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction='none').view_as(y) * tgt).sum(1).double()
+            res.append(torch.stack([correct.double(), nll, tgt.sum(1).double()], 1))
+            idx_all += grp
+    res = _gather(idx_all, _host(res))
+    return dict(lambada_acc=res[:, 0].mean(), lambada_ppl=math.exp(res[:, 1].mean()), nll_per_word=res[:, 1].mean(),
+                nll_per_token=res[:, 1].sum() / res[:, 2].sum(), n_words=len(res), n_target_tokens=int(res[:, 2].sum()),
+                n_truncated=n_trunc, n_t=n_t if diffusion else None, kind=lm.kind)
+
+
+def val_ppl(lm, data_dir, n_rows=0, draws=4, seed=0, batch_size=8, eps=1e-3):
+    """exp(mean per-token NELBO) of a DiT on the first n_rows (0: all) rows of data_dir/val.bin: all positions maskable
+    (as MDLM), `draws` stratified t >= eps per row (MDLM's sampling_eps 1e-3), fixed seeds."""
+    meta = load_meta(data_dir)
+    if lm.kind != 'diffusion' or meta['tokenizer'] != lm.tok_name or meta['vocab_size'] != lm.mask + 1:
+        raise ValueError(f"valppl needs a diffusion DiT of the data's vocabulary ({meta['tokenizer']}, V={meta['vocab_size']}); "
+                         f'{lm.name} is {lm.kind} with {lm.tok_name} ids')
+    rows = open_split(data_dir, 'val')
+    rows = rows[:n_rows] if n_rows else rows
+    if rows.shape[1] > lm.n_ctx:
+        raise ValueError(f'val rows have {rows.shape[1]} tokens, more than the block size of {lm.name} ({lm.n_ctx})')
+    idx_all, res = [], []
+    for idx in _batches(len(rows), max(1, batch_size // draws), f'val NELBO {lm.name}', lambda i: rows.shape[1]):
+        x0 = torch.from_numpy(np.asarray(rows[idx], dtype=np.int64)).to(lm.device)
+        res.append(_nelbo(lm, x0, torch.ones_like(x0, dtype=torch.bool), idx, draws, seed, eps))
+        idx_all += idx
+    nelbo = _gather(idx_all, _host(res)).sum() / rows.size
+    return dict(val_nelbo=nelbo, val_ppl=math.exp(nelbo), n_rows=len(rows), n_tokens=rows.size, draws=draws)
+
+
+# ----------------------------------------------------------------------------------------------------- outputs
+def _commit():
+    try:
+        return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_record(jsonl, what, metrics, config, settings, source):
+    """Append one evaluation to eval.jsonl: model, round, sampling steps, sampler, metrics, settings, commit."""
+    meta = settings.get('meta') or {}
+    rec = dict(eval=what, time=time.strftime('%Y-%m-%dT%H:%M:%S'), commit=_commit(), model=settings.get('model'),
+               round=meta.get('round'), num_steps=settings.get('num_steps'), sampler=settings.get('sampler'),
+               nfe=settings.get('nfe'), source=source, metrics=metrics, settings=settings, config=config)
+    os.makedirs(os.path.dirname(jsonl) or '.', exist_ok=True)
+    with open(jsonl, 'a') as f:
+        f.write(json.dumps(rec, default=lambda o: o.item() if hasattr(o, 'item') else str(o)) + '\n')
+    return rec
+
+
+def plot_genppl(jsonl, png):
+    """The SDTT figure from eval.jsonl: gen-PPL and entropy of unconditional samples against sampling steps (log2
+    axis), one line per model/round (and judge or sample length, where those vary). Prompted/cond_prefix samples are
+    left out. A point evaluated twice shows its last record."""
+    if not os.path.exists(jsonl):
+        raise FileNotFoundError(f'no {jsonl} to plot: run --eval=genppl (with the same --out_dir) first')
+    with open(jsonl) as f:
+        recs = [r for r in map(json.loads, filter(str.strip, f)) if r.get('eval') == 'genppl' and r.get('num_steps')
+                and not (r['settings'].get('mode') == 'cond_prefix' or r['settings'].get('prompt') or r['settings'].get('prompt_file'))]
+    if not recs:
+        raise ValueError(f'no genppl records of unconditional samples in {jsonl}: run --eval=genppl first')
+    varies = [len({(r['config'].get('judge'), r['metrics']['seq_len'])[k] for r in recs}) > 1 for k in (0, 1)]
+    lines = {}
+    for r in recs:
+        key = (str(r['model']), -1 if r.get('round') is None else r['round'],
+               os.path.basename(str(r['config'].get('judge'))) if varies[0] else '', r['metrics']['seq_len'] if varies[1] else 0)
+        lines.setdefault(key, {})[r['num_steps']] = (r['metrics']['gen_ppl'], r['metrics']['entropy'])
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullLocator
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for (model, rnd, jdg, L), pts in sorted(lines.items()):
+        label = model + ('' if rnd < 0 else f' round {rnd}') + (f' [{jdg}]' if jdg else '') + (f' L={L}' if L else '')
+        steps = sorted(pts)
+        for k, ax in enumerate(axes):
+            ax.plot(steps, [pts[s][k] for s in steps], marker='o', label=label)
+    plain = FuncFormatter(lambda v, _: f'{v:g}')
+    for ax, name in zip(axes, ('generative perplexity', 'unigram entropy (nats)')):
+        ax.set_xscale('log', base=2)
+        ax.set_xticks(sorted({s for pts in lines.values() for s in pts}))
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set(xlabel='sampling steps', ylabel=name)
+        ax.grid(True, which='both', alpha=0.3)
+    axes[0].set_yscale('log')
+    axes[0].yaxis.set_major_formatter(plain)
+    axes[0].yaxis.set_minor_formatter(plain)
+    axes[0].set_title('gen-PPL' + ('' if varies[0] else f" (judge {os.path.basename(str(recs[-1]['config'].get('judge')))})"))
+    axes[1].set_title('entropy of the samples')
+    axes[1].legend(fontsize=8, loc='best')
+    tmp = png + '.tmp.png'
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+# ----------------------------------------------------------------------------------------------------- script
+def main(argv=None):
+    c = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
+    evals = [e.strip() for e in c.eval.split(',') if e.strip()]
+    unknown = sorted(set(evals) - {'genppl', 'mauve', 'lambada', 'valppl'})
+    if unknown or not (evals or c.plot):
+        raise ValueError(f'--eval must be a comma list of genppl, mauve, lambada, valppl (or empty with --plot), got {c.eval!r}')
+    dev = c.device
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # torchrun: every rank scores its share, results are gathered
+        if dev.startswith('cuda'):
+            dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+            torch.cuda.set_device(dev)
+        dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
+    rank, jsonl = _rank_world()[0], os.path.join(c.out_dir, 'eval.jsonl')
+
+    def report(what, metrics, settings, source):
+        if rank == 0:
+            write_record(jsonl, what, metrics, vars(c), settings, source)
+            print(f'{what} {source}: ' + json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, default=float))
+
+    if 'genppl' in evals or 'mauve' in evals:
+        judge_lm = LM(c.judge, dev, c.judge_dtype, compile=c.compile)
+        paths = sample_files(c.samples)
+        n_cond = 0
+        for path in paths:
+            s = read_samples(path)
+            settings, tok_name = s['settings'], s['settings']['meta']['tokenizer']
+            if 'genppl' in evals:
+                report('genppl', gen_ppl(judge_lm, s['tokens'], tok_name, c.batch_size), settings, path)
+            if 'mauve' in evals and settings.get('mode') == 'cond_prefix':
+                n_cond += 1
+                if 'ref_tokens' not in s:
+                    raise ValueError(f'{path} holds no ref_tokens (the documents of its prompts): write it with sample.py')
+                q = judge_pass(judge_lm, judge_inputs(judge_lm, s['tokens'], tok_name), c.batch_size, hidden=True)
+                p = judge_pass(judge_lm, judge_inputs(judge_lm, s['ref_tokens'].astype(np.int64), tok_name), c.batch_size, hidden=True)
+                if rank == 0:
+                    report('mauve', {**mauve_score(p, q, c.mauve_seeds), 'n_samples': len(q), 'n_refs': len(p)}, settings, path)
+        if 'mauve' in evals and not n_cond:
+            raise ValueError(f'--eval=mauve needs cond_prefix sample files (sample.py --mode=cond_prefix); none in {paths[:3]}')
+    if 'lambada' in evals or 'valppl' in evals:
+        lm = LM(c.init_from, dev, c.dtype, c.revision, c.compile)
+        settings = dict(model=c.init_from + (f'@{c.revision}' if c.revision else ''), meta=getattr(lm.model, 'meta', {}))
+        if 'lambada' in evals:
+            report('lambada', lambada(lm, read_lambada(c.lambada_path), c.n_t, c.seed, c.batch_size), settings, c.lambada_path)
+        if 'valppl' in evals:
+            report('valppl', val_ppl(lm, c.data_dir, c.val_rows, c.val_draws, c.seed, c.batch_size), settings, c.data_dir)
+    if c.plot and rank == 0:
+        print(f"plot -> {plot_genppl(jsonl, os.path.join(c.out_dir, 'genppl.png'))}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    import sys
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
+        sys.exit(f'evaluate.py: error: {e}')

@@ -1,0 +1,289 @@
+"""evaluate.py on CPU with tiny random models saved to temporary directories (no downloads): gen-PPL and LAMBADA against
+direct computations, entropy and LAMBADA accuracy on hand-made inputs, MAUVE on synthetic features, the CLI
+(eval.jsonl + plot), 2-process sharding and the errors on bad input."""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate as E
+from model import DiT, DiTConfig, save_pretrained
+from prepare_data import get_tokenizer
+from sample import save_samples
+
+BYTE_META = dict(tokenizer='byte', bos_id=256, eos_id=256, mask_id=257)
+
+
+@pytest.fixture(scope='module')
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp('evaluate')
+
+
+@pytest.fixture(scope='module')
+def gpt2_dir(tmp):
+    """A random tiny HF GPT-2 with GPT-2's vocabulary, saved and loaded by path (as gpt2-large would be)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2)).eval()
+    m.save_pretrained(tmp / 'gpt2')
+    return str(tmp / 'gpt2'), m
+
+
+def tiny_dit(causal, block_size=128, seed=0):
+    torch.manual_seed(seed)
+    m = DiT(DiTConfig(vocab_size=258, block_size=block_size, n_layer=2, n_head=2, n_embd=32, cond_dim=16, dropout=0.0,
+                      causal=causal)).eval()
+    for p in m.parameters():  # the zero-initialised output layer would give uniform logits
+        torch.nn.init.normal_(p, std=0.2)
+    m.meta = dict(BYTE_META)
+    return m
+
+
+@pytest.fixture(scope='module')
+def ar_dir(tmp):
+    m = tiny_dit(causal=True)
+    return save_pretrained(m, str(tmp / 'ar')), m
+
+
+@pytest.fixture(scope='module')
+def dit_dir(tmp):
+    m = tiny_dit(causal=False, seed=1)
+    return save_pretrained(m, str(tmp / 'dit')), m
+
+
+def direct_nll(logits, ids):
+    """Mean NLL of positions 1..n-1 of each row, in float64."""
+    lp = torch.log_softmax(logits.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return -lp.mean(1)
+
+
+def test_gen_ppl_hf_gpt2_matches_direct(gpt2_dir):
+    path, m = gpt2_dir
+    judge = E.LM(path)
+    assert judge.tok_name == 'gpt2' and judge.kind == 'causal'
+    tokens = np.random.default_rng(0).integers(0, 50257, (7, 24))
+    r = E.gen_ppl(judge, tokens, 'gpt2', batch_size=3)
+    with torch.no_grad():
+        nll = direct_nll(m(torch.tensor(tokens)).logits, torch.tensor(tokens))
+    assert r['n_samples'] == 7 and not r['retokenized']
+    assert r['gen_ppl'] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    assert r['nll_std'] == pytest.approx(nll.std(unbiased=False).item(), rel=1e-4)
+
+
+def test_gen_ppl_project_ar_judge_matches_direct(ar_dir):
+    path, m = ar_dir
+    judge = E.LM(path)
+    assert judge.kind == 'causal' and judge.tok_name == 'byte' and judge.n_real == 257
+    tokens = np.random.default_rng(1).integers(0, 257, (5, 40))
+    r = E.gen_ppl(judge, tokens, 'byte', batch_size=2)
+    with torch.no_grad():  # logits at position i predict token i + 1; the MASK column is not a real token
+        nll = direct_nll(m(torch.tensor(tokens))[..., :257], torch.tensor(tokens))
+    assert r['gen_ppl'] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+
+
+def test_gen_ppl_retokenizes_for_another_tokenizer(ar_dir):
+    """GPT-2 ids judged by a byte-level judge: decoded (BOS/EOS dropped), re-encoded behind the judge's BOS."""
+    path, m = ar_dir
+    gpt2 = get_tokenizer('gpt2')
+    texts = ['Hello world, this is a test.', 'Another sample of text here!']
+    rows = [[50256] + gpt2.encode(t) for t in texts]
+    L = min(map(len, rows))
+    tokens = np.array([r[:L] for r in rows])
+    r = E.gen_ppl(E.LM(path), tokens, 'gpt2')
+    nlls = []
+    for row in tokens:
+        ids = torch.tensor([[256] + list(gpt2.decode(row[1:]).encode())])
+        with torch.no_grad():
+            nlls.append(direct_nll(m(ids)[..., :257], ids).item())
+    assert r['retokenized'] and r['gen_ppl'] == pytest.approx(math.exp(np.mean(nlls)), rel=1e-5)
+
+
+def test_unigram_entropy_hand_made():
+    h = E.unigram_entropy(np.array([[1, 1, 1, 1], [1, 2, 3, 4], [7, 2, 7, 2], [5, 5, 5, 9]]))
+    expected = [0.0, math.log(4), math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
+    assert np.allclose(h, expected, rtol=1e-12, atol=1e-12)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 50, (6, 100))
+    ref = [-(p * np.log(p)).sum() for p in (np.unique(r, return_counts=True)[1] / 100 for r in x)]
+    assert np.allclose(E.unigram_entropy(x), ref, rtol=1e-12)
+
+
+def write_lambada(path, texts):
+    with open(path, 'w') as f:
+        f.writelines(json.dumps({'text': t}) + '\n' for t in texts)
+    return str(path)
+
+
+PASSAGES = ['The old man walked his dog', 'She fed the hungry cat', 'The kids played with the dog']
+ANSWER = list(b' dog')
+
+
+def fake_dit(ids, sigma=None):
+    """Predicts ' dog' right before the final EOS whatever the input: the answers to PASSAGES are known."""
+    B, L = ids.shape
+    logits = torch.zeros(B, L, 258)
+    logits[:, L - 1 - len(ANSWER) + torch.arange(len(ANSWER)), ANSWER] = 5.0
+    return logits
+
+
+def test_lambada_accuracy_known_answers(tmp, dit_dir):
+    texts = E.read_lambada(write_lambada(tmp / 'lambada3.jsonl', PASSAGES))
+    lm = E.LM(dit_dir[0])
+    lm.fwd = fake_dit
+    r = E.lambada(lm, texts, n_t=4, batch_size=8)
+    assert r['lambada_acc'] == pytest.approx(2 / 3) and r['n_words'] == 3 and r['n_target_tokens'] == 12
+    # the NELBO is an unbiased estimate of sum_j -log p_j x (1 - 1e-3) (masked w.p. (1 - 1e-3) t, weighted 1/t)
+    r = E.lambada(lm, texts, n_t=2048, batch_size=4096)
+    logp = torch.log_softmax(fake_dit(torch.zeros(1, 40, dtype=torch.long))[0, -5:-1, :257], -1)
+    exact = [-logp[torch.arange(4), list(w)].sum().item() * (1 - 1e-3) for w in (b' dog', b' cat', b' dog')]
+    assert r['nll_per_word'] == pytest.approx(np.mean(exact), rel=0.03)
+
+
+def test_lambada_diffusion_independent_of_batching(tmp, dit_dir):
+    texts = E.read_lambada(write_lambada(tmp / 'lambada3.jsonl', PASSAGES))
+    lm = E.LM(dit_dir[0])
+    a, b = E.lambada(lm, texts, n_t=8, batch_size=8), E.lambada(lm, texts, n_t=8, batch_size=64)
+    assert a['nll_per_word'] == pytest.approx(b['nll_per_word'], rel=1e-6) and a['lambada_acc'] == b['lambada_acc']
+
+
+def test_lambada_hf_gpt2_matches_direct(tmp, gpt2_dir):
+    path, m = gpt2_dir
+    texts = ['The quick brown fox jumps over the lazy', 'It was a dark and stormy night',
+             'To be or not to be, that is the question']
+    r = E.lambada(E.LM(path), E.read_lambada(write_lambada(tmp / 'l.jsonl', texts)), batch_size=2)
+    tok, nlls, correct = get_tokenizer('gpt2'), [], []
+    for t in texts:
+        ctx, word = t.rsplit(' ', 1)
+        c, w = tok.encode(ctx), tok.encode(' ' + word)
+        ids = torch.tensor([[50256] + c + w])
+        with torch.no_grad():
+            lp = torch.log_softmax(m(ids).logits[0, len(c): len(c) + len(w)].double(), -1)
+        nlls.append(-lp[torch.arange(len(w)), w].sum().item())
+        correct.append(lp.argmax(-1).tolist() == w)
+    assert r['lambada_acc'] == np.mean(correct) and r['n_truncated'] == 0
+    assert r['lambada_ppl'] == pytest.approx(math.exp(np.mean(nlls)), rel=1e-5)
+
+
+def test_features_are_last_hidden_state_of_final_token(gpt2_dir):
+    path, m = gpt2_dir
+    seqs = [torch.tensor([50256, 10, 20, 30, 40]), torch.tensor([50256, 7, 8])]  # padded in one batch
+    f = E.judge_pass(E.LM(path), seqs, batch_size=2, hidden=True)
+    with torch.no_grad():
+        ref = [m(s[None], output_hidden_states=True).hidden_states[-1][0, -1].numpy() for s in seqs]
+    assert f.shape == (2, 32) and np.allclose(f, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def faiss_one_thread():
+    """faiss's OpenMP threads spin-wait: on a busy 2-core machine k-means of 600 points takes 20 s instead of 0.1 s."""
+    import faiss
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(n)
+
+
+def test_mauve_same_vs_different(faiss_one_thread):
+    rng = np.random.default_rng(0)
+    p, q = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))
+    far = rng.normal(size=(300, 8)) + 3.0
+    same, diff = E.mauve_score(p, q, seeds=2), E.mauve_score(p, far, seeds=2)
+    assert same['mauve'] > 0.8 and diff['mauve'] < 0.1 and len(same['mauve_per_seed']) == 2
+
+
+def test_mauve_missing_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'mauve', None)
+    with pytest.raises(ImportError, match='pip install mauve-text'):
+        E.mauve_score(np.zeros((4, 2)), np.zeros((4, 2)))
+
+
+def write_sample_file(out_dir, name, tokens, steps, round, mode='uncond', **extra):
+    settings = dict(model='tiny', num_steps=steps, sampler='ancestral', nfe=steps, mode=mode, meta=dict(BYTE_META, round=round))
+    save_samples(os.path.join(out_dir, 'samples', 'uncond' if mode == 'uncond' else 'cond', name), tokens, settings,
+                 ['x'] * len(tokens), **extra)
+
+
+def run_cli(*args):
+    E.main(list(args))
+
+
+def test_cli_genppl_mauve_lambada_valppl_plot(tmp, ar_dir, dit_dir, faiss_one_thread):
+    out = str(tmp / 'cli')
+    rng = np.random.default_rng(0)
+    for steps, rnd in [(8, 0), (32, 0), (128, 0), (8, 1), (32, 1)]:
+        write_sample_file(out, f'r{rnd}_T{steps}', rng.integers(0, 256, (4, 32)), steps, rnd)
+    refs = rng.integers(0, 256, (3, 20))
+    write_sample_file(out, 'cond', np.repeat(refs, 2, 0), 8, 0, mode='cond_prefix', ref_tokens=refs)
+    data = tmp / 'data'
+    data.mkdir()
+    rng.integers(0, 257, (6, 32)).astype(np.uint16).tofile(data / 'val.bin')
+    (data / 'meta.json').write_text(json.dumps(dict(BYTE_META, vocab_size=258, row_len=32, n_val_rows=6, n_train_rows=0)))
+    lam = write_lambada(tmp / 'lambada3.jsonl', PASSAGES)
+    run_cli('--eval=genppl', f'--samples={out}/samples/uncond', f'--judge={ar_dir[0]}', f'--out_dir={out}', '--plot')
+    run_cli('--eval=mauve', f'--samples={out}/samples/cond', f'--judge={ar_dir[0]}', f'--out_dir={out}', '--mauve_seeds=1')
+    run_cli('--eval=lambada,valppl', f'--init_from={dit_dir[0]}', f'--lambada_path={lam}', f'--data_dir={data}',
+            '--n_t=4', '--val_draws=2', f'--out_dir={out}')
+    recs = [json.loads(line) for line in open(os.path.join(out, 'eval.jsonl'))]
+    assert [r['eval'] for r in recs] == ['genppl'] * 5 + ['mauve', 'lambada', 'valppl']
+    g = next(r for r in recs if r['source'].endswith('r1_T8.npz'))
+    assert {'model', 'round', 'num_steps', 'sampler', 'nfe', 'metrics', 'settings', 'commit', 'config'} <= set(g)
+    assert g['metrics']['n_samples'] == 4 and g['num_steps'] == 8 and g['round'] == 1 and g['model'] == 'tiny'
+    assert 0 <= recs[5]['metrics']['mauve'] <= 1 and recs[5]['metrics']['n_refs'] == 3
+    assert recs[6]['metrics']['n_words'] == 3 and recs[7]['metrics']['n_rows'] == 6
+    assert os.path.getsize(os.path.join(out, 'genppl.png')) > 10_000
+
+
+def test_two_ranks_equal_one(tmp, ar_dir, dit_dir):
+    tokens = np.random.default_rng(2).integers(0, 256, (5, 24))
+    texts = E.read_lambada(write_lambada(tmp / 'lambada3.jsonl', PASSAGES))
+    one = (E.gen_ppl(E.LM(ar_dir[0]), tokens, 'byte'), E.lambada(E.LM(dit_dir[0]), texts, n_t=4),
+           E.gen_ppl(E.LM(ar_dir[0]), tokens[:1], 'byte'))
+    import torch.multiprocessing as mp
+    mp.spawn(_rank_main, args=(str(tmp / 'dist'), ar_dir[0], dit_dir[0], tokens, texts), nprocs=2)
+    two = json.load(open(tmp / 'dist'))
+    assert two[0]['gen_ppl'] == pytest.approx(one[0]['gen_ppl'], rel=1e-6)
+    assert two[1]['nll_per_word'] == pytest.approx(one[1]['nll_per_word'], rel=1e-6)
+    assert two[2]['gen_ppl'] == pytest.approx(one[2]['gen_ppl'], rel=1e-6)  # rank 1 scored nothing
+
+
+def _rank_main(rank, out, ar, dit, tokens, texts):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method='tcp://127.0.0.1:29533', rank=rank, world_size=2)
+    res = [E.gen_ppl(E.LM(ar), tokens, 'byte'), E.lambada(E.LM(dit), texts, n_t=4), E.gen_ppl(E.LM(ar), tokens[:1], 'byte')]
+    if rank == 0:
+        with open(out, 'w') as f:
+            json.dump(res, f, default=float)
+    dist.destroy_process_group()
+
+
+def test_bad_inputs(tmp, ar_dir, dit_dir):
+    judge = E.LM(ar_dir[0])
+    with pytest.raises(ValueError, match='MASK'):
+        E.gen_ppl(judge, np.full((2, 8), 257), 'byte')
+    with pytest.raises(ValueError, match='outside'):
+        E.gen_ppl(judge, np.full((2, 8), 300), 'byte')
+    with pytest.raises(ValueError, match='context'):
+        E.gen_ppl(judge, np.zeros((1, 200), dtype=np.int64), 'byte')
+    bad = tmp / 'bad'
+    bad.mkdir()
+    np.savez(bad / 'flat.npz', tokens=np.zeros(5, dtype=np.int32), settings=np.array('{}'))
+    with pytest.raises(ValueError, match='shape'):
+        E.read_samples(str(bad / 'flat.npz'))
+    (bad / 'junk.npz').write_text('not a zip')
+    with pytest.raises(ValueError, match='not a sample file'):
+        E.read_samples(str(bad / 'junk.npz'))
+    with pytest.raises(FileNotFoundError, match='no sample files'):
+        E.sample_files(str(tmp / 'nothing_here'))
+    (bad / 'lambada.txt').write_text('The old man walked his dog\n')
+    with pytest.raises(ValueError, match='text'):
+        E.read_lambada(str(bad / 'lambada.txt'))
+    with pytest.raises(FileNotFoundError, match='no model'):
+        E.LM(str(tmp / 'no_such_judge'))
+    with pytest.raises(ValueError, match='bidirectional'):
+        E.gen_ppl(E.LM(dit_dir[0]), np.zeros((1, 8), dtype=np.int64), 'byte')
+    with pytest.raises(ValueError, match='--eval'):
+        run_cli('--eval=bleu')
