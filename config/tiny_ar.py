@@ -1,22 +1,10 @@
-# The autoregressive baseline of config/tiny_ar.py (same network with causal attention, next-token loss).
+# The autoregressive baseline at tiny scale: the network of config/tiny_mdlm.py with causal attention and the
+# next-token loss; also the offline gen-PPL judge of e2e.py.
 # Data (once, ~5 s):
 #   python prepare_data.py --source=../shared/data/corpus --tokenizer=byte --row_len=128 --out_dir=data/corpus_byte
-# Run:
+# Run (from the repo root):
 #   python distill.py config/tiny_ar.py
 #   torchrun --standalone --nproc_per_node=2 distill.py config/tiny_ar.py
-# On a busy machine OMP_NUM_THREADS=1 is much faster for models this small.
+exec(open('config/tiny_mdlm.py').read())
 objective = 'ar'
-init_from = 'scratch'
-data_dir = 'data/corpus_byte'
 out_dir = 'out/tiny_ar'
-device = 'cpu'
-n_layer, n_head, n_embd, cond_dim, block_size = 4, 4, 128, 64, 128
-dropout = 0.0
-batch_size = 16
-global_batch_size = 32
-max_iters = 600
-learning_rate = 2e-3
-warmup_iters = 50
-ema_decay = 0.998             # a short run: with 0.9999 the EMA would still be mostly the initial weights
-log_interval, eval_interval, eval_iters, ckpt_interval = 20, 200, 8, 100
-peak_flops = 1e11             # a rough figure for 2 CPU cores (MFU is only indicative here)

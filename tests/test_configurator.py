@@ -46,3 +46,19 @@ def test_missing_file_and_missing_value():
         configure(defaults(), ['nope.py'])
     with pytest.raises(ValueError, match='expected --batch_size=value'):
         configure(defaults(), ['--batch_size'])
+
+
+def test_every_config_file_is_valid_for_distill():
+    """Each config/*.py (some exec a base recipe) sets only keys distill.py knows, with the right types."""
+    import glob
+    import distill
+    for path in sorted(glob.glob('config/*.py')):
+        g = dict(distill._DEFAULTS)
+        cfg = configure(g, [path])
+        assert cfg['objective'] in ('sdtt', 'mdlm', 'ar'), path
+        if path.endswith(('mse_small.py', 'tvd_small.py')):
+            assert cfg['divergence'] in path and cfg['global_batch_size'] == 128
+        if path.endswith('ar.py') or path.endswith('ar_small.py'):
+            assert cfg['objective'] == 'ar' and cfg['n_layer'] > 1
+        name = path.split('/')[-1][:-3]
+        assert cfg['out_dir'] == f'out/{name}', path  # a variant never writes into its base recipe's out_dir
