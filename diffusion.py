@@ -72,14 +72,19 @@ def mdlm_loss(logits, x0, xt, t, mask_id, reduction='mean'):
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
-def draw_categorical(logits, u):
+def draw_categorical(logits, u, chunk_elems=2 ** 25):
     """Draw one index per row of logits [N, V] from softmax(logits), by inverse CDF in float64 with uniforms u [N]
     (float64). Float64 matters: float32 Gumbel/exponential noise truncates low-probability tokens, which lowers the
-    entropy of samples and flatters gen-PPL (Zheng et al. 2024)."""
-    logits = logits.double()
-    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # first index whose cdf exceeds u
-    return idx.squeeze(1).clamp_(max=logits.shape[-1] - 1)
+    entropy of samples and flatters gen-PPL (Zheng et al. 2024). Rows go in chunks of ~chunk_elems entries, so a step
+    that reveals many positions (few steps, big batch) stays within a few hundred MB."""
+    N, V = logits.shape
+    out = torch.empty(N, dtype=torch.long, device=logits.device)
+    rows = max(1, chunk_elems // V)
+    for i in range(0, N, rows):
+        cdf = torch.softmax(logits[i:i + rows].double(), dim=-1).cumsum_(dim=-1)
+        idx = torch.searchsorted(cdf, (u[i:i + rows] * cdf[:, -1])[:, None], right=True)  # first cdf > u
+        out[i:i + rows] = idx.squeeze(1).clamp_(max=V - 1)
+    return out
 
 
 def sampling_grid(num_steps, eps=SAMPLE_EPS):
@@ -97,7 +102,10 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     in float64 from the SUBS distribution p_theta(x0 | xt). Positions never change once unmasked. After the last step,
     positions still masked (rare: probability ~1e-5 each) get the argmax of one more forward pass.
     cache=True: a sequence that no step changed since its last forward reuses that prediction (valid because the
-    network does not depend on t without time conditioning); it draws exactly the same tokens as cache=False.
+    network does not depend on t without time conditioning). It uses the same random draws as cache=False, so it gives
+    the same tokens up to floating point: a forward of a subset of the batch can differ from the full-batch forward in
+    the last bits, which flips a draw only if its uniform falls that close to a CDF boundary. It adds a second host
+    sync per step (which sequences need a forward).
     step_fn(x, logits, t, s, u, mask_id) -> new x: another update rule in place of the ancestral one (e.g. the
     analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position.
     Returns (tokens [n_samples, seq_len] int64, nfe) with nfe the mean number of forward passes per sequence."""

@@ -218,7 +218,10 @@ def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
 
 def save_checkpoint(ckpt, path):
     tmp = path + '.tmp'
-    torch.save(ckpt, tmp)
+    with open(tmp, 'wb') as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty ckpt.pt
     os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
 
 

@@ -130,8 +130,8 @@ class LM:
             if self.mask is None:
                 out = self.fwd(input_ids=ids, attention_mask=attn, output_hidden_states=hidden)
                 lg, h['h'] = out.logits, out.hidden_states[-1] if hidden else None
-            else:  # the DiT's last hidden state is the input of its output layer
-                hook = self.model.output_layer.register_forward_hook(lambda m, i, o: h.update(h=i[0])) if hidden else None
+            else:  # the DiT's last hidden state: after its final LayerNorm (as GPT-2's hidden_states[-1] is after ln_f)
+                hook = self.model.output_layer.norm_final.register_forward_hook(lambda m, i, o: h.update(h=o)) if hidden else None
                 lg = self.fwd(ids, None if t is None else sigma(t))[..., :self.mask]
                 if hook:
                     hook.remove()

@@ -45,7 +45,8 @@ cond_data = ''            # cond_prefix: a .jsonl file (field "text") or a Huggi
 cond_split = 'test'       # split of the HF dataset
 n_prompts = 8             # cond_prefix: number of documents (SPEC §6: 1024)
 min_doc_len = 1024        # cond_prefix: only documents with at least this many tokens
-prefix_bos = True         # cond_prefix: frame documents as [BOS] + tokens (as in training rows; the release: False)
+prefix_bos = False        # cond_prefix: True frames documents as [BOS] + tokens (as training rows); False is SPEC §6:
+                          # the prompt is the first prefix_len document tokens, the reference its first cond_len
 prefix_len = 50           # cond_prefix: prompt = the first prefix_len tokens of the framed document
 n_continuations = 5       # cond_prefix: samples per prompt
 cond_len = 100            # cond_prefix: total length of prefix + continuation (also the reference length)

@@ -194,3 +194,12 @@ def test_mdlm_training_lowers_the_nelbo_on_repetitive_text():
         opt.step()
     end = nelbo()
     assert start > 4.0 and end < 0.35 * start, (start, end)
+
+
+def test_draw_categorical_chunks_give_the_same_draws():
+    g = torch.Generator().manual_seed(0)
+    logits, u = torch.randn(37, 50, generator=g), torch.rand(37, dtype=torch.float64, generator=g)
+    a = D.draw_categorical(logits, u)
+    assert torch.equal(a, D.draw_categorical(logits, u, chunk_elems=100))  # 2 rows per chunk
+    cdf = torch.softmax(logits.double(), -1).cumsum(-1)  # the definition: first index whose cdf exceeds u
+    assert torch.equal(a, (cdf <= u[:, None] * cdf[:, -1:]).sum(-1))

@@ -160,13 +160,18 @@ def test_cond_prefix_mode(byte_dir, tmp_path, monkeypatch):
                         '--batch_size=4', '--num_steps=8', f'--out_dir={tmp_path}'])
     out = sample.load_samples(path)
     assert list(out['doc_idx']) == [0, 2, 4] and out['tokens'].shape == (6, 24)
-    refs = [[256] + list(docs[i].encode())[:23] for i in (0, 2, 4)]
+    refs = [list(docs[i].encode())[:24] for i in (0, 2, 4)]  # SPEC §6: document tokens, no BOS
     assert (out['ref_tokens'] == np.array(refs)).all() and (out['prompt_ids'] == out['ref_tokens'][:, :10]).all()
     prompts = torch.tensor(out['prompt_ids']).repeat_interleave(2, 0)
     assert list(out['prompt_index']) == [0, 0, 1, 1, 2, 2]
     assert (out['tokens'][:, :10] == prompts.numpy()).all()
     # every row the network sees (at every step; batches of 4 and 2 rows) starts with one of the prompts
     assert all((row[:10] == prompts).all(1).any() for x in seen for row in x)
+    path = sample.main([f'--init_from={byte_dir}', '--mode=cond_prefix', f'--cond_data={data}', '--n_prompts=3',
+                        '--min_doc_len=60', '--prefix_len=10', '--cond_len=24', '--n_continuations=2', '--seed=2',
+                        '--batch_size=4', '--num_steps=8', f'--out_dir={tmp_path}', '--prefix_bos=True'])
+    out = sample.load_samples(path)  # framed as training rows: BOS + document
+    assert (out['ref_tokens'] == np.array([[256] + r[:23] for r in refs])).all()
 
 
 def test_files_round_trip_and_overwrite(byte_dir, tmp_path, capsys):
