@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from functools import lru_cache
-from multiprocessing import Pool
+import multiprocessing
 
 import numpy as np
 from tqdm import tqdm
@@ -314,7 +314,8 @@ def main(argv=None):
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_token_id,
             "eos_id": tok.eos_token_id, "mask_id": tok.mask_token_id, "row_len": args.row_len,
             "framing": "wrap", "dtype": "uint16", "source": desc, "text_field": args.text_field}
-    pool = Pool(args.num_proc) if args.num_proc > 1 else None
+    # spawn, not fork: a forked child of a process whose OpenMP/torch thread pools already ran can deadlock
+    pool = multiprocessing.get_context("spawn").Pool(args.num_proc) if args.num_proc > 1 else None
     try:
         for split, docs, t in (("train", train, tmp[0]), ("val", val, tmp[1])):
             meta.update(write_split(docs, split, t, args, tok, pool))

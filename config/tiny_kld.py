@@ -1,5 +1,5 @@
 # SDTT on CPU in a few minutes: distil the tiny MDLM of config/tiny_mdlm.py (run that first) with the reverse KL.
-# The teacher samples with 64 steps (teacher_num_steps); 3 rounds of 100 steps give students of 32, 16 and 8 steps:
+# The teacher samples with 64 steps (teacher_num_steps); 3 rounds of 200 steps give students of 32, 16 and 8 steps:
 # out/tiny_kld/round_1_steps_32, round_2_steps_16, round_3_steps_8 (then a round-4 student would need 4 < 8: stop).
 # Run:
 #   python distill.py config/tiny_kld.py
@@ -16,12 +16,12 @@ dropout = 0.0
 batch_size = 16
 global_batch_size = 32
 max_iters = 1000
-learning_rate = 3e-4
+learning_rate = 1e-3
 warmup_iters = 20
 ema_decay = 0.99
 sampling_eps = 1e-5
 teacher_num_steps = 64
-round_every = 100
+round_every = 200
 min_num_sampling_steps = 8
 log_interval, eval_interval, eval_iters, ckpt_interval = 10, 50, 4, 50
 peak_flops = 1e11
