@@ -463,7 +463,7 @@ def plot_genppl(jsonl, png):
     axes[0].set_yscale('log')
     axes[0].yaxis.set_major_formatter(plain)
     axes[0].yaxis.set_minor_formatter(plain)
-    axes[0].set_title('gen-PPL' + ('' if varies[0] else f" (judge {os.path.basename(str(recs[-1]['config'].get('judge')))})"))
+    axes[0].set_title('gen-PPL' + ('' if varies[0] else f" (judge: {os.path.basename(str(recs[-1]['config'].get('judge')))})"))
     axes[1].set_title('entropy of the samples')
     axes[1].legend(fontsize=8, loc='best')
     tmp = png + '.tmp.png'
