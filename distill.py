@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -493,4 +494,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:  # bad input: the message says what to do
+        sys.exit(f'distill.py: error: {e}')
