@@ -12,7 +12,6 @@ Ratios are measured in one run; compare absolute numbers only on the same device
 """
 import json
 import os
-import subprocess
 import time
 from contextlib import nullcontext
 
@@ -21,6 +20,7 @@ import torch
 from configurator import configure
 from diffusion import sample
 from distill import training_loss
+from evaluate import git_commit
 from model import DiT, DiTConfig, SIZES
 
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -167,7 +167,7 @@ if train:
             parts = K * timeit(teacher_fwd) + timeit(mdlm_step)
             record(bench='sdtt_parts', batch=B, ms_step=s * 1e3, ms_parts=parts * 1e3, step_over_parts=s / parts)
 
-commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
+commit = git_commit()
 name = torch.cuda.get_device_name() if cuda else f'cpu x{torch.get_num_threads()} threads'
 with open(out_file, 'a') as f:
     for r in results:

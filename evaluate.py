@@ -405,7 +405,7 @@ def val_ppl(lm, data_dir, n_rows=0, draws=4, seed=0, batch_size=8, eps=1e-3):
 
 
 # ----------------------------------------------------------------------------------------------------- outputs
-def _commit():
+def git_commit():
     try:
         return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=os.path.dirname(os.path.abspath(__file__)),
                               capture_output=True, text=True, timeout=10).stdout.strip() or None
@@ -416,7 +416,7 @@ def _commit():
 def write_record(jsonl, what, metrics, config, settings, source):
     """Append one evaluation to eval.jsonl: model, round, sampling steps, sampler, metrics, settings, commit."""
     meta = settings.get('meta') or {}
-    rec = dict(eval=what, time=time.strftime('%Y-%m-%dT%H:%M:%S'), commit=_commit(), model=settings.get('model'),
+    rec = dict(eval=what, time=time.strftime('%Y-%m-%dT%H:%M:%S'), commit=git_commit(), model=settings.get('model'),
                round=meta.get('round'), num_steps=settings.get('num_steps'), sampler=settings.get('sampler'),
                nfe=settings.get('nfe'), source=source, metrics=metrics, settings=settings, config=config)
     os.makedirs(os.path.dirname(jsonl) or '.', exist_ok=True)
