@@ -1,7 +1,7 @@
 """
 Benchmarks, printed as a table and appended as JSON lines to out_file:
  (a) sampling latency per batch of the DiT (eager and compiled) against autoregressive generation with a KV cache
-     (Hugging Face GPT-2 of the same width and depth, random weights, `generate`);
+     (the project's causal DiT with sample.sample_ar, and HF GPT-2 `generate`; same width and depth, random weights);
  (b) training throughput and MFU of the `mdlm` and `sdtt` steps, and the cost of an sdtt step against its parts
      (K teacher forwards + one student forward/backward);
  (c) on CPU the same quantities with small shapes, read as ratios (absolute CPU times mean little).
@@ -19,7 +19,6 @@ import torch
 
 from configurator import configure
 from diffusion import sample
-from distill import training_loss
 from evaluate import git_commit
 from model import DiT, DiTConfig, SIZES
 
@@ -33,10 +32,11 @@ long_steps_max_batch = 8    # steps > 128 are measured only at batch sizes up to
 compile = torch.cuda.is_available()  # also measure torch.compile'd forward and sampling (slow to build on CPU)
 compile_mode = 'default'    # 'max-autotune-no-cudagraphs' tunes matmuls (minutes to build); the sampler syncs once per step
 hf_baseline = True          # needs transformers
-hf_batch_sizes = (1, 8)
+hf_batch_sizes = (1, 8)     # also the batch sizes of the project's AR baseline below
+ar_baseline = True          # the project's causal DiT (same width/depth) sampling with its KV cache (sample.sample_ar)
 train = True
 train_batch = 32            # micro-batch of the training-step benchmark
-sdtt_batch = 16             # sdtt keeps K+1 fp32 [B, L, V] log-prob tensors alive: a smaller micro-batch
+sdtt_batch = 16             # sdtt keeps K+1 fp32 [M, V] log-prob tensors alive (M ~ B L / 2 masked positions)
 K = 2
 peak_flops = 989e12         # H100 SXM dense bf16
 cpu_n_layer, cpu_n_embd, cpu_n_head, cpu_seq_len, cpu_vocab = 4, 128, 4, 128, 258
@@ -109,6 +109,30 @@ for name, m in variants.items():
             record(bench='sample', variant=name, batch=B, steps=steps, seconds=s,
                    ms_per_step=s / steps * 1e3, overhead_vs_forwards=s / (steps * fwd_ms[name, B] / 1e3) - 1)
 
+
+def speedups(rec, B, s):
+    """Add to an autoregressive row (s seconds for batch B) the speed-ups of DiT sampling at 16/32/64 steps."""
+    for steps in (16, 32, 64):
+        best = min((r['seconds'] for r in results if r['bench'] == 'sample' and r['batch'] == B and r['steps'] == steps),
+                   default=None)
+        if best:
+            rec[f'speedup_{steps}_steps'] = s / best
+    return rec
+
+
+if ar_baseline:  # the same network with causal attention: BOS + seq_len - 1 tokens, one forward per token, KV cache
+    from sample import sample_ar
+    ar = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.0, causal=True, **arch)).to(dev).eval()
+    for p in ar.output_layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    ar_variants = {'eager': ar}
+    if compile:  # dynamic: the cached length grows by one every step
+        ar_variants['compiled'] = torch.compile(ar, mode=compile_mode, dynamic=True)
+    for name, m in ar_variants.items():
+        for B in hf_batch_sizes:
+            s = timeit(lambda: sample_ar(m, B, L, bos_id=0, seed=0, device=dev), warmup=1, reps=1)
+            record(**speedups(dict(bench='ar_kv_cache', variant=name, batch=B, seq_len=L, seconds=s), B, s))
+
 if hf_baseline:
     from transformers import GPT2Config, GPT2LMHeadModel
     hf = GPT2LMHeadModel(GPT2Config(n_layer=arch['n_layer'], n_embd=arch['n_embd'], n_head=arch['n_head'],
@@ -122,49 +146,48 @@ if hf_baseline:
                                   attention_mask=torch.ones_like(ids))
         with torch.no_grad():
             s = timeit(gen, warmup=1, reps=1)
-        rec = dict(bench='hf_generate', variant='eager', batch=B, seq_len=L, seconds=s)
-        for steps in (16, 32, 64):
-            best = min((r['seconds'] for r in results if r['bench'] == 'sample' and r['batch'] == B and r['steps'] == steps),
-                       default=None)
-            if best:
-                rec[f'speedup_{steps}_steps'] = s / best
-        record(**rec)
+        record(**speedups(dict(bench='hf_generate', variant='eager', batch=B, seq_len=L, seconds=s), B, s))
 
 # ---- (b) training steps: mdlm and sdtt, with MFU; the sdtt step against its parts
-if train:
+if train:  # as distill.py runs them: noise drawn on the host, network + loss compiled as one graph
+    from distill import Objective, draw_noise, log_probs_fn, to_device, training_loss
     student = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.1, **arch)).to(dev).train()
     teacher = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.0, **arch)).to(dev).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=cuda)
-    run_s = torch.compile(student) if compile else student
-    run_t = torch.compile(teacher) if compile else teacher
-    fpt = student.flops_per_token(L)  # fwd + bwd
-    for objective, B in (('mdlm', train_batch), ('sdtt', sdtt_batch)):
-        x0 = torch.randint(0, V - 1, (B, L), device=dev)
+    maybe_compile = torch.compile if compile else (lambda f: f)
+    teacher_lp = maybe_compile(log_probs_fn(teacher, V - 1, bf16=cuda))
+    run_t = maybe_compile(teacher)  # the bare network, for the parts
+    objectives = {o: maybe_compile(Objective(student, o, V - 1, 'kld', bf16=cuda)) for o in ('mdlm', 'sdtt')}
 
-        def step():
-            loss = training_loss(run_s, x0, objective, V - 1, 1e-3, autocast, teacher=run_t, dt=2 / 1024, K=K)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        s = timeit(step, warmup=3, reps=5)
-        flops = fpt * B * L * (1 if objective == 'mdlm' else 1 + K / 3)  # + K teacher forwards (1/3 of fwd+bwd)
-        # MFU counts matmul FLOPs (no embedding lookup); mfu_6N is nanoGPT's convention (6 x all parameters)
+    def train_step(objective, x0, n_masked):
+        b = draw_noise(x0, objective, V - 1, 1e-3, 2 / 1024, K)
+        n_masked.append(len(b['pos']))
+        training_loss(objectives[objective], to_device(b, dev), teacher_lp, K).backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for objective, B in (('mdlm', train_batch), ('sdtt', sdtt_batch)):
+        x0, n_masked = torch.randint(0, V - 1, (B, L)), []  # on the host, like distill.py's batches
+        s = timeit(lambda: train_step(objective, x0, n_masked), warmup=3, reps=5)
+        # MFU counts the matmul FLOPs as run (no embedding lookup; the output layer at the masked positions only);
+        # mfu_6N is nanoGPT's convention (6 x all parameters, output layer everywhere), as if no work were skipped
+        frac = sum(n_masked) / len(n_masked) / (B * L)
+        flops = student.flops_per_token(L, head_fraction=frac) * B * L
         flops_6n = (6 * student.num_params() + 12 * arch['n_layer'] * arch['n_embd'] * L) * B * L
+        if objective == 'sdtt':
+            flops += K * teacher.flops_per_token(L, backward=False, head_fraction=frac) * B * L
+            flops_6n *= 1 + K / 3
         record(bench='train', objective=objective, batch=B, seq_len=L, ms=s * 1e3, tokens_per_s=B * L / s,
-               mfu=flops / s / peak_flops if cuda else float('nan'),
-               mfu_6N=flops_6n / s / peak_flops if cuda and objective == 'mdlm' else float('nan'))
+               masked_fraction=frac, mfu=flops / s / peak_flops if cuda else float('nan'),
+               mfu_6N=flops_6n / s / peak_flops if cuda else float('nan'))
         if objective == 'sdtt':  # the parts, timed separately in the same run: K teacher forwards + an mdlm step
+            b = to_device(draw_noise(x0, 'mdlm', V - 1, 1e-3), dev)
+
             def teacher_fwd():
                 with torch.no_grad(), autocast:
-                    run_t(x0)
-
-            def mdlm_step():
-                training_loss(run_s, x0, 'mdlm', V - 1, 1e-3, autocast).backward()
-                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            parts = K * timeit(teacher_fwd) + timeit(mdlm_step)
+                    run_t(b['xt'], None, b['pos'])
+            parts = K * timeit(teacher_fwd) + timeit(lambda: train_step('mdlm', x0, []))
             record(bench='sdtt_parts', batch=B, ms_step=s * 1e3, ms_parts=parts * 1e3, step_over_parts=s / parts)
 
 commit = git_commit()

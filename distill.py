@@ -77,8 +77,13 @@ _DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
 
 
 # ----------------------------------------------------------------------------------------------------------- losses
+# A micro-batch goes through three stages:
+#   draw_noise (host): every random number of the loss except dropout and the teacher's token draws, so the host
+#       knows how many positions are masked and revealed: the step never waits for the GPU to report a count;
+#   teacher_targets (device, sdtt only): the teacher's K steps from x_t, its log-probs at the masked positions;
+#   Objective (device, compiled as one graph with the network): the network at the masked positions and the loss.
 def real_log_probs(logits, mask_id):
-    """log p(x0 | xt) over the real tokens (the mask column, always the last, has probability 0), fp32 [B, L, V-1].
+    """log p(x0 | xt) over the real tokens (the mask column, always the last, has probability 0), fp32 [..., V-1].
     At masked positions this IS the SUBS distribution; the divergences only look at those, and without the -inf
     mask column and the one-hot carry-over nothing in them can be inf - inf."""
     return F.log_softmax(logits[..., :mask_id].float(), dim=-1)
@@ -97,36 +102,74 @@ def teacher_times(t, dt, K, reference_grid=False):
     return ts.clamp(min=_T_MIN)
 
 
+def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_grid=False):
+    """The random draws of one micro-batch x0 [B, L] (a CPU tensor; the default CPU generator, seeded by the caller),
+    as a dict of CPU tensors:
+      x0; xt [B, L] = q(x_t | x0) at stratified t [B]; pos [M]: flat indices of the positions masked in xt, the only
+      ones with a loss (unmasked positions carry over under SUBS);
+      sdtt: teacher_t [K, B] the teacher's step times; reveal_k [R_k]: the rows of pos revealed by step k < K-1 (a
+      still-masked position is revealed by a step from t_k to s w.p. 1 - m(s)/m(t_k)) and u_k [R_k] their float64
+      uniforms for the token draw.
+    ar draws nothing."""
+    if objective == 'ar':
+        return dict(x0=x0)
+    B, L = x0.shape
+    t = sample_t(B, 'cpu', sampling_eps)
+    xt = q_xt(x0, move_chance(t), mask_id)
+    pos = (xt == mask_id).flatten().nonzero().squeeze(1)
+    b = dict(x0=x0, xt=xt, t=t, pos=pos)
+    if objective == 'sdtt':
+        times = teacher_times(t, dt, K, reference_grid)
+        row = pos // L  # sequence of each masked position
+        pending = torch.ones(len(pos), dtype=torch.bool)
+        for k in range(K - 1):  # the last step's draw changes no target: skipped
+            keep = move_chance((times[k] - dt).clamp(min=0)) / move_chance(times[k])  # s <= 0 reveals all
+            reveal = pending & (torch.rand(len(pos), dtype=torch.float64) >= keep[row])
+            pending &= ~reveal
+            b[f'reveal_{k}'] = reveal.nonzero().squeeze(1)
+            b[f'u_{k}'] = torch.rand(len(b[f'reveal_{k}']), dtype=torch.float64)
+        b['teacher_t'] = times
+    return b
+
+
+def to_device(b, device):
+    """Copy a dict of CPU tensors to the device without blocking the host (pinned memory)."""
+    if device.type != 'cuda':
+        return b
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in b.items()}
+
+
+def log_probs_fn(net, mask_id, bf16=False):
+    """x, t, pos -> the network's fp32 log-probs over the real tokens at pos [M, V-1] (the teacher; compile it whole)."""
+    def log_probs(x, t, pos):
+        with torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext():
+            logits = net(x, sigma(t), pos)
+        return real_log_probs(logits, mask_id)
+    return log_probs
+
+
 @torch.no_grad()
-def teacher_targets(teacher, xt, t, dt, K, mask_id, reference_grid=False, autocast=nullcontext()):
-    """SDTT soft targets (SPEC §5), log-probs [B, L, V-1] fp32, meaningful at the positions masked in xt.
-    The teacher takes K ancestral steps of size dt from xt, drawing each next state from its own prediction
-    (float64 draws). A position revealed at step k gets the teacher's full distribution of step k; positions not
-    revealed before the last step get the last step's. The last step's draw changes no target, so it is skipped."""
-    times = teacher_times(t, dt, K, reference_grid)
-    x, pending, target = xt, xt == mask_id, None
+def teacher_targets(teacher_log_probs, b, K):
+    """SDTT soft targets (SPEC §5): log-probs [M, V-1] fp32 at the positions masked in x_t. The teacher takes K
+    ancestral steps of size dt from x_t, drawing each next state from its own prediction (float64 draws, only at the
+    positions draw_noise revealed). A position revealed at step k gets the teacher's full distribution of step k;
+    positions not revealed before the last step get the last step's. The earlier steps' rows are kept aside (a few:
+    about M dt/t per step) and written into the last step's log-probs, rather than merging full [M, V] tensors."""
+    x, pos, kept = b['xt'], b['pos'], []
     for k in range(K):
-        with autocast:
-            logits = teacher(x, sigma(times[k]))
-        logp = real_log_probs(logits, mask_id)
-        target = logp if target is None else torch.where(pending[..., None], logp, target, out=target)
-        if k == K - 1:
-            break
-        s = (times[k] - dt).clamp(min=0)  # s <= 0 reveals everything still masked
-        keep = move_chance(s) / move_chance(times[k])  # P(a masked position stays masked)
-        reveal = pending & (torch.rand(x.shape, dtype=torch.float64, device=x.device) >= keep[:, None])
-        pending = pending & ~reveal
-        # one host sync per teacher step: only the ~L dt/t revealed positions need the float64 draw
-        # (a dense float64 draw over B x L x V would cost more than the teacher's forward)
-        b, l = reveal.nonzero(as_tuple=True)
-        x = x.clone()
-        x[b, l] = draw_categorical(logp[b, l], torch.rand(len(b), dtype=torch.float64, device=x.device))
-    return target
+        logp = teacher_log_probs(x, b['teacher_t'][k], pos)
+        if k < K - 1:
+            rows = b[f'reveal_{k}']
+            kept.append((rows, logp[rows]))
+            x = x.flatten().index_put((pos[rows],), draw_categorical(kept[-1][1], b[f'u_{k}'])).view_as(x)
+    for rows, lp in kept:
+        logp[rows] = lp
+    return logp
 
 
-def sdtt_divergence(ls, lt, weight, name):
-    """Divergence between student ls and teacher lt log-probs [B, L, V-1] (fp32), averaged over the positions with
-    weight 1 (those masked in xt). Names and semantics of the SDTT reference (SPEC §5) plus a true TVD."""
+def sdtt_divergence(ls, lt, name):
+    """Divergence between student ls and teacher lt log-probs [M, V-1] (fp32), averaged over the M positions.
+    Names and semantics of the SDTT reference (SPEC §5) plus a true TVD."""
     if name == 'kld':        # reverse KL(student || teacher): the paper's best
         d = (ls.exp() * (ls - lt)).sum(-1)
     elif name == 'kl_fwd':   # KL(teacher || student)
@@ -139,27 +182,35 @@ def sdtt_divergence(ls, lt, weight, name):
         d = 0.5 * (ls.exp() - lt.exp()).abs().sum(-1)
     else:
         raise ValueError(f"divergence must be 'kld', 'kl_fwd', 'mse', 'tvd' or 'tvd_true', got {name!r}")
-    weight = weight.to(d.dtype)
-    return (d * weight).sum() / weight.sum().clamp(min=1)
+    return d.sum() / max(d.shape[0], 1)  # a micro-batch with nothing masked: 0, not NaN
 
 
-def training_loss(model, x0, objective, mask_id, sampling_eps=1e-3, autocast=nullcontext(), teacher=None, dt=None,
-                  K=2, divergence='kld', reference_grid=False):
-    """The loss of one micro-batch x0 [B, L] (random draws from the default generator)."""
-    if objective == 'ar':  # next-token loss over the real tokens
-        with autocast:
-            logits = model(x0[:, :-1])
-        return F.cross_entropy(logits[..., :mask_id].float().flatten(0, 1), x0[:, 1:].flatten())
-    t = sample_t(x0.shape[0], x0.device, sampling_eps)
-    xt = q_xt(x0, move_chance(t), mask_id)
-    if objective == 'mdlm':
-        with autocast:
-            logits = model(xt, sigma(t))
-        return mdlm_loss(logits, x0, xt, t, mask_id)
-    target = teacher_targets(teacher, xt, t, dt, K, mask_id, reference_grid, autocast)
-    with autocast:
-        logits = model(xt, sigma(t))
-    return sdtt_divergence(real_log_probs(logits, mask_id), target, xt == mask_id, divergence)
+class Objective(torch.nn.Module):
+    """The network and its training loss as one module, so that torch.compile fuses the loss's fp32 vocabulary-wide
+    work (log-softmax, divergence and their backward) with the output layer instead of materialising fp32 copies of
+    [M, V], and DDP wraps both. The network runs its output layer at the masked positions only."""
+    def __init__(self, net, objective, mask_id, divergence='kld', bf16=False):
+        super().__init__()
+        self.net, self.objective, self.mask_id, self.divergence, self.bf16 = net, objective, mask_id, divergence, bf16
+
+    def forward(self, x0, xt=None, t=None, pos=None, target=None):
+        """ar: next-token loss of x0. mdlm: NELBO of x0 from xt (mdlm_loss). sdtt: divergence from the teacher's
+        target [M, V-1] at pos."""
+        with torch.autocast('cuda', dtype=torch.bfloat16) if self.bf16 else nullcontext():
+            logits = self.net(x0[:, :-1]) if self.objective == 'ar' else self.net(xt, sigma(t), pos)
+        if self.objective == 'ar':
+            return F.cross_entropy(logits[..., :self.mask_id].float().flatten(0, 1), x0[:, 1:].flatten())
+        if self.objective == 'mdlm':
+            return mdlm_loss(logits, x0, xt, t, self.mask_id, positions=pos)
+        return sdtt_divergence(real_log_probs(logits, self.mask_id), target, self.divergence)
+
+
+def training_loss(objective_fn, b, teacher_log_probs=None, K=2):
+    """The loss of one micro-batch b (draw_noise's tensors, on the device)."""
+    if 'xt' not in b:  # ar
+        return objective_fn(b['x0'])
+    target = teacher_targets(teacher_log_probs, b, K) if 'teacher_t' in b else None
+    return objective_fn(b['x0'], b['xt'], b['t'], b['pos'], target)
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -173,13 +224,12 @@ def epoch_permutation(n_rows, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n_rows)
 
 
-def get_batch(data, first, count, seed, seq_len, device):
+def get_batch(data, first, count, seed, seq_len):
     """Samples first .. first+count-1 of the stream "every row once per epoch, in a seeded random order", as int64
-    [count, seq_len] (rows cut to seq_len). Sample i of step s is global sample s * global_batch_size + i."""
+    [count, seq_len] on the host (rows cut to seq_len). Sample i of step s is global sample s * global_batch_size + i."""
     n = len(data)
     rows = np.array([epoch_permutation(n, seed, i // n)[i % n] for i in range(first, first + count)])
-    x = torch.from_numpy(data[rows, :seq_len].astype(np.int64))
-    return x.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else x
+    return torch.from_numpy(data[rows, :seq_len].astype(np.int64))
 
 
 # ------------------------------------------------------------------------------------------------------- checkpoints
@@ -244,7 +294,7 @@ def main(argv=None):
     config = configure(globals(), argv)
     if objective not in ('sdtt', 'mdlm', 'ar'):
         raise ValueError(f"objective must be 'sdtt', 'mdlm' or 'ar', got {objective!r}")
-    sdtt_divergence(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.ones(1, 1), divergence)  # check the name early
+    sdtt_divergence(torch.zeros(1, 2), torch.zeros(1, 2), divergence)  # check the name early
     if not init_from:
         raise ValueError("init_from is empty: set it to 'scratch', 'resume' or the teacher (hub id, dir, ckpt.pt, .ckpt)")
     if dtype not in ('bfloat16', 'float32'):
@@ -271,7 +321,6 @@ def main(argv=None):
     grad_accum = global_batch_size // (world * batch_size)
     torch.manual_seed(seed)
     bf16 = dev.type == 'cuda' and dtype == 'bfloat16'
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext()
     if dev.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -335,10 +384,16 @@ def main(argv=None):
             torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
         if master:
             print(f'resumed {ckpt_path} at step {step}, round {rnd}')
-    fwd = torch.compile(model) if compile else model
-    teacher_fwd = torch.compile(teacher) if compile and teacher is not None else teacher
+    # the network and its loss compiled as one graph; the number of masked positions changes every step, so after
+    # the first recompilation torch.compile treats it as a dynamic size (two compilations in all)
+    fwd = Objective(model, objective, mask_id, divergence, bf16)
+    fwd = torch.compile(fwd) if compile else fwd
     if ddp:
         fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None)
+    ema_fwd = Objective(ema, objective, mask_id, divergence, bf16)
+    teacher_lp = log_probs_fn(teacher, mask_id, bf16) if teacher is not None else None
+    if compile and teacher is not None:
+        teacher_lp = torch.compile(teacher_lp)
 
     def dt_of(r):  # teacher step size in round r: K teacher steps of round r are one student step
         return (1 - _T_MIN) / teacher_num_steps * K ** r
@@ -364,16 +419,17 @@ def main(argv=None):
                              rng=dict(torch=torch.get_rng_state(),
                                       cuda=torch.cuda.get_rng_state_all() if dev.type == 'cuda' else [])), ckpt_path)
 
-    def loss_fn(net, x0):
-        return training_loss(net, x0, objective, mask_id, eps, autocast, teacher_fwd, dt_of(rnd), K, divergence,
-                             reference_time_grid)
+    def noised(x0):  # the micro-batch's random draws, made on the host, then sent to the device
+        b = draw_noise(x0, objective, mask_id, eps, dt_of(rnd), K, reference_time_grid)
+        return to_device(b, dev), len(b.get('pos', ()))
 
     @torch.no_grad()
     def evaluate():  # EMA weights on fixed validation samples and noise: val NELBO / next-token loss / distill loss
         total = torch.zeros((), device=dev)
         for i in range(eval_iters):
             torch.manual_seed(mix_seed(seed, 1, i, rank))
-            total += loss_fn(ema, get_batch(val_data, (i * world + rank) * batch_size, batch_size, seed, seq_len, dev))
+            b, _ = noised(get_batch(val_data, (i * world + rank) * batch_size, batch_size, seed, seq_len))
+            total += training_loss(ema_fwd, b, teacher_lp, K)
         if ddp:
             dist.all_reduce(total)
         return total.item() / (eval_iters * world)
@@ -394,7 +450,11 @@ def main(argv=None):
                 append_log(log_path, rec)
                 if wandb_log:
                     wandb.log(rec, step=rec['step'])
-    flops = model.flops_per_token(seq_len) + (K * teacher.flops_per_token(seq_len, backward=False) if teacher else 0)
+    def step_flops(n_masked):  # matmul FLOPs of one micro-batch as run: the output layer only at the masked positions
+        frac = n_masked / (batch_size * seq_len) if objective != 'ar' else 1.0
+        f = model.flops_per_token(seq_len, head_fraction=frac)
+        f += K * teacher.flops_per_token(seq_len, backward=False, head_fraction=frac) if teacher else 0
+        return f * batch_size * seq_len
     tokens_per_step = global_batch_size * seq_len
     log(None, f'{objective}: {model.num_params() / 1e6:.1f}M parameters, {world} process(es) x {grad_accum} '
               f'micro-batch(es) of {batch_size} x {seq_len} tokens, {tokens_per_step:,} tokens/step'
@@ -408,7 +468,7 @@ def main(argv=None):
     old_handlers = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
 
     finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss since the last check was finite (no sync)
-    loss_sum, t_log, step_log = torch.zeros((), device=dev), time.time(), step
+    loss_sum, flops_done, t_log, step_log = torch.zeros((), device=dev), 0.0, time.time(), step
     halt, saved_step = False, step  # halt: agreed by all processes (at log steps under DDP)
     while True:
         if objective == 'sdtt' and student_steps(rnd) < min_num_sampling_steps:
@@ -423,10 +483,12 @@ def main(argv=None):
         for micro in range(grad_accum):
             gm = rank * grad_accum + micro  # index of this micro-batch within the global batch
             torch.manual_seed(mix_seed(seed, 0, step, gm))  # noise, dropout and teacher draws of this micro-batch
-            x0 = get_batch(train_data, step * global_batch_size + gm * batch_size, batch_size, seed, seq_len, dev)
+            b, n_masked = noised(get_batch(train_data, step * global_batch_size + gm * batch_size, batch_size, seed,
+                                           seq_len))
             with fwd.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
-                loss = loss_fn(fwd, x0) / grad_accum
+                loss = training_loss(fwd, b, teacher_lp, K) / grad_accum
                 loss.backward()
+            flops_done += step_flops(n_masked)
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
         finite &= torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
@@ -440,10 +502,10 @@ def main(argv=None):
         last = step >= max_iters
         if step % log_interval == 0 or last:
             stats = torch.stack([loss_sum, grad_norm.float(), (~finite).float(),
-                                 torch.tensor(float(bool(stop)), device=dev)])
+                                 torch.tensor(float(bool(stop)), device=dev), torch.tensor(flops_done, device=dev)])
             if ddp:
-                dist.all_reduce(stats)  # one sync per log step: mean loss, any NaN, any stop request
-            loss_val, norm_val, bad, stop_any = stats.tolist()
+                dist.all_reduce(stats)  # one sync per log step: mean loss, any NaN, any stop request, FLOPs
+            loss_val, norm_val, bad, stop_any, flops_val = stats.tolist()
             if bad:
                 raise FloatingPointError(f'non-finite loss or gradient before step {step}: stopping; the last good '
                                          f'checkpoint ({ckpt_path}) is kept. Lower learning_rate or check the data.')
@@ -452,10 +514,11 @@ def main(argv=None):
             n = step - step_log
             rec = dict(step=step, loss=loss_val / world / n, lr=lr, round=rnd, dt=dt_of(rnd) if teacher else None,
                        grad_norm=norm_val / world, tokens_per_s=n * tokens_per_step / dt_s,
-                       mfu=n * tokens_per_step * flops / dt_s / (peak_flops * world), time=time.time())
+                       mfu=flops_val / dt_s / (peak_flops * world), time=time.time())
             log(rec, f"step {step} | loss {rec['loss']:.4f} | lr {lr:.2e} | round {rnd} | {rec['tokens_per_s']:,.0f} "
                      f"tok/s | mfu {100 * rec['mfu']:.1f}% | grad norm {rec['grad_norm']:.3f}")
             loss_sum.zero_()
+            flops_done = 0.0
             t_log, step_log = time.time(), step
         if eval_interval and eval_iters and (step % eval_interval == 0 or last):
             name = {'mdlm': 'val_nelbo', 'ar': 'val_loss', 'sdtt': 'val_distill_loss'}[objective]

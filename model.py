@@ -116,14 +116,24 @@ class DDiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x, cos, sin, c):
+    def forward(self, x, cos, sin, c, kv=None, start=0):
         B, L, d = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
         qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(B, L, 3, self.n_head, d // self.n_head)
         q, k, v = qkv.unbind(dim=2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # SDPA picks flash / memory-efficient kernels on GPU and a fused kernel on CPU; bidirectional unless causal
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=self.causal)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, hd]
+        if kv is None:
+            # SDPA picks flash / memory-efficient kernels on GPU and a fused kernel on CPU; bidirectional unless causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            # decoding with a KV cache: keys/values of positions < start are already in the buffers, written by
+            # earlier calls; add these L positions and attend over all start + L. The mask is the causal one shifted
+            # by start (SDPA's is_causal aligns it top-left, wrong for start > 0); one new token sees everything.
+            kv[0][:, :, start:start + L], kv[1][:, :, start:start + L] = k, v
+            k, v = kv[0][:, :, :start + L], kv[1][:, :, :start + L]
+            mask = None if L == 1 else torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, L, d)
         x = x + gate_msa * self.dropout(self.attn_out(y))
         x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
@@ -140,9 +150,12 @@ class DDitFinalLayer(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x, c):
+    def forward(self, x, c, positions=None):
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        x = modulate(self.norm_final(x), shift, scale)
+        if positions is not None:  # only these rows of the flattened [B * L] positions: [M, V]
+            x = x.flatten(0, 1).index_select(0, positions)
+        return self.linear(x)
 
 
 class DiT(nn.Module):
@@ -157,29 +170,48 @@ class DiT(nn.Module):
         self.output_layer = DDitFinalLayer(cfg)
         self.meta = {}  # tokenizer and provenance of a loaded checkpoint (see load_pretrained)
 
-    def forward(self, idx, sigma=None):
-        """idx [B, L] token ids, sigma [B] noise levels (ignored without time conditioning) -> logits [B, L, V]."""
+    def forward(self, idx, sigma=None, positions=None, cache=None, start=0):
+        """idx [B, L] token ids, sigma [B] noise levels (ignored without time conditioning) -> logits [B, L, V].
+        positions: flat indices into the B * L positions (int64 [M]) -> logits [M, V] of those positions only. Training
+        needs the output layer (a V x n_embd matmul, a quarter of DiT-small's FLOPs) only where the loss looks: the
+        masked positions, about half of them.
+        cache (causal models only): from new_kv_cache; idx are then positions start .. start + L - 1 of the sequences,
+        those before start having been fed in earlier calls, so autoregressive decoding runs one new token per call."""
         B, L = idx.shape
-        if L > self.config.block_size:
-            raise ValueError(f'sequence length {L} exceeds the model block size {self.config.block_size}')
+        if cache is not None and not self.config.causal:
+            raise ValueError('a KV cache needs a causal model: in a bidirectional one every new token changes the '
+                             'keys and values of all the earlier positions')
+        if start + L > self.config.block_size:
+            raise ValueError(f'sequence length {start + L} exceeds the model block size {self.config.block_size}')
         if sigma is None or not self.config.time_conditioning:
             # the published models were trained with sigma = 0: c is a learned constant, still applied by adaLN
             sigma = torch.zeros(B, device=idx.device)
         x = self.vocab_embed(idx)
         c = F.silu(self.sigma_map(sigma))
-        cos, sin = self.rotary_emb(L, idx.device)
-        for block in self.blocks:
-            x = block(x, cos, sin, c)
-        return self.output_layer(x, c)
+        cos, sin = self.rotary_emb(start + L, idx.device)  # the angles of positions start .. start + L - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos[start:], sin[start:], c, None if cache is None else cache[i], start)
+        return self.output_layer(x, c, positions)
+
+    def new_kv_cache(self, batch_size, dtype=torch.float32):
+        """Per-layer (keys, values) buffers [B, n_head, block_size, head_dim] for forward(..., cache=, start=).
+        Allocated once for the whole sequence, so a decoding step writes one position instead of concatenating.
+        dtype: that of k and v in the forward (bfloat16 under bf16 autocast)."""
+        cfg = self.config
+        shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        new = lambda: torch.zeros(shape, dtype=dtype, device=self.vocab_embed.embedding.device)
+        return [(new(), new()) for _ in self.blocks]
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())
         return n - self.vocab_embed.embedding.numel() if non_embedding else n
 
-    def flops_per_token(self, seq_len, backward=True):
-        """Matmul FLOPs per token (PaLM appendix B style): 6N (fwd+bwd) + attention 12*l*d*L; a forward is 1/3."""
+    def flops_per_token(self, seq_len, backward=True, head_fraction=1.0):
+        """Matmul FLOPs per token (PaLM appendix B style): 6N (fwd+bwd) + attention 12*l*d*L; a forward is 1/3.
+        head_fraction: the share of positions that go through the output layer (training: the masked ones)."""
         cfg = self.config
         n = self.num_params(non_embedding=True)  # the embedding is a lookup, the output layer is a matmul
+        n -= (1 - head_fraction) * self.output_layer.linear.weight.numel()
         f = 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
         return f if backward else f / 3
 

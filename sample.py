@@ -1,11 +1,13 @@
 """
-Sample from a masked diffusion LM (MDLM / SDTT student or teacher), as a script or as the Python API of the original
-SDTT release (`from sample import load_small_student` where the release has `from sdtt import load_small_student`).
+Sample from a masked diffusion LM (MDLM / SDTT student or teacher) or the causal AR baseline (autoregressively, with
+a KV cache), as a script or as the Python API of the original SDTT release (`from sample import load_small_student`
+where the release has `from sdtt import load_small_student`).
 
     python sample.py --init_from=jdeschena/sdtt --revision=baselines_kld_step_70000 --num_steps=32 --n_samples=8
     python sample.py --init_from=out/kld_small --prompt="Today is a great day." --n_samples=4 --seq_len=128
     python sample.py --init_from=out/kld_small --mode=cond_prefix --cond_data=../shared/data/corpus/val.jsonl
     torchrun --standalone --nproc_per_node=8 sample.py --init_from=out/kld_small --n_samples=1024 --batch_size=16
+    python sample.py --init_from=out/ar_small --n_samples=1024   # a causal checkpoint: AR sampling, KV cache
 
 Output: out_dir/samples/{uncond,cond}/<settings>.npz (token ids + settings, read back with load_samples) and a
 .jsonl of the decoded text next to it. Samples are drawn in batches; batch i always uses the seed
@@ -17,6 +19,7 @@ import math
 import os
 import re
 import time
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -98,9 +101,15 @@ class DiffusionLM(torch.nn.Module):
         """Token ids [n_samples, seq_len] (on the model's device); project_fn(x) is applied to the prior and after
         every step (prompting). sampler: 'ancestral' or 'analytic'; cache: skip forwards of sequences no step changed;
         add_bos: write BOS at position 0 (SPEC §4: unconditional samples start with BOS, as every training row; False
-        lets the model generate position 0). return_nfe: also return the forward passes per sequence."""
+        lets the model generate position 0). return_nfe: also return the forward passes per sequence.
+        A causal backbone (the AR baseline) samples autoregressively with a KV cache (sample_ar): num_steps, cache
+        and sampler do not apply; project_fn forces the positions it sets."""
         if sampler not in ('ancestral', 'analytic'):
             raise ValueError(f"sampler must be 'ancestral' or 'analytic', got {sampler!r}")
+        if self.backbone.config.causal:
+            tokens, nfe = sample_ar(self.backbone, n_samples, seq_len, bos_id=self.meta.get('bos_id'), add_bos=add_bos,
+                                    project_fn=project_fn, seed=seed, verbose=verbose)
+            return (tokens, nfe) if return_nfe else tokens
         tokens, nfe = diffusion.sample(self.backbone, n_samples, num_steps, seq_len, mask_id=self.meta['mask_id'],
                                        bos_id=self.meta.get('bos_id'), add_bos=add_bos, project_fn=project_fn,
                                        cache=cache, seed=seed, verbose=verbose,
@@ -191,6 +200,57 @@ def analytic_step(x, logits, t, s, u, mask_id):
         probs = analytic_probs(logits[bi, li], x[bi, li], t, s, mask_id)
         x_new[bi, li] = diffusion.draw_categorical(probs.log(), u[bi, li])
     return x_new
+
+
+# -------------------------------------------------------------------- the autoregressive baseline
+@torch.no_grad()
+def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=None, seed=None, generator=None,
+              device=None, verbose=False):
+    """Ancestral sampling of a causal DiT (the AR baseline, objective 'ar' of distill.py) with a KV cache, for
+    comparing gen-PPL and latency with the diffusion samplers. Position 0 holds BOS (add_bos; bos_id defaults to
+    model.meta['bos_id']); project_fn(x) is applied once to the all-MASK prior, and every position it sets is forced
+    (a prompt). Position t is drawn from the logits of position t - 1 at temperature 1, over the real tokens only
+    (the MASK column, the last id, is excluded), by float64 inverse CDF with one uniform per position, drawn upfront.
+    The forced prefix common to the batch is fed in one forward; then one forward of the batch per position, each
+    feeding only the newest token (earlier keys and values are in the cache).
+    Returns (tokens [n_samples, seq_len] int64, nfe) with nfe the forward calls (the prefix one + one per token)."""
+    cfg = model.config
+    if not cfg.causal:
+        raise ValueError('sample_ar needs a causal model (the AR baseline); diffusion models use diffusion.sample')
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f'n_samples must be an integer >= 1, got {n_samples!r}')
+    if not isinstance(seq_len, int) or not 1 <= seq_len <= cfg.block_size:
+        raise ValueError(f'seq_len must be an integer in [1, {cfg.block_size}] (the model block size), got {seq_len!r}')
+    device = torch.device(device or next(model.parameters()).device)
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(seed if seed is not None else torch.seed())
+    cuda = device.type == 'cuda'
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
+    mask_id = cfg.vocab_size - 1
+    bos_id = getattr(model, 'meta', {}).get('bos_id') if bos_id is None else bos_id
+    x = torch.full((n_samples, seq_len), mask_id, dtype=torch.long, device=device)
+    if add_bos and bos_id is not None:
+        x[:, 0] = bos_id
+    if project_fn is not None:
+        x = project_fn(x)
+    forced = x != mask_id
+    if not forced[:, 0].all():
+        raise ValueError('autoregressive sampling needs a first token: BOS (add_bos with a bos_id) or a prompt')
+    P = int(forced.all(0).long().cumprod(0).sum())  # length of the prefix forced in every row
+    u = torch.rand(x.shape, dtype=torch.float64, device=device, generator=generator)
+    cache = model.new_kv_cache(n_samples, dtype=torch.bfloat16 if cuda else next(model.parameters()).dtype)
+    positions = range(P, seq_len)
+    if verbose:
+        from tqdm import tqdm
+        positions = tqdm(positions, desc=f'sampling {n_samples}x{seq_len} autoregressively')
+    nfe, start, new = 0, 0, x[:, :P]
+    for t in positions:  # feed positions start .. t - 1, draw position t
+        with autocast:
+            logits = model(new, cache=cache, start=start)[:, -1, :mask_id]
+        nfe += 1
+        x[:, t] = torch.where(forced[:, t], x[:, t], diffusion.draw_categorical(logits, u[:, t]))
+        start, new = t, x[:, t:t + 1]
+    return x, nfe
 
 
 # -------------------------------------------------------------------- prompts, seeds, sample files
@@ -289,7 +349,9 @@ def main(argv=None):
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
     lm = load_model(c.init_from, c.revision, device=dev)
-    block = lm.backbone.config.block_size
+    block, causal = lm.backbone.config.block_size, lm.backbone.config.causal
+    if causal:  # the AR baseline samples autoregressively (sample_ar): no steps, no diffusion sampler
+        config.update(num_steps=None, sampler='ar')
     L = c.cond_len if c.mode == 'cond_prefix' else c.seq_len
     if L > block:
         raise ValueError(f'{"cond_len" if c.mode == "cond_prefix" else "seq_len"}={L} exceeds the model block size {block}')
@@ -318,7 +380,8 @@ def main(argv=None):
     tag += '_nobos' if kind == 'uncond' and not c.add_bos else ''
     name = re.sub(r'[^A-Za-z0-9._@-]+', '-', lm.name).strip('-') + \
         (f"_r{lm.meta['round']}" if lm.meta.get('round') is not None else '')
-    path = os.path.join(c.out_dir, 'samples', kind, f'{name}_{c.sampler}_T{c.num_steps}_L{L}_n{n}_s{c.seed}{tag}')
+    how = 'ar' if causal else f'{c.sampler}_T{c.num_steps}'
+    path = os.path.join(c.out_dir, 'samples', kind, f'{name}_{how}_L{L}_n{n}_s{c.seed}{tag}')
     if os.path.exists(path + '.npz') and not c.overwrite:
         raise FileExistsError(f'{path}.npz exists; pass --overwrite=True to replace it')
     if c.compile:
@@ -357,7 +420,7 @@ def main(argv=None):
         for i, t in enumerate(texts[:c.n_print]):
             print(f'---------- sample {i}\n{t}')
         print(f'{n} samples x {L} tokens in {dt:.2f}s ({n * L / dt:,.0f} tokens/s), NFE {nfe:.1f} per sequence '
-              f'({c.num_steps} steps, {c.sampler}) -> {path}.npz')
+              f'({"autoregressive, KV cache" if causal else f"{c.num_steps} steps, {c.sampler}"}) -> {path}.npz')
         print(json.dumps(stats))
     if world > 1:
         dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """distill.py: SDTT targets and divergences, rounds, exact resume after kill -9, DDP == one process, mdlm/ar training."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,18 +82,75 @@ def test_teacher_equal_student_and_k1_gives_zero_kld():
     m = random_dit()
     torch.manual_seed(1)
     x0 = torch.randint(0, 256, (4, L))
-    t = D.sample_t(4, 'cpu', 1e-5)
-    xt = D.q_xt(x0, D.move_chance(t), MASK)
-    target = distill.teacher_targets(m, xt, t, 1 / 64, 1, MASK)
-    ls = distill.real_log_probs(m(xt, D.sigma(t)), MASK)
+    b = distill.draw_noise(x0, 'sdtt', MASK, 1e-5, 1 / 64, K=1)
+    log_probs = distill.log_probs_fn(m, MASK)
+    target = distill.teacher_targets(log_probs, b, 1)
+    ls = log_probs(b['xt'], b['t'], b['pos'])
+    assert ls.shape == (len(b['pos']), MASK) and len(b['pos']) == (b['xt'] == MASK).sum()
     for name in ('kld', 'kl_fwd', 'mse', 'tvd', 'tvd_true'):
-        assert distill.sdtt_divergence(ls, target, xt == MASK, name).abs() < 1e-5, name
+        assert distill.sdtt_divergence(ls, target, name).abs() < 1e-5, name
     # K=2: the teacher moves, the loss is positive, and nothing is NaN (the mask column and carried-over tokens)
     torch.manual_seed(2)
-    target2 = distill.teacher_targets(m, xt, t, 0.2, 2, MASK)
-    loss = distill.sdtt_divergence(ls, target2, xt == MASK, 'kld')
+    b2 = distill.draw_noise(x0, 'sdtt', MASK, 1e-5, 0.2, K=2)
+    loss = distill.training_loss(distill.Objective(m, 'sdtt', MASK), b2, log_probs, 2)
     loss.backward()
     assert loss > 1e-4 and all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_losses_at_the_masked_positions_equal_the_full_formulas():
+    """The output layer runs only at the masked positions: the same losses and gradients as on full [B, L, V] logits."""
+    x0 = torch.randint(0, 256, (4, L), generator=torch.Generator().manual_seed(0))
+    for objective in ('mdlm', 'sdtt'):
+        torch.manual_seed(3)
+        b = distill.draw_noise(x0, objective, MASK, 1e-3, 0.05, K=2)
+        xt, t, pos = b['xt'], b['t'], b['pos']
+        target = torch.log_softmax(torch.randn(len(pos), MASK), -1) if objective == 'sdtt' else None
+        grads = []
+        for fast in (True, False):
+            m = random_dit()
+            if fast:
+                loss = distill.Objective(m, objective, MASK)(x0, xt, t, pos, target)
+            else:
+                logits = m(xt, D.sigma(t))
+                assert torch.allclose(m(xt, D.sigma(t), pos), logits.flatten(0, 1)[pos], atol=1e-5)
+                if objective == 'mdlm':
+                    loss = D.mdlm_loss(logits, x0, xt, t, MASK)
+                else:  # reverse KL averaged over the positions masked in x_t, on the full tensor
+                    ls, masked = distill.real_log_probs(logits, MASK), xt == MASK
+                    lt = torch.zeros_like(ls)
+                    lt.view(-1, MASK)[pos] = target
+                    loss = ((ls.exp() * (ls - lt)).sum(-1) * masked).sum() / masked.sum()
+            loss.backward()
+            grads.append((loss.detach(), [p.grad for p in m.parameters()]))
+        (l1, g1), (l2, g2) = grads
+        torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+        for a, c in zip(g1, g2):
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which('g++') is None and shutil.which('c++') is None, reason='inductor on CPU needs a C++ compiler')
+def test_compiled_objective_and_teacher_match_eager():
+    """compile=True runs the teacher's log-probs and the student's network + loss as compiled graphs whose number of
+    masked positions M changes every step (one static compilation, then one dynamic): same losses and gradients."""
+    torch._dynamo.reset()
+    m = random_dit()
+    eager = distill.Objective(m, 'sdtt', MASK), distill.log_probs_fn(m, MASK)
+    compiled = torch.compile(eager[0]), torch.compile(eager[1])
+    sizes = set()
+    for i in range(3):
+        torch.manual_seed(10 + i)
+        b = distill.draw_noise(torch.randint(0, 256, (4, L)), 'sdtt', MASK, 1e-3, 0.05, 2)
+        sizes.add(len(b['pos']))
+        out = []
+        for objective_fn, log_probs in (eager, compiled):
+            m.zero_grad()
+            loss = distill.training_loss(objective_fn, b, log_probs, 2)
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+        torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-7)
+        for a, c in zip(out[0][1], out[1][1]):
+            torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-6)
+    assert len(sizes) == 3  # three different M, all through the compiled graphs
 
 
 class FakeTeacher(torch.nn.Module):
@@ -106,37 +164,41 @@ class FakeTeacher(torch.nn.Module):
         tok = (5 * k + torch.arange(x.shape[1])) % MASK
         return torch.zeros(*x.shape, V).scatter_(-1, tok.expand_as(x)[..., None], 40.0)
 
-    def forward(self, x, sigma):
+    def forward(self, x, sigma, positions):
         self.calls.append((x.clone(), sigma.clone()))
-        return self.logits(x, len(self.calls) - 1)
+        return self.logits(x, len(self.calls) - 1).flatten(0, 1)[positions]
 
 
 def test_targets_follow_the_spec_on_a_hand_built_teacher():
-    B, n, K, dt = 2, 4096, 3, 0.1
+    B, n, K, dt = 2, 4096, 3, 0.05
     torch.manual_seed(0)
     x0 = torch.randint(0, 256, (B, n))
-    t = torch.tensor([0.6, 0.9], dtype=torch.float32)
-    xt = D.q_xt(x0, D.move_chance(t), MASK)
+    b = distill.draw_noise(x0, 'sdtt', MASK, 1e-5, dt, K)
+    t, xt, pos = b['t'], b['xt'], b['pos']
+    assert (t > K * dt).all(), t  # (this seed: every teacher step is a full one, no clamping at the end)
     teacher = FakeTeacher()
-    target = distill.teacher_targets(teacher, xt, t, dt, K, MASK)
+    target = distill.teacher_targets(distill.log_probs_fn(teacher, MASK), b, K)
     xs = [c[0] for c in teacher.calls]
     assert len(xs) == K and torch.equal(xs[0], xt)
     for k in range(K):  # teacher step k runs at t - k dt
         torch.testing.assert_close(teacher.calls[k][1], D.sigma(t - k * dt))
-    step_logp = [distill.real_log_probs(FakeTeacher.logits(x, k), MASK) for k, x in enumerate(xs)]
-    pos = torch.arange(n).expand(B, n)
+    # everything below at the M positions masked in x_t (flat indices pos), the only ones with a target
+    step_logp = [distill.real_log_probs(FakeTeacher.logits(x, k), MASK).flatten(0, 1)[pos] for k, x in enumerate(xs)]
+    xm = [x.flatten()[pos] for x in xs]
+    row = pos // n
     for k in range(K - 1):
-        revealed = (xs[k] == MASK) & (xs[k + 1] != MASK)
+        revealed = (xm[k] == MASK) & (xm[k + 1] != MASK)
         # revealed tokens are draws from the teacher's prediction of step k (here deterministic)
-        assert torch.equal(xs[k + 1][revealed], ((5 * k + pos) % MASK)[revealed])
+        assert torch.equal(xm[k + 1][revealed], ((5 * k + pos % n) % MASK)[revealed])
         # ... and their target is the teacher's full distribution of step k
         assert torch.equal(target[revealed], step_logp[k][revealed])
         # reveal probability 1 - m(s)/m(t_k) per masked position
         tk = t - k * dt
         p = 1 - D.move_chance(tk - dt) / D.move_chance(tk)
-        frac = revealed.sum(1) / (xs[k] == MASK).sum(1)
-        assert ((frac - p).abs() < 4 * (p * (1 - p) / (xs[k] == MASK).sum(1)).sqrt()).all(), (frac, p)
-    still = xs[-1] == MASK  # not revealed before the last step: the last step's distribution
+        still = torch.bincount(row, xm[k] == MASK, B)
+        frac = torch.bincount(row, revealed, B) / still
+        assert ((frac - p).abs() < 4 * (p * (1 - p) / still).sqrt()).all(), (frac, p)
+    still = xm[-1] == MASK  # not revealed before the last step: the last step's distribution
     assert torch.equal(target[still], step_logp[-1][still])
     assert torch.equal(xs[-1][xt != MASK], xt[xt != MASK])  # unmasked tokens never change
 

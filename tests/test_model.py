@@ -129,6 +129,32 @@ def test_too_long_input_raises():
         m(torch.zeros(1, CFG['block_size'] + 1, dtype=torch.long))
 
 
+def test_kv_cache_logits_equal_full_forward():
+    """Decoding with the KV cache (a prefix of 5, then one token at a time, with a chunk of 3 at start > 0 in the
+    middle, which needs the shifted causal mask) gives, at every new position, the logits of a full forward over the
+    prefix up to that position."""
+    m = random_model(causal=True)
+    L = CFG['block_size']
+    idx = torch.randint(0, CFG['vocab_size'], (3, L))
+    cache, start = m.new_kv_cache(3), 0
+    with torch.no_grad():
+        for n in [5, 1, 1, 3] + [1] * (L - 10):
+            out = m(idx[:, start:start + n], cache=cache, start=start)
+            for i in range(n):  # the logits of position start + i from a forward of everything up to it
+                full = m(idx[:, :start + i + 1])[:, -1]
+                torch.testing.assert_close(out[:, i], full, rtol=1e-5, atol=1e-5)
+            start += n
+        assert start == L
+        with pytest.raises(ValueError, match='block size'):  # the cache holds block_size positions
+            m(idx[:, :1], cache=cache, start=L)
+
+
+def test_kv_cache_needs_causal_model():
+    m = random_model()
+    with pytest.raises(ValueError, match='KV cache needs a causal model'):
+        m(torch.zeros(2, 4, dtype=torch.long), cache=m.new_kv_cache(2))
+
+
 def _write_published(tmp_path, m, layout):
     sd = {'backbone.' + k: v.contiguous() for k, v in m.state_dict().items()}
     c = m.config

@@ -18,10 +18,11 @@ import sample  # noqa: E402
 from model import DiT, DiTConfig, default_meta, save_pretrained  # noqa: E402
 
 
-def tiny_dir(path, vocab_size, block_size=64, seed=0):
+def tiny_dir(path, vocab_size, block_size=64, seed=0, causal=False):
     """A small DiT with random (not zero-initialised) output weights, saved like a published model."""
     torch.manual_seed(seed)
-    model = DiT(DiTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, cond_dim=16))
+    model = DiT(DiTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, cond_dim=16,
+                          causal=causal))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -37,6 +38,11 @@ def byte_dir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def gpt2_dir(tmp_path_factory):
     return tiny_dir(tmp_path_factory.mktemp('gpt2') / 'model', 50258)
+
+
+@pytest.fixture(scope='module')
+def ar_dir(tmp_path_factory):
+    return tiny_dir(tmp_path_factory.mktemp('ar') / 'model', 258, causal=True)
 
 
 @pytest.fixture
@@ -237,3 +243,65 @@ def test_bad_input(byte_dir, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--init_from={tmp_path / "missing"}'],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 1 and 'sample.py: error: no checkpoint' in r.stderr
+
+
+def naive_ar(model, x, forced, u, mask_id):
+    """Autoregressive sampling without a cache: a full forward of the whole prefix for every position."""
+    x = x.clone()
+    for t in range(1, x.shape[1]):
+        if not forced[:, t].all():
+            logits = model(x[:, :t])[:, -1, :mask_id]
+            x[:, t] = torch.where(forced[:, t], x[:, t], diffusion.draw_categorical(logits, u[:, t]))
+    return x
+
+
+def test_ar_kv_cache_sampling_equals_naive_loop(ar_dir):
+    """With the same uniforms (one per position, drawn upfront from the seed), sampling with the KV cache gives
+    exactly the tokens of the naive loop: unconditional, a prompt per row, and a position forced in one row only."""
+    lm = sample.load_model(ar_dir)
+    model, L, n = lm.backbone, 40, 4
+    u = lambda seed: torch.rand((n, L), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    prior = torch.full((n, L), 257)
+    prior[:, 0] = 256
+    x, nfe = sample.sample_ar(model, n, L, seed=3)
+    assert x.dtype == torch.int64 and nfe == L - 1 and (x[:, 0] == 256).all() and not (x == 257).any()
+    assert torch.equal(x, naive_ar(model, prior, prior != 257, u(3), 257))
+    assert torch.equal(lm.sample(n, 123, L, seed=3), x)  # the release API dispatches (num_steps is ignored)
+    prompts = torch.randint(0, 256, (n, 7))
+    prompts[:, 0] = 256
+    x, nfe = sample.sample_ar(model, n, L, project_fn=sample.clamp_prefix(prompts), seed=4)
+    p = sample.clamp_prefix(prompts)(prior.clone())
+    assert nfe == L - 7 and torch.equal(x[:, :7], prompts) and torch.equal(x, naive_ar(model, p, p != 257, u(4), 257))
+
+    def one_row(x):  # position 5 of row 1 only: not a common prefix, forced inside the decoding loop
+        x[1, 5] = ord('q')
+        return x
+    x, _ = sample.sample_ar(model, n, L, project_fn=one_row, seed=5)
+    p = one_row(prior.clone())
+    assert x[1, 5] == ord('q') and torch.equal(x, naive_ar(model, p, p != 257, u(5), 257))
+    with pytest.raises(ValueError, match='needs a first token'):
+        lm.sample(2, 4, 16, add_bos=False)
+    with pytest.raises(ValueError, match='needs a causal model'):
+        sample.sample_ar(DiT(DiTConfig(vocab_size=258, block_size=16, n_layer=1, n_head=2, n_embd=32)), 2, 16)
+
+
+def test_ar_cli_writes_samples(ar_dir, tmp_path, capsys):
+    argv = [f'--init_from={ar_dir}', '--seq_len=24', '--n_samples=3', '--batch_size=2', '--seed=5',
+            '--num_steps=6', f'--out_dir={tmp_path}']
+    path = sample.main(argv)
+    assert os.path.basename(path) == 'model_ar_L24_n3_s5' and '/uncond/' in path
+    out = sample.load_samples(path)
+    assert out['tokens'].shape == (3, 24) and (out['tokens'][:, 0] == 256).all() and not (out['tokens'] == 257).any()
+    st = out['settings']
+    assert (st['sampler'], st['num_steps'], st['nfe'], st['meta']['tokenizer']) == ('ar', None, 23.0, 'byte')
+    lines = [json.loads(l) for l in open(path + '.jsonl')]
+    assert [l['text'] for l in lines] == sample.get_tokenizer('byte').batch_decode(out['tokens'])
+    assert 'autoregressive, KV cache' in capsys.readouterr().out
+    # batch i uses the seed batch_seed(seed, i), as for diffusion: the same rows from the Python API
+    lm = sample.load_model(ar_dir)
+    rows = [lm.sample(b, 1, 24, seed=sample.batch_seed(5, i)) for i, b in enumerate((2, 1))]
+    assert np.array_equal(torch.cat(rows).numpy(), out['tokens'])
+    path = sample.main(argv + ['--prompt=Hello'])  # the prompt is forced after BOS
+    out = sample.load_samples(path)
+    assert '/cond/' in path and (out['tokens'][:, :6] == np.array([256] + list(b'Hello'))).all()
+    assert out['settings']['nfe'] == 24 - 6
