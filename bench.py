@@ -31,6 +31,7 @@ sample_steps = (8, 16, 32, 64, 128, 256, 512, 1024)
 long_steps_max_batch = 8    # steps > 128 are measured only at batch sizes up to this (they take seconds each)
 compile = torch.cuda.is_available()  # also measure torch.compile'd forward and sampling (slow to build on CPU)
 compile_mode = 'default'    # 'max-autotune-no-cudagraphs' tunes matmuls (minutes to build); the sampler syncs once per step
+latency = True              # (a): forward and sampling latency (the autoregressive rows compare against it)
 hf_baseline = True          # needs transformers
 hf_batch_sizes = (1, 8)     # also the batch sizes of the project's AR baseline below
 ar_baseline = True          # the project's causal DiT (same width/depth) sampling with its KV cache (sample.sample_ar)
@@ -92,14 +93,14 @@ if compile:
 
 # ---- (a) forward latency and sampling latency
 fwd_ms = {}
-for name, m in variants.items():
+for name, m in variants.items() if latency else ():
     for B in batch_sizes:
         idx = torch.randint(0, V - 1, (B, L), device=dev)
         with torch.no_grad(), autocast:
             s = timeit(lambda: m(idx), warmup=3, reps=10)
         fwd_ms[name, B] = s * 1e3
         record(bench='forward', variant=name, batch=B, seq_len=L, ms=s * 1e3, tokens_per_s=B * L / s)
-for name, m in variants.items():
+for name, m in variants.items() if latency else ():
     for B in batch_sizes:
         for steps in sample_steps:
             if steps > 128 and (B > long_steps_max_batch or name == 'eager'):
@@ -150,19 +151,18 @@ if hf_baseline:
 
 # ---- (b) training steps: mdlm and sdtt, with MFU; the sdtt step against its parts
 if train:  # as distill.py runs them: noise drawn on the host, network + loss compiled as one graph
-    from distill import Objective, draw_noise, log_probs_fn, to_device, training_loss
+    from distill import Objective, draw_noise, to_device, training_loss
     student = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.1, **arch)).to(dev).train()
     teacher = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.0, **arch)).to(dev).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=cuda)
     maybe_compile = torch.compile if compile else (lambda f: f)
-    teacher_lp = maybe_compile(log_probs_fn(teacher, V - 1, bf16=cuda))
-    run_t = maybe_compile(teacher)  # the bare network, for the parts
+    run_t = maybe_compile(teacher)
     objectives = {o: maybe_compile(Objective(student, o, V - 1, 'kld', bf16=cuda)) for o in ('mdlm', 'sdtt')}
 
     def train_step(objective, x0, n_masked):
         b = draw_noise(x0, objective, V - 1, 1e-3, 2 / 1024, K)
         n_masked.append(len(b['pos']))
-        training_loss(objectives[objective], to_device(b, dev), teacher_lp, K).backward()
+        training_loss(objectives[objective], to_device(b, dev), run_t, K, V - 1, autocast).backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -80,7 +80,7 @@ _DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
 # A micro-batch goes through three stages:
 #   draw_noise (host): every random number of the loss except dropout and the teacher's token draws, so the host
 #       knows how many positions are masked and revealed: the step never waits for the GPU to report a count;
-#   teacher_targets (device, sdtt only): the teacher's K steps from x_t, its log-probs at the masked positions;
+#   teacher_targets (device, sdtt only): the teacher's K steps from x_t, its logits at the masked positions;
 #   Objective (device, compiled as one graph with the network): the network at the masked positions and the loss.
 def real_log_probs(logits, mask_id):
     """log p(x0 | xt) over the real tokens (the mask column, always the last, has probability 0), fp32 [..., V-1].
@@ -139,32 +139,26 @@ def to_device(b, device):
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in b.items()}
 
 
-def log_probs_fn(net, mask_id, bf16=False):
-    """x, t, pos -> the network's fp32 log-probs over the real tokens at pos [M, V-1] (the teacher; compile it whole)."""
-    def log_probs(x, t, pos):
-        with torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext():
-            logits = net(x, sigma(t), pos)
-        return real_log_probs(logits, mask_id)
-    return log_probs
-
-
 @torch.no_grad()
-def teacher_targets(teacher_log_probs, b, K):
-    """SDTT soft targets (SPEC §5): log-probs [M, V-1] fp32 at the positions masked in x_t. The teacher takes K
-    ancestral steps of size dt from x_t, drawing each next state from its own prediction (float64 draws, only at the
-    positions draw_noise revealed). A position revealed at step k gets the teacher's full distribution of step k;
-    positions not revealed before the last step get the last step's. The earlier steps' rows are kept aside (a few:
-    about M dt/t per step) and written into the last step's log-probs, rather than merging full [M, V] tensors."""
+def teacher_targets(teacher, b, K, mask_id, autocast=nullcontext()):
+    """SDTT soft targets (SPEC §5) as the teacher's logits [M, V] at the positions masked in x_t (the student's loss
+    takes their fp32 log-softmax inside its compiled graph: no fp32 [M, V] tensor is written here). The teacher takes
+    K ancestral steps of size dt from x_t, drawing each next state from its own prediction (float64 draws, only at
+    the positions draw_noise revealed). A position revealed at step k gets the teacher's full distribution of step
+    k; positions not revealed before the last step get the last step's. The earlier steps' rows are kept aside (a
+    few: about M dt/t per step) and written into the last step's logits, rather than merging full [M, V] tensors."""
     x, pos, kept = b['xt'], b['pos'], []
     for k in range(K):
-        logp = teacher_log_probs(x, b['teacher_t'][k], pos)
+        with autocast:
+            logits = teacher(x, sigma(b['teacher_t'][k]), pos)
         if k < K - 1:
             rows = b[f'reveal_{k}']
-            kept.append((rows, logp[rows]))
-            x = x.flatten().index_put((pos[rows],), draw_categorical(kept[-1][1], b[f'u_{k}'])).view_as(x)
-    for rows, lp in kept:
-        logp[rows] = lp
-    return logp
+            kept.append((rows, logits[rows]))
+            tokens = draw_categorical(kept[-1][1][:, :mask_id], b[f'u_{k}'])
+            x = x.flatten().index_put((pos[rows],), tokens).view_as(x)
+    for rows, lg in kept:
+        logits[rows] = lg
+    return logits
 
 
 def sdtt_divergence(ls, lt, name):
@@ -194,22 +188,23 @@ class Objective(torch.nn.Module):
         self.net, self.objective, self.mask_id, self.divergence, self.bf16 = net, objective, mask_id, divergence, bf16
 
     def forward(self, x0, xt=None, t=None, pos=None, target=None):
-        """ar: next-token loss of x0. mdlm: NELBO of x0 from xt (mdlm_loss). sdtt: divergence from the teacher's
-        target [M, V-1] at pos."""
+        """ar: next-token loss of x0. mdlm: NELBO of x0 from xt (mdlm_loss). sdtt: divergence from the teacher, whose
+        logits at pos are target [M, V]."""
         with torch.autocast('cuda', dtype=torch.bfloat16) if self.bf16 else nullcontext():
             logits = self.net(x0[:, :-1]) if self.objective == 'ar' else self.net(xt, sigma(t), pos)
         if self.objective == 'ar':
             return F.cross_entropy(logits[..., :self.mask_id].float().flatten(0, 1), x0[:, 1:].flatten())
         if self.objective == 'mdlm':
             return mdlm_loss(logits, x0, xt, t, self.mask_id, positions=pos)
-        return sdtt_divergence(real_log_probs(logits, self.mask_id), target, self.divergence)
+        return sdtt_divergence(real_log_probs(logits, self.mask_id), real_log_probs(target, self.mask_id),
+                               self.divergence)
 
 
-def training_loss(objective_fn, b, teacher_log_probs=None, K=2):
+def training_loss(objective_fn, b, teacher=None, K=2, mask_id=None, autocast=nullcontext()):
     """The loss of one micro-batch b (draw_noise's tensors, on the device)."""
     if 'xt' not in b:  # ar
         return objective_fn(b['x0'])
-    target = teacher_targets(teacher_log_probs, b, K) if 'teacher_t' in b else None
+    target = teacher_targets(teacher, b, K, mask_id, autocast) if 'teacher_t' in b else None
     return objective_fn(b['x0'], b['xt'], b['t'], b['pos'], target)
 
 
@@ -391,9 +386,8 @@ def main(argv=None):
     if ddp:
         fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None)
     ema_fwd = Objective(ema, objective, mask_id, divergence, bf16)
-    teacher_lp = log_probs_fn(teacher, mask_id, bf16) if teacher is not None else None
-    if compile and teacher is not None:
-        teacher_lp = torch.compile(teacher_lp)
+    teacher_fwd = torch.compile(teacher) if compile and teacher is not None else teacher
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext()  # the teacher's forwards
 
     def dt_of(r):  # teacher step size in round r: K teacher steps of round r are one student step
         return (1 - _T_MIN) / teacher_num_steps * K ** r
@@ -429,7 +423,7 @@ def main(argv=None):
         for i in range(eval_iters):
             torch.manual_seed(mix_seed(seed, 1, i, rank))
             b, _ = noised(get_batch(val_data, (i * world + rank) * batch_size, batch_size, seed, seq_len))
-            total += training_loss(ema_fwd, b, teacher_lp, K)
+            total += training_loss(ema_fwd, b, teacher_fwd, K, mask_id, autocast)
         if ddp:
             dist.all_reduce(total)
         return total.item() / (eval_iters * world)
@@ -486,7 +480,7 @@ def main(argv=None):
             b, n_masked = noised(get_batch(train_data, step * global_batch_size + gm * batch_size, batch_size, seed,
                                            seq_len))
             with fwd.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
-                loss = training_loss(fwd, b, teacher_lp, K) / grad_accum
+                loss = training_loss(fwd, b, teacher_fwd, K, mask_id, autocast) / grad_accum
                 loss.backward()
             flops_done += step_flops(n_masked)
             loss_sum += loss.detach()

@@ -83,16 +83,16 @@ def test_teacher_equal_student_and_k1_gives_zero_kld():
     torch.manual_seed(1)
     x0 = torch.randint(0, 256, (4, L))
     b = distill.draw_noise(x0, 'sdtt', MASK, 1e-5, 1 / 64, K=1)
-    log_probs = distill.log_probs_fn(m, MASK)
-    target = distill.teacher_targets(log_probs, b, 1)
-    ls = log_probs(b['xt'], b['t'], b['pos'])
-    assert ls.shape == (len(b['pos']), MASK) and len(b['pos']) == (b['xt'] == MASK).sum()
+    target = distill.teacher_targets(m, b, 1, MASK)
+    logits = m(b['xt'], D.sigma(b['t']), b['pos'])
+    assert logits.shape == (len(b['pos']), V) and len(b['pos']) == (b['xt'] == MASK).sum()
+    ls, lt = distill.real_log_probs(logits, MASK), distill.real_log_probs(target, MASK)
     for name in ('kld', 'kl_fwd', 'mse', 'tvd', 'tvd_true'):
-        assert distill.sdtt_divergence(ls, target, name).abs() < 1e-5, name
+        assert distill.sdtt_divergence(ls, lt, name).abs() < 1e-5, name
     # K=2: the teacher moves, the loss is positive, and nothing is NaN (the mask column and carried-over tokens)
     torch.manual_seed(2)
     b2 = distill.draw_noise(x0, 'sdtt', MASK, 1e-5, 0.2, K=2)
-    loss = distill.training_loss(distill.Objective(m, 'sdtt', MASK), b2, log_probs, 2)
+    loss = distill.training_loss(distill.Objective(m, 'sdtt', MASK), b2, m, 2, MASK)
     loss.backward()
     assert loss > 1e-4 and all(torch.isfinite(p.grad).all() for p in m.parameters())
 
@@ -104,7 +104,7 @@ def test_losses_at_the_masked_positions_equal_the_full_formulas():
         torch.manual_seed(3)
         b = distill.draw_noise(x0, objective, MASK, 1e-3, 0.05, K=2)
         xt, t, pos = b['xt'], b['t'], b['pos']
-        target = torch.log_softmax(torch.randn(len(pos), MASK), -1) if objective == 'sdtt' else None
+        target = torch.randn(len(pos), V) if objective == 'sdtt' else None  # the teacher's logits
         grads = []
         for fast in (True, False):
             m = random_dit()
@@ -118,7 +118,7 @@ def test_losses_at_the_masked_positions_equal_the_full_formulas():
                 else:  # reverse KL averaged over the positions masked in x_t, on the full tensor
                     ls, masked = distill.real_log_probs(logits, MASK), xt == MASK
                     lt = torch.zeros_like(ls)
-                    lt.view(-1, MASK)[pos] = target
+                    lt.view(-1, MASK)[pos] = distill.real_log_probs(target, MASK)
                     loss = ((ls.exp() * (ls - lt)).sum(-1) * masked).sum() / masked.sum()
             loss.backward()
             grads.append((loss.detach(), [p.grad for p in m.parameters()]))
@@ -130,11 +130,11 @@ def test_losses_at_the_masked_positions_equal_the_full_formulas():
 
 @pytest.mark.skipif(shutil.which('g++') is None and shutil.which('c++') is None, reason='inductor on CPU needs a C++ compiler')
 def test_compiled_objective_and_teacher_match_eager():
-    """compile=True runs the teacher's log-probs and the student's network + loss as compiled graphs whose number of
+    """compile=True runs the teacher and the student's network + loss as compiled graphs whose number of
     masked positions M changes every step (one static compilation, then one dynamic): same losses and gradients."""
     torch._dynamo.reset()
     m = random_dit()
-    eager = distill.Objective(m, 'sdtt', MASK), distill.log_probs_fn(m, MASK)
+    eager = distill.Objective(m, 'sdtt', MASK), m
     compiled = torch.compile(eager[0]), torch.compile(eager[1])
     sizes = set()
     for i in range(3):
@@ -142,9 +142,9 @@ def test_compiled_objective_and_teacher_match_eager():
         b = distill.draw_noise(torch.randint(0, 256, (4, L)), 'sdtt', MASK, 1e-3, 0.05, 2)
         sizes.add(len(b['pos']))
         out = []
-        for objective_fn, log_probs in (eager, compiled):
+        for objective_fn, teacher in (eager, compiled):
             m.zero_grad()
-            loss = distill.training_loss(objective_fn, b, log_probs, 2)
+            loss = distill.training_loss(objective_fn, b, teacher, 2, MASK)
             loss.backward()
             out.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
         torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-7)
@@ -177,7 +177,7 @@ def test_targets_follow_the_spec_on_a_hand_built_teacher():
     t, xt, pos = b['t'], b['xt'], b['pos']
     assert (t > K * dt).all(), t  # (this seed: every teacher step is a full one, no clamping at the end)
     teacher = FakeTeacher()
-    target = distill.teacher_targets(distill.log_probs_fn(teacher, MASK), b, K)
+    target = distill.real_log_probs(distill.teacher_targets(teacher, b, K, MASK), MASK)
     xs = [c[0] for c in teacher.calls]
     assert len(xs) == K and torch.equal(xs[0], xt)
     for k in range(K):  # teacher step k runs at t - k dt
