@@ -53,6 +53,8 @@ def test_every_config_file_is_valid_for_distill():
     import glob
     import distill
     for path in sorted(glob.glob('config/*.py')):
+        if path.split('/')[-1].startswith('e2e_'):
+            continue  # configurations of e2e.py: the next test
         g = dict(distill._DEFAULTS)
         cfg = configure(g, [path])
         assert cfg['objective'] in ('sdtt', 'mdlm', 'ar'), path
@@ -62,3 +64,17 @@ def test_every_config_file_is_valid_for_distill():
             assert cfg['objective'] == 'ar' and cfg['n_layer'] > 1
         name = path.split('/')[-1][:-3]
         assert cfg['out_dir'] == f'out/{name}', path  # a variant never writes into its base recipe's out_dir
+
+
+def test_e2e_config_files_are_valid():
+    """config/e2e_*.py set only keys e2e.py knows, and the distill.py arguments they carry are valid distill keys."""
+    import glob
+    import shlex
+    import distill
+    src = open('e2e.py').read()
+    for path in sorted(glob.glob('config/e2e_*.py')):
+        g = {}
+        exec(src[:src.index('config = configure(globals())')], g)  # e2e.py's defaults, without running it
+        cfg = configure(g, [path])
+        for stage, base in (('teacher', g['teacher_config']), ('judge', g['judge_config']), ('sdtt', g['sdtt_config'])):
+            configure(dict(distill._DEFAULTS), [base, *shlex.split(cfg[f'{stage}_args'])])
