@@ -30,7 +30,7 @@ batch_sizes = (1, 8, 32)
 sample_steps = (8, 16, 32, 64, 128, 256, 512, 1024)
 long_steps_max_batch = 8    # steps > 128 are measured only at batch sizes up to this (they take seconds each)
 compile = torch.cuda.is_available()  # also measure torch.compile'd forward and sampling (slow to build on CPU)
-compile_mode = 'default'    # 'max-autotune-no-cudagraphs' tunes matmuls (minutes to build); the sampler syncs once per step
+compile_mode = 'default'    # 'reduce-overhead': CUDA graphs (the sampler has no per-step sync; helps batch 1)
 latency = True              # (a): forward and sampling latency (the autoregressive rows compare against it)
 hf_baseline = True          # needs transformers
 hf_batch_sizes = (1, 8)     # also the batch sizes of the project's AR baseline below
@@ -151,7 +151,8 @@ if hf_baseline:
 
 # ---- (b) training steps: mdlm and sdtt, with MFU; the sdtt step against its parts
 if train:  # as distill.py runs them: noise drawn on the host, network + loss compiled as one graph
-    from distill import Objective, draw_noise, to_device, training_loss
+    from diffusion import to_device
+    from distill import Objective, draw_noise, training_loss
     student = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.1, **arch)).to(dev).train()
     teacher = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.0, **arch)).to(dev).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=cuda)

@@ -78,6 +78,13 @@ def mdlm_loss(logits, x0, xt, t, mask_id, reduction='mean', positions=None):
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
+def to_device(v, device):
+    """A host tensor (or a dict of them) on the device, without making the host wait (pinned memory on CUDA)."""
+    if isinstance(v, dict):
+        return {k: to_device(x, device) for k, x in v.items()}
+    return v.pin_memory().to(device, non_blocking=True) if torch.device(device).type == 'cuda' else v.to(device)
+
+
 def draw_categorical(logits, u, chunk_elems=2 ** 25):
     """Draw one index per row of logits [N, V] from softmax(logits), by inverse CDF in float64 with uniforms u [N]
     (float64). Float64 matters: float32 Gumbel/exponential noise truncates low-probability tokens, which lowers the
@@ -110,10 +117,12 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     cache=True: a sequence that no step changed since its last forward reuses that prediction (valid because the
     network does not depend on t without time conditioning). It uses the same random draws as cache=False, so it gives
     the same tokens up to floating point: a forward of a subset of the batch can differ from the full-batch forward in
-    the last bits, which flips a draw only if its uniform falls that close to a CDF boundary. It adds a second host
-    sync per step (which sequences need a forward).
+    the last bits, which flips a draw only if its uniform falls that close to a CDF boundary.
+    Random numbers come from generator, a CPU torch.Generator (default: seeded with seed): the host decides the
+    reveals, so a step needs no host-device sync, and a seed gives the same reveals on every device. project_fn must
+    only write positions that it sets from the prior on (a prompt), as the host tracks which positions are masked.
     step_fn(x, logits, t, s, u, mask_id) -> new x: another update rule in place of the ancestral one (e.g. the
-    analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position.
+    analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position (one sync per step).
     Returns (tokens [n_samples, seq_len] int64, nfe) with nfe the mean number of forward passes per sequence."""
     block_size = getattr(getattr(model, 'config', None), 'block_size', None)
     if mask_id is None:
@@ -133,9 +142,8 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = p.device if p is not None else torch.device('cpu')
     device = torch.device(device)
-    if generator is None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+    if generator is None:  # on the host: see below
+        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
 
     def forward(x, t):
@@ -149,9 +157,13 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         x[:, 0] = bos_id  # training rows all start with BOS, so do unconditional samples (MDLM/SDTT)
     if project_fn is not None:
         x = project_fn(x)
+    # Which positions a step reveals depends on m(s)/m(t) only, not on the model: the host draws it, and the uniforms,
+    # and keeps track of what is still masked. So a step never waits for the GPU (the host knows how many tokens to
+    # draw and which sequences changed); the only sync is this one, before the loop.
+    masked = (x == mask_id).cpu()
     ts, dt = sampling_grid(num_steps, eps)
     logits = None
-    stale = torch.ones(n_samples, dtype=torch.bool, device=device)  # which sequences need a fresh forward
+    stale = torch.ones(n_samples, dtype=torch.bool)  # which sequences need a fresh forward (host)
     n_forward = 0  # sequence-forwards
     steps = ts
     if verbose:
@@ -160,8 +172,8 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     for t in steps:
         s = max(t - dt, 0.0)
         # draws for every position at every step, so caching (which skips forwards) sees the same randomness
-        u_reveal = torch.rand(x.shape, dtype=torch.float64, device=device, generator=generator)
-        u_token = torch.rand(x.shape, dtype=torch.float64, device=device, generator=generator)
+        u_reveal = torch.rand(x.shape, dtype=torch.float64, generator=generator)
+        u_token = torch.rand(x.shape, dtype=torch.float64, generator=generator)
         if not cache or logits is None:
             logits, n_forward = forward(x, t), n_forward + n_samples
             if cache:
@@ -171,19 +183,21 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
             if len(rows) == n_samples:  # all changed: no copy into the cache
                 logits, n_forward = forward(x, t).clone(), n_forward + n_samples
             elif len(rows):
+                rows = to_device(rows, device)
                 logits[rows] = forward(x[rows], t).to(logits.dtype)
                 n_forward += len(rows)
-        if step_fn is not None:
-            x_new = step_fn(x, logits, t, s, u_token, mask_id)
+        if step_fn is not None:  # decides on the device: the host learns the new state with one sync
+            x_new = step_fn(x, logits, t, s, to_device(u_token, device), mask_id)
+            stale, masked = (x_new != x).any(dim=1).cpu(), (x_new == mask_id).cpu()
         else:
-            reveal = (x == mask_id) & (u_reveal >= move_chance(s) / move_chance(t))  # P(reveal) = 1 - m(s)/m(t)
-            # one sync per step: only the revealed positions (about L/num_steps per sequence) need the float64 draw
-            b, l = reveal.nonzero(as_tuple=True)
+            reveal = masked & (u_reveal >= move_chance(s) / move_chance(t))  # P(reveal) = 1 - m(s)/m(t)
+            b, l = reveal.nonzero(as_tuple=True)  # about L/num_steps per sequence get a float64 draw
+            b, l, u = to_device(b, device), to_device(l, device), to_device(u_token[reveal], device)
             x_new = x.clone()
-            x_new[b, l] = draw_categorical(logits[b, l, :mask_id], u_token[b, l])
+            x_new[b, l] = draw_categorical(logits[b, l, :mask_id], u)
+            stale, masked = reveal.any(dim=1), masked & ~reveal
         if project_fn is not None:
-            x_new = project_fn(x_new)
-        stale = (x_new != x).any(dim=1)
+            x_new = project_fn(x_new)  # (it rewrites the prompt, never masked after the first projection)
         x = x_new
     b, l = (x == mask_id).nonzero(as_tuple=True)  # final denoise: fill what is still masked by the argmax
     if len(b):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from configurator import configure, config_keys
 from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
-from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma
+from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
 from model import DiT, DiTConfig, default_meta, load_pretrained, load_state_dict_strict, save_pretrained, strip_prefix
 from prepare_data import load_meta, open_split
 
@@ -130,13 +130,6 @@ def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_gri
             b[f'u_{k}'] = torch.rand(len(b[f'reveal_{k}']), dtype=torch.float64)
         b['teacher_t'] = times
     return b
-
-
-def to_device(b, device):
-    """Copy a dict of CPU tensors to the device without blocking the host (pinned memory)."""
-    if device.type != 'cuda':
-        return b
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in b.items()}
 
 
 @torch.no_grad()
