@@ -24,4 +24,4 @@ teacher_num_steps = 64
 round_every = 200
 min_num_sampling_steps = 8
 log_interval, eval_interval, eval_iters, ckpt_interval = 10, 50, 4, 50
-peak_flops = 1e11
+peak_flops = 1.66e11          # as config/tiny_mdlm.py
