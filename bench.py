@@ -122,6 +122,7 @@ def speedups(rec, B, s):
 
 
 if ar_baseline:  # the same network with causal attention: BOS + seq_len - 1 tokens, one forward per token, KV cache
+    torch._dynamo.reset()  # a fresh cache of compiled versions (see section (b))
     from sample import sample_ar
     ar = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.0, causal=True, **arch)).to(dev).eval()
     for p in ar.output_layer.parameters():
@@ -151,6 +152,9 @@ if hf_baseline:
 
 # ---- (b) training steps: mdlm and sdtt, with MFU; the sdtt step against its parts
 if train:  # as distill.py runs them: noise drawn on the host, network + loss compiled as one graph
+    # every compiled DiT shares DiT.forward's cache of compiled versions (its guards check the class, not the
+    # instance): start afresh, or the teacher below would fall back to eager past the recompile limit
+    torch._dynamo.reset()
     from diffusion import to_device
     from distill import Objective, draw_noise, training_loss
     student = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.1, **arch)).to(dev).train()

@@ -149,7 +149,7 @@ def teacher_targets(teacher, b, K, mask_id, autocast=nullcontext()):
             kept.append((rows, logits[rows]))
             tokens = draw_categorical(kept[-1][1][:, :mask_id], b[f'u_{k}'])
             x = x.flatten().index_put((pos[rows],), tokens).view_as(x)
-    for rows, lg in kept:
+    for rows, lg in kept:  # (in place into the teacher's output: do not compile the teacher with CUDA graphs)
         logits[rows] = lg
     return logits
 
@@ -197,7 +197,12 @@ def training_loss(objective_fn, b, teacher=None, K=2, mask_id=None, autocast=nul
     """The loss of one micro-batch b (draw_noise's tensors, on the device)."""
     if 'xt' not in b:  # ar
         return objective_fn(b['x0'])
+    # M, the number of masked positions, changes every micro-batch: compile for a dynamic size from the start (DDP's
+    # graph splitting in some torch versions would otherwise recompile for every new M)
+    torch._dynamo.maybe_mark_dynamic(b['pos'], 0)
     target = teacher_targets(teacher, b, K, mask_id, autocast) if 'teacher_t' in b else None
+    if target is not None:
+        torch._dynamo.maybe_mark_dynamic(target, 0)
     return objective_fn(b['x0'], b['xt'], b['t'], b['pos'], target)
 
 
@@ -372,8 +377,8 @@ def main(argv=None):
             torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
         if master:
             print(f'resumed {ckpt_path} at step {step}, round {rnd}')
-    # the network and its loss compiled as one graph; the number of masked positions changes every step, so after
-    # the first recompilation torch.compile treats it as a dynamic size (two compilations in all)
+    # the network and its loss compiled as one graph, for a number of masked positions that changes every step
+    # (marked dynamic in training_loss: one compilation)
     fwd = Objective(model, objective, mask_id, divergence, bf16)
     fwd = torch.compile(fwd) if compile else fwd
     if ddp:

@@ -212,6 +212,8 @@ class DiT(nn.Module):
         cfg = self.config
         n = self.num_params(non_embedding=True)  # the embedding is a lookup, the output layer is a matmul
         n -= (1 - head_fraction) * self.output_layer.linear.weight.numel()
+        # the conditioning MLP and the adaLN layers run once per sequence, not per token
+        n -= sum(p.numel() for name, p in self.named_parameters() if 'adaLN' in name or name.startswith('sigma_map'))
         f = 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
         return f if backward else f / 3
 

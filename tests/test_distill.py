@@ -131,7 +131,7 @@ def test_losses_at_the_masked_positions_equal_the_full_formulas():
 @pytest.mark.skipif(shutil.which('g++') is None and shutil.which('c++') is None, reason='inductor on CPU needs a C++ compiler')
 def test_compiled_objective_and_teacher_match_eager():
     """compile=True runs the teacher and the student's network + loss as compiled graphs whose number of
-    masked positions M changes every step (one static compilation, then one dynamic): same losses and gradients."""
+    masked positions M changes every step (compiled once, for a dynamic M): same losses and gradients."""
     torch._dynamo.reset()
     m = random_dit()
     eager = distill.Objective(m, 'sdtt', MASK), m
