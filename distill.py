@@ -72,6 +72,8 @@ seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'          # 'bfloat16' (autocast on CUDA; losses always fp32) | 'float32'
 compile = False
+compile_mode = 'default'    # or 'max-autotune-no-cudagraphs' (tunes the matmuls; minutes to build). Not CUDA graphs:
+                            # the teacher's output is written in place (teacher_targets)
 peak_flops = 989e12         # per device, for MFU (H100 SXM dense bf16)
 _DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
 
@@ -292,6 +294,9 @@ def main(argv=None):
         raise ValueError("init_from is empty: set it to 'scratch', 'resume' or the teacher (hub id, dir, ckpt.pt, .ckpt)")
     if dtype not in ('bfloat16', 'float32'):
         raise ValueError(f"dtype must be 'bfloat16' (autocast on CUDA) or 'float32', got {dtype!r}")
+    if compile_mode not in ('default', 'max-autotune-no-cudagraphs'):
+        raise ValueError(f"compile_mode must be 'default' or 'max-autotune-no-cudagraphs' (CUDA-graph modes would "
+                         f"overwrite the teacher's outputs that the step still uses), got {compile_mode!r}")
     eps = sampling_eps if sampling_eps is not None else (1e-5 if objective == 'sdtt' else 1e-3)
     K = num_distill_steps
 
@@ -380,11 +385,11 @@ def main(argv=None):
     # the network and its loss compiled as one graph, for a number of masked positions that changes every step
     # (marked dynamic in training_loss: one compilation)
     fwd = Objective(model, objective, mask_id, divergence, bf16)
-    fwd = torch.compile(fwd) if compile else fwd
+    fwd = torch.compile(fwd, mode=compile_mode) if compile else fwd
     if ddp:
         fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None)
     ema_fwd = Objective(ema, objective, mask_id, divergence, bf16)
-    teacher_fwd = torch.compile(teacher) if compile and teacher is not None else teacher
+    teacher_fwd = torch.compile(teacher, mode=compile_mode) if compile and teacher is not None else teacher
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext()  # the teacher's forwards
 
     def dt_of(r):  # teacher step size in round r: K teacher steps of round r are one student step

@@ -323,6 +323,8 @@ def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
     out = str(tmp_path / 'run')
     with pytest.raises(ValueError, match='not divisible'):
         distill.main(sdtt_args(data, teacher_dir, out, '--global_batch_size=6'))
+    with pytest.raises(ValueError, match='compile_mode'):
+        distill.main(sdtt_args(data, teacher_dir, out, '--compile_mode=reduce-overhead'))
     gpt2_data = write_data(str(tmp_path / 'gpt2'), vocab_size=50258, tokenizer='gpt2', n_train=8, n_val=8)
     with pytest.raises(ValueError, match='tokenized with gpt2'):
         distill.main(sdtt_args(gpt2_data, teacher_dir, out))
