@@ -36,6 +36,7 @@ hf_baseline = True          # needs transformers
 hf_batch_sizes = (1, 8)     # also the batch sizes of the project's AR baseline below
 ar_baseline = True          # the project's causal DiT (same width/depth) sampling with its KV cache (sample.sample_ar)
 train = True
+train_compile_mode = 'default'  # of (b), as distill.py's compile_mode: 'default' | 'max-autotune-no-cudagraphs'
 train_batch = 32            # micro-batch of the training-step benchmark
 sdtt_batch = 16             # sdtt keeps K+1 fp32 [M, V] log-prob tensors alive (M ~ B L / 2 masked positions)
 K = 2
@@ -160,7 +161,7 @@ if train:  # as distill.py runs them: noise drawn on the host, network + loss co
     student = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.1, **arch)).to(dev).train()
     teacher = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.0, **arch)).to(dev).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=cuda)
-    maybe_compile = torch.compile if compile else (lambda f: f)
+    maybe_compile = (lambda f: torch.compile(f, mode=train_compile_mode)) if compile else (lambda f: f)
     run_t = maybe_compile(teacher)
     objectives = {o: maybe_compile(Objective(student, o, V - 1, 'kld', bf16=cuda)) for o in ('mdlm', 'sdtt')}
 
