@@ -157,7 +157,7 @@ if train:  # as distill.py runs them: noise drawn on the host, network + loss co
     # instance): start afresh, or the teacher below would fall back to eager past the recompile limit
     torch._dynamo.reset()
     from diffusion import to_device
-    from distill import Objective, draw_noise, training_loss
+    from distill import Objective, draw_noise, step_flops, training_loss
     student = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.1, **arch)).to(dev).train()
     teacher = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.0, **arch)).to(dev).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=cuda)
@@ -165,35 +165,35 @@ if train:  # as distill.py runs them: noise drawn on the host, network + loss co
     run_t = maybe_compile(teacher)
     objectives = {o: maybe_compile(Objective(student, o, V - 1, 'kld', bf16=cuda)) for o in ('mdlm', 'sdtt')}
 
-    def train_step(objective, x0, n_masked):
-        b = draw_noise(x0, objective, V - 1, 1e-3, 2 / 1024, K)
-        n_masked.append(len(b['pos']))
-        training_loss(objectives[objective], to_device(b, dev), run_t, K, V - 1, autocast).backward()
+    def train_step(objective, x0, batches):
+        b = to_device(draw_noise(x0, objective, V - 1, 1e-3, 2 / 1024, K), dev)
+        batches.append(b)
+        training_loss(objectives[objective], b, run_t, K, V - 1, autocast).backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     for objective, B in (('mdlm', train_batch), ('sdtt', sdtt_batch)):
-        x0, n_masked = torch.randint(0, V - 1, (B, L)), []  # on the host, like distill.py's batches
-        s = timeit(lambda: train_step(objective, x0, n_masked), warmup=3, reps=5)
-        # MFU counts the matmul FLOPs as run (no embedding lookup; the output layer at the masked positions only);
-        # mfu_6N is nanoGPT's convention (6 x all parameters, output layer everywhere), as if no work were skipped
-        frac = sum(n_masked) / len(n_masked) / (B * L)
-        flops = student.flops_per_token(L, head_fraction=frac) * B * L
+        x0, batches = torch.randint(0, V - 1, (B, L)), []  # on the host, like distill.py's batches
+        s = timeit(lambda: train_step(objective, x0, batches), warmup=3, reps=5)
+        # MFU counts the matmul FLOPs as run (distill.step_flops: no embedding lookup, the output layers at the
+        # positions that need them); mfu_6N is nanoGPT's convention (6 x all parameters, everything everywhere)
+        flops = sum(step_flops(student, teacher, b, K) for b in batches) / len(batches)
         flops_6n = (6 * student.num_params() + 12 * arch['n_layer'] * arch['n_embd'] * L) * B * L
-        if objective == 'sdtt':
-            flops += K * teacher.flops_per_token(L, backward=False, head_fraction=frac) * B * L
-            flops_6n *= 1 + K / 3
+        flops_6n *= 1 + K / 3 if objective == 'sdtt' else 1
         record(bench='train', objective=objective, batch=B, seq_len=L, ms=s * 1e3, tokens_per_s=B * L / s,
-               masked_fraction=frac, mfu=flops / s / peak_flops if cuda else float('nan'),
+               masked_fraction=sum(len(b['pos']) for b in batches) / len(batches) / (B * L),
+               mfu=flops / s / peak_flops if cuda else float('nan'),
                mfu_6N=flops_6n / s / peak_flops if cuda else float('nan'))
-        if objective == 'sdtt':  # the parts, timed separately in the same run: K teacher forwards + an mdlm step
-            b = to_device(draw_noise(x0, 'mdlm', V - 1, 1e-3), dev)
+        if objective == 'sdtt':  # the parts, timed separately in the same run: the K teacher forwards as the step
+            b = batches[-1]      # runs them (output layer at the revealed rows, then at all M) + an mdlm step
 
-            def teacher_fwd():
+            def teacher_fwds():
                 with torch.no_grad(), autocast:
+                    for k in range(K - 1):
+                        run_t(b['xt'], None, b['pos'][b[f'reveal_{k}']])
                     run_t(b['xt'], None, b['pos'])
-            parts = K * timeit(teacher_fwd) + timeit(lambda: train_step('mdlm', x0, []))
+            parts = timeit(teacher_fwds) + timeit(lambda: train_step('mdlm', x0, []))
             record(bench='sdtt_parts', batch=B, ms_step=s * 1e3, ms_parts=parts * 1e3, step_over_parts=s / parts)
 
 commit = git_commit()

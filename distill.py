@@ -140,17 +140,18 @@ def teacher_targets(teacher, b, K, mask_id, autocast=nullcontext()):
     takes their fp32 log-softmax inside its compiled graph: no fp32 [M, V] tensor is written here). The teacher takes
     K ancestral steps of size dt from x_t, drawing each next state from its own prediction (float64 draws, only at
     the positions draw_noise revealed). A position revealed at step k gets the teacher's full distribution of step
-    k; positions not revealed before the last step get the last step's. The earlier steps' rows are kept aside (a
-    few: about M dt/t per step) and written into the last step's logits, rather than merging full [M, V] tensors."""
+    k; positions not revealed before the last step get the last step's. So before the last step the teacher's output
+    layer runs only at the rows that step reveals (a few: about M dt/t), which are then written into the last
+    step's logits."""
     x, pos, kept = b['xt'], b['pos'], []
     for k in range(K):
+        at = pos if k == K - 1 else pos[b[f'reveal_{k}']]
+        torch._dynamo.maybe_mark_dynamic(at, 0)  # M or R_k: one compiled teacher for both sizes
         with autocast:
-            logits = teacher(x, sigma(b['teacher_t'][k]), pos)
+            logits = teacher(x, sigma(b['teacher_t'][k]), at)
         if k < K - 1:
-            rows = b[f'reveal_{k}']
-            kept.append((rows, logits[rows]))
-            tokens = draw_categorical(kept[-1][1][:, :mask_id], b[f'u_{k}'])
-            x = x.flatten().index_put((pos[rows],), tokens).view_as(x)
+            kept.append((b[f'reveal_{k}'], logits))
+            x = x.flatten().index_put((at,), draw_categorical(logits[:, :mask_id], b[f'u_{k}'])).view_as(x)
     for rows, lg in kept:  # (in place into the teacher's output: do not compile the teacher with CUDA graphs)
         logits[rows] = lg
     return logits
@@ -206,6 +207,21 @@ def training_loss(objective_fn, b, teacher=None, K=2, mask_id=None, autocast=nul
     if target is not None:
         torch._dynamo.maybe_mark_dynamic(target, 0)
     return objective_fn(b['x0'], b['xt'], b['t'], b['pos'], target)
+
+
+def step_flops(student, teacher, b, K):
+    """Matmul FLOPs of one micro-batch b as run (sizes only: no sync): the student's forward and backward with its
+    output layer at the M masked positions (everywhere for ar), and the teacher's K forwards, whose output layer runs
+    at the M positions in the last step and at the revealed rows before."""
+    B, L = b['x0'].shape
+    if 'pos' not in b:
+        return student.flops_per_token(L) * B * L
+    M = b['pos'].shape[0]
+    f = student.flops_per_token(L, head_fraction=M / (B * L))
+    if 'teacher_t' in b:
+        rows = M + sum(b[f'reveal_{k}'].shape[0] for k in range(K - 1))
+        f += K * teacher.flops_per_token(L, backward=False, head_fraction=rows / (K * B * L))
+    return f * B * L
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -417,15 +433,14 @@ def main(argv=None):
                                       cuda=torch.cuda.get_rng_state_all() if dev.type == 'cuda' else [])), ckpt_path)
 
     def noised(x0):  # the micro-batch's random draws, made on the host, then sent to the device
-        b = draw_noise(x0, objective, mask_id, eps, dt_of(rnd), K, reference_time_grid)
-        return to_device(b, dev), len(b.get('pos', ()))
+        return to_device(draw_noise(x0, objective, mask_id, eps, dt_of(rnd), K, reference_time_grid), dev)
 
     @torch.no_grad()
     def evaluate():  # EMA weights on fixed validation samples and noise: val NELBO / next-token loss / distill loss
         total = torch.zeros((), device=dev)
         for i in range(eval_iters):
             torch.manual_seed(mix_seed(seed, 1, i, rank))
-            b, _ = noised(get_batch(val_data, (i * world + rank) * batch_size, batch_size, seed, seq_len))
+            b = noised(get_batch(val_data, (i * world + rank) * batch_size, batch_size, seed, seq_len))
             total += training_loss(ema_fwd, b, teacher_fwd, K, mask_id, autocast)
         if ddp:
             dist.all_reduce(total)
@@ -447,11 +462,6 @@ def main(argv=None):
                 append_log(log_path, rec)
                 if wandb_log:
                     wandb.log(rec, step=rec['step'])
-    def step_flops(n_masked):  # matmul FLOPs of one micro-batch as run: the output layer only at the masked positions
-        frac = n_masked / (batch_size * seq_len) if objective != 'ar' else 1.0
-        f = model.flops_per_token(seq_len, head_fraction=frac)
-        f += K * teacher.flops_per_token(seq_len, backward=False, head_fraction=frac) if teacher else 0
-        return f * batch_size * seq_len
     tokens_per_step = global_batch_size * seq_len
     log(None, f'{objective}: {model.num_params() / 1e6:.1f}M parameters, {world} process(es) x {grad_accum} '
               f'micro-batch(es) of {batch_size} x {seq_len} tokens, {tokens_per_step:,} tokens/step'
@@ -480,12 +490,11 @@ def main(argv=None):
         for micro in range(grad_accum):
             gm = rank * grad_accum + micro  # index of this micro-batch within the global batch
             torch.manual_seed(mix_seed(seed, 0, step, gm))  # noise, dropout and teacher draws of this micro-batch
-            b, n_masked = noised(get_batch(train_data, step * global_batch_size + gm * batch_size, batch_size, seed,
-                                           seq_len))
+            b = noised(get_batch(train_data, step * global_batch_size + gm * batch_size, batch_size, seed, seq_len))
             with fwd.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
                 loss = training_loss(fwd, b, teacher_fwd, K, mask_id, autocast) / grad_accum
                 loss.backward()
-            flops_done += step_flops(n_masked)
+            flops_done += step_flops(model, teacher, b, K)
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
         finite &= torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
