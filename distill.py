@@ -526,12 +526,12 @@ def main(argv=None):
             loss_sum.zero_()
             flops_done = 0.0
             t_log, step_log = time.time(), step
+        t_aside = time.time()  # evaluation, round boundaries and checkpoints are not training: tokens/s leaves them out
         if eval_interval and eval_iters and (step % eval_interval == 0 or last):
             name = {'mdlm': 'val_nelbo', 'ar': 'val_loss', 'sdtt': 'val_distill_loss'}[objective]
             val = evaluate()
             rec = {'step': step, name: val, **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
             log(rec, ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
-            t_log = time.time()  # tokens/s measures training only
         boundary = objective == 'sdtt' and step % round_every == 0
         if boundary:  # round rnd done: save the student, it becomes the teacher, dt grows K-fold
             if not bool(finite):
@@ -550,7 +550,8 @@ def main(argv=None):
                 optimizer.state.clear()
         if master and (boundary or (ckpt_interval and step % ckpt_interval == 0)):
             checkpoint()
-            saved_step, t_log = step, time.time()
+            saved_step = step
+        t_log += time.time() - t_aside
     if master and (saved_step != step or not os.path.exists(ckpt_path)):
         checkpoint()
     if master:
