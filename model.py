@@ -63,7 +63,9 @@ class EmbeddingLayer(nn.Module):
         nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
 
     def forward(self, idx):
-        return self.embedding[idx]
+        # F.embedding, not self.embedding[idx]: the same values, but the backward of indexing (an accumulating
+        # index_put) adds rows in a thread-dependent order, so multi-threaded CPU training was not reproducible
+        return F.embedding(idx, self.embedding)
 
 
 class TimestepEmbedder(nn.Module):
