@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from model import DiT, DiTConfig, load_pretrained, save_pretrained
+from model import DiT, DiTConfig, EmbeddingLayer, load_pretrained, save_pretrained
 
 CFG = dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=64, cond_dim=32, dropout=0.0)
 
@@ -121,6 +121,25 @@ def test_bidirectional_vs_causal():
         assert not torch.allclose(m(idx)[0, 0], m(idx2)[0, 0])  # the first position sees the last
         mc = random_model(causal=True)
         torch.testing.assert_close(mc(idx)[0, :-1], mc(idx2)[0, :-1])  # causal: it does not
+
+
+def test_embedding_backward_is_deterministic_with_threads():
+    """Multi-threaded CPU training is reproducible: the embedding's gradient sums repeated rows in a fixed order
+    (indexing the parameter instead, an accumulating index_put, gave different sums from run to run here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        emb = EmbeddingLayer(64, 258)
+        idx, w = torch.randint(0, 20, (16, 128)), torch.randn(16, 128, 64)  # many repeated rows
+        grads = []
+        for _ in range(5):
+            emb.zero_grad()
+            (emb(idx) * w).sum().backward()
+            grads.append(emb.embedding.grad.clone())
+        assert all(torch.equal(grads[0], g) for g in grads[1:])
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_too_long_input_raises():
