@@ -237,7 +237,8 @@ def epoch_permutation(n_rows, seed, epoch):
 
 def get_batch(data, first, count, seed, seq_len):
     """Samples first .. first+count-1 of the stream "every row once per epoch, in a seeded random order", as int64
-    [count, seq_len] on the host (rows cut to seq_len). Sample i of step s is global sample s * global_batch_size + i."""
+    [count, seq_len] on the host (rows cut to seq_len).
+    Sample i of step s is global sample s * global_batch_size + i."""
     n = len(data)
     rows = np.array([epoch_permutation(n, seed, i // n)[i % n] for i in range(first, first + count)])
     return torch.from_numpy(data[rows, :seq_len].astype(np.int64))
