@@ -168,7 +168,7 @@ if train:  # as distill.py runs them: noise drawn on the host, network + loss co
     def train_step(objective, x0, batches):
         b = to_device(draw_noise(x0, objective, V - 1, 1e-3, 2 / 1024, K), dev)
         batches.append(b)
-        training_loss(objectives[objective], b, run_t, K, V - 1, autocast).backward()
+        training_loss(objectives[objective], b, run_t, K, V - 1, bf16=cuda).backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

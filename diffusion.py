@@ -62,19 +62,17 @@ def subs_log_probs(logits, xt, mask_id):
     return logp.scatter(-1, xt[..., None], torch.where(unmasked, 0.0, float('-inf')))
 
 
-def mdlm_loss(logits, x0, xt, t, mask_id, reduction='mean', positions=None):
+def mdlm_loss(logits, x0, xt, t, mask_id, positions=None):
     """MDLM NELBO per token: -log p_theta(x0 | xt) * sigma'(t)/expm1(sigma(t)) summed over masked positions, divided
     by the number of tokens. Unmasked positions contribute 0 (SUBS carry-over), so only the masked log-probs are
     computed: a cross-entropy over the real tokens (fp32), without materialising the full SUBS tensor.
-    positions: the flat indices of the masked positions of xt, where logits [M, V] were computed (training): the same
-    loss without the output layer's work at the unmasked half (reduction 'none' then gives the [M] terms)."""
-    if positions is not None:
-        nll = F.cross_entropy(logits[:, :mask_id].float(), x0.flatten()[positions], reduction='none')
-        loss = nll * nelbo_weight(t)[positions // x0.shape[1]]
-        return loss.sum() / x0.numel() if reduction == 'mean' else loss
-    nll = F.cross_entropy(logits[..., :mask_id].float().flatten(0, 1), x0.flatten(), reduction='none').view_as(x0)
-    loss = nll * (xt == mask_id) * nelbo_weight(t)[:, None]
-    return loss.mean() if reduction == 'mean' else loss
+    logits: [B, L, V], or [M, V] at positions, the flat indices of the masked positions of xt (training computes the
+    output layer only there; without positions they are found here, at the cost of a host sync)."""
+    if positions is None:
+        positions = (xt == mask_id).flatten().nonzero().squeeze(1)
+        logits = logits.flatten(0, 1)[positions]
+    nll = F.cross_entropy(logits[:, :mask_id].float(), x0.flatten()[positions], reduction='none')
+    return (nll * nelbo_weight(t)[positions // x0.shape[1]]).sum() / x0.numel()
 
 
 # ---------------------------------------------------------------------------------------------------- sampling

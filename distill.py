@@ -135,7 +135,7 @@ def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_gri
 
 
 @torch.no_grad()
-def teacher_targets(teacher, b, K, mask_id, autocast=nullcontext()):
+def teacher_targets(teacher, b, K, mask_id, bf16=False):
     """SDTT soft targets (SPEC §5) as the teacher's logits [M, V] at the positions masked in x_t (the student's loss
     takes their fp32 log-softmax inside its compiled graph: no fp32 [M, V] tensor is written here). The teacher takes
     K ancestral steps of size dt from x_t, drawing each next state from its own prediction (float64 draws, only at
@@ -147,7 +147,7 @@ def teacher_targets(teacher, b, K, mask_id, autocast=nullcontext()):
     for k in range(K):
         at = pos if k == K - 1 else pos[b[f'reveal_{k}']]
         torch._dynamo.maybe_mark_dynamic(at, 0)  # M or R_k: one compiled teacher for both sizes
-        with autocast:
+        with torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext():
             logits = teacher(x, sigma(b['teacher_t'][k]), at)
         if k < K - 1:
             kept.append((b[f'reveal_{k}'], logits))
@@ -196,14 +196,14 @@ class Objective(torch.nn.Module):
                                self.divergence)
 
 
-def training_loss(objective_fn, b, teacher=None, K=2, mask_id=None, autocast=nullcontext()):
+def training_loss(objective_fn, b, teacher=None, K=2, mask_id=None, bf16=False):
     """The loss of one micro-batch b (draw_noise's tensors, on the device)."""
     if 'xt' not in b:  # ar
         return objective_fn(b['x0'])
     # M, the number of masked positions, changes every micro-batch: compile for a dynamic size from the start (DDP's
     # graph splitting in some torch versions would otherwise recompile for every new M)
     torch._dynamo.maybe_mark_dynamic(b['pos'], 0)
-    target = teacher_targets(teacher, b, K, mask_id, autocast) if 'teacher_t' in b else None
+    target = teacher_targets(teacher, b, K, mask_id, bf16) if 'teacher_t' in b else None
     if target is not None:
         torch._dynamo.maybe_mark_dynamic(target, 0)
     return objective_fn(b['x0'], b['xt'], b['t'], b['pos'], target)
@@ -407,7 +407,6 @@ def main(argv=None):
         fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None)
     ema_fwd = Objective(ema, objective, mask_id, divergence, bf16)
     teacher_fwd = torch.compile(teacher, mode=compile_mode) if compile and teacher is not None else teacher
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext()  # the teacher's forwards
 
     def dt_of(r):  # teacher step size in round r: K teacher steps of round r are one student step
         return (1 - _T_MIN) / teacher_num_steps * K ** r
@@ -442,7 +441,7 @@ def main(argv=None):
         for i in range(eval_iters):
             torch.manual_seed(mix_seed(seed, 1, i, rank))
             b = noised(get_batch(val_data, (i * world + rank) * batch_size, batch_size, seed, seq_len))
-            total += training_loss(ema_fwd, b, teacher_fwd, K, mask_id, autocast)
+            total += training_loss(ema_fwd, b, teacher_fwd, K, mask_id, bf16)
         if ddp:
             dist.all_reduce(total)
         return total.item() / (eval_iters * world)
@@ -493,7 +492,7 @@ def main(argv=None):
             torch.manual_seed(mix_seed(seed, 0, step, gm))  # noise, dropout and teacher draws of this micro-batch
             b = noised(get_batch(train_data, step * global_batch_size + gm * batch_size, batch_size, seed, seq_len))
             with fwd.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
-                loss = training_loss(fwd, b, teacher_fwd, K, mask_id, autocast) / grad_accum
+                loss = training_loss(fwd, b, teacher_fwd, K, mask_id, bf16) / grad_accum
                 loss.backward()
             flops_done += step_flops(model, teacher, b, K)
             loss_sum += loss.detach()
