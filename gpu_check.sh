@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything a short GPU session should measure, in order of priority, within one time budget:
+#   bash gpu_check.sh [seconds, default 420]        results in $OUT (default out/gpu_check)
+# Each part runs under what is left of the budget; parts that do not fit are skipped and say so. The e2e run
+# (python e2e.py config/e2e_gpu.py, ~10 minutes) needs a session of its own.
+budget=${1:-420}
+OUT=${OUT:-out/gpu_check}
+mkdir -p "$OUT"
+end=$(( $(date +%s) + budget ))
+
+part() {  # part NAME MIN_SECONDS COMMAND...: run COMMAND if MIN_SECONDS are left, log to $OUT/NAME.log
+    local name=$1 need=$2; shift 2
+    local left=$(( end - $(date +%s) ))
+    if (( left < need )); then
+        echo "== $name: skipped ($left s left, needs ~$need)" | tee -a "$OUT/summary.txt"
+        return
+    fi
+    echo "== $name: $*" | tee -a "$OUT/summary.txt"
+    local t0=$(date +%s)
+    timeout "$left" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "   rc $rc, $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
+    tail -n 25 "$OUT/$name.log"
+}
+
+{ date -u; git rev-parse --short HEAD; git status --short | head; nvidia-smi --query-gpu=name,driver_version,memory.total \
+  --format=csv,noheader; python -c 'import torch, sys; print(sys.version.split()[0], torch.__version__)'; } \
+  > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+# issue #3: training tokens/s and MFU of the mdlm and sdtt steps, and the sdtt step against its parts
+part train 150 python bench.py --latency=False --hf_baseline=False --ar_baseline=False --out_file="$OUT/bench.jsonl"
+# the CUDA-only tests: no host-device sync in the hot loops, flash attention, compiled == eager in bf16
+part tests 90 python -m pytest -q -x tests/test_gpu.py
+# issue #6: sampling latency at 16/32/64 steps, and the project's causal DiT with its KV cache
+part sample 120 python bench.py --train=False --batch_sizes="(1,8)" --sample_steps="(16,32,64)" --hf_baseline=False \
+    --out_file="$OUT/bench.jsonl"
+# batch 1 is launch-bound: CUDA graphs, possible since the sampler never syncs per step
+part sample_graphs 90 python bench.py --train=False --batch_sizes="(1,)" --sample_steps="(32,)" --hf_baseline=False \
+    --ar_baseline=False --compile_mode=reduce-overhead --out_file="$OUT/bench.jsonl"
+part train_autotune 240 python bench.py --latency=False --hf_baseline=False --ar_baseline=False \
+    --train_compile_mode=max-autotune-no-cudagraphs --out_file="$OUT/bench.jsonl"
+echo "results: $OUT (bench.jsonl, *.log, summary.txt)"
