@@ -98,6 +98,12 @@ def draw_categorical(logits, u, chunk_elems=2 ** 25):
     return out
 
 
+def fresh_seed():
+    """A seed for a sampler called without one, drawn from the global CPU generator: torch.manual_seed before the
+    call makes it reproducible (torch.seed() would instead reseed the caller's generator at random)."""
+    return int(torch.randint(2 ** 62, (1,)))
+
+
 def sampling_grid(num_steps, eps=SAMPLE_EPS):
     """t_k = linspace(1, eps, N+1)[k], k < N; every step goes from t to s = t - dt with dt = (1 - eps)/N."""
     return torch.linspace(1, eps, num_steps + 1, dtype=torch.float64)[:-1].tolist(), (1 - eps) / num_steps
@@ -120,7 +126,7 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     reveals, so a step needs no host-device sync, and a seed gives the same reveals on every device. project_fn must
     only write positions that it sets from the prior on (a prompt), as the host tracks which positions are masked.
     step_fn(x, logits, t, s, u, mask_id) -> new x: another update rule in place of the ancestral one (e.g. the
-    analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position (one sync per step).
+    analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position (the host learns the new state: a sync per step).
     Returns (tokens [n_samples, seq_len] int64, nfe) with nfe the mean number of forward passes per sequence."""
     block_size = getattr(getattr(model, 'config', None), 'block_size', None)
     if mask_id is None:
@@ -141,7 +147,7 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         device = p.device if p is not None else torch.device('cpu')
     device = torch.device(device)
     if generator is None:  # on the host: see below
-        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        generator = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
 
     def forward(x, t):

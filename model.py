@@ -290,7 +290,7 @@ def _resolve(name_or_path, revision):
     if os.path.exists(name_or_path):
         return name_or_path
     if name_or_path.endswith(('.pt', '.ckpt', '.safetensors')) or name_or_path.startswith(('.', '/', '~')) \
-            or name_or_path.count('/') != 1:
+            or name_or_path.count('/') != 1 or os.path.isdir(name_or_path.split('/')[0]):  # out/kld_smal: a typo
         raise FileNotFoundError(f'no checkpoint at {name_or_path!r} (not a local file or directory, nor a hub id owner/name)')
     try:
         from huggingface_hub import snapshot_download
@@ -320,21 +320,36 @@ def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
         model = DiT(DiTConfig(**ckpt['model_args']))
         sd = ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model']
         load_state_dict_strict(model, sd, source=path)
-        model.meta = {**default_meta(model.config.vocab_size), **ckpt.get('meta', {})}
-        return model.to(device).eval()
+        return _with_meta(model, ckpt.get('meta', {}), path).to(device).eval()
     cfg_file, st_file = os.path.join(path, 'config.json'), os.path.join(path, 'model.safetensors')
     for f in (cfg_file, st_file):
         if not os.path.exists(f):
             raise FileNotFoundError(f'{f} is missing: a checkpoint directory holds config.json and model.safetensors')
     from safetensors.torch import load_file
-    with open(cfg_file) as f:
-        cfg = json.load(f)
-    sd = strip_prefix(load_file(st_file))
-    vocab = sd['vocab_embed.embedding'].shape[0] if 'vocab_embed.embedding' in sd else None
-    model = DiT(config_from_json(cfg, vocab_size=vocab))
+    try:  # a damaged download or a hand-edited config: say which file, not a bare KeyError
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+        sd = strip_prefix(load_file(st_file))
+        vocab = sd['vocab_embed.embedding'].shape[0] if 'vocab_embed.embedding' in sd else None
+        config = config_from_json(cfg, vocab_size=vocab)
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from e
+    except Exception as e:
+        raise ValueError(f'{path}: config.json or model.safetensors is not readable ({type(e).__name__}: {e}); '
+                         f'download it again') from e
+    model = DiT(config)
     load_state_dict_strict(model, sd, source=st_file)
-    model.meta = {**default_meta(model.config.vocab_size), **cfg.get('meta', {})}
-    return model.to(device).eval()
+    return _with_meta(model, cfg.get('meta', {}), path).to(device).eval()
+
+
+def _with_meta(model, meta, source):
+    """model.meta: the checkpoint's tokenizer and special ids over the defaults of its vocabulary. Every sampler and
+    loss takes the last id as MASK (SUBS): a checkpoint saying otherwise is refused, not sampled wrongly."""
+    model.meta = {**default_meta(model.config.vocab_size), **meta}
+    if model.meta.get('mask_id') != model.config.vocab_size - 1:
+        raise ValueError(f"{source}: meta mask_id {model.meta.get('mask_id')} is not the last id of the vocabulary "
+                         f'({model.config.vocab_size - 1}); this code (as MDLM) needs MASK = vocab_size - 1')
+    return model
 
 
 def save_pretrained(model, out_dir, meta=None):

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -120,9 +121,10 @@ class DiffusionLM(torch.nn.Module):
 def load_model(name_or_path, revision=None, device='cpu'):
     """Any checkpoint load_pretrained reads (a project ckpt.pt or out_dir, a saved or published directory, a hub id)."""
     backbone = load_pretrained(name_or_path, revision=revision or None, device=device)
-    if os.path.exists(name_or_path):
-        path = os.path.normpath(name_or_path)
-        name = os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
+    if os.path.exists(name_or_path):  # 'run/round_1_steps_32' (a ckpt.pt: its out_dir): the parent tells two runs apart
+        path = os.path.abspath(name_or_path)
+        path = os.path.dirname(path) if os.path.isfile(path) else path
+        name = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
     else:
         name = name_or_path + (f'@{revision}' if revision else '')
     return DiffusionLM(backbone, name)
@@ -223,7 +225,7 @@ def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=N
         raise ValueError(f'seq_len must be an integer in [1, {cfg.block_size}] (the model block size), got {seq_len!r}')
     device = torch.device(device or next(model.parameters()).device)
     if generator is None:
-        generator = torch.Generator(device=device).manual_seed(seed if seed is not None else torch.seed())
+        generator = torch.Generator(device=device).manual_seed(seed if seed is not None else diffusion.fresh_seed())
     cuda = device.type == 'cuda'
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
     mask_id = cfg.vocab_size - 1
@@ -303,21 +305,26 @@ def batch_seed(seed, i):
 
 
 def _write_atomic(path, write):
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        write(f)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp_')  # unique: concurrent writers
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_samples(path, tokens, settings, texts, **arrays):
     """path.npz: tokens [n, L] int32, settings (JSON string) and any extra arrays; path.jsonl: one {"i", "text"} per
-    sample. Both written to temporary names first and renamed when complete."""
+    sample. Each written to a temporary name and renamed when complete; the .npz (what evaluate.py reads, and what
+    marks the output as there) last, so a crash in between leaves no new .npz beside an old .jsonl."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    _write_atomic(path + '.npz', lambda f: np.savez(f, tokens=np.asarray(tokens, dtype=np.int32),
-                                                    settings=np.array(json.dumps(settings, default=str)), **arrays))
     lines = ''.join(json.dumps({'i': i, 'text': t}) + '\n' for i, t in enumerate(texts))
     _write_atomic(path + '.jsonl', lambda f: f.write(lines.encode()))
+    _write_atomic(path + '.npz', lambda f: np.savez(f, tokens=np.asarray(tokens, dtype=np.int32),
+                                                    settings=np.array(json.dumps(settings, default=str)), **arrays))
 
 
 def load_samples(path):
@@ -335,11 +342,14 @@ def main(argv=None):
     config = dict(vars(c))
     _choice('sampler', c.sampler, ('ancestral', 'cached', 'analytic'))
     _choice('mode', c.mode, ('uncond', 'cond_prefix'))
-    if c.num_steps < 1 or c.batch_size < 1 or c.n_samples < 1:
-        raise ValueError(f'num_steps, batch_size and n_samples must be >= 1 (got {c.num_steps}, {c.batch_size}, {c.n_samples})')
-    if c.mode == 'cond_prefix' and (not c.cond_data or not 0 < c.prefix_len < c.cond_len):
+    small = {k: getattr(c, k) for k in ('num_steps', 'batch_size', 'n_samples', 'n_prompts', 'n_continuations')
+             if getattr(c, k) < 1}
+    if small:
+        raise ValueError(f'these must be >= 1: {small}')
+    if c.mode == 'cond_prefix' and (not c.cond_data or not 0 < c.prefix_len < c.cond_len <= c.min_doc_len):
         raise ValueError(f'mode=cond_prefix needs cond_data (a .jsonl file with a "text" field or an HF dataset name, '
-                         f'got {c.cond_data!r}) and 0 < prefix_len < cond_len (got {c.prefix_len}, {c.cond_len})')
+                         f'got {c.cond_data!r}) and 0 < prefix_len < cond_len <= min_doc_len (every reference is '
+                         f'cond_len tokens of a document; got {c.prefix_len}, {c.cond_len}, {c.min_doc_len})')
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     dev = c.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if world > 1:
@@ -349,6 +359,7 @@ def main(argv=None):
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
     lm = load_model(c.init_from, c.revision, device=dev)
+    tok = lm.tokenizer if lm.meta.get('tokenizer') else None  # checked now, not after sampling: a mismatch says so first
     block, causal = lm.backbone.config.block_size, lm.backbone.config.causal
     if causal:  # the AR baseline samples autoregressively (sample_ar): no steps, no diffusion sampler
         config.update(num_steps=None, sampler='ar')
@@ -358,20 +369,23 @@ def main(argv=None):
 
     n, prompts, extra, tag = c.n_samples, None, {}, ''
     if c.mode == 'cond_prefix':
-        prefix, refs, idx = load_prefixes(c.cond_data, lm.tokenizer, c.n_prompts, c.prefix_len, c.cond_len,
+        prefix, refs, idx = load_prefixes(c.cond_data, tok, c.n_prompts, c.prefix_len, c.cond_len,
                                           c.min_doc_len, c.cond_split, c.prefix_bos)
         n = c.n_prompts * c.n_continuations
         prompts = prefix.repeat_interleave(c.n_continuations, dim=0)  # prompt-major: rows j*K .. j*K+K-1
         extra = dict(prompt_ids=prefix, ref_tokens=refs, doc_idx=idx,
                      prompt_index=np.repeat(np.arange(c.n_prompts), c.n_continuations))
-        tag = f'_p{c.prefix_len}x{c.n_continuations}'
+        source = json.dumps([c.cond_data, c.cond_split, c.min_doc_len, c.prefix_bos])  # which prompts: in the name
+        tag = f'_p{c.prefix_len}x{c.n_continuations}_' + hashlib.sha1(source.encode()).hexdigest()[:6]
     elif c.prompt or c.prompt_file:
         if c.prompt:
             text = c.prompt
         else:
             with open(c.prompt_file) as f:
                 text = f.read()
-        ids = [lm.tokenizer.bos_token_id] + lm.tokenizer.encode(text)
+        if tok is None:
+            raise ValueError(f'{lm.name}: the checkpoint names no tokenizer (meta.tokenizer): a text prompt needs one')
+        ids = [tok.bos_token_id] + tok.encode(text)
         if len(ids) >= L:
             raise ValueError(f'the prompt has {len(ids)} tokens (with BOS), seq_len={L} leaves no room to generate')
         prompts, extra = torch.tensor([ids]).expand(n, -1), dict(prompt_ids=np.array([ids]))
@@ -415,7 +429,7 @@ def main(argv=None):
         stats = dict(n_samples=n, seq_len=L, nfe=nfe, seconds=round(dt, 3), tokens_per_s=round(n * L / dt, 1),
                      seconds_per_batch=round(dt * world / n_batches, 3), world_size=world, device=str(lm.device))
         settings = {**config, **stats, 'model': lm.name, 'meta': lm.meta}
-        texts = lm.tokenizer.batch_decode(tokens) if lm.meta.get('tokenizer') else [' '.join(map(str, r)) for r in tokens]
+        texts = tok.batch_decode(tokens) if tok else [' '.join(map(str, r)) for r in tokens]
         save_samples(path, tokens, settings, texts, **extra)
         for i, t in enumerate(texts[:c.n_print]):
             print(f'---------- sample {i}\n{t}')

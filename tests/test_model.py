@@ -245,6 +245,27 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(ValueError, match='not a readable checkpoint'):
         load_pretrained(str(tmp_path / 'junk.pt'))
+    # a damaged download and a config with a key missing: ValueErrors that name the directory
+    good = save_pretrained(m, str(tmp_path / 'good'))
+    (tmp_path / 'good' / 'model.safetensors').write_bytes(b'\x00' * 16)
+    with pytest.raises(ValueError, match='good.*not readable'):
+        load_pretrained(good)
+    good = save_pretrained(m, str(tmp_path / 'good'))
+    cfg = json.loads((tmp_path / 'good' / 'config.json').read_text())
+    del cfg['cond_dim']
+    (tmp_path / 'good' / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="good.*cond_dim"):
+        load_pretrained(good)
+    # a meta whose MASK is not the last id would be sampled wrongly: refused
+    with pytest.raises(ValueError, match='mask_id 200'):
+        load_pretrained(save_pretrained(m, str(tmp_path / 'badmask'), meta=dict(mask_id=200)))
+
+
+def test_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    (tmp_path / 'out').mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match='out/kld_smal'):
+        load_pretrained('out/kld_smal')
 
 
 def test_hub_id_offline_fails_fast_with_advice(monkeypatch):

@@ -201,6 +201,27 @@ def test_files_round_trip_and_overwrite(byte_dir, tmp_path, capsys):
     assert (again['tokens'] == out['tokens']).all()  # same seed, same samples
 
 
+def test_global_seed_makes_unseeded_sampling_reproducible(byte_dir, ar_dir):
+    """seed=None takes its seed from the global generator (as torch.manual_seed users expect) and leaves the stream
+    reproducible after the call, instead of reseeding it at random."""
+    for path in (byte_dir, ar_dir):
+        lm = sample.load_model(path)
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            runs.append((lm.sample(2, 4, 16), torch.rand(3)))
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_two_runs_rounds_get_their_own_sample_files(tmp_path):
+    """Every distill run writes round_{r}_steps_{n}/: the run directory is part of the sample file name."""
+    paths = [sample.main([f'--init_from={tiny_dir(tmp_path / run / "round_1_steps_4", 258)}', '--seq_len=16',
+                          '--num_steps=4', '--n_samples=1', f'--out_dir={tmp_path}', '--n_print=0'])
+             for run in ('kld_run', 'mse_run')]
+    assert [os.path.basename(p).split('_ancestral')[0] for p in paths] == ['kld_run-round_1_steps_4',
+                                                                           'mse_run-round_1_steps_4']
+
+
 def test_two_processes_equal_one(byte_dir, tmp_path):
     argv = [f'--init_from={byte_dir}', '--seq_len=24', '--num_steps=6', '--n_samples=5', '--batch_size=2',
             '--seed=7', '--device=cpu']
@@ -240,6 +261,18 @@ def test_bad_input(byte_dir, tmp_path):
         sample.load_model(str(junk))
     with pytest.raises(ValueError, match='needs cond_data'):
         sample.main(base + ['--mode=cond_prefix'])
+    with pytest.raises(ValueError, match='cond_len <= min_doc_len'):  # short documents: references of cond_len
+        sample.main(base + ['--mode=cond_prefix', '--cond_data=x.jsonl', '--min_doc_len=5', '--cond_len=40'])
+    with pytest.raises(ValueError, match='n_prompts'):
+        sample.main(base + ['--mode=cond_prefix', '--cond_data=x.jsonl', '--n_prompts=0'])
+    # a vocabulary that does not match the named tokenizer fails before sampling, not after it (nothing written)
+    bad = tiny_dir(tmp_path / 'v300', 300)
+    cfg = json.loads((tmp_path / 'v300' / 'config.json').read_text())
+    cfg['meta'].update(tokenizer='byte', bos_id=256, eos_id=256)
+    (tmp_path / 'v300' / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match='tokenizer byte has 258 ids, the model 300'):
+        sample.main([f'--init_from={bad}', f'--out_dir={tmp_path / "v300_out"}', '--verbose=True'])
+    assert not (tmp_path / 'v300_out').exists()
     r = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--init_from={tmp_path / "missing"}'],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 1 and 'sample.py: error: no checkpoint' in r.stderr
@@ -289,7 +322,7 @@ def test_ar_cli_writes_samples(ar_dir, tmp_path, capsys):
     argv = [f'--init_from={ar_dir}', '--seq_len=24', '--n_samples=3', '--batch_size=2', '--seed=5',
             '--num_steps=6', f'--out_dir={tmp_path}']
     path = sample.main(argv)
-    assert os.path.basename(path) == 'model_ar_L24_n3_s5' and '/uncond/' in path
+    assert os.path.basename(path) == 'ar0-model_ar_L24_n3_s5' and '/uncond/' in path
     out = sample.load_samples(path)
     assert out['tokens'].shape == (3, 24) and (out['tokens'][:, 0] == 256).all() and not (out['tokens'] == 257).any()
     st = out['settings']
