@@ -89,6 +89,7 @@ class LM:
     def __init__(self, name, device='cpu', dtype='float32', revision='', compile=False):
         if not name:
             raise ValueError('no model given: set --judge (genppl/mauve) or --init_from (lambada/valppl)')
+        name = os.path.expanduser(name)
         if name.startswith(('/', '.', '~')) and not os.path.exists(name):
             raise FileNotFoundError(f'no model at {name!r}')
         self.name, self.device = name, torch.device(device)
@@ -132,7 +133,8 @@ class LM:
                 lg, h['h'] = out.logits, out.hidden_states[-1] if hidden else None
             else:  # the DiT's last hidden state: after its final LayerNorm (as GPT-2's hidden_states[-1] is after ln_f)
                 hook = self.model.output_layer.norm_final.register_forward_hook(lambda m, i, o: h.update(h=o)) if hidden else None
-                lg = self.fwd(ids, None if t is None else sigma(t))[..., :self.mask]
+                # (a hook added after compilation is not in the compiled graph: MAUVE's features run eagerly)
+                lg = (self.model if hidden else self.fwd)(ids, None if t is None else sigma(t))[..., :self.mask]
                 if hook:
                     hook.remove()
         return lg.float(), (h['h'].float() if hidden else None)
@@ -200,7 +202,7 @@ def judge_inputs(judge, tokens, tok_name):
     as they are (SDTT). Otherwise the text (BOS/EOS dropped, as SDTT's llama path) is retokenized behind the judge's BOS."""
     if judge.kind != 'causal':
         raise ValueError(f'the judge {judge.name} is a bidirectional diffusion model; use a causal LM or an AR checkpoint')
-    tok = get_tokenizer(tok_name)
+    tok, tokens = get_tokenizer(tok_name), np.asarray(tokens, dtype=np.int64)
     bad = tokens[(tokens < 0) | (tokens >= tok.mask_token_id)]
     if len(bad):
         what = 'MASK ids (unfinished samples)' if (bad == tok.mask_token_id).any() else f'ids outside [0, {tok.mask_token_id})'
@@ -212,6 +214,10 @@ def judge_inputs(judge, tokens, tok_name):
     else:
         texts = [tok.decode([i for i in row if i not in (tok.bos_token_id, tok.eos_token_id)]) for row in tokens.tolist()]
         seqs = [torch.tensor([judge.bos] + judge.tok.encode(s)) for s in texts]
+    short = sum(len(s) < 2 for s in seqs)
+    if short:  # nothing to score after position 0: its mean NLL would be 0/0 and gen-PPL NaN
+        raise ValueError(f'{short} of {len(seqs)} samples have fewer than 2 judge tokens (after dropping BOS/EOS and '
+                         'retokenizing): gen-PPL is undefined for them. Are the samples only BOS/EOS?')
     longest = max(len(s) for s in seqs)
     if longest > judge.n_ctx:
         raise ValueError(f'a sample is {longest} judge tokens long, more than the context of {judge.name} ({judge.n_ctx}); '

@@ -209,6 +209,9 @@ def load_source(args):
         except Exception as e:
             raise RuntimeError(f"could not load Hugging Face dataset {src!r} ({type(e).__name__}: {e}). "
                                "Offline? Pass a local path instead: --source=<a .txt/.jsonl file or a directory of them>") from e
+        for d in (docs, val):
+            if d is not None and args.text_field not in d.column_names:
+                raise ValueError(f"{src} has no column {args.text_field!r} (columns: {d.column_names}); set --text_field")
         desc = f"hf {src}" + (f"/{args.hf_config}" if args.hf_config else "") + f" split={args.hf_split}"
         if val is not None:
             return docs, val, desc + f" val_split={args.hf_val_split}", issues

@@ -168,6 +168,16 @@ def test_lambada_hf_gpt2_matches_direct(tmp, gpt2_dir):
     assert r['lambada_ppl'] == pytest.approx(math.exp(np.mean(nlls)), rel=1e-5)
 
 
+def test_compiled_project_judge_gives_features_and_takes_int32(ar_dir):
+    """--compile=True with a project judge: gen-PPL (compiled) then MAUVE features (a hook, so eager) on int32 ids as
+    sample.py stores them."""
+    judge, tokens = E.LM(ar_dir[0], compile=True), np.array([[256, 1, 2, 3, 4], [256, 5, 6, 7, 8]], dtype=np.int32)
+    ppl = E.gen_ppl(judge, tokens, 'byte', batch_size=2)['gen_ppl']
+    assert math.isclose(ppl, E.gen_ppl(E.LM(ar_dir[0]), tokens, 'byte', batch_size=2)['gen_ppl'], rel_tol=1e-4)
+    f = E.judge_pass(judge, E.judge_inputs(judge, tokens, 'byte'), batch_size=2, hidden=True)
+    assert f.shape == (2, 32) and np.isfinite(f).all()
+
+
 def test_features_are_last_hidden_state_of_final_token(gpt2_dir):
     path, m = gpt2_dir
     seqs = [torch.tensor([50256, 10, 20, 30, 40]), torch.tensor([50256, 7, 8])]  # padded in one batch
@@ -260,7 +270,7 @@ def _rank_main(rank, out, ar, dit, tokens, texts):
     dist.destroy_process_group()
 
 
-def test_bad_inputs(tmp, ar_dir, dit_dir):
+def test_bad_inputs(tmp, ar_dir, dit_dir, gpt2_dir):
     judge = E.LM(ar_dir[0])
     with pytest.raises(ValueError, match='MASK'):
         E.gen_ppl(judge, np.full((2, 8), 257), 'byte')
@@ -268,6 +278,8 @@ def test_bad_inputs(tmp, ar_dir, dit_dir):
         E.gen_ppl(judge, np.full((2, 8), 300), 'byte')
     with pytest.raises(ValueError, match='context'):
         E.gen_ppl(judge, np.zeros((1, 200), dtype=np.int64), 'byte')
+    with pytest.raises(ValueError, match='1 of 2 samples have fewer than 2 judge tokens'):  # not a NaN gen-PPL
+        E.gen_ppl(E.LM(gpt2_dir[0]), np.array([[256, *b'hello world'], [256] * 12]), 'byte')
     bad = tmp / 'bad'
     bad.mkdir()
     np.savez(bad / 'flat.npz', tokens=np.zeros(5, dtype=np.int32), settings=np.array('{}'))
