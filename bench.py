@@ -31,6 +31,8 @@ sample_steps = (8, 16, 32, 64, 128, 256, 512, 1024)
 long_steps_max_batch = 8    # steps > 128 are measured only at batch sizes up to this (they take seconds each)
 compile = torch.cuda.is_available()  # also measure torch.compile'd forward and sampling (slow to build on CPU)
 compile_mode = 'default'    # 'reduce-overhead': CUDA graphs (the sampler has no per-step sync; helps batch 1)
+head_only = None            # sampler's output layer at the revealed positions only (diffusion.sample); None: on,
+                            # except with CUDA graphs (a new number of positions every step would re-record them)
 latency = True              # (a): forward and sampling latency (the autoregressive rows compare against it)
 hf_baseline = True          # needs transformers
 hf_batch_sizes = (1, 8)     # also the batch sizes of the project's AR baseline below
@@ -107,8 +109,10 @@ for name, m in variants.items() if latency else ():
             if steps > 128 and (B > long_steps_max_batch or name == 'eager'):
                 continue  # seconds each: compiled only, small batches
             reps = 3 if steps <= 64 else 1
-            s = timeit(lambda: sample(m, B, steps, L, mask_id=V - 1, bos_id=0, seed=0, device=dev), warmup=1, reps=reps)
-            record(bench='sample', variant=name, batch=B, steps=steps, seconds=s,
+            ho = head_only if head_only is not None else not (name == 'compiled' and compile_mode == 'reduce-overhead')
+            s = timeit(lambda: sample(m, B, steps, L, mask_id=V - 1, bos_id=0, seed=0, device=dev, head_only=ho),
+                       warmup=1, reps=reps)
+            record(bench='sample', variant=name, batch=B, steps=steps, head_only=ho, seconds=s,
                    ms_per_step=s / steps * 1e3, overhead_vs_forwards=s / (steps * fwd_ms[name, B] / 1e3) - 1)
 
 

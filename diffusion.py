@@ -5,6 +5,7 @@ noise schedule, time sampling, forward masking, the SUBS parameterisation, the N
 Conventions: the MASK id is always the last vocabulary id (mask_id = V - 1); every function takes it (or V) as an
 argument, nothing assumes GPT-2's 50257. A "model" here is any callable model(ids [B, L], sigma [B]) -> logits [B, L, V].
 """
+import inspect
 import math
 from contextlib import nullcontext
 
@@ -109,9 +110,16 @@ def sampling_grid(num_steps, eps=SAMPLE_EPS):
     return torch.linspace(1, eps, num_steps + 1, dtype=torch.float64)[:-1].tolist(), (1 - eps) / num_steps
 
 
+def takes_positions(model):
+    """Whether model(ids, sigma, positions) computes logits at those flat positions only (model.DiT does; also
+    through torch.compile's wrapper)."""
+    m = getattr(model, '_orig_mod', model)
+    return 'positions' in inspect.signature(m.forward if isinstance(m, torch.nn.Module) else m).parameters
+
+
 @torch.no_grad()
 def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_bos=True, project_fn=None, cache=False,
-           eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None):
+           eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None, head_only=None):
     """Ancestral ("DDPM") sampling of masked diffusion (SPEC §4), starting from all-MASK with BOS at position 0
     (add_bos; bos_id defaults to model.meta['bos_id'] where the model has one), and project_fn(x) applied to the
     prior and after every step, e.g. to write a prompt.
@@ -127,6 +135,10 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     only write positions that it sets from the prior on (a prompt), as the host tracks which positions are masked.
     step_fn(x, logits, t, s, u, mask_id) -> new x: another update rule in place of the ancestral one (e.g. the
     analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position (the host learns the new state: a sync per step).
+    head_only (default: when the model takes positions, see takes_positions, and neither cache nor step_fn is used):
+    the host knows before the forward which positions the step reveals, so the output layer (a V x d matmul and a
+    [B, L, V] write: ~1/6 of a DiT-small forward) runs at those ~B L / num_steps positions only. The same tokens up to
+    floating point. Off for CUDA graphs: the number of positions changes every step.
     Returns (tokens [n_samples, seq_len] int64, nfe) with nfe the mean number of forward passes per sequence."""
     block_size = getattr(getattr(model, 'config', None), 'block_size', None)
     if mask_id is None:
@@ -149,10 +161,14 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     if generator is None:  # on the host: see below
         generator = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    if head_only is None:
+        head_only = not cache and step_fn is None and takes_positions(model)
+    elif head_only and (cache or step_fn is not None):
+        raise ValueError('head_only computes the logits of the revealed positions only: not with cache or step_fn')
 
-    def forward(x, t):
+    def forward(x, t, *positions):
         with autocast:
-            return model(x, sigma(torch.full((x.shape[0],), t, device=device)))
+            return model(x, sigma(torch.full((x.shape[0],), t, device=device)), *positions)
 
     x = torch.full((n_samples, seq_len), mask_id, dtype=torch.long, device=device)
     if bos_id is None:
@@ -178,7 +194,13 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         # draws for every position at every step, so caching (which skips forwards) sees the same randomness
         u_reveal = torch.rand(x.shape, dtype=torch.float64, generator=generator)
         u_token = torch.rand(x.shape, dtype=torch.float64, generator=generator)
-        if not cache or logits is None:
+        if step_fn is None:  # the ancestral step: P(reveal) = 1 - m(s)/m(t), about L/num_steps per sequence
+            reveal = masked & (u_reveal >= move_chance(s) / move_chance(t))
+            flat = to_device(reveal.flatten().nonzero().squeeze(1), device)  # flat indices into the B * L positions
+        if head_only:
+            torch._dynamo.maybe_mark_dynamic(flat, 0)  # a new count every step: one compiled version for all
+            picked, n_forward = forward(x, t, flat), n_forward + n_samples
+        elif not cache or logits is None:
             logits, n_forward = forward(x, t), n_forward + n_samples
             if cache:
                 logits = logits.clone()  # updated in place below; a CUDA-graph output buffer is not ours to keep
@@ -194,11 +216,10 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
             x_new = step_fn(x, logits, t, s, to_device(u_token, device), mask_id)
             stale, masked = (x_new != x).any(dim=1).cpu(), (x_new == mask_id).cpu()
         else:
-            reveal = masked & (u_reveal >= move_chance(s) / move_chance(t))  # P(reveal) = 1 - m(s)/m(t)
-            b, l = reveal.nonzero(as_tuple=True)  # about L/num_steps per sequence get a float64 draw
-            b, l, u = to_device(b, device), to_device(l, device), to_device(u_token[reveal], device)
+            if not head_only:
+                picked = logits[flat // seq_len, flat % seq_len]
             x_new = x.clone()
-            x_new[b, l] = draw_categorical(logits[b, l, :mask_id], u)
+            x_new.view(-1)[flat] = draw_categorical(picked[:, :mask_id], to_device(u_token[reveal], device))
             stale, masked = reveal.any(dim=1), masked & ~reveal
         if project_fn is not None:
             x_new = project_fn(x_new)  # (it rewrites the prompt, never masked after the first projection)

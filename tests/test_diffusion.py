@@ -203,3 +203,27 @@ def test_draw_categorical_chunks_give_the_same_draws():
     assert torch.equal(a, D.draw_categorical(logits, u, chunk_elems=100))  # 2 rows per chunk
     cdf = torch.softmax(logits.double(), -1).cumsum(-1)  # the definition: first index whose cdf exceeds u
     assert torch.equal(a, (cdf <= u[:, None] * cdf[:, -1:]).sum(-1))
+
+
+def test_head_only_sampling_same_tokens_output_layer_at_reveals_only():
+    """The default for a DiT: the output layer runs only at the positions each step reveals (the host knows them
+    before the forward); the tokens are those of the full-logits step."""
+    torch.manual_seed(0)
+    m = DiT(DiTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32, cond_dim=16, dropout=0)).eval()
+    with torch.no_grad():
+        for q in m.parameters():
+            q.normal_(0, 0.5)
+    rows = []
+    m.output_layer.linear.register_forward_hook(lambda mod, i, o: rows.append(o.shape[0] if o.dim() == 2 else o[..., 0].numel()))
+    assert D.takes_positions(m) and D.takes_positions(torch.compile(m)) and not D.takes_positions(FixedModel(tail_probs()))
+    a, nfe_a = D.sample(m, 5, 8, 16, bos_id=38, seed=3)
+    n_head_rows = sum(rows)
+    rows.clear()
+    b, nfe_b = D.sample(m, 5, 8, 16, bos_id=38, seed=3, head_only=False)
+    assert torch.equal(a, b) and nfe_a == nfe_b == 8
+    # 75 masked positions (BOS is given), each revealed once: 75 rows, against 8 steps x 5 x 16 (the final denoise, of
+    # whole sequences, runs only where a mask is left: the same in both runs)
+    final = n_head_rows - 75
+    assert final % 16 == 0 and sum(rows) == 8 * 5 * 16 + final
+    with pytest.raises(ValueError, match='not with cache'):
+        D.sample(m, 5, 8, 16, cache=True, head_only=True)
