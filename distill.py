@@ -249,6 +249,8 @@ def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
     """A checkpoint of the original MDLM code ("distill a model you trained yourself"): weights under 'state_dict' with
     'backbone.' prefixes, EMA under 'ema' -> 'shadow_params' (a list in parameter order), used when present.
     Its pickled hyper-parameters are not read, so n_head and block_size come from the config."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'init_from={path}: no such file')
     try:
         ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -394,9 +396,9 @@ def main(argv=None):
     if ckpt:
         optimizer.load_state_dict(ckpt['optimizer'])
         step, rnd, ema_updates = ckpt['step'], ckpt['round'], ckpt['ema_updates']
-        torch.set_rng_state(ckpt['rng']['torch'])
-        if dev.type == 'cuda' and ckpt['rng']['cuda']:
-            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+        torch.set_rng_state(ckpt['rng']['torch'])  # (device generators: reseeded by every micro-batch, not saved)
+        for g in optimizer.param_groups:  # load_state_dict brought back the saved ones: the config's count on resume
+            g.update(weight_decay=weight_decay, betas=(beta1, beta2))
         if master:
             print(f'resumed {ckpt_path} at step {step}, round {rnd}')
     # the network and its loss compiled as one graph, for a number of masked positions that changes every step
@@ -429,8 +431,11 @@ def main(argv=None):
                              teacher=teacher.state_dict() if teacher is not None else None,
                              optimizer=optimizer.state_dict(), step=step, round=rnd, dt=dt_of(rnd),
                              ema_updates=ema_updates, config=config, meta=meta_now(),
-                             rng=dict(torch=torch.get_rng_state(),
-                                      cuda=torch.cuda.get_rng_state_all() if dev.type == 'cuda' else [])), ckpt_path)
+                             rng=dict(torch=torch.get_rng_state())), ckpt_path)
+
+    def nonfinite():  # checkpoint() never writes a non-finite state: the last good checkpoint stays
+        return FloatingPointError(f'non-finite loss or gradient before step {step}: stopping; the last good checkpoint '
+                                  f'({ckpt_path}) is kept. Lower learning_rate or check the data.')
 
     def noised(x0):  # the micro-batch's random draws, made on the host, then sent to the device
         return to_device(draw_noise(x0, objective, mask_id, eps, dt_of(rnd), K, reference_time_grid), dev)
@@ -513,8 +518,7 @@ def main(argv=None):
                 dist.all_reduce(stats)  # one sync per log step: mean loss, any NaN, any stop request, FLOPs
             loss_val, norm_val, bad, stop_any, flops_val = stats.tolist()
             if bad:
-                raise FloatingPointError(f'non-finite loss or gradient before step {step}: stopping; the last good '
-                                         f'checkpoint ({ckpt_path}) is kept. Lower learning_rate or check the data.')
+                raise nonfinite()
             halt = halt or stop_any > 0
             dt_s = time.time() - t_log
             n = step - step_log
@@ -535,7 +539,7 @@ def main(argv=None):
         boundary = objective == 'sdtt' and step % round_every == 0
         if boundary:  # round rnd done: save the student, it becomes the teacher, dt grows K-fold
             if not bool(finite):
-                raise FloatingPointError(f'non-finite loss or gradient before step {step}: stopping, {ckpt_path} kept')
+                raise nonfinite()
             rnd += 1
             if master:
                 rdir = os.path.join(out_dir, f'round_{rnd}_steps_{student_steps(rnd - 1)}')
@@ -552,6 +556,8 @@ def main(argv=None):
             checkpoint()
             saved_step = step
         t_log += time.time() - t_aside
+    if not bool(finite):  # a NaN since the last log step, then a stop: say so (checkpoint() kept the last good one)
+        raise nonfinite()
     if master and (saved_step != step or not os.path.exists(ckpt_path)):
         checkpoint()
     if master:

@@ -12,7 +12,8 @@ Stages (each one is a plain command of the other scripts, printed and logged to 
  5. sample.py: the teacher at every 2^k steps, each student at 2^k <= its own step count
  6. evaluate.py: gen-PPL + entropy of every sample file with the judge, val NELBO perplexity of every model, the plot
  7. work_dir/results.md: the tables (also printed)
-A stage that finished leaves work_dir/logs/<stage>.done and is skipped when the command is run again.
+A stage that finished leaves work_dir/logs/<stage>.done and is skipped when the command is run again; a training
+stage that was interrupted continues from its ckpt.pt (distill.py --init_from=resume).
 """
 import json
 import os
@@ -66,6 +67,9 @@ def stage(name, *cmds, parallel=True):
     for i in range(0, len(cmds), width):
         running = []
         for j, cmd in enumerate(cmds[i:i + width]):
+            out = [a.split('=', 1)[1] for a in cmd if a.startswith('--out_dir=')]
+            if cmd[1] == 'distill.py' and out and os.path.exists(os.path.join(out[-1], 'ckpt.pt')):
+                cmd = cmd + ['--init_from=resume']  # an interrupted run of this stage: continue it
             line = ' '.join(shlex.quote(c) for c in cmd)
             print(f'== {name}: {line}', flush=True)
             log = open(os.path.join(logs, f'{name}.{i + j}.log'), 'w')

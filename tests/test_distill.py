@@ -330,12 +330,30 @@ def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
         distill.main(sdtt_args(gpt2_data, teacher_dir, out))
     with pytest.raises(FileNotFoundError):
         distill.main(sdtt_args(data, str(tmp_path / 'nothing_here'), out))
+    with pytest.raises(FileNotFoundError, match='no such file'):  # not "torch.load refuses it"
+        distill.main(sdtt_args(data, str(tmp_path / 'nothing_here.ckpt'), out))
     distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=2'))
     with pytest.raises(FileExistsError, match='resume'):  # never overwrite a run by accident
         distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=2'))
+    # resuming with other optimiser settings uses them (optimizer.load_state_dict would restore the saved ones)
+    distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=3', '--init_from=resume', '--weight_decay=0.5',
+                           '--beta2=0.9'))
+    group = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['optimizer']['param_groups'][0]
+    assert group['weight_decay'] == 0.5 and tuple(group['betas']) == (0.9, 0.9)
     before = open(os.path.join(out, 'ckpt.pt'), 'rb').read()
     monkeypatch.setattr(distill, 'training_loss', lambda *a, **k: torch.tensor(float('nan'), requires_grad=True))
     with pytest.raises(FloatingPointError, match='non-finite'):
-        distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=4', '--init_from=resume', '--ckpt_interval=1',
+        distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=5', '--init_from=resume', '--ckpt_interval=1',
                                '--log_interval=2'))
     assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before  # the last good checkpoint is kept
+
+    sent = []
+
+    def nan_then_ctrl_c(*a, **k):  # a NaN, then Ctrl-C before the next log step: still an error, not "saved"
+        if not sent:  # (a second Ctrl-C aborts at once)
+            sent.append(os.kill(os.getpid(), signal.SIGINT))
+        return torch.tensor(float('nan'), requires_grad=True)
+    monkeypatch.setattr(distill, 'training_loss', nan_then_ctrl_c)
+    with pytest.raises(FloatingPointError, match='non-finite'):
+        distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=10', '--init_from=resume', '--log_interval=10'))
+    assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before
