@@ -134,7 +134,8 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     reveals, so a step needs no host-device sync, and a seed gives the same reveals on every device. project_fn must
     only write positions that it sets from the prior on (a prompt), as the host tracks which positions are masked.
     step_fn(x, logits, t, s, u, mask_id) -> new x: another update rule in place of the ancestral one (e.g. the
-    analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position (the host learns the new state: a sync per step).
+    analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position (the host learns the new state:
+    a sync per step).
     head_only (default: when the model takes positions, see takes_positions, and neither cache nor step_fn is used):
     the host knows before the forward which positions the step reveals, so the output layer (a V x d matmul and a
     [B, L, V] write: ~1/6 of a DiT-small forward) runs at those ~B L / num_steps positions only. The same tokens up to

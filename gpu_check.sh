@@ -37,6 +37,9 @@ part sample 120 python bench.py --train=False --batch_sizes="(1,8)" --sample_ste
 # batch 1 is launch-bound: CUDA graphs, possible since the sampler never syncs per step
 part sample_graphs 90 python bench.py --train=False --batch_sizes="(1,)" --sample_steps="(32,)" --hf_baseline=False \
     --ar_baseline=False --compile_mode=reduce-overhead --out_file="$OUT/bench.jsonl"
+# the same sampling with the output layer everywhere (as the H100 table of the first session): the head-only gain
+part sample_full_logits 100 python bench.py --train=False --batch_sizes="(1,8)" --sample_steps="(16,32,64)" \
+    --hf_baseline=False --ar_baseline=False --head_only=False --out_file="$OUT/bench.jsonl"
 part train_autotune 240 python bench.py --latency=False --hf_baseline=False --ar_baseline=False \
     --train_compile_mode=max-autotune-no-cudagraphs --out_file="$OUT/bench.jsonl"
 echo "results: $OUT (bench.jsonl, *.log, summary.txt)"

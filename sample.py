@@ -360,6 +360,8 @@ def main(argv=None):
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
     lm = load_model(c.init_from, c.revision, device=dev)
     tok = lm.tokenizer if lm.meta.get('tokenizer') else None  # checked now, not after sampling: a mismatch says so first
+    if tok is None and (c.mode == 'cond_prefix' or c.prompt or c.prompt_file):
+        raise ValueError(f'{lm.name}: the checkpoint names no tokenizer (meta.tokenizer): text prompts need one')
     block, causal = lm.backbone.config.block_size, lm.backbone.config.causal
     if causal:  # the AR baseline samples autoregressively (sample_ar): no steps, no diffusion sampler
         config.update(num_steps=None, sampler='ar')
@@ -383,8 +385,6 @@ def main(argv=None):
         else:
             with open(c.prompt_file) as f:
                 text = f.read()
-        if tok is None:
-            raise ValueError(f'{lm.name}: the checkpoint names no tokenizer (meta.tokenizer): a text prompt needs one')
         ids = [tok.bos_token_id] + tok.encode(text)
         if len(ids) >= L:
             raise ValueError(f'the prompt has {len(ids)} tokens (with BOS), seq_len={L} leaves no room to generate')
