@@ -528,6 +528,7 @@ def main(argv=None):
     if c.plot and rank == 0:
         print(f"plot -> {plot_genppl(jsonl, os.path.join(c.out_dir, 'genppl.png'))}")
     if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be writing: gloo aborts ("terminate called ...") if a peer leaves early
         dist.destroy_process_group()
 
 

@@ -437,6 +437,7 @@ def main(argv=None):
               f'({"autoregressive, KV cache" if causal else f"{c.num_steps} steps, {c.sampler}"}) -> {path}.npz')
         print(json.dumps(stats))
     if world > 1:
+        dist.barrier()  # rank 0 is still writing the files: gloo aborts ("terminate called ...") if a peer leaves early
         dist.destroy_process_group()
     return path
 
