@@ -126,20 +126,22 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     One step from t to s: a masked position stays masked with probability m(s)/m(t), otherwise takes a token drawn
     in float64 from the SUBS distribution p_theta(x0 | xt). Positions never change once unmasked. After the last step,
     positions still masked (rare: probability ~1e-5 each) get the argmax of one more forward pass.
-    cache=True: a sequence that no step changed since its last forward reuses that prediction (valid because the
-    network does not depend on t without time conditioning). It uses the same random draws as cache=False, so it gives
-    the same tokens up to floating point: a forward of a subset of the batch can differ from the full-batch forward in
-    the last bits, which flips a draw only if its uniform falls that close to a CDF boundary.
+    cache=True (MDLM's ddpm_cache, per sequence and one step ahead): a step's prediction is used only where it
+    reveals a token, and the host knows where before the forward; so only the sequences that this step changes are
+    run (steps that change nothing in a sequence cost it nothing). Nothing is reused, so it is exact for
+    time-conditioned models too, and it draws the same random numbers as cache=False: the same tokens up to floating
+    point (a forward of a subset of the batch can differ from the full-batch forward in the last bits, which flips a
+    draw only if its uniform falls that close to a CDF boundary). nfe then counts the forwards actually run.
     Random numbers come from generator, a CPU torch.Generator (default: seeded with seed): the host decides the
     reveals, so a step needs no host-device sync, and a seed gives the same reveals on every device. project_fn must
     only write positions that it sets from the prior on (a prompt), as the host tracks which positions are masked.
     step_fn(x, logits, t, s, u, mask_id) -> new x: another update rule in place of the ancestral one (e.g. the
     analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position (the host learns the new state:
     a sync per step).
-    head_only (default: when the model takes positions, see takes_positions, and neither cache nor step_fn is used):
-    the host knows before the forward which positions the step reveals, so the output layer (a V x d matmul and a
-    [B, L, V] write: ~1/6 of a DiT-small forward) runs at those ~B L / num_steps positions only. The same tokens up to
-    floating point. Off for CUDA graphs: the number of positions changes every step.
+    head_only (default: when the model takes positions, see takes_positions, and step_fn is not used): for the same
+    reason the output layer (a V x d matmul and a [B, L, V] write: ~1/6 of a DiT-small forward) runs at the ~B L /
+    num_steps positions the step reveals only. The same tokens up to floating point. Off for CUDA graphs: the number
+    of positions changes every step.
     Returns (tokens [n_samples, seq_len] int64, nfe) with nfe the mean number of forward passes per sequence."""
     block_size = getattr(getattr(model, 'config', None), 'block_size', None)
     if mask_id is None:
@@ -153,8 +155,6 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
     if not isinstance(seq_len, int) or seq_len < 1 or (block_size is not None and seq_len > block_size):
         raise ValueError(f'seq_len must be an integer in [1, {block_size}] (the model block size), got {seq_len!r}')
-    if getattr(getattr(model, 'config', None), 'time_conditioning', False):
-        cache = False  # the prediction depends on t: nothing can be reused
     if device is None:
         p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = p.device if p is not None else torch.device('cpu')
@@ -162,10 +162,11 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     if generator is None:  # on the host: see below
         generator = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    if step_fn is not None and (cache or head_only):
+        raise ValueError('cache and head_only need the ancestral step (its reveals are known before the forward), '
+                         'not a step_fn')
     if head_only is None:
-        head_only = not cache and step_fn is None and takes_positions(model)
-    elif head_only and (cache or step_fn is not None):
-        raise ValueError('head_only computes the logits of the revealed positions only: not with cache or step_fn')
+        head_only = step_fn is None and takes_positions(model)
 
     def forward(x, t, *positions):
         with autocast:
@@ -183,8 +184,6 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     # draw and which sequences changed); the only sync is this one, before the loop.
     masked = (x == mask_id).cpu()
     ts, dt = sampling_grid(num_steps, eps)
-    logits = None
-    stale = torch.ones(n_samples, dtype=torch.bool)  # which sequences need a fresh forward (host)
     n_forward = 0  # sequence-forwards
     steps = ts
     if verbose:
@@ -195,33 +194,31 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         # draws for every position at every step, so caching (which skips forwards) sees the same randomness
         u_reveal = torch.rand(x.shape, dtype=torch.float64, generator=generator)
         u_token = torch.rand(x.shape, dtype=torch.float64, generator=generator)
-        if step_fn is None:  # the ancestral step: P(reveal) = 1 - m(s)/m(t), about L/num_steps per sequence
-            reveal = masked & (u_reveal >= move_chance(s) / move_chance(t))
-            flat = to_device(reveal.flatten().nonzero().squeeze(1), device)  # flat indices into the B * L positions
-        if head_only:
-            torch._dynamo.maybe_mark_dynamic(flat, 0)  # a new count every step: one compiled version for all
-            picked, n_forward = forward(x, t, flat), n_forward + n_samples
-        elif not cache or logits is None:
-            logits, n_forward = forward(x, t), n_forward + n_samples
-            if cache:
-                logits = logits.clone()  # updated in place below; a CUDA-graph output buffer is not ours to keep
-        else:
-            rows = stale.nonzero().squeeze(1)
-            if len(rows) == n_samples:  # all changed: no copy into the cache
-                logits, n_forward = forward(x, t).clone(), n_forward + n_samples
-            elif len(rows):
-                rows = to_device(rows, device)
-                logits[rows] = forward(x[rows], t).to(logits.dtype)
-                n_forward += len(rows)
         if step_fn is not None:  # decides on the device: the host learns the new state with one sync
-            x_new = step_fn(x, logits, t, s, to_device(u_token, device), mask_id)
-            stale, masked = (x_new != x).any(dim=1).cpu(), (x_new == mask_id).cpu()
+            x_new = step_fn(x, forward(x, t), t, s, to_device(u_token, device), mask_id)
+            n_forward += n_samples
+            masked = (x_new == mask_id).cpu()
         else:
-            if not head_only:
-                picked = logits[flat // seq_len, flat % seq_len]
-            x_new = x.clone()
-            x_new.view(-1)[flat] = draw_categorical(picked[:, :mask_id], to_device(u_token[reveal], device))
-            stale, masked = reveal.any(dim=1), masked & ~reveal
+            reveal = masked & (u_reveal >= move_chance(s) / move_chance(t))  # P(reveal) = 1 - m(s)/m(t)
+            b, l = reveal.nonzero(as_tuple=True)  # about L/num_steps per sequence get a float64 draw
+            flat = to_device(b * seq_len + l, device)  # flat indices into the B * L positions
+            xs, at = x, flat  # the sequences run and the revealed positions among them
+            if cache:  # only the sequences this step changes
+                changed = reveal.any(dim=1)
+                rows = changed.nonzero().squeeze(1)
+                if len(rows) < n_samples:
+                    xs, at = x[to_device(rows, device)], to_device((changed.cumsum(0)[b] - 1) * seq_len + l, device)
+            x_new = x
+            if len(b) or not cache:  # (without cache every step runs a forward: NFE = steps, as MDLM's sampler)
+                if head_only:
+                    torch._dynamo.maybe_mark_dynamic(at, 0)  # a new count every step: one compiled version for all
+                    picked = forward(xs, t, at)
+                else:
+                    picked = forward(xs, t)[at // seq_len, at % seq_len]
+                n_forward += len(xs)
+                x_new = x.clone()
+                x_new.view(-1)[flat] = draw_categorical(picked[:, :mask_id], to_device(u_token[reveal], device))
+            masked = masked & ~reveal
         if project_fn is not None:
             x_new = project_fn(x_new)  # (it rewrites the prompt, never masked after the first projection)
         x = x_new

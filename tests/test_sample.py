@@ -127,9 +127,10 @@ def test_cache_same_tokens_fewer_nfe(byte_dir):
     lm = sample.load_model(byte_dir)
     a, nfe_a = lm.sample(3, 128, 16, seed=3, return_nfe=True)
     b, nfe_b = lm.sample(3, 128, 16, seed=3, cache=True, return_nfe=True)
-    assert torch.equal(a, b) and nfe_a == 128 and nfe_b <= 17  # 16 positions: at most 16 steps change a sequence
-    c, _ = lm.sample(3, 128, 16, seed=3, sampler='analytic', cache=True, return_nfe=True)
-    assert not (c == 257).any() and not (a == 257).any()
+    assert torch.equal(a, b) and nfe_a == 128 and nfe_b <= 16  # 15 masked positions: at most 15 steps change one
+    assert not (a == 257).any()
+    with pytest.raises(ValueError, match='ancestral step'):  # the analytic step decides its reveals on the device
+        lm.sample(3, 128, 16, seed=3, sampler='analytic', cache=True)
 
 
 def recording_load(monkeypatch):
