@@ -39,7 +39,7 @@ num_steps = 32
 n_samples = 8             # uncond mode: number of samples
 batch_size = 8            # samples per forward batch (per process)
 seq_len = 1024
-sampler = 'ancestral'     # 'ancestral' | 'cached' (ancestral, skips forwards of unchanged sequences) | 'analytic'
+sampler = 'ancestral'     # 'ancestral' | 'cached' (ancestral, runs only the sequences a step changes) | 'analytic'
 seed = 1
 prompt = ''               # uncond mode: every sample starts with BOS + this text ...
 prompt_file = ''          # ... or with the text of this file
@@ -100,8 +100,8 @@ class DiffusionLM(torch.nn.Module):
     def sample(self, n_samples, num_steps, seq_len=1024, verbose=False, project_fn=None, cache=False, seed=None,
                sampler='ancestral', add_bos=True, return_nfe=False):
         """Token ids [n_samples, seq_len] (on the model's device); project_fn(x) is applied to the prior and after
-        every step (prompting). sampler: 'ancestral' or 'analytic'; cache: skip forwards of sequences no step changed;
-        add_bos: write BOS at position 0 (SPEC §4: unconditional samples start with BOS, as every training row; False
+        every step (prompting). sampler: 'ancestral' or 'analytic'; cache: run only the sequences a step changes
+        (ancestral only); add_bos: write BOS at position 0 (SPEC §4: unconditional samples start with BOS, as every training row; False
         lets the model generate position 0). return_nfe: also return the forward passes per sequence.
         A causal backbone (the AR baseline) samples autoregressively with a KV cache (sample_ar): num_steps, cache
         and sampler do not apply; project_fn forces the positions it sets."""
