@@ -181,7 +181,7 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         x = project_fn(x)
     # Which positions a step reveals depends on m(s)/m(t) only, not on the model: the host draws it, and the uniforms,
     # and keeps track of what is still masked. So a step never waits for the GPU (the host knows how many tokens to
-    # draw and which sequences changed); the only sync is this one, before the loop.
+    # draw and which sequences changed); the only sync is this one, before the loop (a step_fn syncs every step).
     masked = (x == mask_id).cpu()
     ts, dt = sampling_grid(num_steps, eps)
     n_forward = 0  # sequence-forwards
@@ -210,8 +210,8 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
                     xs, at = x[to_device(rows, device)], to_device((changed.cumsum(0)[b] - 1) * seq_len + l, device)
             x_new = x
             if len(b) or not cache:  # (without cache every step runs a forward: NFE = steps, as MDLM's sampler)
-                if head_only:
-                    torch._dynamo.maybe_mark_dynamic(at, 0)  # a new count every step: one compiled version for all
+                if head_only:  # a new count every step, 0 and 1 included: unbacked, one compiled graph for all
+                    torch._dynamo.decorators.mark_unbacked(at, 0)
                     picked = forward(xs, t, at)
                 else:
                     picked = forward(xs, t)[at // seq_len, at % seq_len]
@@ -222,9 +222,9 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         if project_fn is not None:
             x_new = project_fn(x_new)  # (it rewrites the prompt, never masked after the first projection)
         x = x_new
-    b, l = (x == mask_id).nonzero(as_tuple=True)  # final denoise: fill what is still masked by the argmax
-    if len(b):
-        rows = b.unique()
+    rows = masked.any(dim=1).nonzero().squeeze(1)  # final denoise: fill what is still masked by the argmax
+    if len(rows):
+        rows = to_device(rows, device)
         final = forward(x[rows], ts[-1] - dt)[..., :mask_id].argmax(-1)
         n_forward += len(rows)
         x[rows] = torch.where(x[rows] == mask_id, final, x[rows])

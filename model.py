@@ -290,8 +290,11 @@ def _resolve(name_or_path, revision):
     if os.path.exists(name_or_path):
         return name_or_path
     if name_or_path.endswith(('.pt', '.ckpt', '.safetensors')) or name_or_path.startswith(('.', '/', '~')) \
-            or name_or_path.count('/') != 1 or os.path.isdir(name_or_path.split('/')[0]):  # out/kld_smal: a typo
+            or name_or_path.count('/') != 1:
         raise FileNotFoundError(f'no checkpoint at {name_or_path!r} (not a local file or directory, nor a hub id owner/name)')
+    if os.path.isdir(name_or_path.split('/')[0]):  # out/kld_smal: a typo, not a hub id
+        raise FileNotFoundError(f'no checkpoint at {name_or_path!r}: {name_or_path.split("/")[0]}/ is a local directory, '
+                                'so this reads as a local path (a typo?); for the hub id run from another directory')
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(name_or_path, revision=revision, allow_patterns=['config.json', 'model.safetensors'])
@@ -333,6 +336,8 @@ def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
         vocab = sd['vocab_embed.embedding'].shape[0] if 'vocab_embed.embedding' in sd else None
         config = config_from_json(cfg, vocab_size=vocab)
     except ValueError as e:
+        if isinstance(e, json.JSONDecodeError):  # (a ValueError too) a damaged file, not a wrong layout
+            raise ValueError(f'{cfg_file} is not valid JSON ({e}); download it again') from e
         raise ValueError(f'{path}: {e}') from e
     except Exception as e:
         raise ValueError(f'{path}: config.json or model.safetensors is not readable ({type(e).__name__}: {e}); '

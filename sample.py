@@ -306,6 +306,9 @@ def batch_seed(seed, i):
 
 def _write_atomic(path, write):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp_')  # unique: concurrent writers
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp: owner only)
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)

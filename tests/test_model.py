@@ -256,6 +256,9 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / 'good' / 'config.json').write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="good.*cond_dim"):
         load_pretrained(good)
+    (tmp_path / 'good' / 'config.json').write_text('{"hidden_dim": 32,')  # cut short
+    with pytest.raises(ValueError, match='not valid JSON.*download it again'):
+        load_pretrained(good)
     # a meta whose MASK is not the last id would be sampled wrongly: refused
     with pytest.raises(ValueError, match='mask_id 200'):
         load_pretrained(save_pretrained(m, str(tmp_path / 'badmask'), meta=dict(mask_id=200)))

@@ -197,7 +197,11 @@ def test_files_round_trip_and_overwrite(byte_dir, tmp_path, capsys):
     with pytest.raises(FileExistsError, match='overwrite'):
         sample.main(argv)
     assert sample.main(argv + ['--overwrite=True']) == path
-    assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith('.tmp')]
+    assert not [f for f in os.listdir(os.path.dirname(path)) if f.startswith('.tmp')]
+    umask = os.umask(0)
+    os.umask(umask)
+    for ext in ('.npz', '.jsonl'):  # as open() creates files, not owner-only (mkstemp's temporary file)
+        assert os.stat(path + ext).st_mode & 0o777 == 0o666 & ~umask
     again = sample.load_samples(path)
     assert (again['tokens'] == out['tokens']).all()  # same seed, same samples
 
