@@ -81,9 +81,17 @@ def timeit(fn, warmup=2, reps=5):
     return sorted(times)[len(times) // 2]
 
 
+commit = git_commit()
+device_name = torch.cuda.get_device_name() if cuda else f'cpu x{torch.get_num_threads()} threads'
+
+
 def record(**r):
+    """Print a result and append it to out_file at once (a run cut short by a time limit keeps what it measured)."""
     results.append(r)
     print(' | '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in r.items()), flush=True)
+    with open(out_file, 'a') as f:
+        f.write(json.dumps({'device': device_name, 'commit': commit, 'date': time.strftime('%Y-%m-%d'), 'arch': arch,
+                            'torch': torch.__version__, **r}) + '\n')
 
 
 torch.manual_seed(0)
@@ -200,10 +208,4 @@ if train:  # as distill.py runs them: noise drawn on the host, network + loss co
             parts = timeit(teacher_fwds) + timeit(lambda: train_step('mdlm', x0, []))
             record(bench='sdtt_parts', batch=B, ms_step=s * 1e3, ms_parts=parts * 1e3, step_over_parts=s / parts)
 
-commit = git_commit()
-name = torch.cuda.get_device_name() if cuda else f'cpu x{torch.get_num_threads()} threads'
-with open(out_file, 'a') as f:
-    for r in results:
-        f.write(json.dumps({'device': name, 'commit': commit, 'date': time.strftime('%Y-%m-%d'), 'arch': arch,
-                            'torch': torch.__version__, **r}) + '\n')
-print(f'{len(results)} results appended to {out_file} ({name}, commit {commit})')
+print(f'{len(results)} results appended to {out_file} ({device_name}, commit {commit})')
