@@ -124,8 +124,10 @@ class LM:
         self.fwd = torch.compile(self.model, dynamic=True) if compile else self.model
 
     @torch.no_grad()
-    def logits(self, ids, t=None, attn=None, hidden=False):
-        """ids [B, L] -> (fp32 logits [B, L, n_real], fp32 last hidden state [B, L, d] if hidden else None)."""
+    def logits(self, ids, t=None, attn=None, hidden=False, positions=None):
+        """ids [B, L] -> (fp32 logits [B, L, n_real], fp32 last hidden state [B, L, d] if hidden else None).
+        positions (a DiT): flat indices into the B * L positions -> logits [M, n_real] of those only (the output layer
+        and the fp32 logits are the bulk of the work and memory where few positions are scored: LAMBADA)."""
         h = {}
         with self.autocast:
             if self.mask is None:
@@ -134,7 +136,8 @@ class LM:
             else:  # the DiT's last hidden state: after its final LayerNorm (as GPT-2's hidden_states[-1] is after ln_f)
                 hook = self.model.output_layer.norm_final.register_forward_hook(lambda m, i, o: h.update(h=o)) if hidden else None
                 # (a hook added after compilation is not in the compiled graph: MAUVE's features run eagerly)
-                lg = (self.model if hidden else self.fwd)(ids, None if t is None else sigma(t))[..., :self.mask]
+                lg = (self.model if hidden else self.fwd)(ids, None if t is None else sigma(t),
+                                                          *(() if positions is None else (positions,)))[..., :self.mask]
                 if hook:
                     hook.remove()
         return lg.float(), (h['h'].float() if hidden else None)
@@ -336,10 +339,12 @@ def _nelbo(lm, x0, maskable, keys, n_t, seed, eps):
     timed = getattr(lm.model.config, 'time_conditioning', False)
     pairs, inv = (torch.cat([xt[keep], x0r[keep]], 1), torch.arange(len(keep), device=x0.device)) if timed else \
         torch.unique(torch.cat([xt[keep], x0r[keep]], 1), dim=0, return_inverse=True)
-    lg, _ = lm.logits(pairs[:, :L], t[keep] if timed else None)
-    nll = F.cross_entropy(lg.flatten(0, 1), pairs[:, L:].flatten(), reduction='none').view(-1, L)
+    pos = (pairs[:, :L] == lm.mask).flatten().nonzero().squeeze(1)  # the masked positions: the only ones with a loss
+    lg, _ = lm.logits(pairs[:, :L], t[keep] if timed else None, positions=pos)
+    nll = F.cross_entropy(lg, pairs[:, L:].flatten()[pos], reduction='none').double()
+    per_pattern = torch.zeros(len(pairs), dtype=torch.float64, device=x0.device).index_add_(0, pos // L, nll)
     loss = torch.zeros(B * n_t, dtype=torch.float64, device=x0.device)
-    loss[keep] = ((nll[inv] * hit[keep]).sum(1) * nelbo_weight(t[keep])).double()
+    loss[keep] = per_pattern[inv] * nelbo_weight(t[keep]).double()
     return loss.view(B, n_t).mean(1)
 
 
@@ -373,9 +378,12 @@ def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
             tgt = torch.zeros_like(x0, dtype=torch.bool)
             for r, i in enumerate(grp):
                 tgt[r, spans[i][0]:spans[i][1]] = True
-            if diffusion:
-                lg, _ = lm.logits(x0.masked_fill(tgt, lm.mask), torch.full((len(grp),), _SAMPLE_EPS, device=lm.device))
-                correct = ((lg.argmax(-1) == x0) | ~tgt).all(1)
+            if diffusion:  # the output layer only at the target positions
+                pos = tgt.flatten().nonzero().squeeze(1)
+                lg, _ = lm.logits(x0.masked_fill(tgt, lm.mask), torch.full((len(grp),), _SAMPLE_EPS, device=lm.device),
+                                  positions=pos)
+                wrong = (lg.argmax(-1) != x0.flatten()[pos]).double()
+                correct = torch.zeros(len(grp), dtype=torch.float64, device=lm.device).index_add_(0, pos // L, wrong) == 0
                 nll = _nelbo(lm, x0, tgt, grp, n_t, seed, _SAMPLE_EPS)
             else:  # logits at position p predict token p + 1
                 lg, _ = lm.logits(x0)

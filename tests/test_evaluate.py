@@ -122,12 +122,12 @@ PASSAGES = ['The old man walked his dog', 'She fed the hungry cat', 'The kids pl
 ANSWER = list(b' dog')
 
 
-def fake_dit(ids, sigma=None):
+def fake_dit(ids, sigma=None, positions=None):
     """Predicts ' dog' right before the final EOS whatever the input: the answers to PASSAGES are known."""
     B, L = ids.shape
     logits = torch.zeros(B, L, 258)
     logits[:, L - 1 - len(ANSWER) + torch.arange(len(ANSWER)), ANSWER] = 5.0
-    return logits
+    return logits if positions is None else logits.flatten(0, 1)[positions]
 
 
 def test_lambada_accuracy_known_answers(tmp, dit_dir):
@@ -141,6 +141,24 @@ def test_lambada_accuracy_known_answers(tmp, dit_dir):
     logp = torch.log_softmax(fake_dit(torch.zeros(1, 40, dtype=torch.long))[0, -5:-1, :257], -1)
     exact = [-logp[torch.arange(4), list(w)].sum().item() * (1 - 1e-3) for w in (b' dog', b' cat', b' dog')]
     assert r['nll_per_word'] == pytest.approx(np.mean(exact), rel=0.03)
+
+
+def test_nelbo_equals_mdlm_loss_on_the_same_draws(dit_dir):
+    """The evaluation NELBO (output layer at the masked positions, one forward per distinct x_t) against
+    diffusion.mdlm_loss on full logits with the same t and masks."""
+    import diffusion as D
+    lm, n_t, L = E.LM(dit_dir[0]), 4, 20
+    x0 = torch.randint(0, 256, (3, L))
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    maskable[1, :10] = False  # clamped context, as LAMBADA's
+    got = E._nelbo(lm, x0, maskable, [0, 1, 2], n_t, 0, 1e-3)
+    t, u = E._draws([0, 1, 2], n_t, L, 0, 1e-3)
+    x0r = x0.repeat_interleave(n_t, 0)
+    xt = torch.where(maskable.repeat_interleave(n_t, 0) & (u < D.move_chance(t)[:, None]), 257, x0r)
+    with torch.no_grad():
+        ref = [D.mdlm_loss(lm.model(xt[i:i + 1]), x0r[i:i + 1], xt[i:i + 1], t[i:i + 1], 257).item() * L
+               for i in range(len(xt))]
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float64).view(3, n_t).mean(1), rtol=1e-5, atol=1e-6)
 
 
 def test_lambada_diffusion_independent_of_batching(tmp, dit_dir):
