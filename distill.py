@@ -397,7 +397,7 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt['optimizer'])
         step, rnd, ema_updates = ckpt['step'], ckpt['round'], ckpt['ema_updates']
         torch.set_rng_state(ckpt['rng']['torch'])  # (device generators: reseeded by every micro-batch, not saved)
-        for g in optimizer.param_groups:  # load_state_dict brought back the saved ones: the config's count on resume
+        for g in optimizer.param_groups:  # load_state_dict brought back the saved values: the config's apply
             g.update(weight_decay=weight_decay, betas=(beta1, beta2))
         if master:
             print(f'resumed {ckpt_path} at step {step}, round {rnd}')
