@@ -29,8 +29,12 @@ part() {  # part NAME MIN_SECONDS COMMAND...: run COMMAND if MIN_SECONDS are lef
 cat "$OUT/machine.txt"
 # issue #3: training tokens/s and MFU of the mdlm and sdtt steps, and the sdtt step against its parts
 part train 150 python bench.py --latency=False --hf_baseline=False --ar_baseline=False --out_file="$OUT/bench.jsonl"
-# the CUDA-only tests: no host-device sync in the hot loops, flash attention, compiled == eager in bf16
-part tests 90 python -m pytest -q -x tests/test_gpu.py
+# the CUDA-only tests: no host-device sync in the hot loops, flash attention, compiled == eager in bf16. A machine
+# without pytest (and without internet) uses .gpu_deps, made beforehand where PyPI is reachable and carried along:
+#   pip install --target .gpu_deps --no-deps pytest pluggy iniconfig
+with_pytest=()
+python -c 'import pytest' 2>/dev/null || with_pytest=(env "PYTHONPATH=$PWD/.gpu_deps")
+part tests 90 "${with_pytest[@]}" python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
 # issue #6: sampling latency at 16/32/64 steps, and the project's causal DiT with its KV cache
 part sample 120 python bench.py --train=False --batch_sizes="(1,8)" --sample_steps="(16,32,64)" --hf_baseline=False \
     --out_file="$OUT/bench.jsonl"
