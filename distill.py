@@ -352,7 +352,9 @@ def main(argv=None):
     if init_from == 'resume':
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f'init_from=resume: no {ckpt_path} (start a run first, or fix out_dir)')
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        # mmap: the processes of a node share the file's pages instead of each reading its own copy (the large model's
+        # checkpoint with teacher, EMA and optimiser is ~17 GB: x8 ranks would not fit in many nodes' RAM)
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
         changed = [k for k in ('objective', 'seed', 'global_batch_size', 'data_dir', 'num_distill_steps', 'divergence',
                                'teacher_num_steps', 'round_every') if ckpt['config'].get(k) != config[k]]
         if changed and master:
@@ -401,6 +403,7 @@ def main(argv=None):
             g.update(weight_decay=weight_decay, betas=(beta1, beta2))
         if master:
             print(f'resumed {ckpt_path} at step {step}, round {rnd}')
+    resumed, ckpt = ckpt is not None, None  # its tensors now live in the model, EMA, teacher and optimiser
     # the network and its loss compiled as one graph, for a number of masked positions that changes every step
     # (marked dynamic in training_loss: one compilation)
     fwd = Objective(model, objective, mask_id, divergence, bf16)
@@ -455,7 +458,7 @@ def main(argv=None):
     log_path = os.path.join(out_dir, 'log.jsonl')
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        append_log(log_path, None, keep_upto=step if ckpt else -1)
+        append_log(log_path, None, keep_upto=step if resumed else -1)
         if wandb_log:
             import wandb
             wandb.init(project=wandb_project, name=wandb_run_name, config=config)
