@@ -314,7 +314,7 @@ def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
         path = os.path.join(path, 'ckpt.pt')  # a training out_dir
     if os.path.isfile(path):  # a project training checkpoint
         try:
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # (ranks share its pages)
         except Exception as e:
             raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e})') from e
         if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
