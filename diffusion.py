@@ -110,6 +110,22 @@ def sampling_grid(num_steps, eps=SAMPLE_EPS):
     return torch.linspace(1, eps, num_steps + 1, dtype=torch.float64)[:-1].tolist(), (1 - eps) / num_steps
 
 
+def prior(model, n_samples, seq_len, mask_id, bos_id=None, add_bos=True, project_fn=None, device='cpu'):
+    """The starting state of a sampler: all-MASK [n_samples, seq_len] with BOS at position 0 (add_bos; bos_id
+    defaults to model.meta['bos_id'] where the model has one), then project_fn(x) (a prompt). Checks the sizes."""
+    block_size = getattr(getattr(model, 'config', None), 'block_size', None)
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f'n_samples must be an integer >= 1, got {n_samples!r}')
+    if not isinstance(seq_len, int) or seq_len < 1 or (block_size is not None and seq_len > block_size):
+        raise ValueError(f'seq_len must be an integer in [1, {block_size}] (the model block size), got {seq_len!r}')
+    x = torch.full((n_samples, seq_len), mask_id, dtype=torch.long, device=device)
+    if bos_id is None:
+        bos_id = getattr(model, 'meta', {}).get('bos_id')
+    if add_bos and bos_id is not None:
+        x[:, 0] = bos_id  # training rows all start with BOS, so do unconditional samples (MDLM/SDTT)
+    return x if project_fn is None else project_fn(x)
+
+
 def takes_positions(model):
     """Whether model(ids, sigma, positions) computes logits at those flat positions only (model.DiT does; also
     through torch.compile's wrapper)."""
@@ -120,9 +136,8 @@ def takes_positions(model):
 @torch.no_grad()
 def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_bos=True, project_fn=None, cache=False,
            eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None, head_only=None):
-    """Ancestral ("DDPM") sampling of masked diffusion (SPEC §4), starting from all-MASK with BOS at position 0
-    (add_bos; bos_id defaults to model.meta['bos_id'] where the model has one), and project_fn(x) applied to the
-    prior and after every step, e.g. to write a prompt.
+    """Ancestral ("DDPM") sampling of masked diffusion (SPEC §4), starting from prior() (all-MASK, BOS first), with
+    project_fn(x) applied to the prior and after every step, e.g. to write a prompt.
     One step from t to s: a masked position stays masked with probability m(s)/m(t), otherwise takes a token drawn
     in float64 from the SUBS distribution p_theta(x0 | xt). Positions never change once unmasked. After the last step,
     positions still masked (rare: probability ~1e-5 each) get the argmax of one more forward pass.
@@ -143,18 +158,13 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     num_steps positions the step reveals only. The same tokens up to floating point. Off for CUDA graphs: the number
     of positions changes every step.
     Returns (tokens [n_samples, seq_len] int64, nfe) with nfe the mean number of forward passes per sequence."""
-    block_size = getattr(getattr(model, 'config', None), 'block_size', None)
     if mask_id is None:
         vocab = getattr(getattr(model, 'config', None), 'vocab_size', None)
         if vocab is None:
             raise ValueError('mask_id is required for a model without .config.vocab_size')
         mask_id = vocab - 1
-    if not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f'n_samples must be an integer >= 1, got {n_samples!r}')
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
-    if not isinstance(seq_len, int) or seq_len < 1 or (block_size is not None and seq_len > block_size):
-        raise ValueError(f'seq_len must be an integer in [1, {block_size}] (the model block size), got {seq_len!r}')
     if device is None:
         p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = p.device if p is not None else torch.device('cpu')
@@ -172,13 +182,7 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         with autocast:
             return model(x, sigma(torch.full((x.shape[0],), t, device=device)), *positions)
 
-    x = torch.full((n_samples, seq_len), mask_id, dtype=torch.long, device=device)
-    if bos_id is None:
-        bos_id = getattr(model, 'meta', {}).get('bos_id')
-    if add_bos and bos_id is not None:
-        x[:, 0] = bos_id  # training rows all start with BOS, so do unconditional samples (MDLM/SDTT)
-    if project_fn is not None:
-        x = project_fn(x)
+    x = prior(model, n_samples, seq_len, mask_id, bos_id, add_bos, project_fn, device)
     # Which positions a step reveals depends on m(s)/m(t) only, not on the model: the host draws it, and the uniforms,
     # and keeps track of what is still masked. So a step never waits for the GPU (the host knows how many tokens to
     # draw and which sequences changed); the only sync is this one, before the loop (a step_fn syncs every step).

@@ -219,22 +219,13 @@ def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=N
     cfg = model.config
     if not cfg.causal:
         raise ValueError('sample_ar needs a causal model (the AR baseline); diffusion models use diffusion.sample')
-    if not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f'n_samples must be an integer >= 1, got {n_samples!r}')
-    if not isinstance(seq_len, int) or not 1 <= seq_len <= cfg.block_size:
-        raise ValueError(f'seq_len must be an integer in [1, {cfg.block_size}] (the model block size), got {seq_len!r}')
     device = torch.device(device or next(model.parameters()).device)
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(seed if seed is not None else diffusion.fresh_seed())
     cuda = device.type == 'cuda'
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
     mask_id = cfg.vocab_size - 1
-    bos_id = getattr(model, 'meta', {}).get('bos_id') if bos_id is None else bos_id
-    x = torch.full((n_samples, seq_len), mask_id, dtype=torch.long, device=device)
-    if add_bos and bos_id is not None:
-        x[:, 0] = bos_id
-    if project_fn is not None:
-        x = project_fn(x)
+    x = diffusion.prior(model, n_samples, seq_len, mask_id, bos_id, add_bos, project_fn, device)
     forced = x != mask_id
     if not forced[:, 0].all():
         raise ValueError('autoregressive sampling needs a first token: BOS (add_bos with a bos_id) or a prompt')
