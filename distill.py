@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from configurator import configure, config_keys
 from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
 from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
-from model import DiT, DiTConfig, default_meta, load_pretrained, load_state_dict_strict, save_pretrained, strip_prefix
+from model import (DiT, DiTConfig, default_meta, load_pretrained, load_state_dict_strict, save_pretrained, strip_prefix,
+                   write_atomic)
 from prepare_data import load_meta, open_split
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -282,21 +283,16 @@ def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
 
 
 def save_checkpoint(ckpt, path):
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty ckpt.pt
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+    write_atomic(path, lambda f: torch.save(ckpt, f))  # a crash mid-write leaves the previous checkpoint intact
 
 
 def append_log(path, record, keep_upto=None):
     """Append one JSON line; keep_upto=n first drops the lines of steps > n (those a resumed run will redo)."""
     if keep_upto is not None:
         lines = open(path).readlines() if os.path.exists(path) else []
-        with open(path + '.tmp', 'w') as f:  # (a line cut short by kill -9 does not end with a newline: dropped)
-            f.writelines(l for l in lines if l.endswith('\n') and json.loads(l).get('step', 0) <= keep_upto)
-        os.replace(path + '.tmp', path)
+        # (a line cut short by kill -9 does not end with a newline: dropped)
+        kept = ''.join(l for l in lines if l.endswith('\n') and json.loads(l).get('step', 0) <= keep_upto)
+        write_atomic(path, lambda f: f.write(kept.encode()))
     if record is not None:
         with open(path, 'a') as f:
             f.write(json.dumps(record) + '\n')

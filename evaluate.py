@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from configurator import config_keys, configure
 from diffusion import SAMPLE_EPS as _SAMPLE_EPS, move_chance, nelbo_weight, sample_t, sigma
-from model import load_pretrained
+from model import load_pretrained, write_atomic
 from prepare_data import get_tokenizer, load_meta, open_split
 from sample import load_samples
 
@@ -480,10 +480,8 @@ def plot_genppl(jsonl, png):
     axes[0].set_title('gen-PPL' + ('' if varies[0] else f" (judge: {os.path.basename(str(recs[-1]['config'].get('judge')))})"))
     axes[1].set_title('entropy of the samples')
     axes[1].legend(fontsize=8, loc='best')
-    tmp = png + '.tmp.png'
-    fig.savefig(tmp, dpi=120)
+    write_atomic(png, lambda f: fig.savefig(f, dpi=120, format='png'))
     plt.close(fig)
-    os.replace(tmp, png)
     return png
 
 

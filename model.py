@@ -357,6 +357,25 @@ def _with_meta(model, meta, source):
     return model
 
 
+def write_atomic(path, write):
+    """write(f) into a temporary file beside path (binary), on disk, then renamed over path: a crash or a failed
+    write leaves the old file as it was, never a truncated one. The temporary name is unique (concurrent writers)
+    and the file gets the permissions open() would give it."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp_')
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # (mkstemp: owner only)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_pretrained(model, out_dir, meta=None):
     """Write config.json + model.safetensors in the MDLM hub layout (+ `causal`, `meta`), atomically: the files go
     to a temporary directory that replaces out_dir only when complete."""

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 import diffusion
 from configurator import config_keys, configure
-from model import load_pretrained
+from model import load_pretrained, write_atomic
 from prepare_data import get_tokenizer
 
 # -------------------------------------------------------------------- settings (config file or --key=value)
@@ -295,20 +294,6 @@ def batch_seed(seed, i):
     return int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
 
 
-def _write_atomic(path, write):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp_')  # unique: concurrent writers
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp: owner only)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_samples(path, tokens, settings, texts, **arrays):
     """path.npz: tokens [n, L] int32, settings (JSON string) and any extra arrays; path.jsonl: one {"i", "text"} per
     sample. Each written to a temporary name and renamed when complete; the .npz (what evaluate.py reads, and what
@@ -316,8 +301,8 @@ def save_samples(path, tokens, settings, texts, **arrays):
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     lines = ''.join(json.dumps({'i': i, 'text': t}) + '\n' for i, t in enumerate(texts))
-    _write_atomic(path + '.jsonl', lambda f: f.write(lines.encode()))
-    _write_atomic(path + '.npz', lambda f: np.savez(f, tokens=np.asarray(tokens, dtype=np.int32),
+    write_atomic(path + '.jsonl', lambda f: f.write(lines.encode()))
+    write_atomic(path + '.npz', lambda f: np.savez(f, tokens=np.asarray(tokens, dtype=np.int32),
                                                     settings=np.array(json.dumps(settings, default=str)), **arrays))
 
 
