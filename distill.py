@@ -510,7 +510,7 @@ def main(argv=None):
         halt = halt or (bool(stop) and not ddp)
 
         last = step >= max_iters
-        if step % log_interval == 0 or last:
+        if step % log_interval == 0 or last or halt:  # (halt: the steps since the last log line are not lost)
             stats = torch.stack([loss_sum, grad_norm.float(), (~finite).float(),
                                  torch.tensor(float(bool(stop)), device=dev), torch.tensor(flops_done, device=dev)])
             if ddp:

@@ -279,6 +279,24 @@ def test_resume_after_kill_equals_uninterrupted(data, teacher_dir, tmp_path):
             assert torch.equal(ca[key][k], cb[key][k]), (key, k)
 
 
+def test_ctrl_c_saves_and_logs_the_steps_since_the_last_log_line(data, teacher_dir, tmp_path, monkeypatch):
+    out, calls = str(tmp_path / 'run'), []
+    loss = distill.training_loss
+
+    def ctrl_c_in_step_3(*a, **k):  # 2 micro-batches per step: the 5th call is in step 3
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(*a, **k)
+    monkeypatch.setattr(distill, 'training_loss', ctrl_c_in_step_3)
+    distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=8', '--log_interval=5', '--ckpt_interval=5'))
+    assert sorted(read_log(out)) == [3]  # the loss of steps 1-3 is logged, not dropped
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 3
+    monkeypatch.setattr(distill, 'training_loss', loss)
+    distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=8', '--log_interval=5', '--init_from=resume'))
+    assert sorted(read_log(out)) == [3, 5, 8]
+
+
 def test_ddp_two_processes_equal_one(data, teacher_dir, tmp_path):
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
     common = ['--max_iters=4', '--round_every=2', '--teacher_num_steps=64']
