@@ -309,6 +309,14 @@ def main(argv=None):
         raise ValueError("init_from is empty: set it to 'scratch', 'resume' or the teacher (hub id, dir, ckpt.pt, .ckpt)")
     if dtype not in ('bfloat16', 'float32'):
         raise ValueError(f"dtype must be 'bfloat16' (autocast on CUDA) or 'float32', got {dtype!r}")
+    small = {k: v for k, v in dict(batch_size=batch_size, global_batch_size=global_batch_size, log_interval=log_interval,
+                                   round_every=round_every, num_distill_steps=num_distill_steps,
+                                   teacher_num_steps=teacher_num_steps).items() if not v >= 1}
+    if small or not max_iters >= 0 or not eval_iters >= 0 or not eval_interval >= 0 or not ckpt_interval >= 0:
+        raise ValueError(f'{small or "max_iters, eval_iters, eval_interval and ckpt_interval"}: these must be >= 1 '
+                         f'(max_iters, eval_iters, eval_interval, ckpt_interval >= 0; 0 turns the latter three off)')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'device={device!r} but CUDA is not available here: pass --device=cpu')
     if compile_mode not in ('default', 'max-autotune-no-cudagraphs'):
         raise ValueError(f"compile_mode must be 'default' or 'max-autotune-no-cudagraphs' (CUDA-graph modes would "
                          f"overwrite the teacher's outputs that the step still uses), got {compile_mode!r}")
@@ -350,8 +358,15 @@ def main(argv=None):
             raise FileNotFoundError(f'init_from=resume: no {ckpt_path} (start a run first, or fix out_dir)')
         # mmap: the processes of a node share the file's pages instead of each reading its own copy (the large model's
         # checkpoint with teacher, EMA and optimiser is ~17 GB: x8 ranks would not fit in many nodes' RAM)
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
-        changed = [k for k in ('objective', 'seed', 'global_batch_size', 'data_dir', 'num_distill_steps', 'divergence',
+        try:
+            ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
+        except Exception as e:  # a truncated copy, a file of something else
+            raise ValueError(f'{ckpt_path} is not a readable checkpoint ({type(e).__name__}: {e}); restore it or start '
+                             'a new out_dir') from e
+        if ckpt['config'].get('objective') != objective:
+            raise ValueError(f"{ckpt_path} is a run of objective={ckpt['config'].get('objective')!r}, not {objective!r}: "
+                             f"resume it with its own config, or start {objective} in another out_dir")
+        changed = [k for k in ('seed', 'global_batch_size', 'data_dir', 'num_distill_steps', 'divergence',
                                'teacher_num_steps', 'round_every') if ckpt['config'].get(k) != config[k]]
         if changed and master:
             print(f'warning: resuming with other {", ".join(changed)} than {ckpt_path}: not an exact continuation')
@@ -441,14 +456,16 @@ def main(argv=None):
 
     @torch.no_grad()
     def evaluate():  # EMA weights on fixed validation samples and noise: val NELBO / next-token loss / distill loss
+        # eval_iters batches of batch_size rows, shared out among the processes: the same rows and noise, so the same
+        # value, on any number of GPUs
         total = torch.zeros((), device=dev)
-        for i in range(eval_iters):
-            torch.manual_seed(mix_seed(seed, 1, i, rank))
-            b = noised(get_batch(val_data, (i * world + rank) * batch_size, batch_size, seed, seq_len))
+        for i in range(rank, eval_iters, world):
+            torch.manual_seed(mix_seed(seed, 1, i))
+            b = noised(get_batch(val_data, i * batch_size, batch_size, seed, seq_len))
             total += training_loss(ema_fwd, b, teacher_fwd, K, mask_id, bf16)
         if ddp:
             dist.all_reduce(total)
-        return total.item() / (eval_iters * world)
+        return total.item() / eval_iters
 
     # ---- logging: stdout, out_dir/log.jsonl (a resumed run first drops the lines of the steps it redoes), wandb
     log_path = os.path.join(out_dir, 'log.jsonl')
@@ -475,7 +492,8 @@ def main(argv=None):
     def on_signal(signum, frame):
         stop.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print(f'\nsignal {signum}: stopping after this step and saving {ckpt_path} (Ctrl-C again to abort)')
+        print(f'\nsignal {signum}: stopping after this step and saving {ckpt_path}'
+              + (' (Ctrl-C again to abort)' if signum == signal.SIGINT else ''))
     old_handlers = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
 
     finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss since the last check was finite (no sync)
@@ -559,17 +577,22 @@ def main(argv=None):
         raise nonfinite()
     if master and (saved_step != step or not os.path.exists(ckpt_path)):
         checkpoint()
+    finished = step >= max_iters or (objective == 'sdtt' and student_steps(rnd) < min_num_sampling_steps)
     if master:
-        print(f'checkpoint: {ckpt_path} (step {step}, round {rnd})')
+        print(f'checkpoint: {ckpt_path} (step {step}, round {rnd})'
+              + ('' if finished else f'; stopped before max_iters={max_iters}: continue with --init_from=resume'))
     for sig, handler in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
         signal.signal(sig, handler)
     if ddp:
         dist.barrier()  # wait for rank 0's final checkpoint: gloo aborts if a peer leaves the group early
         dist.destroy_process_group()
+    # the exit status of a run stopped by a signal is the shell's 128 + signal, not success: a pipeline
+    # (`distill.py a && distill.py b`, e2e.py) must not go on with a half-trained model
+    return 0 if finished else 128 + (stop[0] if stop else signal.SIGINT)
 
 
 if __name__ == '__main__':
     try:
-        main()
+        sys.exit(main())
     except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:  # bad input: the message says what to do
         sys.exit(f'distill.py: error: {e}')

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -76,10 +77,19 @@ def stage(name, *cmds, parallel=True):
             log.write(f'$ {line}\n')
             log.flush()
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        for p, log in running:
-            if p.wait():
-                sys.exit(f'e2e.py: stage {name} failed (exit {p.returncode}); see {log.name}')
-            log.close()
+        try:
+            for p, log in running:
+                if p.wait():
+                    sys.exit(f'e2e.py: stage {name} failed (exit {p.returncode}); see {log.name}. Run the same '
+                             'command again to continue (finished stages are skipped, training resumes)')
+                log.close()
+        except BaseException:  # Ctrl-C, SIGTERM or a failed command: stop the others (training saves), then exit
+            for p, _ in running:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p, _ in running:
+                p.wait()
+            raise
     timings[name] = time.time() - t0
     json.dump({'seconds': timings[name]}, open(done, 'w'))
     print(f'   {name}: {timings[name]:.0f} s', flush=True)
@@ -93,6 +103,7 @@ def extra(args):
     return shlex.split(args)
 
 
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f'e2e.py: stopped by signal {signum}'))
 t_start = time.time()
 stage('prepare', [py, 'prepare_data.py', f'--source={corpus}', f'--tokenizer={tokenizer}', f'--row_len={seq_len}',
                   f'--out_dir={data}', '--overwrite'])

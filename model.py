@@ -163,7 +163,9 @@ class DDitFinalLayer(nn.Module):
 class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0, 'head_dim must be even'
+        if cfg.n_head < 1 or cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 2:
+            raise ValueError(f'n_embd={cfg.n_embd} must split into n_head={cfg.n_head} heads of an even size '
+                             '(rotary embeddings rotate pairs of dimensions)')
         self.config = cfg
         self.vocab_embed = EmbeddingLayer(cfg.n_embd, cfg.vocab_size)
         self.sigma_map = TimestepEmbedder(cfg.cond_dim)
@@ -299,9 +301,12 @@ def _resolve(name_or_path, revision):
         from huggingface_hub import snapshot_download
         return snapshot_download(name_or_path, revision=revision, allow_patterns=['config.json', 'model.safetensors'])
     except Exception as e:  # offline, unknown repo/revision, no huggingface_hub ...
-        raise RuntimeError(f'could not download {name_or_path!r} (revision {revision!r}) from the Hugging Face hub '
-                           f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). Without network, '
-                           f'download config.json and model.safetensors elsewhere and pass the local directory.') from e
+        # (FileNotFoundError: the checkpoint is neither here nor reachable; every script reports it in one line)
+        raise FileNotFoundError(
+            f'{name_or_path!r} is not a local file or directory, and downloading it as a Hugging Face hub id (revision '
+            f'{revision!r}) failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). A local run: '
+            f'train it first, or fix the path. A hub model without network: download config.json and '
+            f'model.safetensors elsewhere and pass the local directory.') from e
 
 
 def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):

@@ -289,17 +289,19 @@ def test_ctrl_c_saves_and_logs_the_steps_since_the_last_log_line(data, teacher_d
             os.kill(os.getpid(), signal.SIGINT)
         return loss(*a, **k)
     monkeypatch.setattr(distill, 'training_loss', ctrl_c_in_step_3)
-    distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=8', '--log_interval=5', '--ckpt_interval=5'))
+    status = distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=8', '--log_interval=5', '--ckpt_interval=5'))
+    assert status == 130  # 128 + SIGINT: a stopped run is not a success (e2e.py, `a && b` must not go on)
     assert sorted(read_log(out)) == [3]  # the loss of steps 1-3 is logged, not dropped
     assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 3
     monkeypatch.setattr(distill, 'training_loss', loss)
-    distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=8', '--log_interval=5', '--init_from=resume'))
+    assert distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=8', '--log_interval=5',
+                                  '--init_from=resume')) == 0
     assert sorted(read_log(out)) == [3, 5, 8]
 
 
 def test_ddp_two_processes_equal_one(data, teacher_dir, tmp_path):
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
-    common = ['--max_iters=4', '--round_every=2', '--teacher_num_steps=64']
+    common = ['--max_iters=4', '--round_every=2', '--teacher_num_steps=64', '--eval_interval=2', '--eval_iters=3']
     distill.main(sdtt_args(data, teacher_dir, one, *common))  # 1 process, 2 accumulation steps of 4
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -310,6 +312,11 @@ def test_ddp_two_processes_equal_one(data, teacher_dir, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:
         assert a[s] == pytest.approx(b[s], rel=1e-4), (s, a[s], b[s])
+    # validation: the same rows and noise on any number of processes (3 batches: one rank does 2, the other 1)
+    va, vb = read_log(one, 'val_distill_loss'), read_log(two, 'val_distill_loss')
+    assert sorted(va) == sorted(vb) == [2, 4]
+    for s in va:
+        assert va[s] == pytest.approx(vb[s], rel=1e-4), (s, va[s], vb[s])
     ca = torch.load(os.path.join(one, 'ckpt.pt'), weights_only=True)
     cb = torch.load(os.path.join(two, 'ckpt.pt'), weights_only=True)
     assert ca['round'] == cb['round'] == 2
@@ -341,6 +348,16 @@ def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
     out = str(tmp_path / 'run')
     with pytest.raises(ValueError, match='not divisible'):
         distill.main(sdtt_args(data, teacher_dir, out, '--global_batch_size=6'))
+    for bad in ('--round_every=0', '--log_interval=0', '--batch_size=0', '--num_distill_steps=0',
+                '--teacher_num_steps=0', '--max_iters=-1'):
+        with pytest.raises(ValueError, match='must be >= 1'):
+            distill.main(sdtt_args(data, teacher_dir, out, bad))
+    with pytest.raises(ValueError, match='split into n_head=3 heads'):
+        distill.main(TINY + ['--objective=mdlm', '--init_from=scratch', f'--data_dir={data}', f'--out_dir={out}',
+                             '--n_head=3'])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='CUDA is not available'):
+            distill.main(sdtt_args(data, teacher_dir, out, '--device=cuda'))
     with pytest.raises(ValueError, match='compile_mode'):
         distill.main(sdtt_args(data, teacher_dir, out, '--compile_mode=reduce-overhead'))
     gpt2_data = write_data(str(tmp_path / 'gpt2'), vocab_size=50258, tokenizer='gpt2', n_train=8, n_val=8)
@@ -359,6 +376,14 @@ def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
     group = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['optimizer']['param_groups'][0]
     assert group['weight_decay'] == 0.5 and tuple(group['betas']) == (0.9, 0.9)
     before = open(os.path.join(out, 'ckpt.pt'), 'rb').read()
+    with pytest.raises(ValueError, match="objective='sdtt', not 'mdlm'"):  # (an mdlm run has no teacher to resume)
+        distill.main(sdtt_args(data, teacher_dir, out, '--init_from=resume', '--objective=mdlm'))
+    cut = str(tmp_path / 'cut')
+    os.makedirs(cut)
+    with open(os.path.join(cut, 'ckpt.pt'), 'wb') as f:
+        f.write(before[:len(before) // 2])  # a truncated copy
+    with pytest.raises(ValueError, match='not a readable checkpoint'):
+        distill.main(sdtt_args(data, teacher_dir, cut, '--init_from=resume'))
     monkeypatch.setattr(distill, 'training_loss', lambda *a, **k: torch.tensor(float('nan'), requires_grad=True))
     with pytest.raises(FloatingPointError, match='non-finite'):
         distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=5', '--init_from=resume', '--ckpt_interval=1',

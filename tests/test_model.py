@@ -279,7 +279,7 @@ def test_hub_id_offline_fails_fast_with_advice(monkeypatch):
         calls.update(repo_id=repo_id, revision=revision, **kw)
         raise OSError('network is unreachable')
     monkeypatch.setattr(huggingface_hub, 'snapshot_download', fake_download)
-    with pytest.raises(RuntimeError, match='pass the local directory'):
+    with pytest.raises(FileNotFoundError, match='pass the local directory'):
         load_pretrained('jdeschena/sdtt', revision='baselines_kld_step_70000')
     assert calls['repo_id'] == 'jdeschena/sdtt' and calls['revision'] == 'baselines_kld_step_70000'
     assert set(calls['allow_patterns']) == {'config.json', 'model.safetensors'}  # never code
