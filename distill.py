@@ -67,6 +67,7 @@ teacher_from_ema = False    # at a round boundary the teacher (and student) beco
 reset_optimizer_each_round = False
 # logging, evaluation, checkpoints
 log_interval, eval_interval, eval_iters, ckpt_interval = 10, 1000, 20, 1000
+# (validation: eval_iters batches of batch_size rows in all, shared among the processes)
 wandb_log, wandb_project, wandb_run_name = False, 'sdtt', 'run'
 # system
 seed = 1337

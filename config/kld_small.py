@@ -22,5 +22,5 @@ min_num_sampling_steps = 8              # 7 rounds (70k steps); the reference's 
 teacher_from_ema = False                # the raw student weights become the teacher at each boundary (reference)
 reset_optimizer_each_round = False
 max_iters = 80000
-log_interval, eval_interval, eval_iters, ckpt_interval = 10, 5000, 20, 1000
+log_interval, eval_interval, eval_iters, ckpt_interval = 10, 5000, 160, 1000  # validation: 160 x 16 sequences
 compile = True

@@ -17,5 +17,5 @@ warmup_iters = 2500
 weight_decay, grad_clip, ema_decay = 0.0, 1.0, 0.9999
 sampling_eps = 1e-3
 max_iters = 1000000                     # MDLM-OWT: 1M steps (the SDTT scaling teachers: 400k)
-log_interval, eval_interval, eval_iters, ckpt_interval = 10, 10000, 40, 2000
+log_interval, eval_interval, eval_iters, ckpt_interval = 10, 10000, 320, 2000  # validation: 320 x 32 sequences
 compile = True
