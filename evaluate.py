@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import time
+import zipfile
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -179,7 +180,7 @@ def read_samples(path):
     """sample.load_samples plus the checks: a non-empty integer [n_samples, seq_len] array and a known tokenizer."""
     try:
         s = load_samples(path)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # (a truncated copy: BadZipFile)
         raise ValueError(f'{path} is not a sample file of sample.py ({type(e).__name__}: {e})') from e
     t = s['tokens']
     if t.ndim != 2 or t.size == 0:
@@ -200,9 +201,12 @@ def sample_files(spec):
     return sorted(paths)
 
 
-def judge_inputs(judge, tokens, tok_name):
-    """Sample ids -> the judge's inputs (list of 1-D LongTensors), position 0 never scored. Same tokenizer: the ids
-    as they are (SDTT). Otherwise the text (BOS/EOS dropped, as SDTT's llama path) is retokenized behind the judge's BOS."""
+def judge_inputs(judge, tokens, tok_name, n_prompt=0):
+    """Sample ids -> (the judge's inputs, a list of 1-D LongTensors; first[i], the first position of input i that is
+    scored: 1, position 0 never is). Same tokenizer: the ids as they are (SDTT). Otherwise the text (BOS/EOS dropped, as
+    SDTT's llama path) is retokenized behind the judge's BOS.
+    n_prompt: the first n_prompt ids of every sample were forced (BOS + a prompt): only what follows is scored,
+    conditioned on them (retokenized: prompt and continuation are encoded apart, so the boundary stays exact)."""
     if judge.kind != 'causal':
         raise ValueError(f'the judge {judge.name} is a bidirectional diffusion model; use a causal LM or an AR checkpoint')
     tok, tokens = get_tokenizer(tok_name), np.asarray(tokens, dtype=np.int64)
@@ -213,19 +217,23 @@ def judge_inputs(judge, tokens, tok_name):
     if tok_name == judge.tok_name:
         if tokens.max() >= judge.n_real:
             raise ValueError(f'sample ids up to {tokens.max()} but the judge {judge.name} has {judge.n_real} tokens')
-        seqs = list(torch.from_numpy(tokens))
+        seqs, first = list(torch.from_numpy(tokens)), [max(1, n_prompt)] * len(tokens)
     else:
-        texts = [tok.decode([i for i in row if i not in (tok.bos_token_id, tok.eos_token_id)]) for row in tokens.tolist()]
-        seqs = [torch.tensor([judge.bos] + judge.tok.encode(s)) for s in texts]
-    short = sum(len(s) < 2 for s in seqs)
-    if short:  # nothing to score after position 0: its mean NLL would be 0/0 and gen-PPL NaN
-        raise ValueError(f'{short} of {len(seqs)} samples have fewer than 2 judge tokens (after dropping BOS/EOS and '
-                         'retokenizing): gen-PPL is undefined for them. Are the samples only BOS/EOS?')
+        text = lambda ids: tok.decode([i for i in ids if i not in (tok.bos_token_id, tok.eos_token_id)])
+        head = [judge.tok.encode(text(row[:n_prompt])) if n_prompt else [] for row in tokens.tolist()]
+        seqs = [torch.tensor([judge.bos] + h + judge.tok.encode(text(row[n_prompt:])))
+                for h, row in zip(head, tokens.tolist())]
+        first = [1 + len(h) for h in head]
+    short = sum(len(s) <= f for s, f in zip(seqs, first))
+    if short:  # nothing to score: its mean NLL would be 0/0 and gen-PPL NaN
+        raise ValueError(f'{short} of {len(seqs)} samples have no judge token to score (after position 0'
+                         + (f' and the {n_prompt} prompt ids' if n_prompt else '') + ', dropping BOS/EOS and retokenizing): '
+                         'gen-PPL is undefined for them. Are the samples only BOS/EOS?')
     longest = max(len(s) for s in seqs)
     if longest > judge.n_ctx:
         raise ValueError(f'a sample is {longest} judge tokens long, more than the context of {judge.name} ({judge.n_ctx}); '
                          'use a judge with a longer context or shorter samples')
-    return seqs
+    return seqs, first
 
 
 def _batches(n, bs, desc, tokens_of):
@@ -250,9 +258,10 @@ def unigram_entropy(tokens):
     return -np.bincount(np.repeat(np.arange(N), start.sum(1)), weights=p * np.log(p), minlength=N)
 
 
-def judge_pass(judge, seqs, batch_size=8, hidden=False):
-    """One batched pass of the judge over its input sequences. Per sequence: the mean NLL of positions 1..n-1 (token i
-    predicted from tokens < i), or with hidden=True the last hidden state at its final token (MAUVE's features)."""
+def judge_pass(judge, seqs, batch_size=8, hidden=False, first=None):
+    """One batched pass of the judge over its input sequences. Per sequence: the mean NLL of positions first..n-1
+    (default 1; token i predicted from tokens < i), or with hidden=True the last hidden state at its final token
+    (MAUVE's features)."""
     idx_all, out = [], []
     for idx in _batches(len(seqs), batch_size, f'judge {judge.name}', lambda i: len(seqs[i])):
         ids, attn = _pad([seqs[i] for i in idx], judge.device)
@@ -262,17 +271,24 @@ def judge_pass(judge, seqs, batch_size=8, hidden=False):
         else:
             nll = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction='none').view(len(idx), -1)
             valid = attn[:, 1:].double()
+            if first is not None:  # position j + 1 is predicted at j
+                start = torch.tensor([first[i] for i in idx], device=valid.device)
+                valid *= torch.arange(1, ids.shape[1], device=valid.device)[None] >= start[:, None]
             out.append((nll.double() * valid).sum(1) / valid.sum(1))
         idx_all += idx
     return _gather(idx_all, _host(out))
 
 
-def gen_ppl(judge, tokens, tok_name, batch_size=8):
+def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0):
     """Generative perplexity (SPEC §6): exp of the mean over samples of each sample's mean NLL under the judge, with
-    the mean per-sample unigram entropy next to it. Every sample is scored (none dropped)."""
-    nll, ent = judge_pass(judge, judge_inputs(judge, tokens, tok_name), batch_size), unigram_entropy(tokens)
+    the mean per-sample unigram entropy next to it. Every sample is scored (none dropped).
+    n_prompt > 0 (prompted samples): the NLL and the entropy of the generated tokens only, after the n_prompt forced
+    ids (scoring the forced text would flatter the samples)."""
+    seqs, first = judge_inputs(judge, tokens, tok_name, n_prompt)
+    nll, ent = judge_pass(judge, seqs, batch_size, first=first), unigram_entropy(np.asarray(tokens)[:, n_prompt:])
     return dict(gen_ppl=math.exp(nll.mean()), nll_mean=nll.mean(), nll_std=nll.std(), entropy=ent.mean(),
-                entropy_std=ent.std(), n_samples=len(nll), seq_len=tokens.shape[1], retokenized=tok_name != judge.tok_name)
+                entropy_std=ent.std(), n_samples=len(nll), seq_len=tokens.shape[1], n_prompt=n_prompt,
+                retokenized=tok_name != judge.tok_name)
 
 
 # ----------------------------------------------------------------------------------------------------- MAUVE
@@ -441,8 +457,8 @@ def write_record(jsonl, what, metrics, config, settings, source):
 
 def plot_genppl(jsonl, png):
     """The SDTT figure from eval.jsonl: gen-PPL and entropy of unconditional samples against sampling steps (log2
-    axis), one line per model/round (and judge or sample length, where those vary). Prompted/cond_prefix samples are
-    left out. A point evaluated twice shows its last record."""
+    axis), one line per model/round (and judge, sample length or sampler, where those vary). Prompted/cond_prefix
+    samples are left out. A point evaluated twice shows its last record."""
     if not os.path.exists(jsonl):
         raise FileNotFoundError(f'no {jsonl} to plot: run --eval=genppl (with the same --out_dir) first')
     with open(jsonl) as f:
@@ -450,19 +466,21 @@ def plot_genppl(jsonl, png):
                 and not (r['settings'].get('mode') == 'cond_prefix' or r['settings'].get('prompt') or r['settings'].get('prompt_file'))]
     if not recs:
         raise ValueError(f'no genppl records of unconditional samples in {jsonl}: run --eval=genppl first')
-    varies = [len({(r['config'].get('judge'), r['metrics']['seq_len'])[k] for r in recs}) > 1 for k in (0, 1)]
+    what = lambda r: (os.path.basename(str(r['config'].get('judge'))), r['metrics']['seq_len'], str(r.get('sampler')))
+    varies = [len({what(r)[k] for r in recs}) > 1 for k in range(3)]
     lines = {}
     for r in recs:
         key = (str(r['model']), -1 if r.get('round') is None else r['round'],
-               os.path.basename(str(r['config'].get('judge'))) if varies[0] else '', r['metrics']['seq_len'] if varies[1] else 0)
+               *[w if v else '' for w, v in zip(what(r), varies)])
         lines.setdefault(key, {})[r['num_steps']] = (r['metrics']['gen_ppl'], r['metrics']['entropy'])
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullLocator
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for (model, rnd, jdg, L), pts in sorted(lines.items()):
-        label = model + ('' if rnd < 0 else f' round {rnd}') + (f' [{jdg}]' if jdg else '') + (f' L={L}' if L else '')
+    for (model, rnd, jdg, L, sampler), pts in sorted(lines.items()):
+        label = model + ('' if rnd < 0 else f' round {rnd}') + (f' [{jdg}]' if jdg else '') + (f' L={L}' if L else '') \
+            + (f' {sampler}' if sampler else '')
         steps = sorted(pts)
         for k, ax in enumerate(axes):
             ax.plot(steps, [pts[s][k] for s in steps], marker='o', label=label)
@@ -492,6 +510,12 @@ def main(argv=None):
     unknown = sorted(set(evals) - {'genppl', 'mauve', 'lambada', 'valppl'})
     if unknown or not (evals or c.plot):
         raise ValueError(f'--eval must be a comma list of genppl, mauve, lambada, valppl (or empty with --plot), got {c.eval!r}')
+    if 'valppl' in evals and not c.data_dir:
+        raise ValueError('--eval=valppl needs --data_dir: a prepare_data.py output directory (val.bin, meta.json)')
+    small = {k: getattr(c, k) for k in ('val_rows',) if getattr(c, k) < 0}
+    small.update({k: getattr(c, k) for k in ('n_t', 'val_draws', 'batch_size', 'mauve_seeds') if getattr(c, k) < 1})
+    if small:
+        raise ValueError(f'these must be >= 1 (val_rows >= 0; 0: all rows): {small}')
     dev = c.device
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # torchrun: every rank scores its share, results are gathered
         if dev.startswith('cuda'):
@@ -512,14 +536,19 @@ def main(argv=None):
         for path in paths:
             s = read_samples(path)
             settings, tok_name = s['settings'], s['settings']['meta']['tokenizer']
+            n_prompt = s['prompt_ids'].shape[1] if 'prompt_ids' in s else 0  # forced ids: BOS + the prompt
             if 'genppl' in evals:
-                report('genppl', gen_ppl(judge_lm, s['tokens'], tok_name, c.batch_size), settings, path)
+                try:
+                    report('genppl', gen_ppl(judge_lm, s['tokens'], tok_name, c.batch_size, n_prompt), settings, path)
+                except ValueError as e:  # which of the files
+                    raise ValueError(f'{path}: {e}') from e
             if 'mauve' in evals and settings.get('mode') == 'cond_prefix':
                 n_cond += 1
                 if 'ref_tokens' not in s:
                     raise ValueError(f'{path} holds no ref_tokens (the documents of its prompts): write it with sample.py')
-                q = judge_pass(judge_lm, judge_inputs(judge_lm, s['tokens'], tok_name), c.batch_size, hidden=True)
-                p = judge_pass(judge_lm, judge_inputs(judge_lm, s['ref_tokens'].astype(np.int64), tok_name), c.batch_size, hidden=True)
+                q = judge_pass(judge_lm, judge_inputs(judge_lm, s['tokens'], tok_name)[0], c.batch_size, hidden=True)
+                p = judge_pass(judge_lm, judge_inputs(judge_lm, s['ref_tokens'].astype(np.int64), tok_name)[0],
+                               c.batch_size, hidden=True)
                 if rank == 0:
                     report('mauve', {**mauve_score(p, q, c.mauve_seeds), 'n_samples': len(q), 'n_refs': len(p)}, settings, path)
         if 'mauve' in evals and not n_cond:

@@ -102,6 +102,28 @@ def test_gen_ppl_retokenizes_for_another_tokenizer(ar_dir):
     assert r['retokenized'] and r['gen_ppl'] == pytest.approx(math.exp(np.mean(nlls)), rel=1e-5)
 
 
+def test_gen_ppl_of_prompted_samples_scores_the_continuation_only(ar_dir):
+    """Samples whose first n_prompt ids were forced: the NLL of the generated tokens given the prompt, and their
+    entropy; the forced text is not scored."""
+    path, m = ar_dir
+    tokens = np.random.default_rng(2).integers(0, 256, (3, 20))
+    tokens[:, :6] = [256, *b'Hello']
+    r = E.gen_ppl(E.LM(path), tokens, 'byte', n_prompt=6)
+    with torch.no_grad():
+        lp = torch.log_softmax(m(torch.tensor(tokens))[..., :257].double(), -1)[:, :-1]
+        nll = -lp.gather(-1, torch.tensor(tokens)[:, 1:, None]).squeeze(-1)[:, 5:].mean(1)  # tokens 6..19
+    assert r['n_prompt'] == 6 and r['gen_ppl'] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    assert r['entropy'] == pytest.approx(E.unigram_entropy(tokens[:, 6:]).mean())
+    # retokenized (GPT-2 judge text of byte samples would be the usual case; here GPT-2 ids for the byte judge):
+    # prompt and continuation encoded apart, the first scored position right after the prompt's judge tokens
+    gpt2 = get_tokenizer('gpt2')
+    rows = np.array([[50256] + gpt2.encode(' Hello there') + gpt2.encode(' my friend and you')[:4]])
+    n_prompt = 1 + len(gpt2.encode(' Hello there'))
+    seqs, first = E.judge_inputs(E.LM(path), rows, 'gpt2', n_prompt=n_prompt)
+    assert first == [1 + len(' Hello there')]
+    assert bytes(seqs[0][first[0]:].tolist()) == gpt2.decode(rows[0, n_prompt:].tolist()).encode()
+
+
 def test_unigram_entropy_hand_made():
     h = E.unigram_entropy(np.array([[1, 1, 1, 1], [1, 2, 3, 4], [7, 2, 7, 2], [5, 5, 5, 9]]))
     expected = [0.0, math.log(4), math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
@@ -192,7 +214,7 @@ def test_compiled_project_judge_gives_features_and_takes_int32(ar_dir):
     judge, tokens = E.LM(ar_dir[0], compile=True), np.array([[256, 1, 2, 3, 4], [256, 5, 6, 7, 8]], dtype=np.int32)
     ppl = E.gen_ppl(judge, tokens, 'byte', batch_size=2)['gen_ppl']
     assert math.isclose(ppl, E.gen_ppl(E.LM(ar_dir[0]), tokens, 'byte', batch_size=2)['gen_ppl'], rel_tol=1e-4)
-    f = E.judge_pass(judge, E.judge_inputs(judge, tokens, 'byte'), batch_size=2, hidden=True)
+    f = E.judge_pass(judge, E.judge_inputs(judge, tokens, 'byte')[0], batch_size=2, hidden=True)
     assert f.shape == (2, 32) and np.isfinite(f).all()
 
 
@@ -296,7 +318,7 @@ def test_bad_inputs(tmp, ar_dir, dit_dir, gpt2_dir):
         E.gen_ppl(judge, np.full((2, 8), 300), 'byte')
     with pytest.raises(ValueError, match='context'):
         E.gen_ppl(judge, np.zeros((1, 200), dtype=np.int64), 'byte')
-    with pytest.raises(ValueError, match='1 of 2 samples have fewer than 2 judge tokens'):  # not a NaN gen-PPL
+    with pytest.raises(ValueError, match='1 of 2 samples have no judge token to score'):  # not a NaN gen-PPL
         E.gen_ppl(E.LM(gpt2_dir[0]), np.array([[256, *b'hello world'], [256] * 12]), 'byte')
     bad = tmp / 'bad'
     bad.mkdir()
@@ -317,3 +339,18 @@ def test_bad_inputs(tmp, ar_dir, dit_dir, gpt2_dir):
         E.gen_ppl(E.LM(dit_dir[0]), np.zeros((1, 8), dtype=np.int64), 'byte')
     with pytest.raises(ValueError, match='--eval'):
         run_cli('--eval=bleu')
+    with pytest.raises(ValueError, match='needs --data_dir'):
+        run_cli('--eval=valppl', f'--init_from={dit_dir[0]}')
+    with pytest.raises(ValueError, match='val_rows'):
+        run_cli('--eval=valppl', f'--init_from={dit_dir[0]}', '--data_dir=x', '--val_rows=-5')
+    # a truncated copy of a real sample file; a file among many that cannot be scored is named
+    write_sample_file(str(bad), 'good', np.full((2, 8), 97), 8, 0)
+    good = str(bad / 'samples' / 'uncond' / 'good.npz')
+    with open(good, 'rb') as f:
+        head = f.read(300)
+    (bad / 'cut.npz').write_bytes(head)
+    with pytest.raises(ValueError, match='not a sample file'):
+        E.read_samples(str(bad / 'cut.npz'))
+    write_sample_file(str(bad), 'bos_only', np.full((2, 1), 256), 8, 0)
+    with pytest.raises(ValueError, match='bos_only.npz: 2 of 2 samples have no judge token'):
+        run_cli('--eval=genppl', f'--samples={bad}/samples/uncond', f'--judge={ar_dir[0]}', f'--out_dir={bad}')
