@@ -140,6 +140,39 @@ def test_final_denoise_fills_leftover_masks_with_argmax():
     assert (x != 1000).all() and (x == 0).float().mean() > 0.9 and nfe == 2
 
 
+def test_final_denoise_never_picks_mask_even_where_its_raw_logit_is_largest():
+    m = FixedModel(tail_probs().float())
+    m.logits = m.logits.clone()
+    m.logits[-1] = 50.0  # a trained MDLM never learns its MASK logit: SUBS must drop it, not the argmax
+    x, _ = D.sample(m, 2, 1, 50, mask_id=1000, eps=0.999, seed=0)
+    assert (x != 1000).all()
+
+
+def test_time_grid_is_linspace_1_to_eps_without_its_last_point():
+    ts, dt = D.sampling_grid(4)
+    assert len(ts) == 4 and ts[0] == 1.0 and dt == pytest.approx((1 - 1e-5) / 4) and ts[-1] - dt == pytest.approx(1e-5)
+    sigmas = []
+
+    class Recorder(FixedModel):
+        def forward(self, x, sigma):
+            sigmas.append(sigma[0].item())
+            return super().forward(x, sigma)
+    D.sample(Recorder(tail_probs().float()), 2, 4, 64, mask_id=1000, seed=0)
+    expect = D.sigma(torch.linspace(1, 1e-5, 5, dtype=torch.float64)[:-1]).tolist()
+    assert sigmas[:4] == pytest.approx(expect, rel=1e-5)  # (a 5th forward: the final denoise, if anything is left)
+
+
+def test_draws_are_float64_from_end_to_end(monkeypatch):
+    # a token of probability 1e-9 after half the mass: float32 (CDF or uniform) cannot hit it, float64 does
+    logits = torch.tensor([[0.5, 1e-9, 0.5 - 1e-9]], dtype=torch.float64).log()
+    assert D.draw_categorical(logits, torch.tensor([0.5 + 5e-10], dtype=torch.float64)).item() == 1
+    seen, draw = [], D.draw_categorical
+    monkeypatch.setattr(D, 'draw_categorical', lambda lg, u, *a: (seen.append(u), draw(lg, u, *a))[1])
+    D.sample(FixedModel(tail_probs().float()), 4, 2, 16, mask_id=1000, seed=0)
+    u = torch.cat(seen)
+    assert u.dtype == torch.float64 and ((u * 2 ** 24) % 1 != 0).any()  # not float32 values in a float64 tensor
+
+
 def test_same_seed_same_samples_and_any_batch_or_steps():
     p = tail_probs().float()
     a, _ = D.sample(FixedModel(p), 3, 5, 9, mask_id=1000, seed=7)

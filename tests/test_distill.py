@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import diffusion as D
 import distill
@@ -153,8 +154,30 @@ def test_compiled_objective_and_teacher_match_eager():
     assert len(sizes) == 3  # three different M, all through the compiled graphs
 
 
+def test_divergence_formulas():
+    g = torch.Generator().manual_seed(0)
+    ls, lt = torch.log_softmax(torch.randn(5, 9, generator=g), -1), torch.log_softmax(torch.randn(5, 9, generator=g), -1)
+    ps, pt = ls.exp(), lt.exp()
+    expected = dict(kld=(ps * (ls - lt)).sum(-1), kl_fwd=(pt * (lt - ls)).sum(-1), mse=((ls - lt) ** 2).mean(-1),
+                    tvd=(ls - lt).abs().sum(-1), tvd_true=0.5 * (ps - pt).abs().sum(-1))
+    for name, per_position in expected.items():  # averaged over the positions
+        torch.testing.assert_close(distill.sdtt_divergence(ls, lt, name), per_position.mean())
+        assert distill.sdtt_divergence(ls, lt, name) > 0
+
+
+def test_ar_objective_is_next_token_cross_entropy():
+    torch.manual_seed(0)
+    net = DiT(DiTConfig(vocab_size=V, block_size=L, n_layer=1, n_head=2, n_embd=16, cond_dim=8, dropout=0, causal=True))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x0 = torch.randint(0, MASK, (3, L))
+    ref = F.cross_entropy(net(x0[:, :-1])[..., :MASK].flatten(0, 1), x0[:, 1:].flatten())
+    torch.testing.assert_close(distill.Objective(net, 'ar', MASK)(x0), ref)
+
+
 class FakeTeacher(torch.nn.Module):
-    """Deterministic: call k puts (almost) all mass on token (5k + position) mod 257; records its inputs."""
+    """Deterministic: call k puts (almost) all mass on token (5k + position) mod 257; records its inputs. Its raw MASK
+    logit is the largest (as an untrained one can be): SUBS gives MASK probability 0, so no draw may pick it."""
     def __init__(self):
         super().__init__()
         self.calls = []
@@ -162,7 +185,9 @@ class FakeTeacher(torch.nn.Module):
     @staticmethod
     def logits(x, k):
         tok = (5 * k + torch.arange(x.shape[1])) % MASK
-        return torch.zeros(*x.shape, V).scatter_(-1, tok.expand_as(x)[..., None], 40.0)
+        logits = torch.zeros(*x.shape, V).scatter_(-1, tok.expand_as(x)[..., None], 40.0)
+        logits[..., MASK] = 60.0
+        return logits
 
     def forward(self, x, sigma, positions):
         self.calls.append((x.clone(), sigma.clone()))
@@ -225,6 +250,27 @@ def test_mdlm_and_ar_losses_go_down(data, teacher_dir, tmp_path):
     ar = read_log(str(tmp_path))
     assert ar[30] < 0.5 * ar[5], ar
     assert load_pretrained(str(tmp_path)).config.causal  # the AR judge loads like any other checkpoint
+
+
+def test_warmup_clipping_ema_and_sdtt_defaults(data, teacher_dir, tmp_path, monkeypatch):
+    clips, noise_args = [], []
+    clip, draw_noise = torch.nn.utils.clip_grad_norm_, distill.draw_noise
+    monkeypatch.setattr(torch.nn.utils, 'clip_grad_norm_', lambda p, max_norm, *a, **k: (clips.append(max_norm),
+                                                                                          clip(p, max_norm, *a, **k))[1])
+    monkeypatch.setattr(distill, 'draw_noise', lambda *a: (noise_args.append(a), draw_noise(*a))[1])
+    out = str(tmp_path / 'warm')
+    distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=3', '--warmup_iters=5', '--grad_clip=0.5'))
+    assert clips == [0.5] * 3
+    lrs = read_log(out, 'lr')
+    assert [lrs[s] for s in (1, 2, 3)] == pytest.approx([1e-3 * s / 6 for s in (1, 2, 3)])  # linear warm-up, 5 steps
+    # SDTT's lowest training t is 1e-5 (MDLM's: 1e-3), on the intended teacher grid
+    assert {(a[3], a[6]) for a in noise_args} == {(1e-5, False)}
+    # EMA with warm-up: after one step the decay is min(0.9999, 1/10), so ema = 0.1 x start + 0.9 x model
+    out = str(tmp_path / 'one')
+    distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=1'))
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    for k, v in ck['model'].items():
+        torch.testing.assert_close(ck['ema'][k], 0.1 * ck['teacher'][k] + 0.9 * v, rtol=1e-5, atol=1e-6)
 
 
 def test_rounds_double_dt_copy_the_student_and_stop(data, teacher_dir, tmp_path):

@@ -145,10 +145,12 @@ ANSWER = list(b' dog')
 
 
 def fake_dit(ids, sigma=None, positions=None):
-    """Predicts ' dog' right before the final EOS whatever the input: the answers to PASSAGES are known."""
+    """Predicts ' dog' right before the final EOS whatever the input: the answers to PASSAGES are known. Its raw MASK
+    logit is the largest (as an untrained one can be): SUBS gives MASK probability 0, the argmax must skip it."""
     B, L = ids.shape
     logits = torch.zeros(B, L, 258)
     logits[:, L - 1 - len(ANSWER) + torch.arange(len(ANSWER)), ANSWER] = 5.0
+    logits[..., 257] = 10.0
     return logits if positions is None else logits.flatten(0, 1)[positions]
 
 
@@ -181,6 +183,24 @@ def test_nelbo_equals_mdlm_loss_on_the_same_draws(dit_dir):
         ref = [D.mdlm_loss(lm.model(xt[i:i + 1]), x0r[i:i + 1], xt[i:i + 1], t[i:i + 1], 257).item() * L
                for i in range(len(xt))]
     torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float64).view(3, n_t).mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_val_ppl_is_the_per_token_nelbo_of_the_val_rows(tmp, dit_dir):
+    import diffusion as D
+    d, n, L = tmp / 'val3', 3, 16
+    d.mkdir()
+    rows = np.random.default_rng(0).integers(0, 257, (n, L))
+    rows.astype(np.uint16).tofile(d / 'val.bin')
+    (d / 'meta.json').write_text(json.dumps(dict(BYTE_META, vocab_size=258, row_len=L, n_val_rows=n, n_train_rows=0)))
+    lm = E.LM(dit_dir[0])
+    r = E.val_ppl(lm, str(d), draws=2)
+    t, u = E._draws(range(n), 2, L, 0, 1e-3)  # MDLM's lowest t, 1e-3
+    x0 = torch.from_numpy(rows).repeat_interleave(2, 0)
+    xt = torch.where(u < D.move_chance(t)[:, None], 257, x0)
+    with torch.no_grad():
+        nelbo = np.mean([D.mdlm_loss(lm.model(xt[i:i + 1]), x0[i:i + 1], xt[i:i + 1], t[i:i + 1], 257).item()
+                         for i in range(2 * n)])  # per token: mdlm_loss divides by the tokens of its row
+    assert r['val_nelbo'] == pytest.approx(nelbo, rel=1e-5) and r['val_ppl'] == pytest.approx(math.exp(nelbo), rel=1e-5)
 
 
 def test_lambada_diffusion_independent_of_batching(tmp, dit_dir):

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from model import DiT, DiTConfig, EmbeddingLayer, load_pretrained, save_pretrained
 
@@ -200,6 +200,20 @@ def test_load_published_layouts(tmp_path, layout):
     idx = torch.randint(0, CFG['vocab_size'], (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(m2(idx), m(idx), rtol=0, atol=0)
+
+
+def test_sdtt_layout_double_prefix_no_vocab_size_time_conditioning(tmp_path):
+    """SDTT's teacher_1M_sm (pushed from a wrapped model) has `backbone.backbone.` keys; its run config has no
+    vocab_size (read from the weights) and says time_conditioning at the top level."""
+    m = random_model(time_conditioning=True)
+    d = _write_published(tmp_path, m, 'sdtt')
+    sd = {'backbone.' + k: v for k, v in load_file(str(d / 'model.safetensors')).items()}
+    save_file(sd, str(d / 'model.safetensors'))
+    m2 = load_pretrained(str(d))
+    assert m2.config.vocab_size == CFG['vocab_size'] and m2.config.time_conditioning
+    idx, sig = torch.randint(0, CFG['vocab_size'], (2, 24)), torch.tensor([0.3, 2.0])
+    with torch.no_grad():
+        torch.testing.assert_close(m2(idx, sig), m(idx, sig), rtol=0, atol=0)
 
 
 def test_save_pretrained_round_trip_and_meta(tmp_path):
