@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from configurator import configure, config_keys
 from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
 from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
-from model import (DiT, DiTConfig, default_meta, load_pretrained, load_state_dict_strict, save_pretrained, strip_prefix,
+from model import (DiT, DiTConfig, check_device, default_meta, load_pretrained, load_state_dict_strict, save_pretrained, strip_prefix,
                    write_atomic)
 from prepare_data import load_meta, open_split
 
@@ -316,8 +316,7 @@ def main(argv=None):
     if small or not max_iters >= 0 or not eval_iters >= 0 or not eval_interval >= 0 or not ckpt_interval >= 0:
         raise ValueError(f'{small or "max_iters, eval_iters, eval_interval and ckpt_interval"}: these must be >= 1 '
                          f'(max_iters, eval_iters, eval_interval, ckpt_interval >= 0; 0 turns the latter three off)')
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise ValueError(f'device={device!r} but CUDA is not available here: pass --device=cpu')
+    check_device(device)
     if compile_mode not in ('default', 'max-autotune-no-cudagraphs'):
         raise ValueError(f"compile_mode must be 'default' or 'max-autotune-no-cudagraphs' (CUDA-graph modes would "
                          f"overwrite the teacher's outputs that the step still uses), got {compile_mode!r}")

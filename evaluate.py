@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from configurator import config_keys, configure
 from diffusion import SAMPLE_EPS as _SAMPLE_EPS, move_chance, nelbo_weight, sample_t, sigma
-from model import load_pretrained, write_atomic
+from model import check_device, load_pretrained, write_atomic
 from prepare_data import get_tokenizer, load_meta, open_split
 from sample import load_samples
 
@@ -517,6 +517,7 @@ def main(argv=None):
     if small:
         raise ValueError(f'these must be >= 1 (val_rows >= 0; 0: all rows): {small}')
     dev = c.device
+    check_device(dev)
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # torchrun: every rank scores its share, results are gathered
         if dev.startswith('cuda'):
             dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"

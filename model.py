@@ -278,6 +278,12 @@ def load_state_dict_strict(model, state_dict, source='checkpoint'):
     return model
 
 
+def check_device(device):
+    """A clear error for a CUDA device where there is none (torch's is an AssertionError from deep inside a call)."""
+    if str(device).startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'device={device!r} but CUDA is not available here: pass --device=cpu')
+
+
 def default_meta(vocab_size):
     """Special ids of a checkpoint that does not record them: GPT-2 (published models) or our byte tokenizer."""
     if vocab_size == 50258:

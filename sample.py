@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import diffusion
 from configurator import config_keys, configure
-from model import load_pretrained, write_atomic
+from model import check_device, load_pretrained, write_atomic
 from prepare_data import get_tokenizer
 
 # -------------------------------------------------------------------- settings (config file or --key=value)
@@ -331,6 +331,7 @@ def main(argv=None):
                          f'cond_len tokens of a document; got {c.prefix_len}, {c.cond_len}, {c.min_doc_len})')
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     dev = c.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    check_device(dev)
     if world > 1:
         import torch.distributed as dist
         if dev == 'cuda':

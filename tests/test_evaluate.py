@@ -359,6 +359,9 @@ def test_bad_inputs(tmp, ar_dir, dit_dir, gpt2_dir):
         E.gen_ppl(E.LM(dit_dir[0]), np.zeros((1, 8), dtype=np.int64), 'byte')
     with pytest.raises(ValueError, match='--eval'):
         run_cli('--eval=bleu')
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='CUDA is not available'):
+            run_cli('--eval=genppl', f'--samples={bad}', f'--judge={ar_dir[0]}', '--device=cuda')
     with pytest.raises(ValueError, match='needs --data_dir'):
         run_cli('--eval=valppl', f'--init_from={dit_dir[0]}')
     with pytest.raises(ValueError, match='val_rows'):

@@ -253,6 +253,9 @@ def test_bad_input(byte_dir, tmp_path):
         sample.main(base + ['--num_steps=0'])
     with pytest.raises(ValueError, match="sampler must be one of"):
         sample.main(base + ['--sampler=ddim'])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='CUDA is not available'):
+            sample.main(base + ['--device=cuda'])
     lm = sample.load_model(byte_dir)
     with pytest.raises(ValueError, match='num_steps must be an integer >= 1'):
         lm.sample(2, 0, 16)
