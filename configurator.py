@@ -6,7 +6,7 @@ nanoGPT-style configuration: a script defines its settings as module-level globa
 
 Each argument is either a config file (plain Python, executed; its top-level names override the defaults) or
 --key=value (the value is a Python literal, or a bare string). Unlike nanoGPT's exec'd configurator:
-an unknown key is an error that lists the close matches, keys whose default is None can be set, an int is
+--help prints the script's docstring and its settings; an unknown key is an error that lists the close matches, keys whose default is None can be set, an int is
 accepted where the default is a float, values may contain '=', and a value of the wrong type is an error.
 Returns the resulting {key: value} dict of all settings (for logging and checkpoints).
 """
@@ -45,6 +45,11 @@ def configure(g, argv=None):
     keys = config_keys(g)
     defaults = {k: g[k] for k in keys}
     for arg in argv:
+        if arg in ('-h', '--help'):  # the script's docstring and every setting with its value
+            print((sys.modules['__main__'].__doc__ or '').strip() + '\n\nsettings (--key=value):')
+            for k in keys:
+                print(f'  --{k}={g[k]!r}')
+            sys.exit(0)
         if not arg.startswith('--'):  # a config file
             try:
                 with open(arg) as f:

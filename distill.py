@@ -310,12 +310,11 @@ def main(argv=None):
         raise ValueError("init_from is empty: set it to 'scratch', 'resume' or the teacher (hub id, dir, ckpt.pt, .ckpt)")
     if dtype not in ('bfloat16', 'float32'):
         raise ValueError(f"dtype must be 'bfloat16' (autocast on CUDA) or 'float32', got {dtype!r}")
-    small = {k: v for k, v in dict(batch_size=batch_size, global_batch_size=global_batch_size, log_interval=log_interval,
-                                   round_every=round_every, num_distill_steps=num_distill_steps,
-                                   teacher_num_steps=teacher_num_steps).items() if not v >= 1}
-    if small or not max_iters >= 0 or not eval_iters >= 0 or not eval_interval >= 0 or not ckpt_interval >= 0:
-        raise ValueError(f'{small or "max_iters, eval_iters, eval_interval and ckpt_interval"}: these must be >= 1 '
-                         f'(max_iters, eval_iters, eval_interval, ckpt_interval >= 0; 0 turns the latter three off)')
+    low = dict(batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=1, teacher_num_steps=1,
+               max_iters=0, eval_iters=0, eval_interval=0, ckpt_interval=0)  # (0: no evaluation / periodic checkpoints)
+    bad = [f'{k}={config[k]} (must be >= {v})' for k, v in low.items() if not config[k] >= v]
+    if bad:
+        raise ValueError(f'impossible sizes: {", ".join(bad)}')
     check_device(device)
     if compile_mode not in ('default', 'max-autotune-no-cudagraphs'):
         raise ValueError(f"compile_mode must be 'default' or 'max-autotune-no-cudagraphs' (CUDA-graph modes would "
@@ -537,6 +536,10 @@ def main(argv=None):
             if bad:
                 raise nonfinite()
             halt = halt or stop_any > 0
+            if ddp and stop_any:  # which signal: the ranks that did not get one report it too (the exit status)
+                sig = torch.tensor(stop[0] if stop else 0, device=dev)
+                dist.all_reduce(sig, op=dist.ReduceOp.MAX)
+                stop[:] = [int(sig)]
             dt_s = time.time() - t_log
             n = step - step_log
             rec = dict(step=step, loss=loss_val / world / n, lr=lr, round=rnd, dt=dt_of(rnd) if teacher else None,

@@ -78,11 +78,16 @@ def stage(name, *cmds, parallel=True):
             log.flush()
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         try:
-            for p, log in running:
-                if p.wait():
-                    sys.exit(f'e2e.py: stage {name} failed (exit {p.returncode}); see {log.name}. Run the same '
-                             'command again to continue (finished stages are skipped, training resumes)')
-                log.close()
+            waiting = list(running)
+            while waiting:  # whichever ends first: a failure stops the others at once
+                for p, log in waiting:
+                    if p.poll() is not None:
+                        if p.returncode:
+                            sys.exit(f'e2e.py: stage {name} failed (exit {p.returncode}); see {log.name}. Run the same '
+                                     'command again to continue (finished stages are skipped, training resumes)')
+                        log.close()
+                waiting = [(p, log) for p, log in waiting if p.returncode is None]
+                time.sleep(0.2)
         except BaseException:  # Ctrl-C, SIGTERM or a failed command: stop the others (training saves), then exit
             for p, _ in running:
                 if p.poll() is None:

@@ -78,3 +78,12 @@ def test_e2e_config_files_are_valid():
         cfg = configure(g, [path])
         for stage, base in (('teacher', g['teacher_config']), ('judge', g['judge_config']), ('sdtt', g['sdtt_config'])):
             configure(dict(distill._DEFAULTS), [base, *shlex.split(cfg[f'{stage}_args'])])
+
+
+def test_help_prints_the_docstring_and_the_settings(capsys):
+    g = defaults()
+    with pytest.raises(SystemExit) as e:
+        configure(g, ['--batch_size=3', '--help'])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and 'settings (--key=value):' in out
+    assert '--batch_size=3' in out and "--out_dir='out'" in out  # the values so far, overrides included

@@ -1,6 +1,7 @@
 """distill.py: SDTT targets and divergences, rounds, exact resume after kill -9, DDP == one process, mdlm/ar training."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -370,6 +371,28 @@ def test_ddp_two_processes_equal_one(data, teacher_dir, tmp_path):
         torch.testing.assert_close(ca['model'][k], cb['model'][k], rtol=1e-4, atol=1e-5)
 
 
+def test_ddp_signal_to_one_rank_stops_all_saves_and_reports_it(data, teacher_dir, tmp_path):
+    out = str(tmp_path / 'run')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          'distill.py', *sdtt_args(data, teacher_dir, out, '--max_iters=100000', '--round_every=100000',
+                                                   '--log_interval=2', '--ckpt_interval=0')],
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(os.path.join(out, 'log.jsonl')) or not read_log(out):
+        assert p.poll() is None and time.time() < deadline, p.stderr.read()
+        time.sleep(0.05)
+    workers = subprocess.run(['pgrep', '-P', str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGTERM)  # one rank only: the other learns it at the next log step
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode != 0  # torchrun: a worker failed (it exits 1)
+    codes = re.findall(r'exitcode\s*:\s*(-?\d+)', err)
+    assert codes and set(codes) == {'143'}, err[-2000:]  # 128 + SIGTERM from both ranks, not 130
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ck['step'] == max(read_log(out))  # saved at the step they stopped, and logged
+
+
 class Opaque:  # stands for the OmegaConf config / tokenizer pickled in MDLM Lightning hyper_parameters
     pass
 
@@ -396,7 +419,7 @@ def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
         distill.main(sdtt_args(data, teacher_dir, out, '--global_batch_size=6'))
     for bad in ('--round_every=0', '--log_interval=0', '--batch_size=0', '--num_distill_steps=0',
                 '--teacher_num_steps=0', '--max_iters=-1'):
-        with pytest.raises(ValueError, match='must be >= 1'):
+        with pytest.raises(ValueError, match=r'impossible sizes: ' + bad[2:] + r' \(must be >= '):
             distill.main(sdtt_args(data, teacher_dir, out, bad))
     with pytest.raises(ValueError, match='split into n_head=3 heads'):
         distill.main(TINY + ['--objective=mdlm', '--init_from=scratch', f'--data_dir={data}', f'--out_dir={out}',

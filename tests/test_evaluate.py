@@ -122,6 +122,11 @@ def test_gen_ppl_of_prompted_samples_scores_the_continuation_only(ar_dir):
     seqs, first = E.judge_inputs(E.LM(path), rows, 'gpt2', n_prompt=n_prompt)
     assert first == [1 + len(' Hello there')]
     assert bytes(seqs[0][first[0]:].tolist()) == gpt2.decode(rows[0, n_prompt:].tolist()).encode()
+    with torch.no_grad():  # and the NLL is that of those judge tokens only
+        lp = torch.log_softmax(m(seqs[0][None])[0, :-1, :257].double(), -1)
+        nll = -lp.gather(-1, seqs[0][1:, None]).squeeze(-1)[first[0] - 1:].mean()
+    r = E.gen_ppl(E.LM(path), rows, 'gpt2', n_prompt=n_prompt)
+    assert r['retokenized'] and r['gen_ppl'] == pytest.approx(math.exp(nll.item()), rel=1e-5)
 
 
 def test_unigram_entropy_hand_made():
