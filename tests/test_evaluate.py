@@ -312,6 +312,22 @@ def test_cli_genppl_mauve_lambada_valppl_plot(tmp, ar_dir, dit_dir, faiss_one_th
     assert os.path.getsize(os.path.join(out, 'genppl.png')) > 10_000
 
 
+def test_cli_prompted_files_records_and_plot_filter(tmp, ar_dir):
+    out = tmp / 'prompted'
+    rng = np.random.default_rng(0)
+    prompt = np.array([[256, *b'Hello']])
+    tokens = np.concatenate([np.repeat(prompt, 3, 0), rng.integers(0, 256, (3, 18))], 1)
+    settings = dict(model='tiny', num_steps=64, sampler='cached', nfe=11.5, prompt='Hello', meta=dict(BYTE_META, round=2))
+    save_samples(str(out / 'samples' / 'cond' / 'p'), tokens, settings, ['x'] * 3, prompt_ids=prompt)
+    run_cli('--eval=genppl', f'--samples={out}/samples', f'--judge={ar_dir[0]}', f'--out_dir={out}')
+    rec = json.loads(open(out / 'eval.jsonl').readline())
+    want = E.gen_ppl(E.LM(ar_dir[0]), tokens, 'byte', n_prompt=6)  # the continuation only, given the prompt
+    assert rec['metrics']['n_prompt'] == 6 and rec['metrics']['gen_ppl'] == pytest.approx(want['gen_ppl'], rel=1e-9)
+    assert (rec['model'], rec['round'], rec['num_steps'], rec['sampler'], rec['nfe']) == ('tiny', 2, 64, 'cached', 11.5)
+    with pytest.raises(ValueError, match='no genppl records of unconditional samples'):  # the figure leaves them out
+        E.plot_genppl(str(out / 'eval.jsonl'), str(out / 'g.png'))
+
+
 def test_two_ranks_equal_one(tmp, ar_dir, dit_dir):
     tokens = np.random.default_rng(2).integers(0, 256, (5, 24))
     texts = E.read_lambada(write_lambada(tmp / 'lambada3.jsonl', PASSAGES))

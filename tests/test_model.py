@@ -216,6 +216,22 @@ def test_sdtt_layout_double_prefix_no_vocab_size_time_conditioning(tmp_path):
         torch.testing.assert_close(m2(idx, sig), m(idx, sig), rtol=0, atol=0)
 
 
+def test_save_pretrained_writes_the_published_mdlm_layout(tmp_path):
+    m = random_model(time_conditioning=True)
+    d = save_pretrained(m, str(tmp_path / 'tc'))
+    keys = load_file(os.path.join(d, 'model.safetensors')).keys()
+    assert keys and all(k.startswith('backbone.') and not k.startswith('backbone.backbone.') for k in keys)
+    cfg = json.load(open(os.path.join(d, 'config.json')))
+    c = m.config
+    assert {'model_type': 'mdlm', 'hidden_dim': c.n_embd, 'cond_dim': c.cond_dim, 'n_blocks': c.n_layer,
+            'n_heads': c.n_head, 'model_length': c.block_size, 'vocab_size': c.vocab_size,
+            'time_conditioning': True}.items() <= cfg.items()
+    m2 = load_pretrained(d)
+    x, s = torch.randint(0, c.vocab_size, (2, 16)), torch.tensor([0.1, 3.0])
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x, s), m(x, s), rtol=0, atol=0)
+
+
 def test_save_pretrained_round_trip_and_meta(tmp_path):
     m = random_model(causal=True)
     m.meta = dict(tokenizer='byte', bos_id=256, eos_id=256, mask_id=60)

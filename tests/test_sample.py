@@ -157,6 +157,20 @@ def test_prompt_kept_at_every_step(byte_dir, tmp_path, monkeypatch, sampler_name
     assert (out['prompt_ids'] == prompt.numpy()).all() and out['settings']['sampler'] == sampler_name
 
 
+def test_cli_sampler_cache_and_add_bos_reach_the_sampler(byte_dir, tmp_path):
+    lm = sample.load_model(byte_dir)
+    base = [f'--init_from={byte_dir}', '--seq_len=16', '--num_steps=64', '--n_samples=2', '--batch_size=2', '--seed=3',
+            f'--out_dir={tmp_path}', '--n_print=0']
+    api = lambda **kw: lm.sample(2, 64, 16, seed=sample.batch_seed(3, 0), **kw).numpy()
+    out = {s: sample.load_samples(sample.main(base + [f'--sampler={s}'])) for s in ('ancestral', 'analytic', 'cached')}
+    assert not np.array_equal(api(sampler='analytic'), api())  # (the two samplers draw differently from one seed)
+    assert np.array_equal(out['analytic']['tokens'], api(sampler='analytic'))
+    assert np.array_equal(out['ancestral']['tokens'], api()) and np.array_equal(out['cached']['tokens'], api())
+    assert out['ancestral']['settings']['nfe'] == 64 and out['cached']['settings']['nfe'] <= 15  # 15 masked positions
+    nobos = sample.load_samples(sample.main(base + ['--add_bos=False']))
+    assert np.array_equal(nobos['tokens'], api(add_bos=False)) and (nobos['tokens'][:, 0] != 256).any()
+
+
 def test_cond_prefix_mode(byte_dir, tmp_path, monkeypatch):
     docs = [('short %d ' % i) * 2 if i % 2 else ('document %d, long enough. ' % i) * 4 for i in range(8)]
     data = tmp_path / 'docs.jsonl'
@@ -167,6 +181,7 @@ def test_cond_prefix_mode(byte_dir, tmp_path, monkeypatch):
                         '--batch_size=4', '--num_steps=8', f'--out_dir={tmp_path}'])
     out = sample.load_samples(path)
     assert list(out['doc_idx']) == [0, 2, 4] and out['tokens'].shape == (6, 24)
+    assert (out['settings']['n_samples'], out['settings']['seq_len']) == (6, 24)  # what the file holds
     refs = [list(docs[i].encode())[:24] for i in (0, 2, 4)]  # SPEC §6: document tokens, no BOS
     assert (out['ref_tokens'] == np.array(refs)).all() and (out['prompt_ids'] == out['ref_tokens'][:, :10]).all()
     prompts = torch.tensor(out['prompt_ids']).repeat_interleave(2, 0)
@@ -174,9 +189,11 @@ def test_cond_prefix_mode(byte_dir, tmp_path, monkeypatch):
     assert (out['tokens'][:, :10] == prompts.numpy()).all()
     # every row the network sees (at every step; batches of 4 and 2 rows) starts with one of the prompts
     assert all((row[:10] == prompts).all(1).any() for x in seen for row in x)
+    first = path  # the same settings but other prompts: another file (not "exists", nor overwritten)
     path = sample.main([f'--init_from={byte_dir}', '--mode=cond_prefix', f'--cond_data={data}', '--n_prompts=3',
-                        '--min_doc_len=60', '--prefix_len=10', '--cond_len=24', '--n_continuations=2', '--seed=2',
+                        '--min_doc_len=60', '--prefix_len=10', '--cond_len=24', '--n_continuations=2',
                         '--batch_size=4', '--num_steps=8', f'--out_dir={tmp_path}', '--prefix_bos=True'])
+    assert path != first
     out = sample.load_samples(path)  # framed as training rows: BOS + document
     assert (out['ref_tokens'] == np.array([[256] + r[:23] for r in refs])).all()
 
