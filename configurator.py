@@ -6,8 +6,9 @@ nanoGPT-style configuration: a script defines its settings as module-level globa
 
 Each argument is either a config file (plain Python, executed; its top-level names override the defaults) or
 --key=value (the value is a Python literal, or a bare string). Unlike nanoGPT's exec'd configurator:
---help prints the script's docstring and its settings; an unknown key is an error that lists the close matches, keys whose default is None can be set, an int is
-accepted where the default is a float, values may contain '=', and a value of the wrong type is an error.
+an unknown key is an error that lists the close matches, keys whose default is None can be set, an int is
+accepted where the default is a float, values may contain '=', a value of the wrong type is an error, and --help
+prints the script's docstring and its settings.
 Returns the resulting {key: value} dict of all settings (for logging and checkpoints).
 """
 import ast

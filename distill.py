@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from configurator import configure, config_keys
 from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
 from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
-from model import (DiT, DiTConfig, check_device, default_meta, load_pretrained, load_state_dict_strict, save_pretrained, strip_prefix,
-                   write_atomic)
+from model import (DiT, DiTConfig, check_device, default_meta, load_pretrained, load_state_dict_strict, save_pretrained,
+                   strip_prefix, write_atomic)
 from prepare_data import load_meta, open_split
 
 # ----------------------------------------------------------------------------------------------------------- config

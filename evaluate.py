@@ -9,8 +9,9 @@ validation NELBO perplexity, and the SDTT figure (gen-PPL and entropy against sa
     torchrun --nproc_per_node=8 evaluate.py ...      # the work is sharded across ranks and gathered
 
 Prompted samples (sample.py --prompt, --mode=cond_prefix) get a conditional gen-PPL: only the generated tokens are
-scored (and counted in the entropy), given the prompt. Every evaluation appends one JSON line to out_dir/eval.jsonl. The metric functions (gen_ppl, unigram_entropy, judge_pass,
-mauve_score, lambada, val_ppl, plot_genppl) are importable; the script only runs under __main__.
+scored (and counted in the entropy), given the prompt. Every evaluation appends one JSON line to out_dir/eval.jsonl.
+The metric functions (gen_ppl, unigram_entropy, judge_pass, mauve_score, lambada, val_ppl, plot_genppl) are
+importable; the script only runs under __main__.
 """
 import glob
 import json
