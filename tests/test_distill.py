@@ -430,6 +430,15 @@ def test_ddp_two_processes_equal_one(data, teacher_dir, tmp_path):
         torch.testing.assert_close(ca['model'][k], cb['model'][k], rtol=1e-4, atol=1e-5)
 
 
+def _parent(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return int(f.read().rsplit(')', 1)[1].split()[1])  # (the name in parentheses may hold spaces)
+    except (OSError, ValueError, IndexError):
+        return None  # gone meanwhile
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the workers through /proc (Linux)')
 def test_ddp_signal_to_one_rank_stops_all_saves_and_reports_it(data, teacher_dir, tmp_path):
     out = str(tmp_path / 'run')
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -441,9 +450,9 @@ def test_ddp_signal_to_one_rank_stops_all_saves_and_reports_it(data, teacher_dir
     while not os.path.exists(os.path.join(out, 'log.jsonl')) or not read_log(out):
         assert p.poll() is None and time.time() < deadline, p.stderr.read()
         time.sleep(0.05)
-    workers = subprocess.run(['pgrep', '-P', str(p.pid)], capture_output=True, text=True).stdout.split()
+    workers = [int(d) for d in os.listdir('/proc') if d.isdigit() and _parent(d) == p.pid]  # torchrun's workers
     assert len(workers) == 2
-    os.kill(int(workers[1]), signal.SIGTERM)  # one rank only: the other learns it at the next log step
+    os.kill(workers[1], signal.SIGTERM)  # one rank only: the other learns it at the next log step
     err = p.communicate(timeout=60)[1]
     assert p.returncode != 0  # torchrun: a worker failed (it exits 1)
     codes = re.findall(r'exitcode\s*:\s*(-?\d+)', err)
