@@ -41,6 +41,19 @@ def _unknown(key, keys, source):
     return ValueError(f'{source}: unknown config key {key!r}{hint}')
 
 
+def check_choice(key, value, allowed):
+    """A setting (or argument) that must be one of a few values; compared with its type (True == 1, 7.0 == 7)."""
+    if type(value) is not type(allowed[0]) or value not in allowed:
+        raise ValueError(f'{key} must be one of {list(allowed)}, got {value!r}')
+
+
+def check_sizes(config, **lowest):
+    """One error naming every setting below its lowest sensible value (sizes, counts, intervals)."""
+    bad = [f'{k}={config[k]!r} (must be >= {v})' for k, v in lowest.items() if not config[k] >= v]
+    if bad:
+        raise ValueError(f'impossible sizes: {", ".join(bad)}')
+
+
 def configure(g, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(g)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, config_keys
+from configurator import check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
 from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
 from model import (DiT, DiTConfig, check_device, default_meta, load_pretrained, load_state_dict_strict, save_pretrained,
@@ -310,11 +310,8 @@ def main(argv=None):
         raise ValueError("init_from is empty: set it to 'scratch', 'resume' or the teacher (hub id, dir, ckpt.pt, .ckpt)")
     if dtype not in ('bfloat16', 'float32'):
         raise ValueError(f"dtype must be 'bfloat16' (autocast on CUDA) or 'float32', got {dtype!r}")
-    low = dict(batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=1, teacher_num_steps=1,
-               max_iters=0, eval_iters=0, eval_interval=0, ckpt_interval=0)  # (0: no evaluation / periodic checkpoints)
-    bad = [f'{k}={config[k]} (must be >= {v})' for k, v in low.items() if not config[k] >= v]
-    if bad:
-        raise ValueError(f'impossible sizes: {", ".join(bad)}')
+    check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=1,
+                teacher_num_steps=1, max_iters=0, eval_iters=0, eval_interval=0, ckpt_interval=0)  # (0: off)
     check_device(device)
     if compile_mode not in ('default', 'max-autotune-no-cudagraphs'):
         raise ValueError(f"compile_mode must be 'default' or 'max-autotune-no-cudagraphs' (CUDA-graph modes would "

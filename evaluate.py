@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import config_keys, configure
+from configurator import check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _SAMPLE_EPS, move_chance, nelbo_weight, sample_t, sigma
 from model import check_device, load_pretrained, write_atomic
 from prepare_data import get_tokenizer, load_meta, open_split
@@ -222,9 +222,9 @@ def judge_inputs(judge, tokens, tok_name, n_prompt=0):
         seqs, first = list(torch.from_numpy(tokens)), [max(1, n_prompt)] * len(tokens)
     else:
         text = lambda ids: tok.decode([i for i in ids if i not in (tok.bos_token_id, tok.eos_token_id)])
-        head = [judge.tok.encode(text(row[:n_prompt])) if n_prompt else [] for row in tokens.tolist()]
-        seqs = [torch.tensor([judge.bos] + h + judge.tok.encode(text(row[n_prompt:])))
-                for h, row in zip(head, tokens.tolist())]
+        rows = tokens.tolist()
+        head = [judge.tok.encode(text(row[:n_prompt])) if n_prompt else [] for row in rows]
+        seqs = [torch.tensor([judge.bos] + h + judge.tok.encode(text(row[n_prompt:]))) for h, row in zip(head, rows)]
         first = [1 + len(h) for h in head]
     short = sum(len(s) <= f for s, f in zip(seqs, first))
     if short:  # nothing to score: its mean NLL would be 0/0 and gen-PPL NaN
@@ -514,10 +514,7 @@ def main(argv=None):
         raise ValueError(f'--eval must be a comma list of genppl, mauve, lambada, valppl (or empty with --plot), got {c.eval!r}')
     if 'valppl' in evals and not c.data_dir:
         raise ValueError('--eval=valppl needs --data_dir: a prepare_data.py output directory (val.bin, meta.json)')
-    small = {k: getattr(c, k) for k in ('val_rows',) if getattr(c, k) < 0}
-    small.update({k: getattr(c, k) for k in ('n_t', 'val_draws', 'batch_size', 'mauve_seeds') if getattr(c, k) < 1})
-    if small:
-        raise ValueError(f'these must be >= 1 (val_rows >= 0; 0: all rows): {small}')
+    check_sizes(vars(c), val_rows=0, n_t=1, val_draws=1, batch_size=1, mauve_seeds=1)  # (val_rows 0: all rows)
     dev = c.device
     check_device(dev)
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # torchrun: every rank scores its share, results are gathered

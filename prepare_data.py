@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 from tqdm import tqdm
 
-from configurator import config_keys, configure
+from configurator import check_choice, check_sizes, config_keys, configure
 
 # ----------------------------------------------------------------------------- config
 # python prepare_data.py [config.py] --key=value ... (configurator.py: as every script of the project)
@@ -299,15 +299,11 @@ def main(argv=None):
     args = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
     if not args.out_dir:
         raise ValueError("--out_dir is required: the directory that gets train.bin, val.bin and meta.json")
-    for key, allowed in (("tokenizer", ("gpt2", "byte")), ("txt_docs", ("file", "blankline", "lines"))):
-        if getattr(args, key) not in allowed:
-            raise ValueError(f"{key} must be one of {allowed}, got {getattr(args, key)!r}")
-    if not (isinstance(args.row_len, int) and args.row_len >= 3):
-        raise ValueError(f"row_len must be an integer >= 3 (BOS, >= 1 token, EOS), got {args.row_len!r}")
-    if not (args.num_val_docs is None or isinstance(args.num_val_docs, int)):
+    check_choice("tokenizer", args.tokenizer, ("gpt2", "byte"))
+    check_choice("txt_docs", args.txt_docs, ("file", "blankline", "lines"))
+    if not (args.num_val_docs is None or isinstance(args.num_val_docs, int)):  # (its default None takes any type)
         raise ValueError(f"num_val_docs must be an integer (or None), got {args.num_val_docs!r}")
-    if not (isinstance(args.num_proc, int) and args.num_proc >= 1):
-        raise ValueError(f"num_proc must be an integer >= 1, got {args.num_proc!r}")
+    check_sizes(vars(args), row_len=3, num_proc=1)  # a row holds BOS, >= 1 token, EOS
 
     outputs = [os.path.join(args.out_dir, n) for n in ("train.bin", "val.bin", "meta.json")]
     existing = [o for o in outputs if os.path.exists(o)]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import diffusion
-from configurator import config_keys, configure
+from configurator import check_choice, check_sizes, config_keys, configure
 from model import check_device, load_pretrained, write_atomic
 from prepare_data import get_tokenizer
 
@@ -129,11 +129,6 @@ def load_model(name_or_path, revision=None, device='cpu'):
     return DiffusionLM(backbone, name)
 
 
-def _choice(what, value, allowed):
-    if type(value) is not type(allowed[0]) or value not in allowed:  # type check: True == 1 and 7.0 == 7 in Python
-        raise ValueError(f'{what} must be one of {list(allowed)}, got {value!r}')
-
-
 def _load_release(repo, rev, path, device, round):
     lm = load_model(path, device=device) if path else load_model(repo, revision=rev, device=device)
     lm.meta.setdefault('round', round)
@@ -149,21 +144,21 @@ def load_mdlm_small(path=None, device='cpu', revision='teacher_1M_sm'):
 
 def load_small_student(loss='kld', round=7, path=None, device='cpu'):
     """The students distilled from MDLM small with divergence `loss` (kld/mse/tvd), after `round` (1..7) rounds."""
-    _choice('loss', loss, LOSSES)
-    _choice('round', round, ROUNDS)
+    check_choice('loss', loss, LOSSES)
+    check_choice('round', round, ROUNDS)
     return _load_release(HUB_SDTT, f'baselines_{loss}_step_{10000 * round}', path, device, round)
 
 
 def load_scaling_student(size='sm', round=7, path=None, device='cpu'):
     """The students of the scaling experiments (teachers trained 400k steps), size sm/md/large, round 1..7."""
-    _choice('size', size, SCALING_SIZES)
-    _choice('round', round, ROUNDS)
+    check_choice('size', size, SCALING_SIZES)
+    check_choice('round', round, ROUNDS)
     return _load_release(HUB_SDTT, f'scaling_400k_{size}_step_{10000 * round}', path, device, round)
 
 
 def load_scaling_teacher(size='sm', path=None, device='cpu'):
     """The teachers of the scaling experiments (400k steps, before distillation), size sm/md/large."""
-    _choice('size', size, SCALING_SIZES)
+    check_choice('size', size, SCALING_SIZES)
     return _load_release(HUB_SDTT, f'teacher_400k_{size}_step_400000', path, device, round=0)
 
 
@@ -319,12 +314,9 @@ def load_samples(path):
 def main(argv=None):
     c = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
     config = dict(vars(c))
-    _choice('sampler', c.sampler, ('ancestral', 'cached', 'analytic'))
-    _choice('mode', c.mode, ('uncond', 'cond_prefix'))
-    small = {k: getattr(c, k) for k in ('num_steps', 'batch_size', 'n_samples', 'n_prompts', 'n_continuations')
-             if getattr(c, k) < 1}
-    if small:
-        raise ValueError(f'these must be >= 1: {small}')
+    check_choice('sampler', c.sampler, ('ancestral', 'cached', 'analytic'))
+    check_choice('mode', c.mode, ('uncond', 'cond_prefix'))
+    check_sizes(config, num_steps=1, batch_size=1, n_samples=1, n_prompts=1, n_continuations=1)
     if c.mode == 'cond_prefix' and (not c.cond_data or not 0 < c.prefix_len < c.cond_len <= c.min_doc_len):
         raise ValueError(f'mode=cond_prefix needs cond_data (a .jsonl file with a "text" field or an HF dataset name, '
                          f'got {c.cond_data!r}) and 0 < prefix_len < cond_len <= min_doc_len (every reference is '
