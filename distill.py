@@ -54,7 +54,7 @@ max_iters = 80000
 learning_rate = 3e-4        # SDTT paper text: 6e-5 with 500 warm-up steps; the reference code: 3e-4 / 2500
 warmup_iters = 2500
 weight_decay, beta1, beta2, grad_clip = 0.0, 0.9, 0.999, 1.0
-ema_decay = 0.9999          # EMA of the weights, with warm-up min(decay, (1 + n)/(10 + n)); used for eval and saving
+ema_decay = 0.9999          # EMA of the weights, warm-up min(decay, (1+n)/(10+n)) at update n = 1, 2, ...; eval, saving
 sampling_eps = None         # lowest training t; None: 1e-5 for sdtt (SDTT), 1e-3 for mdlm (MDLM)
 # SDTT
 num_distill_steps = 2       # K: teacher steps the student learns to take in one
@@ -166,8 +166,8 @@ def sdtt_divergence(ls, lt, name):
         d = (ls.exp() * (ls - lt)).sum(-1)
     elif name == 'kl_fwd':   # KL(teacher || student)
         d = (lt.exp() * (lt - ls)).sum(-1)
-    elif name == 'mse':      # squared error of LOG-probs, mean over positions x V
-        d = (ls - lt).square().mean(-1)
+    elif name == 'mse':      # squared error of LOG-probs, / V as the reference's mean (MASK's column adds nothing)
+        d = (ls - lt).square().sum(-1) / (ls.shape[-1] + 1)
     elif name == 'tvd':      # the reference's "tvd": L1 distance of LOG-probs summed over V
         d = (ls - lt).abs().sum(-1)
     elif name == 'tvd_true': # total variation 0.5 * sum |p_s - p_t|
@@ -497,97 +497,100 @@ def main(argv=None):
               + (' (Ctrl-C again to abort)' if signum == signal.SIGINT else ''))
     old_handlers = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
 
-    finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss since the last check was finite (no sync)
-    loss_sum, flops_done, t_log, step_log = torch.zeros((), device=dev), 0.0, time.time(), step
-    halt, saved_step = False, step  # halt: agreed by all processes (at log steps under DDP)
-    while True:
-        if objective == 'sdtt' and student_steps(rnd) < min_num_sampling_steps:
-            log(None, f'done: a round-{rnd} student would sample with {student_steps(rnd)} < {min_num_sampling_steps} '
-                      'steps')
-            break
-        if step >= max_iters or halt:
-            break
-        lr = learning_rate * min(1.0, (step + 1) / (warmup_iters + 1))
-        for g in optimizer.param_groups:
-            g['lr'] = lr
-        for micro in range(grad_accum):
-            gm = rank * grad_accum + micro  # index of this micro-batch within the global batch
-            torch.manual_seed(mix_seed(seed, 0, step, gm))  # noise, dropout and teacher draws of this micro-batch
-            b = noised(get_batch(train_data, step * global_batch_size + gm * batch_size, batch_size, seed, seq_len))
-            with fwd.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
-                loss = training_loss(fwd, b, teacher_fwd, K, mask_id, bf16) / grad_accum
-                loss.backward()
-            flops_done += step_flops(model, teacher, b, K)
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-        finite &= torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        d = min(ema_decay, (1 + ema_updates) / (10 + ema_updates))
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
-        step, ema_updates = step + 1, ema_updates + 1
-        halt = halt or (bool(stop) and not ddp)
+    try:  # (the handlers are put back however the loop ends: a caller of main() keeps its Ctrl-C)
+        finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss since the last check was finite (no sync)
+        loss_sum, flops_done, t_log, step_log = torch.zeros((), device=dev), 0.0, time.time(), step
+        halt, saved_step = False, step  # halt: agreed by all processes (at log steps under DDP)
+        while True:
+            if objective == 'sdtt' and student_steps(rnd) < min_num_sampling_steps:
+                log(None, f'done: a round-{rnd} student would sample with {student_steps(rnd)} < '
+                          f'{min_num_sampling_steps} steps')
+                break
+            if step >= max_iters or halt:
+                break
+            lr = learning_rate * min(1.0, (step + 1) / (warmup_iters + 1))
+            for g in optimizer.param_groups:
+                g['lr'] = lr
+            for micro in range(grad_accum):
+                gm = rank * grad_accum + micro  # index of this micro-batch within the global batch
+                torch.manual_seed(mix_seed(seed, 0, step, gm))  # noise, dropout and teacher draws of this micro-batch
+                b = noised(get_batch(train_data, step * global_batch_size + gm * batch_size, batch_size, seed, seq_len))
+                with fwd.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
+                    loss = training_loss(fwd, b, teacher_fwd, K, mask_id, bf16) / grad_accum
+                    loss.backward()
+                flops_done += step_flops(model, teacher, b, K)
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+            finite &= torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, ema_updates = step + 1, ema_updates + 1
+            d = min(ema_decay, (1 + ema_updates) / (10 + ema_updates))  # n counts this update, as MDLM's ema.py
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+            halt = halt or (bool(stop) and not ddp)
 
-        last = step >= max_iters
-        if step % log_interval == 0 or last or halt:  # (halt: the steps since the last log line are not lost)
-            stats = torch.stack([loss_sum, grad_norm.float(), (~finite).float(),
-                                 torch.tensor(float(bool(stop)), device=dev), torch.tensor(flops_done, device=dev)])
-            if ddp:
-                dist.all_reduce(stats)  # one sync per log step: mean loss, any NaN, any stop request, FLOPs
-            loss_val, norm_val, bad, stop_any, flops_val = stats.tolist()
-            if bad:
-                raise nonfinite()
-            halt = halt or stop_any > 0
-            if ddp and stop_any:  # which signal: the ranks that did not get one report it too (the exit status)
-                sig = torch.tensor(stop[0] if stop else 0, device=dev)
-                dist.all_reduce(sig, op=dist.ReduceOp.MAX)
-                stop[:] = [int(sig)]
-            dt_s = time.time() - t_log
-            n = step - step_log
-            rec = dict(step=step, loss=loss_val / world / n, lr=lr, round=rnd, dt=dt_of(rnd) if teacher else None,
-                       grad_norm=norm_val / world, tokens_per_s=n * tokens_per_step / dt_s,
-                       mfu=flops_val / dt_s / (peak_flops * world), time=time.time())
-            log(rec, f"step {step} | loss {rec['loss']:.4f} | lr {lr:.2e} | round {rnd} | {rec['tokens_per_s']:,.0f} "
-                     f"tok/s | mfu {100 * rec['mfu']:.1f}% | grad norm {rec['grad_norm']:.3f}")
-            loss_sum.zero_()
-            flops_done = 0.0
-            t_log, step_log = time.time(), step
-        t_aside = time.time()  # evaluation, round boundaries and checkpoints are not training: tokens/s leaves them out
-        if eval_interval and eval_iters and (step % eval_interval == 0 or last):
-            name = {'mdlm': 'val_nelbo', 'ar': 'val_loss', 'sdtt': 'val_distill_loss'}[objective]
-            val = evaluate()
-            rec = {'step': step, name: val, **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
-            log(rec, ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
-        boundary = objective == 'sdtt' and step % round_every == 0
-        if boundary:  # round rnd done: save the student, it becomes the teacher, dt grows K-fold
-            if not bool(finite):
-                raise nonfinite()
-            rnd += 1
-            if master:
-                rdir = os.path.join(out_dir, f'round_{rnd}_steps_{student_steps(rnd - 1)}')
-                ema.meta = meta_now()
-                save_pretrained(ema, rdir)
-                print(f'round {rnd} done at step {step}: {rdir}; next dt = {dt_of(rnd):.3e}')
-            if teacher_from_ema:  # as the reference's use_ema_on_growth: student and teacher restart from the EMA
-                model.load_state_dict(ema.state_dict())
-                ema_updates = 0
-            teacher.load_state_dict(model.state_dict())
-            if reset_optimizer_each_round:
-                optimizer.state.clear()
-        if master and (boundary or (ckpt_interval and step % ckpt_interval == 0)):
+            last = step >= max_iters
+            if step % log_interval == 0 or last or halt:  # (halt: the steps since the last log line are not lost)
+                stats = torch.stack([loss_sum, grad_norm.float(), (~finite).float(),
+                                     torch.tensor(float(bool(stop)), device=dev), torch.tensor(flops_done, device=dev)])
+                if ddp:
+                    dist.all_reduce(stats)  # one sync per log step: mean loss, any NaN, any stop request, FLOPs
+                loss_val, norm_val, bad, stop_any, flops_val = stats.tolist()
+                if bad:
+                    raise nonfinite()
+                halt = halt or stop_any > 0
+                if ddp and stop_any:  # which signal: the ranks that did not get one report it too (the exit status)
+                    sig = torch.tensor(stop[0] if stop else 0, device=dev)
+                    dist.all_reduce(sig, op=dist.ReduceOp.MAX)
+                    stop[:] = [int(sig)]
+                dt_s = time.time() - t_log
+                n = step - step_log
+                rec = dict(step=step, loss=loss_val / world / n, lr=lr, round=rnd, dt=dt_of(rnd) if teacher else None,
+                           grad_norm=norm_val / world, tokens_per_s=n * tokens_per_step / dt_s,
+                           mfu=flops_val / dt_s / (peak_flops * world), time=time.time())
+                log(rec, f"step {step} | loss {rec['loss']:.4f} | lr {lr:.2e} | round {rnd} | "
+                         f"{rec['tokens_per_s']:,.0f} tok/s | mfu {100 * rec['mfu']:.1f}% | "
+                         f"grad norm {rec['grad_norm']:.3f}")
+                loss_sum.zero_()
+                flops_done = 0.0
+                t_log, step_log = time.time(), step
+            t_aside = time.time()  # evaluation, round boundaries and checkpoints are not training: not in tokens/s
+            if eval_interval and eval_iters and (step % eval_interval == 0 or last):
+                name = {'mdlm': 'val_nelbo', 'ar': 'val_loss', 'sdtt': 'val_distill_loss'}[objective]
+                val = evaluate()
+                rec = {'step': step, name: val, **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
+                log(rec, ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
+            boundary = objective == 'sdtt' and step % round_every == 0
+            if boundary:  # round rnd done: save the student, it becomes the teacher, dt grows K-fold
+                if not bool(finite):
+                    raise nonfinite()
+                rnd += 1
+                if master:
+                    rdir = os.path.join(out_dir, f'round_{rnd}_steps_{student_steps(rnd - 1)}')
+                    ema.meta = meta_now()
+                    save_pretrained(ema, rdir)
+                    print(f'round {rnd} done at step {step}: {rdir}; next dt = {dt_of(rnd):.3e}')
+                if teacher_from_ema:  # as the reference's use_ema_on_growth: student and teacher restart from the EMA
+                    model.load_state_dict(ema.state_dict())
+                    ema_updates = 0
+                teacher.load_state_dict(model.state_dict())
+                if reset_optimizer_each_round:
+                    optimizer.state.clear()
+            if master and (boundary or (ckpt_interval and step % ckpt_interval == 0)):
+                checkpoint()
+                saved_step = step
+            t_log += time.time() - t_aside
+        if not bool(finite):  # a NaN since the last log step, then a stop: say so (checkpoint() kept the last good one)
+            raise nonfinite()
+        if master and (saved_step != step or not os.path.exists(ckpt_path)):
             checkpoint()
-            saved_step = step
-        t_log += time.time() - t_aside
-    if not bool(finite):  # a NaN since the last log step, then a stop: say so (checkpoint() kept the last good one)
-        raise nonfinite()
-    if master and (saved_step != step or not os.path.exists(ckpt_path)):
-        checkpoint()
-    finished = step >= max_iters or (objective == 'sdtt' and student_steps(rnd) < min_num_sampling_steps)
-    if master:
-        print(f'checkpoint: {ckpt_path} (step {step}, round {rnd})'
-              + ('' if finished else f'; stopped before max_iters={max_iters}: continue with --init_from=resume'))
-    for sig, handler in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
-        signal.signal(sig, handler)
+        finished = step >= max_iters or (objective == 'sdtt' and student_steps(rnd) < min_num_sampling_steps)
+        if master:
+            print(f'checkpoint: {ckpt_path} (step {step}, round {rnd})'
+                  + ('' if finished else f'; stopped before max_iters={max_iters}: continue with --init_from=resume'))
+    finally:
+        for sig, handler in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
+            signal.signal(sig, handler)
     if ddp:
         dist.barrier()  # wait for rank 0's final checkpoint: gloo aborts if a peer leaves the group early
         dist.destroy_process_group()

@@ -159,7 +159,7 @@ def test_divergence_formulas():
     g = torch.Generator().manual_seed(0)
     ls, lt = torch.log_softmax(torch.randn(5, 9, generator=g), -1), torch.log_softmax(torch.randn(5, 9, generator=g), -1)
     ps, pt = ls.exp(), lt.exp()
-    expected = dict(kld=(ps * (ls - lt)).sum(-1), kl_fwd=(pt * (lt - ls)).sum(-1), mse=((ls - lt) ** 2).mean(-1),
+    expected = dict(kld=(ps * (ls - lt)).sum(-1), kl_fwd=(pt * (lt - ls)).sum(-1), mse=((ls - lt) ** 2).sum(-1) / 10,
                     tvd=(ls - lt).abs().sum(-1), tvd_true=0.5 * (ps - pt).abs().sum(-1))
     for name, per_position in expected.items():  # averaged over the positions
         torch.testing.assert_close(distill.sdtt_divergence(ls, lt, name), per_position.mean())
@@ -266,12 +266,12 @@ def test_warmup_clipping_ema_and_sdtt_defaults(data, teacher_dir, tmp_path, monk
     assert [lrs[s] for s in (1, 2, 3)] == pytest.approx([1e-3 * s / 6 for s in (1, 2, 3)])  # linear warm-up, 5 steps
     # SDTT's lowest training t is 1e-5 (MDLM's: 1e-3), on the intended teacher grid
     assert {(a[3], a[6]) for a in noise_args} == {(1e-5, False)}
-    # EMA with warm-up: after one step the decay is min(0.9999, 1/10), so ema = 0.1 x start + 0.9 x model
+    # EMA with warm-up as MDLM's ema.py: the first update decays by min(0.9999, 2/11): ema = 2/11 start + 9/11 model
     out = str(tmp_path / 'one')
     distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=1'))
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     for k, v in ck['model'].items():
-        torch.testing.assert_close(ck['ema'][k], 0.1 * ck['teacher'][k] + 0.9 * v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ck['ema'][k], 2 / 11 * ck['teacher'][k] + 9 / 11 * v, rtol=1e-5, atol=1e-6)
 
 
 def test_rounds_double_dt_copy_the_student_and_stop(data, teacher_dir, tmp_path):
@@ -524,10 +524,13 @@ def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match='not a readable checkpoint'):
         distill.main(sdtt_args(data, teacher_dir, cut, '--init_from=resume'))
     monkeypatch.setattr(distill, 'training_loss', lambda *a, **k: torch.tensor(float('nan'), requires_grad=True))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(FloatingPointError, match='non-finite'):
         distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=5', '--init_from=resume', '--ckpt_interval=1',
                                '--log_interval=2'))
     assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before  # the last good checkpoint is kept
+    # the caller's Ctrl-C / SIGTERM handlers are back after the error (else its next Ctrl-C only sets a flag)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
     sent = []
 
