@@ -10,7 +10,7 @@ Stages (each one is a plain command of the other scripts, printed and logged to 
  3. distill.py judge_config: a tiny AR model, the gen-PPL judge -> work_dir/judge
  4. distill.py sdtt_config: SDTT rounds (kld) from the teacher  -> work_dir/sdtt/round_{r}_steps_{n}
  5. sample.py: the teacher at every 2^k steps, each student at 2^k <= its own step count
- 6. evaluate.py: gen-PPL + entropy of every sample file with the judge, val NELBO perplexity of every model, the plot
+ 6. evaluate.py: gen-PPL + entropy of every sample file with the judge, val NELBO perplexity of every model, the plots
  7. work_dir/results.md: the tables (also printed)
 A stage that finished leaves work_dir/logs/<stage>.done and is skipped when the command is run again; a training
 stage that was interrupted continues from its ckpt.pt (distill.py --init_from=resume).
@@ -137,7 +137,7 @@ ev = [py, 'evaluate.py', f'--out_dir={work_dir}', f'--device={device}', f'--batc
 stage('evaluate', [*ev, '--eval=genppl', f'--samples={work_dir}/samples/uncond', f'--judge={work_dir}/judge'],
       *[[*ev, '--eval=valppl', f'--init_from={path}', f'--data_dir={data}', f'--val_rows={val_rows}']
         for _, _, path, _ in models],
-      [*ev, '--eval=', '--plot'], parallel=False)
+      [*ev, '--eval=', '--plot', f'--train_log={work_dir}/teacher,{work_dir}/judge,{work_dir}/sdtt'], parallel=False)
 
 # ---- tables from eval.jsonl (the last record of each point counts)
 recs = [json.loads(l) for l in open(os.path.join(work_dir, 'eval.jsonl')) if l.strip()]
@@ -172,6 +172,6 @@ for name, r, _, n in models[1:]:
         closer = abs(math.log(s_n['gen_ppl'] / ref['gen_ppl'])) < abs(math.log(t_n['gen_ppl'] / ref['gen_ppl']))
         out.append(f"| {r} | {n} | {fmt(ref)} | {fmt(t_n)} | {fmt(s_n)} | {'yes' if closer else 'no'} | "
                    f"{100 * (s_n['entropy'] / ref['entropy'] - 1):+.1f}% |")
-out += ['', f'Plot: {work_dir}/genppl.png']
+out += ['', f'Plot: {work_dir}/genppl.png; training curves: {work_dir}/{{teacher,judge,sdtt}}/train.png']
 open(os.path.join(work_dir, 'results.md'), 'w').write('\n'.join(out) + '\n')
 print('\n'.join(out))

@@ -6,12 +6,13 @@ validation NELBO perplexity, and the SDTT figure (gen-PPL and entropy against sa
     python evaluate.py --eval=mauve --samples=out/samples/cond   # sample.py --mode=cond_prefix files (+ their references)
     python evaluate.py --eval=lambada,valppl --init_from=out/ckpt.pt --lambada_path=../shared/data/lambada_openai_test.jsonl --data_dir=data/owt
     python evaluate.py --eval= --plot                  # only redraw out_dir/genppl.png from out_dir/eval.jsonl
+    python evaluate.py --eval= --train_log=out/kld_small  # a run's loss and tokens/s -> out/kld_small/train.png
     torchrun --nproc_per_node=8 evaluate.py ...      # the work is sharded across ranks and gathered
 
 Prompted samples (sample.py --prompt, --mode=cond_prefix) get a conditional gen-PPL: only the generated tokens are
 scored (and counted in the entropy), given the prompt. Every evaluation appends one JSON line to out_dir/eval.jsonl.
-The metric functions (gen_ppl, unigram_entropy, judge_pass, mauve_score, lambada, val_ppl, plot_genppl) are
-importable; the script only runs under __main__.
+The metric functions (gen_ppl, unigram_entropy, judge_pass, mauve_score, lambada, val_ppl, plot_genppl,
+plot_training) are importable; the script only runs under __main__.
 """
 import glob
 import json
@@ -53,6 +54,7 @@ batch_size = 8          # sequences per forward (lambada/valppl: passages/rows x
 seed = 0
 out_dir = 'out'
 plot = False            # draw out_dir/genppl.png from out_dir/eval.jsonl
+train_log = ''          # comma list of distill.py runs (out_dir or log.jsonl): draw <run>/train.png (loss, tok/s)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
 _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
@@ -505,13 +507,57 @@ def plot_genppl(jsonl, png):
     return png
 
 
+def plot_training(log_path, png=None):
+    """A distill.py run's curves from its log.jsonl: training and validation loss (left) and tokens/s (right) against
+    the optimiser step, with the SDTT round boundaries (where the teacher is replaced and dt doubles) marked.
+    Writes png (default: train.png beside the log) and returns its path."""
+    if os.path.isdir(log_path):
+        log_path = os.path.join(log_path, 'log.jsonl')
+    if not os.path.exists(log_path):
+        raise FileNotFoundError(f'no {log_path}: --train_log takes a distill.py out_dir (or its log.jsonl)')
+    with open(log_path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in recs if 'loss' in r]
+    val_key = next((k for r in recs for k in r if k.startswith('val_') and k != 'val_ppl'), None)
+    val = [r for r in recs if val_key in r]
+    if not train:
+        raise ValueError(f'{log_path} has no training records yet (one every log_interval steps)')
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    ax.plot([r['step'] for r in train], [r['loss'] for r in train], lw=1, label='training loss (mean since last log)')
+    if val:
+        ax.plot([r['step'] for r in val], [r[val_key] for r in val], 'o-', label=f'{val_key} (EMA weights)')
+    if all(r['loss'] > 0 for r in train) and all(r[val_key] > 0 for r in val):
+        ax.set_yscale('log')
+    ax_speed.plot([r['step'] for r in train], [r['tokens_per_s'] for r in train])
+    mfu = sorted(r['mfu'] for r in train)[len(train) // 2]
+    ax_speed.set(xlabel='step', ylabel='tokens/s', title=f'throughput (median MFU {100 * mfu:.1f}%)', ylim=(0, None))
+    ax_speed.grid(True, alpha=0.3)
+    for prev, r in zip(train, train[1:]):  # a round ends at the last step logged with the old round number
+        if r.get('round') is not None and prev.get('round') is not None and r['round'] > prev['round']:
+            for a in (ax, ax_speed):
+                a.axvline(prev['step'], color='gray', ls=':', lw=1)
+            ax.annotate(f"round {r['round']} saved", (prev['step'], 1), xycoords=('data', 'axes fraction'), fontsize=8,
+                        rotation=90, va='top', ha='right', color='gray')
+    ax.set(xlabel='step', ylabel='loss', title=os.path.basename(os.path.dirname(os.path.abspath(log_path))))
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+    png = png or os.path.join(os.path.dirname(log_path), 'train.png')
+    write_atomic(png, lambda f: fig.savefig(f, dpi=120, format='png'))
+    plt.close(fig)
+    return png
+
+
 # ----------------------------------------------------------------------------------------------------- script
 def main(argv=None):
     c = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
     evals = [e.strip() for e in c.eval.split(',') if e.strip()]
     unknown = sorted(set(evals) - {'genppl', 'mauve', 'lambada', 'valppl'})
-    if unknown or not (evals or c.plot):
-        raise ValueError(f'--eval must be a comma list of genppl, mauve, lambada, valppl (or empty with --plot), got {c.eval!r}')
+    if unknown or not (evals or c.plot or c.train_log):
+        raise ValueError('--eval must be a comma list of genppl, mauve, lambada, valppl (or empty with --plot or '
+                         f'--train_log), got {c.eval!r}')
     if 'valppl' in evals and not c.data_dir:
         raise ValueError('--eval=valppl needs --data_dir: a prepare_data.py output directory (val.bin, meta.json)')
     check_sizes(vars(c), val_rows=0, n_t=1, val_draws=1, batch_size=1, mauve_seeds=1)  # (val_rows 0: all rows)
@@ -562,6 +608,8 @@ def main(argv=None):
             report('valppl', val_ppl(lm, c.data_dir, c.val_rows, c.val_draws, c.seed, c.batch_size), settings, c.data_dir)
     if c.plot and rank == 0:
         print(f"plot -> {plot_genppl(jsonl, os.path.join(c.out_dir, 'genppl.png'))}")
+    for run in filter(None, map(str.strip, c.train_log.split(',') if rank == 0 else [])):
+        print(f'plot -> {plot_training(run)}')
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing: gloo aborts ("terminate called ...") if a peer leaves early
         dist.destroy_process_group()

@@ -398,3 +398,24 @@ def test_bad_inputs(tmp, ar_dir, dit_dir, gpt2_dir):
     write_sample_file(str(bad), 'bos_only', np.full((2, 1), 256), 8, 0)
     with pytest.raises(ValueError, match='bos_only.npz: 2 of 2 samples have no judge token'):
         run_cli('--eval=genppl', f'--samples={bad}/samples/uncond', f'--judge={ar_dir[0]}', f'--out_dir={bad}')
+
+
+def test_training_plot_marks_rounds_and_names_bad_input(tmp_path, monkeypatch):
+    import matplotlib.axes
+    run = tmp_path / 'kld'
+    run.mkdir()
+    recs = [dict(step=s, loss=0.02 + 0.01 * (s > 20), lr=1e-3, round=int(s > 20) + int(s > 40), tokens_per_s=1e4,
+                 mfu=0.3, time=s) for s in range(10, 70, 10)]
+    recs.insert(2, {'step': 20, 'val_distill_loss': 0.018})
+    (run / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    lines = []
+    axvline = matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(matplotlib.axes.Axes, 'axvline', lambda ax, x, *a, **k: (lines.append(x), axvline(ax, x, *a, **k))[1])
+    E.main(['--eval=', f'--train_log={run}'])
+    assert (run / 'train.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert sorted(set(lines)) == [20, 40]  # the last step logged in rounds 0 and 1, on both panels
+    with pytest.raises(FileNotFoundError, match='distill.py out_dir'):
+        E.plot_training(str(tmp_path / 'missing'))
+    (run / 'log.jsonl').write_text(json.dumps({'step': 20, 'val_nelbo': 3.0}) + '\n')
+    with pytest.raises(ValueError, match='no training records'):
+        E.plot_training(str(run / 'log.jsonl'))
