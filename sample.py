@@ -39,6 +39,7 @@ n_samples = 8             # uncond mode: number of samples
 batch_size = 8            # samples per forward batch (per process)
 seq_len = 1024
 sampler = 'ancestral'     # 'ancestral' | 'cached' (ancestral, runs only the sequences a step changes) | 'analytic'
+                          # | 'ancestral_fp32' (the reference's float32 draws: flatters gen-PPL; for comparisons only)
 seed = 1
 prompt = ''               # uncond mode: every sample starts with BOS + this text ...
 prompt_file = ''          # ... or with the text of this file
@@ -99,21 +100,25 @@ class DiffusionLM(torch.nn.Module):
     def sample(self, n_samples, num_steps, seq_len=1024, verbose=False, project_fn=None, cache=False, seed=None,
                sampler='ancestral', add_bos=True, return_nfe=False):
         """Token ids [n_samples, seq_len] (on the model's device); project_fn(x) is applied to the prior and after
-        every step (prompting). sampler: 'ancestral' or 'analytic'; cache: run only the sequences a step changes
-        (ancestral only); add_bos: write BOS at position 0 (SPEC §4: unconditional samples start with BOS, as every training row; False
+        every step (prompting). sampler: 'ancestral', 'analytic' or 'ancestral_fp32' (reference_step: the
+        reference's float32 draws, biased, only to compare with numbers sampled that way); cache: run only the
+        sequences a step changes (ancestral only); add_bos: write BOS at position 0 (SPEC §4: unconditional samples start with BOS, as every training row; False
         lets the model generate position 0). return_nfe: also return the forward passes per sequence.
         A causal backbone (the AR baseline) samples autoregressively with a KV cache (sample_ar): num_steps, cache
         and sampler do not apply; project_fn forces the positions it sets."""
-        if sampler not in ('ancestral', 'analytic'):
-            raise ValueError(f"sampler must be 'ancestral' or 'analytic', got {sampler!r}")
+        if sampler not in ('ancestral', 'analytic', 'ancestral_fp32'):
+            raise ValueError(f"sampler must be 'ancestral', 'analytic' or 'ancestral_fp32', got {sampler!r}")
         if self.backbone.config.causal:
             tokens, nfe = sample_ar(self.backbone, n_samples, seq_len, bos_id=self.meta.get('bos_id'), add_bos=add_bos,
                                     project_fn=project_fn, seed=seed, verbose=verbose)
             return (tokens, nfe) if return_nfe else tokens
+        if seed is None:
+            seed = diffusion.fresh_seed()
+        step_fn = {'analytic': analytic_step, 'ancestral_fp32': reference_step(
+            torch.Generator(self.device).manual_seed(seed))}.get(sampler)  # (the device's noise, from the same seed)
         tokens, nfe = diffusion.sample(self.backbone, n_samples, num_steps, seq_len, mask_id=self.meta['mask_id'],
                                        bos_id=self.meta.get('bos_id'), add_bos=add_bos, project_fn=project_fn,
-                                       cache=cache, seed=seed, verbose=verbose,
-                                       step_fn=analytic_step if sampler == 'analytic' else None)
+                                       cache=cache, seed=seed, verbose=verbose, step_fn=step_fn)
         return (tokens, nfe) if return_nfe else tokens
 
 
@@ -196,6 +201,29 @@ def analytic_step(x, logits, t, s, u, mask_id):
         probs = analytic_probs(logits[bi, li], x[bi, li], t, s, mask_id)
         x_new[bi, li] = diffusion.draw_categorical(probs.log(), u[bi, li])
     return x_new
+
+
+# -------------------------------------------------------------------- the reference's float32 sampler
+def reference_step(generator):
+    """A diffusion.sample step_fn that samples as the MDLM/SDTT reference does, kept only to compare with numbers
+    sampled that way (SPEC §4): one joint draw per masked position over the real tokens (weights p (m(t) - m(s))) and
+    MASK (weight m(s)), the argmax of weight / E with E = 1e-10 - log(U + 1e-10) and U float32 uniforms from
+    generator (on the model's device). U stops at 1 - 2^-24, so E > 6e-8: a token whose weight is below ~6e-8 times
+    MASK's is never drawn. The more steps, the smaller m(t) - m(s) and the more rare tokens starve: lower entropy and
+    a flattering gen-PPL (Zheng et al. 2024: 31.2 instead of 126.1 at 2048 steps)."""
+    def step(x, logits, t, s, u, mask_id):
+        b, l = (x == mask_id).nonzero(as_tuple=True)
+        x_new = x.clone()
+        m_t, m_s = diffusion.move_chance(t), diffusion.move_chance(s)
+        rows = max(1, 2 ** 25 // logits.shape[-1])  # chunks of [rows, V] float32 whatever the batch
+        for i in range(0, len(b), rows):
+            bi, li = b[i:i + rows], l[i:i + rows]
+            w = torch.softmax(logits[bi, li, :mask_id].float(), dim=-1) * (m_t - m_s)
+            w = torch.cat([w, torch.full_like(w[:, :1], m_s)], dim=-1)  # MASK's weight at index mask_id
+            e = 1e-10 - (torch.rand(w.shape, generator=generator, device=w.device) + 1e-10).log()
+            x_new[bi, li] = (w / e).argmax(dim=-1)
+        return x_new
+    return step
 
 
 # -------------------------------------------------------------------- the autoregressive baseline
@@ -314,7 +342,7 @@ def load_samples(path):
 def main(argv=None):
     c = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
     config = dict(vars(c))
-    check_choice('sampler', c.sampler, ('ancestral', 'cached', 'analytic'))
+    check_choice('sampler', c.sampler, ('ancestral', 'cached', 'analytic', 'ancestral_fp32'))
     check_choice('mode', c.mode, ('uncond', 'cond_prefix'))
     check_sizes(config, num_steps=1, batch_size=1, n_samples=1, n_prompts=1, n_continuations=1)
     if c.mode == 'cond_prefix' and (not c.cond_data or not 0 < c.prefix_len < c.cond_len <= c.min_doc_len):
@@ -382,7 +410,7 @@ def main(argv=None):
         proj = None if prompts is None else clamp_prefix(prompts[rows].to(lm.device))
         tb = time.time()
         x, f = lm.sample(b, c.num_steps, L, verbose=c.verbose, project_fn=proj, cache=c.sampler == 'cached',
-                         seed=batch_seed(c.seed, i), sampler='analytic' if c.sampler == 'analytic' else 'ancestral',
+                         seed=batch_seed(c.seed, i), sampler='ancestral' if c.sampler == 'cached' else c.sampler,
                          add_bos=c.add_bos, return_nfe=True)
         mine.append((i, x.cpu().numpy()))  # the .cpu() waits for the batch: the timing below is real
         nfe += f * b
