@@ -49,6 +49,16 @@ def test_sampler_syncs_do_not_grow_with_steps(cache):
     assert (x32 != V - 1).all() and x32.is_cuda
 
 
+def test_reference_fp32_sampler_runs_on_the_gpu():
+    """--sampler=ancestral_fp32 draws its float32 noise with a CUDA generator: the same seed gives the same tokens."""
+    from sample import reference_step
+    model = tiny().eval()
+    run = lambda: sample(model, 4, 16, L, mask_id=V - 1, bos_id=0, seed=0,
+                         step_fn=reference_step(torch.Generator('cuda').manual_seed(0)))[0]
+    a, b = run(), run()
+    assert torch.equal(a, b) and (a != V - 1).all() and a.is_cuda
+
+
 def test_ar_sampler_syncs_do_not_grow_with_length():
     model = tiny(causal=True).eval()
     # BOS is given: one forward per later position
