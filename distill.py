@@ -569,7 +569,8 @@ def main(argv=None):
                     rdir = os.path.join(out_dir, f'round_{rnd}_steps_{student_steps(rnd - 1)}')
                     ema.meta = meta_now()
                     save_pretrained(ema, rdir)
-                    print(f'round {rnd} done at step {step}: {rdir}; next dt = {dt_of(rnd):.3e}')
+                    log(dict(step=step, round_done=rnd, next_dt=dt_of(rnd)),  # (the plot's round boundaries)
+                        f'round {rnd} done at step {step}: {rdir}; next dt = {dt_of(rnd):.3e}')
                 if teacher_from_ema:  # as the reference's use_ema_on_growth: student and teacher restart from the EMA
                     model.load_state_dict(ema.state_dict())
                     ema_updates = 0

@@ -54,7 +54,7 @@ batch_size = 8          # sequences per forward (lambada/valppl: passages/rows x
 seed = 0
 out_dir = 'out'
 plot = False            # draw out_dir/genppl.png from out_dir/eval.jsonl
-train_log = ''          # comma list of distill.py runs (out_dir or log.jsonl): draw <run>/train.png (loss, tok/s)
+train_log = ''          # comma list of distill.py runs (out_dir or log.jsonl): draw <run>/train.png (loss etc.)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
 _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
@@ -515,8 +515,8 @@ def plot_training(log_path, png=None):
         log_path = os.path.join(log_path, 'log.jsonl')
     if not os.path.exists(log_path):
         raise FileNotFoundError(f'no {log_path}: --train_log takes a distill.py out_dir (or its log.jsonl)')
-    with open(log_path) as f:
-        recs = [json.loads(line) for line in f if line.strip()]
+    with open(log_path) as f:  # (a last line without its newline was cut by a kill: distill.py drops it too)
+        recs = [json.loads(line) for line in f if line.strip() and line.endswith('\n')]
     train = [r for r in recs if 'loss' in r]
     val_key = next((k for r in recs for k in r if k.startswith('val_') and k != 'val_ppl'), None)
     val = [r for r in recs if val_key in r]
@@ -526,21 +526,25 @@ def plot_training(log_path, png=None):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    ax.plot([r['step'] for r in train], [r['loss'] for r in train], lw=1, label='training loss (mean since last log)')
+    dot = '.' if len(train) == 1 else None  # (a line through one point is not drawn)
+    ax.plot([r['step'] for r in train], [r['loss'] for r in train], lw=1, marker=dot,
+            label='training loss (mean since last log)')
     if val:
         ax.plot([r['step'] for r in val], [r[val_key] for r in val], 'o-', label=f'{val_key} (EMA weights)')
     if all(r['loss'] > 0 for r in train) and all(r[val_key] > 0 for r in val):
         ax.set_yscale('log')
-    ax_speed.plot([r['step'] for r in train], [r['tokens_per_s'] for r in train])
+    ax_speed.plot([r['step'] for r in train], [r['tokens_per_s'] for r in train], marker=dot)
     mfu = sorted(r['mfu'] for r in train)[len(train) // 2]
     ax_speed.set(xlabel='step', ylabel='tokens/s', title=f'throughput (median MFU {100 * mfu:.1f}%)', ylim=(0, None))
     ax_speed.grid(True, alpha=0.3)
-    for prev, r in zip(train, train[1:]):  # a round ends at the last step logged with the old round number
-        if r.get('round') is not None and prev.get('round') is not None and r['round'] > prev['round']:
-            for a in (ax, ax_speed):
-                a.axvline(prev['step'], color='gray', ls=':', lw=1)
-            ax.annotate(f"round {r['round']} saved", (prev['step'], 1), xycoords=('data', 'axes fraction'), fontsize=8,
-                        rotation=90, va='top', ha='right', color='gray')
+    ends = [(r['step'], r['round_done']) for r in recs if 'round_done' in r]
+    if not ends:  # a log written before distill.py logged its round ends: the last step logged with the old round
+        ends = [(p['step'], r['round']) for p, r in zip(train, train[1:]) if (r.get('round') or 0) > (p.get('round') or 0)]
+    for step, rnd in ends:
+        for a in (ax, ax_speed):
+            a.axvline(step, color='gray', ls=':', lw=1)
+        ax.annotate(f'round {rnd} saved', (step, 1), xycoords=('data', 'axes fraction'), fontsize=8, rotation=90,
+                    va='top', ha='right', color='gray')
     ax.set(xlabel='step', ylabel='loss', title=os.path.basename(os.path.dirname(os.path.abspath(log_path))))
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)

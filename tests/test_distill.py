@@ -282,6 +282,7 @@ def test_rounds_double_dt_copy_the_student_and_stop(data, teacher_dir, tmp_path)
     dts = read_log(out, 'dt')
     dt0 = (1 - 1e-5) / 16
     assert sorted(dts) == [1, 2, 3, 4, 5, 6]  # stopped at the end of round 2
+    assert read_log(out, 'round_done') == {3: 1, 6: 2}  # (evaluate.plot_training's round boundaries)
     assert [dts[s] for s in (1, 3, 4, 6)] == pytest.approx([dt0, dt0, 2 * dt0, 2 * dt0])
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl', 'round_1_steps_8', 'round_2_steps_4']
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)

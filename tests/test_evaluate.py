@@ -407,13 +407,23 @@ def test_training_plot_marks_rounds_and_names_bad_input(tmp_path, monkeypatch):
     recs = [dict(step=s, loss=0.02 + 0.01 * (s > 20), lr=1e-3, round=int(s > 20) + int(s > 40), tokens_per_s=1e4,
                  mfu=0.3, time=s) for s in range(10, 70, 10)]
     recs.insert(2, {'step': 20, 'val_distill_loss': 0.018})
-    (run / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
-    lines = []
-    axvline = matplotlib.axes.Axes.axvline
+    lines, plots = [], []
+    axvline, plot = matplotlib.axes.Axes.axvline, matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, 'axvline', lambda ax, x, *a, **k: (lines.append(x), axvline(ax, x, *a, **k))[1])
-    E.main(['--eval=', f'--train_log={run}'])
-    assert (run / 'train.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    assert sorted(set(lines)) == [20, 40]  # the last step logged in rounds 0 and 1, on both panels
+    monkeypatch.setattr(matplotlib.axes.Axes, 'plot', lambda ax, *a, **k: (plots.append(k), plot(ax, *a, **k))[1])
+
+    def draw(records, tail=''):
+        (run / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records) + tail)
+        lines.clear(), plots.clear()
+        E.main(['--eval=', f'--train_log={run}'])
+        assert (run / 'train.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+        return sorted(set(lines))
+    # distill.py's round_done records place the boundaries, also between two log steps (round_every=25, log 10)
+    done = [{'step': 25, 'round_done': 1, 'next_dt': 0.1}, {'step': 45, 'round_done': 2, 'next_dt': 0.2}]
+    assert draw(recs + done, tail='{"step": 70, "loss": 0.0') == [25, 45]  # (a line cut by a kill is left out)
+    assert draw(recs) == [20, 40]  # an older log: the last step logged with the old round number
+    draw(recs[:1])  # one record: drawn as a point (a line through one point shows nothing)
+    assert [k.get('marker') for k in plots] == ['.', '.']
     with pytest.raises(FileNotFoundError, match='distill.py out_dir'):
         E.plot_training(str(tmp_path / 'missing'))
     (run / 'log.jsonl').write_text(json.dumps({'step': 20, 'val_nelbo': 3.0}) + '\n')
