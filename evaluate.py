@@ -547,7 +547,7 @@ def plot_training(log_path, png=None):
                     va='top', ha='right', color='gray')
     ax.set(xlabel='step', ylabel='loss', title=os.path.basename(os.path.dirname(os.path.abspath(log_path))))
     ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc='lower right' if ends else 'best')  # (SDTT's loss grows round by round; labels on top)
     png = png or os.path.join(os.path.dirname(log_path), 'train.png')
     write_atomic(png, lambda f: fig.savefig(f, dpi=120, format='png'))
     plt.close(fig)
