@@ -1,0 +1,43 @@
+"""e2e.py end to end at a micro scale (~25 s): every stage runs, the tables and plots are written, and a second run
+skips the finished stages and rebuilds the same tables. (The real run: README "Results".)"""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_e2e_micro_pipeline_and_rerun_skips_finished_stages(tmp_path):
+    rng = random.Random(0)
+    words = 'the cat sat on a mat and the dog ran to the park while birds sang in trees'.split()
+    corpus = tmp_path / 'docs.jsonl'
+    corpus.write_text(''.join(json.dumps({'text': ' '.join(rng.choice(words) for _ in range(40))}) + '\n'
+                              for _ in range(300)))
+    net = ('--n_layer=1 --n_embd=32 --n_head=2 --cond_dim=16 --max_iters=12 --batch_size=8 --global_batch_size=8 '
+           '--log_interval=4 --eval_interval=12 --eval_iters=1 --ckpt_interval=12')
+    work = tmp_path / 'e2e'
+    cmd = [sys.executable, 'e2e.py', f'--corpus={corpus}', '--seq_len=32', f'--work_dir={work}', f'--teacher_args={net}',
+           f'--judge_args={net}', '--sdtt_args=--max_iters=4 --round_every=2 --batch_size=8 --global_batch_size=8 '
+           '--log_interval=2 --eval_interval=4 --eval_iters=1 --ckpt_interval=4 --min_num_sampling_steps=2',
+           '--teacher_num_steps=8', '--min_steps=2', '--n_samples=8', '--sample_batch=8', '--eval_batch=8',
+           '--val_rows=16']
+    run = lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run()
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(d for d in os.listdir(work / 'sdtt') if d.startswith('round_')) == ['round_1_steps_4',
+                                                                                        'round_2_steps_2']
+    recs = [json.loads(line) for line in open(work / 'eval.jsonl')]
+    # the teacher at 2, 4, 8 steps, round 1 at 2, 4, round 2 at 2; a validation perplexity for each of the 3 models
+    assert sorted(r['eval'] for r in recs) == ['genppl'] * 6 + ['valppl'] * 3
+    for png in ('genppl.png', 'teacher/train.png', 'judge/train.png', 'sdtt/train.png'):
+        assert (work / png).stat().st_size > 1000, png
+    table = (work / 'results.md').read_text()
+    for row in ('| 1 | 4 | ', '| 2 | 2 | '):  # the SDTT check: one line per round
+        assert any(line.startswith(row) for line in table.splitlines()), table
+    again = run()
+    assert again.returncode == 0 and again.stdout.count('done before, skipped') == 5, again.stdout[-2000:]
+    without_timing = lambda text: [line for line in text.splitlines() if not line.startswith('Machine:')]
+    assert without_timing((work / 'results.md').read_text()) == without_timing(table)
