@@ -497,12 +497,13 @@ def main(argv=None):
               + (' (Ctrl-C again to abort)' if signum == signal.SIGINT else ''))
     old_handlers = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
 
+    rounds_over = lambda: objective == 'sdtt' and student_steps(rnd) < min_num_sampling_steps  # (SDTT's last round)
     try:  # (the handlers are put back however the loop ends: a caller of main() keeps its Ctrl-C)
         finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss since the last check was finite (no sync)
         loss_sum, flops_done, t_log, step_log = torch.zeros((), device=dev), 0.0, time.time(), step
         halt, saved_step = False, step  # halt: agreed by all processes (at log steps under DDP)
         while True:
-            if objective == 'sdtt' and student_steps(rnd) < min_num_sampling_steps:
+            if rounds_over():
                 log(None, f'done: a round-{rnd} student would sample with {student_steps(rnd)} < '
                           f'{min_num_sampling_steps} steps')
                 break
@@ -585,7 +586,7 @@ def main(argv=None):
             raise nonfinite()
         if master and (saved_step != step or not os.path.exists(ckpt_path)):
             checkpoint()
-        finished = step >= max_iters or (objective == 'sdtt' and student_steps(rnd) < min_num_sampling_steps)
+        finished = step >= max_iters or rounds_over()
         if master:
             print(f'checkpoint: {ckpt_path} (step {step}, round {rnd})'
                   + ('' if finished else f'; stopped before max_iters={max_iters}: continue with --init_from=resume'))

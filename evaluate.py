@@ -459,6 +459,19 @@ def write_record(jsonl, what, metrics, config, settings, source):
     return rec
 
 
+def _pyplot():
+    import matplotlib  # (an extra: only the plots need it)
+    matplotlib.use('Agg')  # files, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_figure(fig, png):
+    write_atomic(png, lambda f: fig.savefig(f, dpi=120, format='png'))
+    _pyplot().close(fig)
+    return png
+
+
 def plot_genppl(jsonl, png):
     """The SDTT figure from eval.jsonl: gen-PPL and entropy of unconditional samples against sampling steps (log2
     axis), one line per model/round (and judge, sample length or sampler, where those vary). Prompted/cond_prefix
@@ -477,11 +490,8 @@ def plot_genppl(jsonl, png):
         key = (str(r['model']), -1 if r.get('round') is None else r['round'],
                *[w if v else '' for w, v in zip(what(r), varies)])
         lines.setdefault(key, {})[r['num_steps']] = (r['metrics']['gen_ppl'], r['metrics']['entropy'])
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullLocator
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    fig, axes = _pyplot().subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for (model, rnd, jdg, L, sampler), pts in sorted(lines.items()):
         label = model + ('' if rnd < 0 else f' round {rnd}') + (f' [{jdg}]' if jdg else '') + (f' L={L}' if L else '') \
             + (f' {sampler}' if sampler else '')
@@ -502,9 +512,7 @@ def plot_genppl(jsonl, png):
     axes[0].set_title('gen-PPL' + ('' if varies[0] else f" (judge: {os.path.basename(str(recs[-1]['config'].get('judge')))})"))
     axes[1].set_title('entropy of the samples')
     axes[1].legend(fontsize=8, loc='best')
-    write_atomic(png, lambda f: fig.savefig(f, dpi=120, format='png'))
-    plt.close(fig)
-    return png
+    return _save_figure(fig, png)
 
 
 def plot_training(log_path, png=None):
@@ -522,10 +530,7 @@ def plot_training(log_path, png=None):
     val = [r for r in recs if val_key in r]
     if not train:
         raise ValueError(f'{log_path} has no training records yet (one every log_interval steps)')
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    fig, (ax, ax_speed) = _pyplot().subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     dot = '.' if len(train) == 1 else None  # (a line through one point is not drawn)
     ax.plot([r['step'] for r in train], [r['loss'] for r in train], lw=1, marker=dot,
             label='training loss (mean since last log)')
@@ -549,10 +554,7 @@ def plot_training(log_path, png=None):
     ax.set(xlabel='step', ylabel='loss', title=os.path.basename(os.path.dirname(os.path.abspath(log_path))))
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8, loc='lower right' if ends else 'best')  # (SDTT's loss grows round by round; labels on top)
-    png = png or os.path.join(os.path.dirname(log_path), 'train.png')
-    write_atomic(png, lambda f: fig.savefig(f, dpi=120, format='png'))
-    plt.close(fig)
-    return png
+    return _save_figure(fig, png or os.path.join(os.path.dirname(log_path), 'train.png'))
 
 
 # ----------------------------------------------------------------------------------------------------- script

@@ -64,6 +64,7 @@ _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
 
 HUB_MDLM, HUB_SDTT = 'kuleshov-group/mdlm-owt', 'jdeschena/sdtt'
 LOSSES, SCALING_SIZES, ROUNDS = ('kld', 'mse', 'tvd'), ('sm', 'md', 'large'), tuple(range(1, 8))
+SAMPLERS = ('ancestral', 'analytic', 'ancestral_fp32')  # of DiffusionLM.sample; the script adds 'cached'
 
 
 # -------------------------------------------------------------------- the release API
@@ -106,16 +107,18 @@ class DiffusionLM(torch.nn.Module):
         lets the model generate position 0). return_nfe: also return the forward passes per sequence.
         A causal backbone (the AR baseline) samples autoregressively with a KV cache (sample_ar): num_steps, cache
         and sampler do not apply; project_fn forces the positions it sets."""
-        if sampler not in ('ancestral', 'analytic', 'ancestral_fp32'):
-            raise ValueError(f"sampler must be 'ancestral', 'analytic' or 'ancestral_fp32', got {sampler!r}")
+        check_choice('sampler', sampler, SAMPLERS)
         if self.backbone.config.causal:
             tokens, nfe = sample_ar(self.backbone, n_samples, seq_len, bos_id=self.meta.get('bos_id'), add_bos=add_bos,
                                     project_fn=project_fn, seed=seed, verbose=verbose)
             return (tokens, nfe) if return_nfe else tokens
         if seed is None:
             seed = diffusion.fresh_seed()
-        step_fn = {'analytic': analytic_step, 'ancestral_fp32': reference_step(
-            torch.Generator(self.device).manual_seed(seed))}.get(sampler)  # (the device's noise, from the same seed)
+        step_fn = None
+        if sampler == 'analytic':
+            step_fn = analytic_step
+        elif sampler == 'ancestral_fp32':  # (the device's noise, from the same seed)
+            step_fn = reference_step(torch.Generator(self.device).manual_seed(seed))
         tokens, nfe = diffusion.sample(self.backbone, n_samples, num_steps, seq_len, mask_id=self.meta['mask_id'],
                                        bos_id=self.meta.get('bos_id'), add_bos=add_bos, project_fn=project_fn,
                                        cache=cache, seed=seed, verbose=verbose, step_fn=step_fn)
@@ -342,7 +345,7 @@ def load_samples(path):
 def main(argv=None):
     c = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
     config = dict(vars(c))
-    check_choice('sampler', c.sampler, ('ancestral', 'cached', 'analytic', 'ancestral_fp32'))
+    check_choice('sampler', c.sampler, ('cached', *SAMPLERS))
     check_choice('mode', c.mode, ('uncond', 'cond_prefix'))
     check_sizes(config, num_steps=1, batch_size=1, n_samples=1, n_prompts=1, n_continuations=1)
     if c.mode == 'cond_prefix' and (not c.cond_data or not 0 < c.prefix_len < c.cond_len <= c.min_doc_len):
