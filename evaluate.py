@@ -10,9 +10,11 @@ validation NELBO perplexity, and the SDTT figure (gen-PPL and entropy against sa
     torchrun --nproc_per_node=8 evaluate.py ...      # the work is sharded across ranks and gathered
 
 Prompted samples (sample.py --prompt, --mode=cond_prefix) get a conditional gen-PPL: only the generated tokens are
-scored (and counted in the entropy), given the prompt. Every evaluation appends one JSON line to out_dir/eval.jsonl.
-The metric functions (gen_ppl, unigram_entropy, judge_pass, mauve_score, lambada, val_ppl, plot_genppl,
-plot_training) are importable; the script only runs under __main__.
+scored (and counted in the entropy), given the prompt. Samples longer than the judge's context (retokenized for a
+judge with another tokenizer) are scored in overlapping windows, each token once (n_windowed in the record).
+Every evaluation appends one JSON line to out_dir/eval.jsonl. The metric functions (gen_ppl, unigram_entropy,
+judge_pass, mauve_score, lambada, val_ppl, plot_genppl, plot_training) are importable; the script only runs under
+__main__.
 """
 import glob
 import json
@@ -233,11 +235,22 @@ def judge_inputs(judge, tokens, tok_name, n_prompt=0):
         raise ValueError(f'{short} of {len(seqs)} samples have no judge token to score (after position 0'
                          + (f' and the {n_prompt} prompt ids' if n_prompt else '') + ', dropping BOS/EOS and retokenizing): '
                          'gen-PPL is undefined for them. Are the samples only BOS/EOS?')
-    longest = max(len(s) for s in seqs)
-    if longest > judge.n_ctx:
-        raise ValueError(f'a sample is {longest} judge tokens long, more than the context of {judge.name} ({judge.n_ctx}); '
-                         'use a judge with a longer context or shorter samples')
     return seqs, first
+
+
+def windows(seq, first, n_ctx):
+    """A judge input longer than the judge's context -> [(window, first scored position in it)]: windows of n_ctx
+    tokens that score each position once, every one with at least n_ctx // 2 tokens before it (a strided pass). The
+    reference truncates retokenized samples to their length in the sampler's ids instead, dropping the tail's tokens."""
+    if len(seq) <= n_ctx:
+        return [(seq, first)]
+    out, done = [], first
+    while done < len(seq):
+        end = min(len(seq), max(done + n_ctx // 2, n_ctx))
+        begin = max(0, end - n_ctx)
+        out.append((seq[begin:end], done - begin))
+        done = end
+    return out
 
 
 def _batches(n, bs, desc, tokens_of):
@@ -266,6 +279,10 @@ def judge_pass(judge, seqs, batch_size=8, hidden=False, first=None):
     """One batched pass of the judge over its input sequences. Per sequence: the mean NLL of positions first..n-1
     (default 1; token i predicted from tokens < i), or with hidden=True the last hidden state at its final token
     (MAUVE's features)."""
+    longest = max(len(s) for s in seqs)
+    if longest > judge.n_ctx:  # gen_ppl splits them (windows); the MAUVE features of a truncated text would be another's
+        raise ValueError(f'a judge input is {longest} tokens long, more than the context of {judge.name} ({judge.n_ctx}); '
+                         'use a judge with a longer context or shorter texts')
     idx_all, out = [], []
     for idx in _batches(len(seqs), batch_size, f'judge {judge.name}', lambda i: len(seqs[i])):
         ids, attn = _pad([seqs[i] for i in idx], judge.device)
@@ -289,10 +306,14 @@ def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0):
     n_prompt > 0 (prompted samples): the NLL and the entropy of the generated tokens only, after the n_prompt forced
     ids (scoring the forced text would flatter the samples)."""
     seqs, first = judge_inputs(judge, tokens, tok_name, n_prompt)
-    nll, ent = judge_pass(judge, seqs, batch_size, first=first), unigram_entropy(np.asarray(tokens)[:, n_prompt:])
+    parts = [(i, *w) for i, (s, f) in enumerate(zip(seqs, first)) for w in windows(s, f, judge.n_ctx)]
+    owner, count = np.array([p[0] for p in parts]), np.array([len(p[1]) - p[2] for p in parts])
+    mean = judge_pass(judge, [p[1] for p in parts], batch_size, first=[p[2] for p in parts])
+    nll = np.bincount(owner, weights=mean * count) / np.bincount(owner, weights=count)  # windows -> each sample's mean
+    ent = unigram_entropy(np.asarray(tokens)[:, n_prompt:])
     return dict(gen_ppl=math.exp(nll.mean()), nll_mean=nll.mean(), nll_std=nll.std(), entropy=ent.mean(),
                 entropy_std=ent.std(), n_samples=len(nll), seq_len=tokens.shape[1], n_prompt=n_prompt,
-                retokenized=tok_name != judge.tok_name)
+                retokenized=tok_name != judge.tok_name, n_windowed=int(sum(len(s) > judge.n_ctx for s in seqs)))
 
 
 # ----------------------------------------------------------------------------------------------------- MAUVE

@@ -129,6 +129,33 @@ def test_gen_ppl_of_prompted_samples_scores_the_continuation_only(ar_dir):
     assert r['retokenized'] and r['gen_ppl'] == pytest.approx(math.exp(nll.item()), rel=1e-5)
 
 
+def test_gen_ppl_scores_inputs_longer_than_the_judge_in_windows(tmp):
+    # windows(): every position from `first` on scored once, no window longer than the context, and every position
+    # after the first window scored with at least n_ctx // 2 tokens before it
+    for n, first, n_ctx in [(10, 1, 16), (17, 1, 16), (40, 1, 16), (41, 3, 16), (100, 30, 16), (33, 5, 7)]:
+        scored = []
+        for w, f in E.windows(torch.arange(n), first, n_ctx):
+            assert len(w) <= n_ctx and 1 <= f < len(w) and (w[0] == 0 or f >= n_ctx // 2)
+            scored += w[f:].tolist()
+        assert scored == list(range(first, n))
+    # a causal judge with its attention cut (attn_out = 0) predicts from the current token alone: scored in windows
+    # of 16 it must give the NLLs of one full pass exactly
+    m = tiny_dit(causal=True, block_size=64, seed=2)
+    for b in m.blocks:
+        b.attn_out.weight.data.zero_()
+    path = save_pretrained(m, str(tmp / 'ar_no_attention'))
+    tokens = np.random.default_rng(0).integers(0, 256, (3, 40))
+    tokens[:, 0] = 256
+    full, short = E.LM(path), E.LM(path)
+    short.n_ctx = 16
+    a, b = E.gen_ppl(full, tokens, 'byte', batch_size=2), E.gen_ppl(short, tokens, 'byte', batch_size=2)
+    assert a['n_windowed'] == 0 and b['n_windowed'] == 3
+    assert b['gen_ppl'] == pytest.approx(a['gen_ppl'], rel=1e-6) and b['nll_std'] == pytest.approx(a['nll_std'], rel=1e-6)
+    # MAUVE's features are those of the whole text: an over-long input is refused there, not cut
+    with pytest.raises(ValueError, match='more than the context'):
+        E.judge_pass(short, list(torch.from_numpy(tokens)), hidden=True)
+
+
 def test_unigram_entropy_hand_made():
     h = E.unigram_entropy(np.array([[1, 1, 1, 1], [1, 2, 3, 4], [7, 2, 7, 2], [5, 5, 5, 9]]))
     expected = [0.0, math.log(4), math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
@@ -357,8 +384,7 @@ def test_bad_inputs(tmp, ar_dir, dit_dir, gpt2_dir):
         E.gen_ppl(judge, np.full((2, 8), 257), 'byte')
     with pytest.raises(ValueError, match='outside'):
         E.gen_ppl(judge, np.full((2, 8), 300), 'byte')
-    with pytest.raises(ValueError, match='context'):
-        E.gen_ppl(judge, np.zeros((1, 200), dtype=np.int64), 'byte')
+    assert E.gen_ppl(judge, np.zeros((1, 200), dtype=np.int64), 'byte')['n_windowed'] == 1  # longer than its 128
     with pytest.raises(ValueError, match='1 of 2 samples have no judge token to score'):  # not a NaN gen-PPL
         E.gen_ppl(E.LM(gpt2_dir[0]), np.array([[256, *b'hello world'], [256] * 12]), 'byte')
     bad = tmp / 'bad'
