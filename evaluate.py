@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from configurator import check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _SAMPLE_EPS, move_chance, nelbo_weight, sample_t, sigma
-from model import check_device, load_pretrained, write_atomic
+from model import check_device, load_pretrained, local_or_hub, write_atomic
 from prepare_data import get_tokenizer, load_meta, open_split
 from sample import load_samples
 
@@ -96,9 +96,7 @@ class LM:
     def __init__(self, name, device='cpu', dtype='float32', revision='', compile=False):
         if not name:
             raise ValueError('no model given: set --judge (genppl/mauve) or --init_from (lambada/valppl)')
-        name = os.path.expanduser(name)
-        if name.startswith(('/', '.', '~')) and not os.path.exists(name):
-            raise FileNotFoundError(f'no model at {name!r}')
+        name = local_or_hub(name) or name  # a missing local path fails here, not as a hub download
         self.name, self.device = name, torch.device(device)
         amp = getattr(torch, dtype)
         self.autocast = torch.autocast('cuda', dtype=amp) if self.device.type == 'cuda' and amp != torch.float32 \

@@ -86,12 +86,17 @@ class Rotary(nn.Module):
     """Rotate-half (GPT-NeoX, non-interleaved) rotary embedding of q and k, positions 0..L-1, base 10000."""
     def __init__(self, head_dim, base=10000):
         super().__init__()
+        self.head_dim, self.base = head_dim, base
         # persistent: the published checkpoints carry `rotary_emb.inv_freq`
         self.register_buffer('inv_freq', 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim)))
 
     def forward(self, seq_len, device):
         t = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.float())
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:  # a model cast whole (.to(torch.bfloat16)): bf16 frequencies would put
+            # the angles of far positions off by up to 0.4 rad; they are recomputed in float32
+            inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
+        freqs = torch.outer(t, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)  # [L, head_dim]
         return emb.cos(), emb.sin()
 
@@ -293,16 +298,26 @@ def default_meta(vocab_size):
     return dict(tokenizer=None, bos_id=None, eos_id=None, mask_id=vocab_size - 1)
 
 
+def local_or_hub(name_or_path):
+    """A model name -> the local path (~ expanded) if it exists, else None for a hub id (owner/name, or gpt2-large);
+    a name that can only be a local path (out/kld_small/ckpt.pt, ./x, a file name) and does not exist is a
+    FileNotFoundError here, not a failed download later."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.exists(path):
+        return path
+    if path.endswith(('.pt', '.ckpt', '.safetensors')) or path.startswith(('.', '/', '~')) or path.count('/') > 1:
+        raise FileNotFoundError(f'no checkpoint at {name_or_path!r} (not a local file or directory, nor a hub id)')
+    if os.path.isdir(path.split('/')[0]):  # out/kld_smal: a typo, not a hub id
+        raise FileNotFoundError(f'no checkpoint at {name_or_path!r}: {path.split("/")[0]}/ is a local directory, '
+                                'so this reads as a local path (a typo?); for the hub id run from another directory')
+    return None
+
+
 def _resolve(name_or_path, revision):
     """A local path stays as it is; anything else is a hub repo id, downloaded (config + safetensors only)."""
-    if os.path.exists(name_or_path):
-        return name_or_path
-    if name_or_path.endswith(('.pt', '.ckpt', '.safetensors')) or name_or_path.startswith(('.', '/', '~')) \
-            or name_or_path.count('/') != 1:
-        raise FileNotFoundError(f'no checkpoint at {name_or_path!r} (not a local file or directory, nor a hub id owner/name)')
-    if os.path.isdir(name_or_path.split('/')[0]):  # out/kld_smal: a typo, not a hub id
-        raise FileNotFoundError(f'no checkpoint at {name_or_path!r}: {name_or_path.split("/")[0]}/ is a local directory, '
-                                'so this reads as a local path (a typo?); for the hub id run from another directory')
+    path = local_or_hub(name_or_path)
+    if path is not None:
+        return path
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(name_or_path, revision=revision, allow_patterns=['config.json', 'model.safetensors'])
@@ -331,7 +346,10 @@ def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
         if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
             raise ValueError(f'{path} is not a checkpoint of this project (no model_args/model); for an MDLM Lightning '
                              f'.ckpt use distill.py init_from, for published models pass the directory')
-        model = DiT(DiTConfig(**ckpt['model_args']))
+        try:
+            model = DiT(DiTConfig(**ckpt['model_args']))
+        except TypeError as e:  # a key this version's DiTConfig lacks: a checkpoint of another code
+            raise ValueError(f'{path}: its model_args do not fit this DiTConfig ({e}); it was written by other code') from e
         sd = ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model']
         load_state_dict_strict(model, sd, source=path)
         return _with_meta(model, ckpt.get('meta', {}), path).to(device).eval()

@@ -400,8 +400,9 @@ def test_bad_inputs(tmp, ar_dir, dit_dir, gpt2_dir):
     (bad / 'lambada.txt').write_text('The old man walked his dog\n')
     with pytest.raises(ValueError, match='text'):
         E.read_lambada(str(bad / 'lambada.txt'))
-    with pytest.raises(FileNotFoundError, match='no model'):
-        E.LM(str(tmp / 'no_such_judge'))
+    for missing in (str(tmp / 'no_such_judge'), 'out/kld_small/ckpt.pt', 'out/kld_small/round_7_steps_8'):
+        with pytest.raises(FileNotFoundError, match='no checkpoint at'):  # a local path, not a hub download to fail
+            E.LM(missing)
     with pytest.raises(ValueError, match='bidirectional'):
         E.gen_ppl(E.LM(dit_dir[0]), np.zeros((1, 8), dtype=np.int64), 'byte')
     with pytest.raises(ValueError, match='--eval'):

@@ -289,6 +289,11 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / 'good' / 'config.json').write_text('{"hidden_dim": 32,')  # cut short
     with pytest.raises(ValueError, match='not valid JSON.*download it again'):
         load_pretrained(good)
+    # a project checkpoint written by other code (a model_args key DiTConfig lacks): a ValueError naming the file
+    from dataclasses import asdict
+    torch.save(dict(model_args={**asdict(m.config), 'bias': False}, model=m.state_dict()), tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match="other.pt: its model_args.*bias"):
+        load_pretrained(str(tmp_path / 'other.pt'))
     # a meta whose MASK is not the last id would be sampled wrongly: refused
     with pytest.raises(ValueError, match='mask_id 200'):
         load_pretrained(save_pretrained(m, str(tmp_path / 'badmask'), meta=dict(mask_id=200)))
@@ -299,6 +304,21 @@ def test_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match='out/kld_smal'):
         load_pretrained('out/kld_smal')
+
+
+def test_home_relative_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv('HOME', str(tmp_path))  # (bash leaves --init_from=~/x as it is)
+    save_pretrained(random_model(), str(tmp_path / 'tiny'))
+    assert load_pretrained('~/tiny').config.n_layer == CFG['n_layer']
+
+
+def test_model_cast_to_bf16_keeps_float32_rotary_angles():
+    m = random_model()
+    cos, sin = m.rotary_emb(1024, 'cpu')
+    cos16, sin16 = m.to(torch.bfloat16).rotary_emb(1024, 'cpu')  # inv_freq rounded to bf16 by the cast
+    assert m.rotary_emb.inv_freq.dtype == torch.bfloat16
+    torch.testing.assert_close(cos16, cos, rtol=0, atol=1e-6)  # bf16 frequencies: off by up to ~0.4 at position 1023
+    torch.testing.assert_close(sin16, sin, rtol=0, atol=1e-6)
 
 
 def test_hub_id_offline_fails_fast_with_advice(monkeypatch):
