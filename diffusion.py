@@ -5,6 +5,7 @@ noise schedule, time sampling, forward masking, the SUBS parameterisation, the N
 Conventions: the MASK id is always the last vocabulary id (mask_id = V - 1); every function takes it (or V) as an
 argument, nothing assumes GPT-2's 50257. A "model" here is any callable model(ids [B, L], sigma [B]) -> logits [B, L, V].
 """
+import functools
 import inspect
 from contextlib import nullcontext
 
@@ -83,11 +84,13 @@ def to_device(v, device):
     return v.pin_memory().to(device, non_blocking=True) if torch.device(device).type == 'cuda' else v.to(device)
 
 
-def draw_categorical(logits, u, chunk_elems=2 ** 25):
+def draw_categorical(logits, u, chunk_elems=2 ** 25, finite=None):
     """Draw one index per row of logits [N, V] from softmax(logits), by inverse CDF in float64 with uniforms u [N]
     (float64). Float64 matters: float32 Gumbel/exponential noise truncates low-probability tokens, which lowers the
     entropy of samples and flatters gen-PPL (Zheng et al. 2024). Rows go in chunks of ~chunk_elems entries, so a step
-    that reveals many positions (few steps, big batch) stays within a few hundred MB."""
+    that reveals many positions (few steps, big batch) stays within a few hundred MB.
+    finite: a bool device tensor [] that is and-ed with "every row's logits gave a distribution"; a NaN/inf row draws
+    the last index, and checking this flag once at the end (check_finite) turns that into an error without a sync."""
     N, V = logits.shape
     out = torch.empty(N, dtype=torch.long, device=logits.device)
     rows = max(1, chunk_elems // V)
@@ -95,7 +98,46 @@ def draw_categorical(logits, u, chunk_elems=2 ** 25):
         cdf = torch.softmax(logits[i:i + rows].double(), dim=-1).cumsum_(dim=-1)
         idx = torch.searchsorted(cdf, (u[i:i + rows] * cdf[:, -1])[:, None], right=True)  # first cdf > u
         out[i:i + rows] = idx.squeeze(1).clamp_(max=V - 1)
+        if finite is not None:
+            finite &= cdf[:, -1].isfinite().all()
     return out
+
+
+def gives_distribution(logits):
+    """Whether softmax of every row of logits [..., V] is a distribution (no NaN, no +inf, not all -inf): a device
+    bool, no sync."""
+    return torch.logsumexp(logits.float(), dim=-1).isfinite().all()
+
+
+def check_finite(finite, what='the model'):
+    """The one sync of a sampler's NaN check (see draw_categorical): a diverged or overflowing model must not pass
+    for one that samples the last token everywhere."""
+    if not bool(finite):
+        raise FloatingPointError(f'{what} gave NaN/inf logits while sampling: the samples are meaningless (a diverged '
+                                 'checkpoint, or fp16/bf16 overflow of a model cast whole: sample it in float32)')
+
+
+def in_eval_mode(sampler):
+    """Samplers sample without dropout (MDLM's restore_model_and_sample): a model(first argument) in train mode is
+    put in eval mode for the call and back in train mode after it."""
+    @functools.wraps(sampler)
+    def run(model, *args, **kwargs):
+        training = isinstance(model, torch.nn.Module) and model.training
+        model.eval() if training else None
+        try:
+            return sampler(model, *args, **kwargs)
+        finally:
+            model.train() if training else None
+    return run
+
+
+def project(project_fn, x):
+    """project_fn(x), which must return the tokens (the release README's "Don't forget to return")."""
+    y = project_fn(x)
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        raise TypeError(f'project_fn must return the token tensor [{", ".join(map(str, x.shape))}] it was given '
+                        f'(a missing `return x`?), not {type(y).__name__}' + (f' {list(y.shape)}' if isinstance(y, torch.Tensor) else ''))
+    return y
 
 
 def fresh_seed():
@@ -122,7 +164,7 @@ def prior(model, n_samples, seq_len, mask_id, bos_id=None, add_bos=True, project
         bos_id = getattr(model, 'meta', {}).get('bos_id')
     if add_bos and bos_id is not None:
         x[:, 0] = bos_id  # training rows all start with BOS, so do unconditional samples (MDLM/SDTT)
-    return x if project_fn is None else project_fn(x)
+    return x if project_fn is None else project(project_fn, x)
 
 
 def takes_positions(model):
@@ -132,6 +174,7 @@ def takes_positions(model):
     return 'positions' in inspect.signature(m.forward if isinstance(m, torch.nn.Module) else m).parameters
 
 
+@in_eval_mode
 @torch.no_grad()
 def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_bos=True, project_fn=None, cache=False,
            eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None, head_only=None):
@@ -186,6 +229,7 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     # and keeps track of what is still masked. So a step never waits for the GPU (the host knows how many tokens to
     # draw and which sequences changed); the only sync is this one, before the loop (a step_fn syncs every step).
     masked = (x == mask_id).cpu()
+    finite = torch.ones((), dtype=torch.bool, device=device)  # all logits finite so far (checked once, at the end)
     ts, dt = sampling_grid(num_steps, eps)
     n_forward = 0  # sequence-forwards
     steps = ts
@@ -198,7 +242,9 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         u_reveal = torch.rand(x.shape, dtype=torch.float64, generator=generator)
         u_token = torch.rand(x.shape, dtype=torch.float64, generator=generator)
         if step_fn is not None:  # decides on the device: the host learns the new state with one sync
-            x_new = step_fn(x, forward(x, t), t, s, to_device(u_token, device), mask_id)
+            logits = forward(x, t)
+            finite &= gives_distribution(logits[..., :mask_id])
+            x_new = step_fn(x, logits, t, s, to_device(u_token, device), mask_id)
             n_forward += n_samples
             masked = (x_new == mask_id).cpu()
         else:
@@ -220,17 +266,19 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
                     picked = forward(xs, t)[at // seq_len, at % seq_len]
                 n_forward += len(xs)
                 x_new = x.clone()
-                x_new.view(-1)[flat] = draw_categorical(picked[:, :mask_id], to_device(u_token[reveal], device))
+                x_new.view(-1)[flat] = draw_categorical(picked[:, :mask_id], to_device(u_token[reveal], device), finite=finite)
             masked = masked & ~reveal
         if project_fn is not None:
-            x_new = project_fn(x_new)  # (it rewrites the prompt, never masked after the first projection)
+            x_new = project(project_fn, x_new)  # (it rewrites the prompt, never masked after the first projection)
         x = x_new
     rows = masked.any(dim=1).nonzero().squeeze(1)  # final denoise: fill what is still masked by the argmax
     if len(rows):
         rows = to_device(rows, device)
-        final = forward(x[rows], ts[-1] - dt)[..., :mask_id].argmax(-1)
+        final = forward(x[rows], ts[-1] - dt)[..., :mask_id]
+        finite &= gives_distribution(final)
         n_forward += len(rows)
-        x[rows] = torch.where(x[rows] == mask_id, final, x[rows])
+        x[rows] = torch.where(x[rows] == mask_id, final.argmax(-1), x[rows])
         if project_fn is not None:
-            x = project_fn(x)
+            x = project(project_fn, x)
+    check_finite(finite)
     return x, n_forward / n_samples

@@ -230,6 +230,7 @@ def reference_step(generator):
 
 
 # -------------------------------------------------------------------- the autoregressive baseline
+@diffusion.in_eval_mode
 @torch.no_grad()
 def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=None, seed=None, generator=None,
               device=None, verbose=False):
@@ -262,12 +263,14 @@ def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=N
         from tqdm import tqdm
         positions = tqdm(positions, desc=f'sampling {n_samples}x{seq_len} autoregressively')
     nfe, start, new = 0, 0, x[:, :P]
+    finite = torch.ones((), dtype=torch.bool, device=device)  # (checked once, at the end: no sync per token)
     for t in positions:  # feed positions start .. t - 1, draw position t
         with autocast:
             logits = model(new, cache=cache, start=start)[:, -1, :mask_id]
         nfe += 1
-        x[:, t] = torch.where(forced[:, t], x[:, t], diffusion.draw_categorical(logits, u[:, t]))
+        x[:, t] = torch.where(forced[:, t], x[:, t], diffusion.draw_categorical(logits, u[:, t], finite=finite))
         start, new = t, x[:, t:t + 1]
+    diffusion.check_finite(finite)
     return x, nfe
 
 
@@ -449,5 +452,5 @@ if __name__ == '__main__':
     import sys
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, FloatingPointError) as e:
         sys.exit(f'sample.py: error: {e}')

@@ -167,7 +167,7 @@ def test_draws_are_float64_from_end_to_end(monkeypatch):
     logits = torch.tensor([[0.5, 1e-9, 0.5 - 1e-9]], dtype=torch.float64).log()
     assert D.draw_categorical(logits, torch.tensor([0.5 + 5e-10], dtype=torch.float64)).item() == 1
     seen, draw = [], D.draw_categorical
-    monkeypatch.setattr(D, 'draw_categorical', lambda lg, u, *a: (seen.append(u), draw(lg, u, *a))[1])
+    monkeypatch.setattr(D, 'draw_categorical', lambda lg, u, *a, **k: (seen.append(u), draw(lg, u, *a, **k))[1])
     D.sample(FixedModel(tail_probs().float()), 4, 2, 16, mask_id=1000, seed=0)
     u = torch.cat(seen)
     assert u.dtype == torch.float64 and ((u * 2 ** 24) % 1 != 0).any()  # not float32 values in a float64 tensor

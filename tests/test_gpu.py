@@ -40,7 +40,7 @@ def count_syncs(fn):
 @pytest.mark.parametrize('cache', [False, True])
 def test_sampler_syncs_do_not_grow_with_steps(cache):
     """The host draws the reveals and tracks the masked positions: a step never waits for the GPU, so 4 and 32 steps
-    make the same few syncs (before the loop and in the final denoise)."""
+    make the same few syncs (before the loop, in the final denoise and the NaN check at the end)."""
     model = tiny().eval()
     run = lambda n: count_syncs(lambda: sample(model, 4, n, L, mask_id=V - 1, bos_id=0, seed=0, cache=cache))
     (x4, _), s4 = run(4)
@@ -64,7 +64,7 @@ def test_ar_sampler_syncs_do_not_grow_with_length():
     # BOS is given: one forward per later position
     (_, n16), s16 = count_syncs(lambda: sample_ar(model, 2, 16, bos_id=0, seed=0))
     (_, n64), s64 = count_syncs(lambda: sample_ar(model, 2, 64, bos_id=0, seed=0))
-    assert (n16, n64) == (15, 63) and 1 <= s16 <= 2 and 1 <= s64 <= 2, (s16, s64)
+    assert (n16, n64) == (15, 63) and 1 <= s16 <= 3 and 1 <= s64 <= 3, (s16, s64)  # (+1: the NaN check at the end)
 
 
 def test_ar_kv_cache_matches_full_forward():

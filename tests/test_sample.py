@@ -385,3 +385,45 @@ def test_ar_cli_writes_samples(ar_dir, tmp_path, capsys):
     out = sample.load_samples(path)
     assert '/cond/' in path and (out['tokens'][:, :6] == np.array([256] + list(b'Hello'))).all()
     assert out['settings']['nfe'] == 24 - 6
+
+
+def test_every_sampler_refuses_nan_logits(byte_dir, ar_dir, tmp_path):
+    """A diverged model (NaN logits) must not pass for one that samples the last token everywhere."""
+    for path, samplers in ((byte_dir, [*sample.SAMPLERS, 'cached']), (ar_dir, ['ancestral'])):
+        lm = sample.load_model(path)
+        lm.backbone.output_layer.linear.bias.data[5] = float('nan')
+        for s in samplers:
+            with pytest.raises(FloatingPointError, match='NaN/inf logits'):
+                lm.sample(2, 4, 12, seed=0, cache=s == 'cached', sampler='ancestral' if s == 'cached' else s)
+    r = subprocess.run([sys.executable, str(ROOT / 'sample.py'), f'--init_from={save_nan_model(byte_dir)}',
+                        '--seq_len=12', '--num_steps=4', '--n_samples=2', '--n_print=0', f'--out_dir={tmp_path}'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 1 and 'sample.py: error:' in r.stderr and 'NaN/inf' in r.stderr
+    assert not list(tmp_path.rglob('*.npz'))  # no sample file written
+
+
+def save_nan_model(path):
+    m = sample.load_model(path).backbone
+    m.output_layer.linear.bias.data[:] = float('inf')
+    return save_pretrained(m, path + '_nan', meta=m.meta)
+
+
+def test_sampling_runs_in_eval_mode_and_restores_train_mode(byte_dir, ar_dir):
+    """Dropout off while sampling (MDLM's restore_model_and_sample), whatever mode the caller left the model in."""
+    for path in (byte_dir, ar_dir):
+        lm = sample.load_model(path)
+        lm.backbone.config.dropout = 0.5
+        for mod in lm.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.5
+        want = lm.eval().sample(3, 6, 24, seed=1)
+        assert torch.equal(lm.train().sample(3, 6, 24, seed=1), want) and lm.training and lm.backbone.training
+
+
+def test_project_fn_that_forgets_to_return_is_named(byte_dir):
+    lm = sample.load_model(byte_dir)
+
+    def forgets(x):
+        x[:, 1] = 65
+    with pytest.raises(TypeError, match='project_fn must return the token tensor.*return x'):
+        lm.sample(2, 4, 12, seed=0, project_fn=forgets)
