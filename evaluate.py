@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import check_sizes, config_keys, configure
+from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _SAMPLE_EPS, move_chance, nelbo_weight, sample_t, sigma
 from model import check_device, load_pretrained, local_or_hub, write_atomic
 from prepare_data import get_tokenizer, load_meta, open_split
@@ -200,6 +200,7 @@ def sample_files(spec):
         paths = glob.glob(os.path.join(spec, '**', '*.npz'), recursive=True)
     else:
         paths = [p for p in glob.glob(spec) if os.path.isfile(p)]
+        paths = [p for p in paths if p.endswith('.npz')] or paths  # (a glob also catches the .jsonl beside each .npz)
     if not paths:
         raise FileNotFoundError(f'no sample files at --samples={spec!r} (a .npz from sample.py, a glob, or a directory)')
     return sorted(paths)
@@ -216,8 +217,11 @@ def judge_inputs(judge, tokens, tok_name, n_prompt=0):
     tok, tokens = get_tokenizer(tok_name), np.asarray(tokens, dtype=np.int64)
     bad = tokens[(tokens < 0) | (tokens >= tok.mask_token_id)]
     if len(bad):
-        what = 'MASK ids (unfinished samples)' if (bad == tok.mask_token_id).any() else f'ids outside [0, {tok.mask_token_id})'
-        raise ValueError(f'samples contain {what} of the {tok_name!r} tokenizer they were written with: {sorted(set(bad.tolist()))[:5]}')
+        if (bad == tok.mask_token_id).all():
+            what = 'MASK ids (unfinished samples)'
+        else:  # (GPT-2 ids labelled byte hold byte MASK ids too: this is the message that helps)
+            what = f'ids outside [0, {tok.mask_token_id}), so they were not written with it (another tokenizer?)'
+        raise ValueError(f'samples contain {what} of the {tok_name!r} tokenizer their settings name: {sorted(set(bad.tolist()))[:5]}')
     if tok_name == judge.tok_name:
         if tokens.max() >= judge.n_real:
             raise ValueError(f'sample ids up to {tokens.max()} but the judge {judge.name} has {judge.n_real} tokens')
@@ -502,7 +506,8 @@ def plot_genppl(jsonl, png):
                 and not (r['settings'].get('mode') == 'cond_prefix' or r['settings'].get('prompt') or r['settings'].get('prompt_file'))]
     if not recs:
         raise ValueError(f'no genppl records of unconditional samples in {jsonl}: run --eval=genppl first')
-    what = lambda r: (os.path.basename(str(r['config'].get('judge'))), r['metrics']['seq_len'], str(r.get('sampler')))
+    what = lambda r: (str(r['config'].get('judge')), r['metrics']['seq_len'], str(r.get('sampler')))  # (whole paths:
+    # judges out/judge_small/ckpt.pt and out/judge_large/ckpt.pt are two)
     varies = [len({what(r)[k] for r in recs}) > 1 for k in range(3)]
     lines = {}
     for r in recs:
@@ -528,7 +533,7 @@ def plot_genppl(jsonl, png):
     axes[0].set_yscale('log')
     axes[0].yaxis.set_major_formatter(plain)
     axes[0].yaxis.set_minor_formatter(plain)
-    axes[0].set_title('gen-PPL' + ('' if varies[0] else f" (judge: {os.path.basename(str(recs[-1]['config'].get('judge')))})"))
+    axes[0].set_title('gen-PPL' + ('' if varies[0] else f" (judge: {recs[-1]['config'].get('judge')})"))
     axes[1].set_title('entropy of the samples')
     axes[1].legend(fontsize=8, loc='best')
     return _save_figure(fig, png)
@@ -587,6 +592,8 @@ def main(argv=None):
     if 'valppl' in evals and not c.data_dir:
         raise ValueError('--eval=valppl needs --data_dir: a prepare_data.py output directory (val.bin, meta.json)')
     check_sizes(vars(c), val_rows=0, n_t=1, val_draws=1, batch_size=1, mauve_seeds=1)  # (val_rows 0: all rows)
+    for key in ('dtype', 'judge_dtype'):
+        check_choice(key, getattr(c, key), ('float32', 'bfloat16', 'float16'))
     dev = c.device
     check_device(dev)
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # torchrun: every rank scores its share, results are gathered
@@ -602,8 +609,8 @@ def main(argv=None):
             print(f'{what} {source}: ' + json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, default=float))
 
     if 'genppl' in evals or 'mauve' in evals:
+        paths = sample_files(c.samples)  # (before the judge: a typo should not cost a gpt2-large load first)
         judge_lm = LM(c.judge, dev, c.judge_dtype, compile=c.compile)
-        paths = sample_files(c.samples)
         n_cond = 0
         for path in paths:
             s = read_samples(path)

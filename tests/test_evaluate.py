@@ -337,6 +337,9 @@ def test_cli_genppl_mauve_lambada_valppl_plot(tmp, ar_dir, dit_dir, faiss_one_th
     assert 0 <= recs[5]['metrics']['mauve'] <= 1 and recs[5]['metrics']['n_refs'] == 3
     assert recs[6]['metrics']['n_words'] == 3 and recs[7]['metrics']['n_rows'] == 6
     assert os.path.getsize(os.path.join(out, 'genppl.png')) > 10_000
+    # a glob over the directory skips the .jsonl text files sample.py writes beside the .npz
+    assert [os.path.basename(p) for p in E.sample_files(f'{out}/samples/uncond/*')] == \
+        ['r0_T128.npz', 'r0_T32.npz', 'r0_T8.npz', 'r1_T32.npz', 'r1_T8.npz']
 
 
 def test_cli_prompted_files_records_and_plot_filter(tmp, ar_dir):
@@ -353,6 +356,21 @@ def test_cli_prompted_files_records_and_plot_filter(tmp, ar_dir):
     assert (rec['model'], rec['round'], rec['num_steps'], rec['sampler'], rec['nfe']) == ('tiny', 2, 64, 'cached', 11.5)
     with pytest.raises(ValueError, match='no genppl records of unconditional samples'):  # the figure leaves them out
         E.plot_genppl(str(out / 'eval.jsonl'), str(out / 'g.png'))
+
+
+def test_plot_keeps_judges_with_the_same_file_name_apart(tmp, monkeypatch):
+    rec = lambda judge, steps, ppl: dict(eval='genppl', model='m', round=0, num_steps=steps, sampler='ancestral',
+                                         settings={}, config=dict(judge=judge),
+                                         metrics=dict(seq_len=32, gen_ppl=ppl, entropy=4.0))
+    jsonl = tmp / 'two_judges.jsonl'
+    jsonl.write_text(''.join(json.dumps(rec(j, n, p)) + '\n' for j, n, p in [
+        ('out/judge_small/ckpt.pt', 8, 62.0), ('out/judge_small/ckpt.pt', 32, 38.0),
+        ('out/judge_large/ckpt.pt', 8, 52.0), ('out/judge_large/ckpt.pt', 32, 28.0)]))
+    figs = []
+    monkeypatch.setattr(E, '_save_figure', lambda fig, png: figs.append(fig) or png)
+    E.plot_genppl(str(jsonl), str(tmp / 'two_judges.png'))
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in figs[0].axes[0].get_lines()}
+    assert lines == {'m round 0 [out/judge_large/ckpt.pt]': [52.0, 28.0], 'm round 0 [out/judge_small/ckpt.pt]': [62.0, 38.0]}
 
 
 def test_two_ranks_equal_one(tmp, ar_dir, dit_dir):
@@ -400,6 +418,11 @@ def test_bad_inputs(tmp, ar_dir, dit_dir, gpt2_dir):
     (bad / 'lambada.txt').write_text('The old man walked his dog\n')
     with pytest.raises(ValueError, match='text'):
         E.read_lambada(str(bad / 'lambada.txt'))
+    gpt2_as_byte = np.array([[256, 257, 284, 286, 290]])  # GPT-2 ids (' a' is 257) in a file that says byte
+    with pytest.raises(ValueError, match='not written with it .another tokenizer'):
+        E.gen_ppl(judge, gpt2_as_byte, 'byte')
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        run_cli('--eval=lambada', f'--init_from={dit_dir[0]}', '--dtype=bf16')
     for missing in (str(tmp / 'no_such_judge'), 'out/kld_small/ckpt.pt', 'out/kld_small/round_7_steps_8'):
         with pytest.raises(FileNotFoundError, match='no checkpoint at'):  # a local path, not a hub download to fail
             E.LM(missing)
