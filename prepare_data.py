@@ -28,7 +28,7 @@ from configurator import check_choice, check_sizes, config_keys, configure
 # ----------------------------------------------------------------------------- config
 # python prepare_data.py [config.py] --key=value ... (configurator.py: as every script of the project)
 source = "openwebtext"  # HF dataset name, or a local .txt/.jsonl file or directory (one with train* and val* files
-                        # is split by file)
+                        # or subdirectories is split by them)
 out_dir = ""            # required: train.bin, val.bin and meta.json go there
 tokenizer = "gpt2"      # 'gpt2' (offline BPE files) | 'byte'
 row_len = 1024
@@ -144,8 +144,11 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: run prepare_data.py --out_dir={data_dir} first")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): re-run prepare_data.py --out_dir={data_dir} --overwrite=True") from e
 
 
 def open_split(data_dir, split):
@@ -196,6 +199,15 @@ def read_local(path, text_field, txt_docs, skip_bad_lines, issues):
     return docs
 
 
+def split_of(rel_path):
+    """'train' or 'val' for a file of a local source directory: the first part of its path (a subdirectory or the file
+    name) that starts with train or val (validation) decides; None for a file of neither."""
+    for part in rel_path.split(os.sep):
+        if part.startswith(("train", "val")):
+            return "train" if part.startswith("train") else "val"
+    return None
+
+
 def load_source(args):
     """Returns (train_docs, val_docs, description, read_issues); docs are lists or HF Datasets."""
     issues = {"not_utf8": 0, "bad_lines": 0}
@@ -208,9 +220,12 @@ def load_source(args):
             if os.path.isdir(src) else [src]
         if not files:
             raise ValueError(f"no .txt or .jsonl files in {src}")
+        if not files[0].endswith((".txt", ".jsonl")):  # (.json, .jsonl.gz ... read as text would be one document)
+            raise ValueError(f"{src}: prepare_data.py reads .txt and .jsonl files (uncompressed, one JSON object per "
+                             "line for .jsonl); convert it, or rename a plain-text file to .txt")
         read = lambda fs: [d for f in fs for d in read_local(f, args.text_field, args.txt_docs, args.skip_bad_lines, issues)]
-        train_f = [f for f in files if os.path.basename(f).startswith("train")]
-        val_f = [f for f in files if os.path.basename(f).startswith("val")]
+        train_f = [f for f in files if split_of(os.path.relpath(f, src)) == "train"]
+        val_f = [f for f in files if split_of(os.path.relpath(f, src)) == "val"]
         if os.path.isdir(src) and train_f and val_f:  # the directory already has its own split
             desc = f"local {src}: train={[os.path.relpath(f, src) for f in train_f]} val={[os.path.relpath(f, src) for f in val_f]}"
             train, val = read(train_f), read(val_f)
@@ -240,7 +255,9 @@ def load_source(args):
     if n_val is None:
         n_val = _OWT_NUM_VAL_DOCS if src in ("openwebtext", "Skylion007/openwebtext") else max(1, round(args.val_fraction * n))
     if not 0 < n_val < n:
-        raise ValueError(f"cannot split {n_val} val docs off {n} docs; set --num_val_docs")
+        one = " (.txt files are one document each by default: --txt_docs=lines or --txt_docs=blankline splits them)" \
+            if looks_local and n < 10 and any(f.endswith(".txt") for f in files) else ""
+        raise ValueError(f"cannot split {n_val} val docs off {n} docs; set --num_val_docs{one}")
     train, val = (docs[: n - n_val], docs[n - n_val:]) if isinstance(docs, list) else \
                  (docs.select(range(n - n_val)), docs.select(range(n - n_val, n)))
     return train, val, desc + f", last {n_val} docs -> val", issues

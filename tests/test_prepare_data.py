@@ -88,13 +88,19 @@ def test_gpt2_tokenizer():
 
 # --- framing and outputs -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,row_len", [("byte", 16), ("gpt2", 8)])
-def test_framing_split_by_file(tmp_path, name, row_len):
+@pytest.mark.parametrize("name,row_len,layout", [("byte", 16, "files"), ("gpt2", 8, "files"), ("byte", 16, "dirs")])
+def test_framing_split_by_file(tmp_path, name, row_len, layout):
     src = tmp_path / "corpus"
     src.mkdir()
     train_docs, val_docs = DOCS * 3 + ["   "], DOCS[::-1]
-    write_jsonl(src / "train.jsonl", train_docs)
-    write_jsonl(src / "val.jsonl", val_docs)
+    if layout == "files":
+        write_jsonl(src / "train.jsonl", train_docs)
+        write_jsonl(src / "val.jsonl", val_docs)
+    else:  # train/ and validation/ subdirectories (once pooled: 99% of the val docs went into train)
+        for sub, docs in (("train", train_docs), ("validation", val_docs)):
+            (src / sub).mkdir()
+            write_jsonl(src / sub / "part-0.jsonl", docs[:2])
+            write_jsonl(src / sub / "part-1.jsonl", docs[2:])
     (src / "notes.txt").write_text("ignored: neither train* nor val*")
     out = tmp_path / "out"
     meta = run("--source", src, "--out_dir", out, "--tokenizer", name, "--row_len", row_len, "--num_proc", 1)
@@ -183,6 +189,16 @@ def test_errors(tmp_path):
     assert not os.listdir(tmp_path / "o2")
     with pytest.raises(FileNotFoundError, match="prepare_data.py"):
         load_meta(tmp_path / "o2")
+    (tmp_path / "o2" / "meta.json").write_text('{"row_len": 16,')  # cut short
+    with pytest.raises(ValueError, match="o2/meta.json is not valid JSON"):
+        load_meta(tmp_path / "o2")
+    # a file that is not .txt/.jsonl would be read as one document; a single .txt is one by default: say so
+    (tmp_path / "docs.json").write_text(json.dumps([{"text": d} for d in DOCS]))
+    with pytest.raises(ValueError, match="reads .txt and .jsonl files"):
+        run("--source", tmp_path / "docs.json", "--out_dir", tmp_path / "o3", "--tokenizer", "byte")
+    (tmp_path / "input.txt").write_text("\n".join(DOCS * 20))
+    with pytest.raises(ValueError, match="--txt_docs=lines"):
+        run("--source", tmp_path / "input.txt", "--out_dir", tmp_path / "o3", "--tokenizer", "byte")
 
 
 def test_refuse_overwrite(tmp_path):
