@@ -67,7 +67,8 @@ teacher_from_ema = False    # at a round boundary the teacher (and student) beco
 reset_optimizer_each_round = False
 # logging, evaluation, checkpoints
 log_interval, eval_interval, eval_iters, ckpt_interval = 10, 1000, 20, 1000
-# (validation: eval_iters batches of batch_size rows in all, shared among the processes)
+# (validation: eval_iters batches of batch_size rows in all, shared among the processes; a loss line is also logged
+# at every checkpoint, so a resumed run logs the same lines as an uninterrupted one)
 wandb_log, wandb_project, wandb_run_name = False, 'sdtt', 'run'
 # system
 seed = 1337
@@ -497,13 +498,13 @@ def main(argv=None):
               + (' (Ctrl-C again to abort)' if signum == signal.SIGINT else ''))
     old_handlers = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
 
-    rounds_over = lambda: objective == 'sdtt' and student_steps(rnd) < min_num_sampling_steps  # (SDTT's last round)
+    rounds_over = lambda r: objective == 'sdtt' and student_steps(r) < min_num_sampling_steps  # (after the last round)
     try:  # (the handlers are put back however the loop ends: a caller of main() keeps its Ctrl-C)
         finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss since the last check was finite (no sync)
         loss_sum, flops_done, t_log, step_log = torch.zeros((), device=dev), 0.0, time.time(), step
         halt, saved_step = False, step  # halt: agreed by all processes (at log steps under DDP)
         while True:
-            if rounds_over():
+            if rounds_over(rnd):
                 log(None, f'done: a round-{rnd} student would sample with {student_steps(rnd)} < '
                           f'{min_num_sampling_steps} steps')
                 break
@@ -530,8 +531,12 @@ def main(argv=None):
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
             halt = halt or (bool(stop) and not ddp)
 
-            last = step >= max_iters
-            if step % log_interval == 0 or last or halt:  # (halt: the steps since the last log line are not lost)
+            boundary = objective == 'sdtt' and step % round_every == 0  # round rnd ends with this step
+            last = step >= max_iters or (boundary and rounds_over(rnd + 1))
+            save = boundary or (ckpt_interval and step % ckpt_interval == 0)
+            # a log window ends at every checkpoint too, so a run resumed from one logs what an uninterrupted run
+            # does; halt and the last step: the steps since the last log line are not lost
+            if step % log_interval == 0 or last or halt or save:
                 stats = torch.stack([loss_sum, grad_norm.float(), (~finite).float(),
                                      torch.tensor(float(bool(stop)), device=dev), torch.tensor(flops_done, device=dev)])
                 if ddp:
@@ -561,7 +566,6 @@ def main(argv=None):
                 val = evaluate()
                 rec = {'step': step, name: val, **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
                 log(rec, ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
-            boundary = objective == 'sdtt' and step % round_every == 0
             if boundary:  # round rnd done: save the student, it becomes the teacher, dt grows K-fold
                 if not bool(finite):
                     raise nonfinite()
@@ -578,7 +582,7 @@ def main(argv=None):
                 teacher.load_state_dict(model.state_dict())
                 if reset_optimizer_each_round:
                     optimizer.state.clear()
-            if master and (boundary or (ckpt_interval and step % ckpt_interval == 0)):
+            if master and save:
                 checkpoint()
                 saved_step = step
             t_log += time.time() - t_aside
@@ -586,7 +590,7 @@ def main(argv=None):
             raise nonfinite()
         if master and (saved_step != step or not os.path.exists(ckpt_path)):
             checkpoint()
-        finished = step >= max_iters or rounds_over()
+        finished = step >= max_iters or rounds_over(rnd)
         if master:
             print(f'checkpoint: {ckpt_path} (step {step}, round {rnd})'
                   + ('' if finished else f'; stopped before max_iters={max_iters}: continue with --init_from=resume'))

@@ -327,6 +327,36 @@ def test_resume_drops_the_log_lines_of_steps_it_redoes(data, tmp_path):
     assert [r['step'] for r in logged] == [1, 2, 3, 4, 5] and 123.0 not in [r['loss'] for r in logged]
 
 
+def test_resumed_run_logs_what_an_uninterrupted_run_logs(data, tmp_path, monkeypatch):
+    """Log windows end at checkpoints: resumed from the step-6 checkpoint after a crash in step 7 (no save, as kill -9),
+    the step-8 line averages the same steps as without the crash, though ckpt_interval 3 is no multiple of
+    log_interval 4."""
+    args = TINY + ['--objective=mdlm', '--init_from=scratch', f'--data_dir={data}', '--max_iters=8', '--log_interval=4',
+                   '--ckpt_interval=3']
+    distill.main(args + [f'--out_dir={tmp_path / "ref"}'])
+    calls, loss = [], distill.training_loss
+
+    def crash_in_step_7(*a, **k):  # 2 micro-batches per step
+        calls.append(1)
+        if len(calls) == 13:
+            raise RuntimeError('simulated crash')
+        return loss(*a, **k)
+    monkeypatch.setattr(distill, 'training_loss', crash_in_step_7)
+    with pytest.raises(RuntimeError, match='simulated crash'):
+        distill.main(args + [f'--out_dir={tmp_path / "cut"}'])
+    monkeypatch.setattr(distill, 'training_loss', loss)
+    distill.main(args + [f'--out_dir={tmp_path / "cut"}', '--init_from=resume'])
+    ref, cut = read_log(tmp_path / 'ref'), read_log(tmp_path / 'cut')
+    assert sorted(ref) == [3, 4, 6, 8] and ref == cut
+
+
+def test_sdtt_run_that_ends_with_its_rounds_logs_and_validates_its_last_steps(data, teacher_dir, tmp_path):
+    out = tmp_path / 'run'
+    distill.main(sdtt_args(data, teacher_dir, str(out), '--max_iters=100', '--round_every=3', '--teacher_num_steps=16',
+                           '--min_num_sampling_steps=4', '--log_interval=4', '--eval_interval=4'))
+    assert sorted(read_log(out)) == [3, 4, 6] and sorted(read_log(out, 'val_distill_loss')) == [4, 6]  # stops at 6
+
+
 def test_validation_rows_and_noise_are_the_same_at_every_evaluation(data, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, 'step', lambda self, *a, **k: None)  # the weights never change
     out = str(tmp_path / 'run')
