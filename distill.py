@@ -64,7 +64,7 @@ teacher_num_steps = 1024    # sampling steps of the original teacher; round r: d
 round_every = 10000         # optimiser steps per round
 min_num_sampling_steps = 8  # stop before a round whose student would sample with fewer steps
 teacher_from_ema = False    # at a round boundary the teacher (and student) become the EMA weights, EMA restarts
-reset_optimizer_each_round = False
+reset_optimizer_each_round = False  # at a round boundary AdamW's moments are cleared and the LR warms up again
 # logging, evaluation, checkpoints
 log_interval, eval_interval, eval_iters, ckpt_interval = 10, 1000, 20, 1000
 # (validation: eval_iters batches of batch_size rows in all, shared among the processes; a loss line is also logged
@@ -510,7 +510,9 @@ def main(argv=None):
                 break
             if step >= max_iters or halt:
                 break
-            lr = learning_rate * min(1.0, (step + 1) / (warmup_iters + 1))
+            # a reset optimiser warms up again each round: the reference's reset rebuilds its LR scheduler too
+            since = step % round_every if objective == 'sdtt' and reset_optimizer_each_round else step
+            lr = learning_rate * min(1.0, (since + 1) / (warmup_iters + 1))
             for g in optimizer.param_groups:
                 g['lr'] = lr
             for micro in range(grad_accum):

@@ -312,6 +312,11 @@ def test_round_directory_holds_the_ema_weights_and_round_options(data, teacher_d
                            '--teacher_from_ema=True', '--reset_optimizer_each_round=True'))
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ck['round'] == 1 and ck['ema_updates'] == 0 and ck['optimizer']['state'] == {}
+    distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=4', '--round_every=2', '--teacher_num_steps=16',
+                           '--min_num_sampling_steps=4', '--teacher_from_ema=True', '--reset_optimizer_each_round=True',
+                           '--init_from=resume'))
+    lrs = read_log(out, 'lr')  # a reset optimiser warms up again (as the reference's new LR scheduler), across a resume
+    assert [lrs[s] for s in (3, 4)] == pytest.approx([1e-3 / 6, 2e-3 / 6])
     for k in ck['model']:
         assert torch.equal(ck['model'][k], ck['ema'][k]) and torch.equal(ck['teacher'][k], ck['ema'][k]), k
 
