@@ -16,7 +16,7 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import configure
+from configurator import check_choice, configure
 from diffusion import sample
 from evaluate import git_commit
 from model import DiT, DiTConfig, SIZES
@@ -168,7 +168,8 @@ if train:  # as distill.py runs them: noise drawn on the host, network + loss co
     # instance): start afresh, or the teacher below would fall back to eager past the recompile limit
     torch._dynamo.reset()
     from diffusion import to_device
-    from distill import Objective, draw_noise, step_flops, training_loss
+    from distill import _COMPILE_MODES, Objective, draw_noise, step_flops, teacher_targets, training_loss
+    check_choice('train_compile_mode', train_compile_mode, _COMPILE_MODES)  # (no CUDA graphs, as distill.py)
     student = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.1, **arch)).to(dev).train()
     teacher = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.0, **arch)).to(dev).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=cuda)
@@ -197,14 +198,9 @@ if train:  # as distill.py runs them: noise drawn on the host, network + loss co
                mfu=flops / s / peak_flops if cuda else float('nan'),
                mfu_6N=flops_6n / s / peak_flops if cuda else float('nan'))
         if objective == 'sdtt':  # the parts, timed separately in the same run: the K teacher forwards as the step
-            b = batches[-1]      # runs them (output layer at the revealed rows, then at all M) + an mdlm step
-
-            def teacher_fwds():
-                with torch.no_grad(), autocast:
-                    for k in range(K - 1):
-                        run_t(b['xt'], None, b['pos'][b[f'reveal_{k}']])
-                    run_t(b['xt'], None, b['pos'])
-            parts = timeit(teacher_fwds) + timeit(lambda: train_step('mdlm', x0, []))
+            b = batches[-1]      # runs them (teacher_targets) + an mdlm step (the student's forward and backward)
+            parts = timeit(lambda: teacher_targets(run_t, b, K, V - 1, bf16=cuda))
+            parts += timeit(lambda: train_step('mdlm', x0, []))
             record(bench='sdtt_parts', batch=B, ms_step=s * 1e3, ms_parts=parts * 1e3, step_over_parts=s / parts)
 
 print(f'{len(results)} results appended to {out_file} ({device_name}, commit {commit})')

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import check_sizes, config_keys, configure
+from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
 from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
 from model import (DiT, DiTConfig, check_device, default_meta, load_pretrained, load_state_dict_strict, save_pretrained,
@@ -79,6 +79,7 @@ compile_mode = 'default'    # or 'max-autotune-no-cudagraphs' (tunes the matmuls
                             # the teacher's output is written in place (teacher_targets)
 peak_flops = 989e12         # per device, for MFU (H100 SXM dense bf16)
 _DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
+_COMPILE_MODES = ('default', 'max-autotune-no-cudagraphs')  # (bench.py's training steps take the same)
 
 
 # ----------------------------------------------------------------------------------------------------------- losses
@@ -314,9 +315,7 @@ def main(argv=None):
     check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=1,
                 teacher_num_steps=1, max_iters=0, eval_iters=0, eval_interval=0, ckpt_interval=0)  # (0: off)
     check_device(device)
-    if compile_mode not in ('default', 'max-autotune-no-cudagraphs'):
-        raise ValueError(f"compile_mode must be 'default' or 'max-autotune-no-cudagraphs' (CUDA-graph modes would "
-                         f"overwrite the teacher's outputs that the step still uses), got {compile_mode!r}")
+    check_choice('compile_mode', compile_mode, _COMPILE_MODES)
     eps = sampling_eps if sampling_eps is not None else (1e-5 if objective == 'sdtt' else 1e-3)
     K = num_distill_steps
 
