@@ -313,11 +313,19 @@ def main(argv=None):
     if dtype not in ('bfloat16', 'float32'):
         raise ValueError(f"dtype must be 'bfloat16' (autocast on CUDA) or 'float32', got {dtype!r}")
     check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=1,
-                teacher_num_steps=1, max_iters=0, eval_iters=0, eval_interval=0, ckpt_interval=0)  # (0: off)
+                teacher_num_steps=1, max_iters=0, eval_iters=0, eval_interval=0, ckpt_interval=0,  # (0: off)
+                n_layer=1, n_head=1, n_embd=1, cond_dim=1, block_size=1)
     check_device(device)
     check_choice('compile_mode', compile_mode, _COMPILE_MODES)
     eps = sampling_eps if sampling_eps is not None else (1e-5 if objective == 'sdtt' else 1e-3)
     K = num_distill_steps
+
+    def student_steps(r):  # sampling steps of the student trained in round r (0-based; its file is round_{r+1}_...)
+        return round(teacher_num_steps / K ** (r + 1))
+    if objective == 'sdtt' and student_steps(0) < min_num_sampling_steps:
+        raise ValueError(f'teacher_num_steps={teacher_num_steps} / num_distill_steps={K}: the first student would sample '
+                         f'with {student_steps(0)} < min_num_sampling_steps={min_num_sampling_steps} steps, so there '
+                         'is no round to run; raise teacher_num_steps or lower min_num_sampling_steps')
 
     # ---- processes: torchrun sets RANK/WORLD_SIZE; one process otherwise
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -428,9 +436,6 @@ def main(argv=None):
     def dt_of(r):  # teacher step size in round r: K teacher steps of round r are one student step
         return (1 - _T_MIN) / teacher_num_steps * K ** r
 
-    def student_steps(r):  # sampling steps of the student after round r
-        return round(teacher_num_steps / K ** (r + 1))
-
     def meta_now():
         m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id')}
         m.update(objective=objective, step=step)
@@ -504,8 +509,8 @@ def main(argv=None):
         halt, saved_step = False, step  # halt: agreed by all processes (at log steps under DDP)
         while True:
             if rounds_over(rnd):
-                log(None, f'done: a round-{rnd} student would sample with {student_steps(rnd)} < '
-                          f'{min_num_sampling_steps} steps')
+                log(None, f'done: {rnd} rounds; the next student would sample with {student_steps(rnd)} < '
+                          f'min_num_sampling_steps={min_num_sampling_steps} steps')
                 break
             if step >= max_iters or halt:
                 break
@@ -555,7 +560,7 @@ def main(argv=None):
                 rec = dict(step=step, loss=loss_val / world / n, lr=lr, round=rnd, dt=dt_of(rnd) if teacher else None,
                            grad_norm=norm_val / world, tokens_per_s=n * tokens_per_step / dt_s,
                            mfu=flops_val / dt_s / (peak_flops * world), time=time.time())
-                log(rec, f"step {step} | loss {rec['loss']:.4f} | lr {lr:.2e} | round {rnd} | "
+                log(rec, f"step {step} | loss {rec['loss']:.4g} | lr {lr:.2e} | round {rnd} | "
                          f"{rec['tokens_per_s']:,.0f} tok/s | mfu {100 * rec['mfu']:.1f}% | "
                          f"grad norm {rec['grad_norm']:.3f}")
                 loss_sum.zero_()
@@ -566,7 +571,7 @@ def main(argv=None):
                 name = {'mdlm': 'val_nelbo', 'ar': 'val_loss', 'sdtt': 'val_distill_loss'}[objective]
                 val = evaluate()
                 rec = {'step': step, name: val, **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
-                log(rec, ' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
+                log(rec, ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
             if boundary:  # round rnd done: save the student, it becomes the teacher, dt grows K-fold
                 if not bool(finite):
                     raise nonfinite()

@@ -524,9 +524,11 @@ def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match='not divisible'):
         distill.main(sdtt_args(data, teacher_dir, out, '--global_batch_size=6'))
     for bad in ('--round_every=0', '--log_interval=0', '--batch_size=0', '--num_distill_steps=0',
-                '--teacher_num_steps=0', '--max_iters=-1'):
+                '--teacher_num_steps=0', '--max_iters=-1', '--n_layer=0'):
         with pytest.raises(ValueError, match=r'impossible sizes: ' + bad[2:] + r' \(must be >= '):
             distill.main(sdtt_args(data, teacher_dir, out, bad))
+    with pytest.raises(ValueError, match='first student would sample with 3 < min_num_sampling_steps=8 steps'):
+        distill.main(sdtt_args(data, teacher_dir, out, '--teacher_num_steps=6'))  # (was: exit 0, nothing trained)
     with pytest.raises(ValueError, match='split into n_head=3 heads'):
         distill.main(TINY + ['--objective=mdlm', '--init_from=scratch', f'--data_dir={data}', f'--out_dir={out}',
                              '--n_head=3'])
