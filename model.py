@@ -386,14 +386,18 @@ def _with_meta(model, meta, source):
     return model
 
 
+def _umask():
+    umask = os.umask(0)  # (read by setting it: put back at once)
+    os.umask(umask)
+    return umask
+
+
 def write_atomic(path, write):
     """write(f) into a temporary file beside path (binary), on disk, then renamed over path: a crash or a failed
     write leaves the old file as it was, never a truncated one. The temporary name is unique (concurrent writers)
     and the file gets the permissions open() would give it."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp_')
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # (mkstemp: owner only)
+    os.chmod(tmp, 0o666 & ~_umask())  # (mkstemp: owner only)
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
@@ -421,6 +425,9 @@ def save_pretrained(model, out_dir, meta=None):
         save_file(sd, os.path.join(tmp, 'model.safetensors'))
         with open(os.path.join(tmp, 'config.json'), 'w') as f:
             json.dump(config, f, indent=2)
+        os.chmod(tmp, 0o777 & ~_umask())  # the permissions mkdir and open() would give (mkdtemp, safetensors: owner only)
+        for name in ('model.safetensors', 'config.json'):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~_umask())
         if os.path.exists(out_dir):  # replace: move the old one aside first so a crash never leaves neither
             old = tmp + '_old'
             os.replace(out_dir, old)

@@ -238,6 +238,13 @@ def test_save_pretrained_round_trip_and_meta(tmp_path):
     out = save_pretrained(m, str(tmp_path / 'ck'), meta=dict(round=3))
     save_pretrained(m, out, meta=dict(round=3))  # overwriting an existing directory works and leaves no temporary directories
     assert sorted(os.listdir(tmp_path)) == ['ck']
+    umask = os.umask(0o022)  # the permissions mkdir/open give (were owner-only: a shared run directory unreadable)
+    try:
+        save_pretrained(m, out, meta=dict(round=3))
+    finally:
+        os.umask(umask)
+    assert [os.stat(os.path.join(out, *p)).st_mode & 0o777 for p in ([], ['config.json'], ['model.safetensors'])] == \
+        [0o755, 0o644, 0o644]
     m2 = load_pretrained(out)
     assert m2.config == m.config and m2.meta['round'] == 3 and m2.meta['tokenizer'] == 'byte'
     idx = torch.randint(0, CFG['vocab_size'], (2, 24))
