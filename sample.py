@@ -34,10 +34,10 @@ from prepare_data import get_tokenizer
 # -------------------------------------------------------------------- settings (config file or --key=value)
 init_from = 'kuleshov-group/mdlm-owt'  # a checkpoint file, a directory (ours, MDLM or SDTT layout) or a hub id
 revision = ''             # hub revision, e.g. baselines_kld_step_70000 for jdeschena/sdtt
-num_steps = 32
+num_steps = None          # None: the checkpoint's own (an SDTT student's num_sampling_steps), else 32
 n_samples = 8             # uncond mode: number of samples
 batch_size = 8            # samples per forward batch (per process)
-seq_len = 1024
+seq_len = None            # None: the model's block size (1024 for the published models)
 sampler = 'ancestral'     # 'ancestral' | 'cached' (ancestral, runs only the sequences a step changes) | 'analytic'
                           # | 'ancestral_fp32' (the reference's float32 draws: flatters gen-PPL; for comparisons only)
 seed = 1
@@ -350,7 +350,8 @@ def main(argv=None):
     config = dict(vars(c))
     check_choice('sampler', c.sampler, ('cached', *SAMPLERS))
     check_choice('mode', c.mode, ('uncond', 'cond_prefix'))
-    check_sizes(config, num_steps=1, batch_size=1, n_samples=1, n_prompts=1, n_continuations=1)
+    check_sizes(config, batch_size=1, n_samples=1, n_prompts=1, n_continuations=1,
+                **{k: 1 for k in ('num_steps', 'seq_len') if config[k] is not None})
     if c.mode == 'cond_prefix' and (not c.cond_data or not 0 < c.prefix_len < c.cond_len <= c.min_doc_len):
         raise ValueError(f'mode=cond_prefix needs cond_data (a .jsonl file with a "text" field or an HF dataset name, '
                          f'got {c.cond_data!r}) and 0 < prefix_len < cond_len <= min_doc_len (every reference is '
@@ -369,6 +370,9 @@ def main(argv=None):
     if tok is None and (c.mode == 'cond_prefix' or c.prompt or c.prompt_file):
         raise ValueError(f'{lm.name}: the checkpoint names no tokenizer (meta.tokenizer): text prompts need one')
     block, causal = lm.backbone.config.block_size, lm.backbone.config.causal
+    c.seq_len = c.seq_len or block
+    c.num_steps = c.num_steps or lm.meta.get('num_sampling_steps') or 32
+    config.update(seq_len=c.seq_len, num_steps=c.num_steps)
     if causal:  # the AR baseline samples autoregressively (sample_ar): no steps, no diffusion sampler
         config.update(num_steps=None, sampler='ar')
     L = c.cond_len if c.mode == 'cond_prefix' else c.seq_len

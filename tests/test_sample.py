@@ -427,3 +427,18 @@ def test_project_fn_that_forgets_to_return_is_named(byte_dir):
         x[:, 1] = 65
     with pytest.raises(TypeError, match='project_fn must return the token tensor.*return x'):
         lm.sample(2, 4, 12, seed=0, project_fn=forgets)
+
+
+def test_cli_defaults_come_from_the_checkpoint(tmp_path):
+    """No --seq_len / --num_steps: the model's block size and a student's own step count (a round directory's meta),
+    not 1024 tokens (more than a tiny model's block) and 32 steps."""
+    torch.manual_seed(0)
+    m = DiT(DiTConfig(vocab_size=258, block_size=24, n_layer=1, n_head=2, n_embd=32, cond_dim=16))
+    student = save_pretrained(m, str(tmp_path / 'run' / 'round_2_steps_4'), meta=dict(default_meta(258), round=2,
+                                                                                     num_sampling_steps=4))
+    s = sample.load_samples(sample.main([f'--init_from={student}', '--n_samples=2', f'--out_dir={tmp_path}',
+                                         '--n_print=0']))
+    assert s['tokens'].shape == (2, 24) and (s['settings']['num_steps'], s['settings']['seq_len']) == (4, 24)
+    teacher = save_pretrained(m, str(tmp_path / 'teacher'), meta=default_meta(258))  # no step count of its own
+    assert sample.load_samples(sample.main([f'--init_from={teacher}', '--n_samples=1', f'--out_dir={tmp_path}',
+                                            '--n_print=0']))['settings']['num_steps'] == 32
