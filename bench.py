@@ -19,7 +19,8 @@ import torch
 from configurator import check_choice, configure
 from diffusion import sample
 from evaluate import git_commit
-from model import DiT, DiTConfig, SIZES
+from model import SIZES as _SIZES  # (private: a module-level dict would become a setting)
+from model import DiT, DiTConfig
 
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 size = 'small'              # DiT size on GPU ('small' | 'medium' | 'large'); CPU uses cpu_* below
@@ -50,7 +51,7 @@ dev = torch.device(device)
 cuda = dev.type == 'cuda'
 if cuda:
     torch.backends.cuda.matmul.allow_tf32 = True
-    arch = dict(SIZES[size], cond_dim=128)
+    arch = dict(_SIZES[size], cond_dim=128)
     L, V = seq_len, vocab_size
 else:  # small shapes: ratios only
     arch = dict(n_layer=cpu_n_layer, n_embd=cpu_n_embd, n_head=cpu_n_head, cond_dim=64)

@@ -13,6 +13,7 @@ Returns the resulting {key: value} dict of all settings (for logging and checkpo
 """
 import ast
 import difflib
+import re
 import sys
 
 _TYPES = (int, float, bool, str, type(None), list, tuple, dict)
@@ -54,15 +55,39 @@ def check_sizes(config, **lowest):
         raise ValueError(f'impossible sizes: {", ".join(bad)}')
 
 
+def _comments(path):
+    """key -> the comment beside its assignment in a script's source, with the comment lines indented below it."""
+    notes, last = {}, []
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return notes
+    for line in lines:
+        m = re.match(r'([A-Za-z]\w*(?:\s*,\s*[A-Za-z]\w*)*)\s*=[^=#][^#]*(?:#\s?(.*))?$', line)
+        if m:
+            last = [k.strip() for k in m.group(1).split(',')]
+            for k in last:
+                notes.setdefault(k, (m.group(2) or '').strip())
+        elif last and re.match(r'\s+#', line):  # a comment continued on the next lines
+            for k in last:
+                notes[k] = (notes[k] + ' ' + line.strip()[1:].strip()).strip()
+        else:
+            last = []
+    return notes
+
+
 def configure(g, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(g)
     defaults = {k: g[k] for k in keys}
     for arg in argv:
-        if arg in ('-h', '--help'):  # the script's docstring and every setting with its value
-            print((sys.modules['__main__'].__doc__ or '').strip() + '\n\nsettings (--key=value):')
+        if arg in ('-h', '--help'):  # the script's docstring and every setting with its value and comment
+            main = sys.modules['__main__']
+            notes = _comments(getattr(main, '__file__', ''))
+            print((main.__doc__ or '').strip() + '\n\nsettings (--key=value):')
             for k in keys:
-                print(f'  --{k}={g[k]!r}')
+                print(f'  --{k}={g[k]!r}' + (f'  # {notes[k]}' if notes.get(k) else ''))
             sys.exit(0)
         if not arg.startswith('--'):  # a config file
             try:

@@ -1,4 +1,6 @@
 """configurator.configure: config files, --key=value, strict keys, types."""
+import os
+
 import pytest
 
 from configurator import configure
@@ -87,3 +89,15 @@ def test_help_prints_the_docstring_and_the_settings(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0 and 'settings (--key=value):' in out
     assert '--batch_size=3' in out and "--out_dir='out'" in out  # the values so far, overrides included
+
+
+def test_help_shows_each_setting_with_its_comment():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, 'sample.py', '--help'], capture_output=True, text=True, timeout=60, cwd=root)
+    assert r.returncode == 0
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith('  --sampler='))
+    assert "'analytic'" in line and 'ancestral_fp32' in line  # the comment, continued over two source lines
+    r = subprocess.run([sys.executable, 'bench.py', '--help'], capture_output=True, text=True, timeout=60, cwd=root)
+    assert '--seq_len=1024' in r.stdout and '--SIZES' not in r.stdout  # an imported table is no setting
