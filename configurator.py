@@ -97,7 +97,11 @@ def configure(g, argv=None):
                 raise FileNotFoundError(f'config file {arg!r} could not be read ({e.strerror})') from e
             print(f'Overriding config with {arg}')
             ns = {}
-            exec(compile(code, arg, 'exec'), ns)
+            try:
+                exec(compile(code, arg, 'exec'), ns)
+            except FileNotFoundError as e:  # a config that includes another (exec(open('config/...'))) elsewhere
+                raise FileNotFoundError(f'config file {arg!r}: {e.strerror}: {e.filename!r} (paths in config files are '
+                                        'relative to the working directory: run from the repo root)') from e
             for k, v in ns.items():
                 if k.startswith('_') or not isinstance(v, _TYPES):
                     continue  # imports, helper functions, private names

@@ -636,7 +636,11 @@ def main(argv=None):
         lm = LM(c.init_from, dev, c.dtype, c.revision, c.compile)
         settings = dict(model=c.init_from + (f'@{c.revision}' if c.revision else ''), meta=getattr(lm.model, 'meta', {}))
         if 'lambada' in evals:
-            report('lambada', lambada(lm, read_lambada(c.lambada_path), c.n_t, c.seed, c.batch_size), settings, c.lambada_path)
+            r = lambada(lm, read_lambada(c.lambada_path), c.n_t, c.seed, c.batch_size)
+            report('lambada', r, settings, c.lambada_path)
+            if r['n_truncated'] and rank == 0:  # (a tiny model's 128-token block cuts nearly every passage)
+                print(f"warning: {r['n_truncated']} of {r['n_words']} LAMBADA contexts were cut on the left to fit the "
+                      f'{lm.n_ctx}-token context of {lm.name}: not comparable with a full-context evaluation')
         if 'valppl' in evals:
             report('valppl', val_ppl(lm, c.data_dir, c.val_rows, c.val_draws, c.seed, c.batch_size), settings, c.data_dir)
     if c.plot and rank == 0:

@@ -358,6 +358,13 @@ def test_cli_prompted_files_records_and_plot_filter(tmp, ar_dir):
         E.plot_genppl(str(out / 'eval.jsonl'), str(out / 'g.png'))
 
 
+def test_cli_warns_when_lambada_contexts_are_cut(tmp, dit_dir, capsys):
+    lam = write_lambada(tmp / 'long_lambada.jsonl', ['word ' * 40 + 'end', 'The old man walked his dog'])
+    run_cli('--eval=lambada', f'--init_from={dit_dir[0]}', f'--lambada_path={lam}', '--n_t=1',
+            f'--out_dir={tmp / "lam_warn"}')
+    assert 'warning: 1 of 2 LAMBADA contexts were cut on the left to fit the 128-token context' in capsys.readouterr().out
+
+
 def test_plot_keeps_judges_with_the_same_file_name_apart(tmp, monkeypatch):
     rec = lambda judge, steps, ppl: dict(eval='genppl', model='m', round=0, num_steps=steps, sampler='ancestral',
                                          settings={}, config=dict(judge=judge),
