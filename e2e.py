@@ -16,6 +16,7 @@ A stage that finished leaves work_dir/logs/<stage>.done and is skipped when the 
 stage that was interrupted continues from its ckpt.pt (distill.py --init_from=resume).
 """
 import json
+import math
 import os
 import platform
 import shlex
@@ -161,16 +162,19 @@ for s in all_steps:
 out += ['', 'Validation NELBO perplexity (EMA weights): ' +
         ', '.join(f"{m} {val[m]['val_ppl']:.3f}" for m in names if m in val), '',
         f'The SDTT check: after r rounds the student at N/2^r steps against the teacher at N = {teacher_num_steps} and at '
-        'N/2^r steps (closer = smaller |log gen-PPL - log teacher@N|):', '',
-        '| round | steps | teacher@N | teacher@steps | student@steps | student closer? | entropy vs teacher@N |',
-        '|---|---|---|---|---|---|---|']
+        'N/2^r steps (closer = smaller |log gen-PPL - log teacher@N|; margin: how much closer, in standard errors of',
+        "the difference, from the per-sample NLL spread; under 2 it is within the sampling noise):", '',
+        '| round | steps | teacher@N | teacher@steps | student@steps | student closer? | margin (s.e.) | '
+        'entropy vs teacher@N |', '|---|---|---|---|---|---|---|---|']
 ref = gen.get(('teacher', teacher_num_steps))
+se = lambda m: m['nll_std'] / math.sqrt(m['n_samples'])  # of a log gen-PPL (the mean of per-sample NLLs)
 for name, r, _, n in models[1:]:
     t_n, s_n = gen.get(('teacher', n)), gen.get((name, n))
     if ref and t_n and s_n:
-        import math
-        closer = abs(math.log(s_n['gen_ppl'] / ref['gen_ppl'])) < abs(math.log(t_n['gen_ppl'] / ref['gen_ppl']))
-        out.append(f"| {r} | {n} | {fmt(ref)} | {fmt(t_n)} | {fmt(s_n)} | {'yes' if closer else 'no'} | "
+        gain = abs(math.log(t_n['gen_ppl'] / ref['gen_ppl'])) - abs(math.log(s_n['gen_ppl'] / ref['gen_ppl']))
+        margin = gain / math.hypot(se(t_n), se(s_n))
+        verdict = ('yes' if gain > 0 else 'no') + (' (within noise)' if abs(margin) < 2 else '')
+        out.append(f"| {r} | {n} | {fmt(ref)} | {fmt(t_n)} | {fmt(s_n)} | {verdict} | {margin:+.1f} | "
                    f"{100 * (s_n['entropy'] / ref['entropy'] - 1):+.1f}% |")
 out += ['', f'Plot: {work_dir}/genppl.png; training curves: {work_dir}/{{teacher,judge,sdtt}}/train.png']
 open(os.path.join(work_dir, 'results.md'), 'w').write('\n'.join(out) + '\n')

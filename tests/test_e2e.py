@@ -35,8 +35,10 @@ def test_e2e_micro_pipeline_and_rerun_skips_finished_stages(tmp_path):
     for png in ('genppl.png', 'teacher/train.png', 'judge/train.png', 'sdtt/train.png'):
         assert (work / png).stat().st_size > 1000, png
     table = (work / 'results.md').read_text()
-    for row in ('| 1 | 4 | ', '| 2 | 2 | '):  # the SDTT check: one line per round
-        assert any(line.startswith(row) for line in table.splitlines()), table
+    for row in ('| 1 | 4 | ', '| 2 | 2 | '):  # the SDTT check: one line per round, its verdict and its noise margin
+        line = next(line for line in table.splitlines() if line.startswith(row))
+        verdict, margin = [c.strip() for c in line.split('|')[6:8]]
+        assert verdict.startswith(('yes', 'no')) and ('within noise' in verdict) == (abs(float(margin)) < 2), line
     again = run()
     assert again.returncode == 0 and again.stdout.count('done before, skipped') == 5, again.stdout[-2000:]
     without_timing = lambda text: [line for line in text.splitlines() if not line.startswith('Machine:')]
