@@ -7,6 +7,7 @@ argument, nothing assumes GPT-2's 50257. A "model" here is any callable model(id
 """
 import functools
 import inspect
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -260,7 +261,8 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
             x_new = x
             if len(b) or not cache:  # (without cache every step runs a forward: NFE = steps, as MDLM's sampler)
                 if head_only:  # a new count every step, 0 and 1 included: unbacked, one compiled graph for all
-                    torch._dynamo.decorators.mark_unbacked(at, 0)
+                    if 'torch._dynamo' in sys.modules:  # (a compiled model imported it; importing it costs ~1 s)
+                        torch._dynamo.decorators.mark_unbacked(at, 0)
                     picked = forward(xs, t, at)
                 else:
                     picked = forward(xs, t)[at // seq_len, at % seq_len]

@@ -412,7 +412,7 @@ def main(argv=None):
         lm.backbone.compile()
 
     # each process draws batches rank, rank + world, ...; batch i = rows [i*bs, (i+1)*bs) with seed batch_seed(seed, i)
-    t0, mine, nfe = time.time(), [], 0.0
+    t0, mine, nfe, t_first = time.time(), [], 0.0, None
     n_batches = math.ceil(n / c.batch_size)
     for i in range(rank, n_batches, world):
         rows = slice(i * c.batch_size, min(n, (i + 1) * c.batch_size))
@@ -424,6 +424,7 @@ def main(argv=None):
                          add_bos=c.add_bos, return_nfe=True)
         mine.append((i, x.cpu().numpy()))  # the .cpu() waits for the batch: the timing below is real
         nfe += f * b
+        t_first = t_first or time.time() - tb  # (one-off start-up in it: kernels, allocator, compilation)
         if c.verbose and rank == 0:
             tb = time.time() - tb
             print(f'batch {i + 1}/{n_batches}: {tb:.2f}s, {b * L / tb:,.0f} tokens/s, nfe {f:.1f}')
@@ -437,13 +438,15 @@ def main(argv=None):
         tokens = np.concatenate([x for _, x in batches])
         nfe = sum(p[1] for p in parts) / n
         stats = dict(n_samples=n, seq_len=L, nfe=nfe, seconds=round(dt, 3), tokens_per_s=round(n * L / dt, 1),
-                     seconds_per_batch=round(dt * world / n_batches, 3), world_size=world, device=str(lm.device))
+                     seconds_per_batch=round(dt * world / n_batches, 3), seconds_first_batch=round(t_first or 0, 3),
+                     world_size=world, device=str(lm.device))
         settings = {**config, **stats, 'model': lm.name, 'meta': lm.meta}
         texts = tok.batch_decode(tokens) if tok else [' '.join(map(str, r)) for r in tokens]
         save_samples(path, tokens, settings, texts, **extra)
         for i, t in enumerate(texts[:c.n_print]):
             print(f'---------- sample {i}\n{t}')
-        print(f'{n} samples x {L} tokens in {dt:.2f}s ({n * L / dt:,.0f} tokens/s), NFE {nfe:.1f} per sequence '
+        print(f'{n} samples x {L} tokens in {dt:.2f}s ({n * L / dt:,.0f} tokens/s; the first batch, with the one-off '
+              f'start-up, took {t_first or 0:.2f}s), NFE {nfe:.1f} per sequence '
               f'({"autoregressive, KV cache" if causal else f"{c.num_steps} steps, {c.sampler}"}) -> {path}.npz')
         print(json.dumps(stats))
     if world > 1:

@@ -257,3 +257,16 @@ def test_head_only_sampling_same_tokens_output_layer_at_reveals_only():
     assert final % 16 == 0 and sum(rows) == 8 * 5 * 16 + final
     with pytest.raises(ValueError, match='not a step_fn'):
         D.sample(m, 5, 8, 16, head_only=True, step_fn=lambda *a: a[0])
+
+
+def test_compiled_head_only_sampler_builds_one_graph_for_every_step():
+    """The number of positions a step reveals changes every step (0 and 1 included): marked unbacked, one compiled
+    graph serves them all (unmarked: 4 here, more on longer runs), and the tokens are eager's."""
+    from torch._dynamo.testing import CompileCounter
+    torch.manual_seed(0)
+    m = DiT(DiTConfig(vocab_size=61, block_size=32, n_layer=1, n_head=2, n_embd=32, cond_dim=16, dropout=0.0)).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    counter = CompileCounter()
+    tokens, _ = D.sample(torch.compile(m, backend=counter), 3, 32, 32, seed=0)
+    assert counter.frame_count == 1 and torch.equal(tokens, D.sample(m, 3, 32, 32, seed=0)[0])
