@@ -384,6 +384,9 @@ def main(argv=None):
         prefix, refs, idx = load_prefixes(c.cond_data, tok, c.n_prompts, c.prefix_len, c.cond_len,
                                           c.min_doc_len, c.cond_split, c.prefix_bos)
         n = c.n_prompts * c.n_continuations
+        if rank == 0:
+            print(f'cond_prefix: {c.n_prompts} prompts x {c.n_continuations} continuations = {n} samples of {L} tokens '
+                  '(n_samples and seq_len are for uncond mode)')
         prompts = prefix.repeat_interleave(c.n_continuations, dim=0)  # prompt-major: rows j*K .. j*K+K-1
         extra = dict(prompt_ids=prefix, ref_tokens=refs, doc_idx=idx,
                      prompt_index=np.repeat(np.arange(c.n_prompts), c.n_continuations))
