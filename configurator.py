@@ -100,8 +100,9 @@ def configure(g, argv=None):
             try:
                 exec(compile(code, arg, 'exec'), ns)
             except FileNotFoundError as e:  # a config that includes another (exec(open('config/...'))) elsewhere
-                raise FileNotFoundError(f'config file {arg!r}: {e.strerror}: {e.filename!r} (paths in config files are '
-                                        'relative to the working directory: run from the repo root)') from e
+                what = f'{e.strerror}: {e.filename!r}' if e.filename else str(e)
+                raise FileNotFoundError(f'config file {arg!r}: {what} (paths in config files are relative to the '
+                                        'working directory: run from the repo root)') from e
             for k, v in ns.items():
                 if k.startswith('_') or not isinstance(v, _TYPES):
                     continue  # imports, helper functions, private names

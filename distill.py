@@ -322,7 +322,8 @@ def main(argv=None):
 
     def student_steps(r):  # sampling steps of the student trained in round r (0-based; its file is round_{r+1}_...)
         return round(teacher_num_steps / K ** (r + 1))
-    if objective == 'sdtt' and student_steps(0) < min_num_sampling_steps:
+    rounds_over = lambda r: objective == 'sdtt' and student_steps(r) < min_num_sampling_steps  # (after the last round)
+    if rounds_over(0):
         raise ValueError(f'teacher_num_steps={teacher_num_steps} / num_distill_steps={K}: the first student would sample '
                          f'with {student_steps(0)} < min_num_sampling_steps={min_num_sampling_steps} steps, so there '
                          'is no round to run; raise teacher_num_steps or lower min_num_sampling_steps')
@@ -391,7 +392,7 @@ def main(argv=None):
                               causal=objective == 'ar'))
     elif init_from != 'resume':  # start from trained weights: the teacher of sdtt, or a model to train further
         if init_from.endswith('.ckpt'):
-            source = load_lightning_ckpt(init_from, n_head, block_size, time_conditioning)
+            source = load_lightning_ckpt(os.path.expanduser(init_from), n_head, block_size, time_conditioning)
         else:
             source = load_pretrained(init_from, revision=init_revision)
         model = DiT(replace(source.config, dropout=dropout))
@@ -502,7 +503,6 @@ def main(argv=None):
               + (' (Ctrl-C again to abort)' if signum == signal.SIGINT else ''))
     old_handlers = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
 
-    rounds_over = lambda r: objective == 'sdtt' and student_steps(r) < min_num_sampling_steps  # (after the last round)
     try:  # (the handlers are put back however the loop ends: a caller of main() keeps its Ctrl-C)
         finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss since the last check was finite (no sync)
         loss_sum, flops_done, t_log, step_log = torch.zeros((), device=dev), 0.0, time.time(), step

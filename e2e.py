@@ -171,8 +171,10 @@ se = lambda m: m['nll_std'] / math.sqrt(m['n_samples'])  # of a log gen-PPL (the
 for name, r, _, n in models[1:]:
     t_n, s_n = gen.get(('teacher', n)), gen.get((name, n))
     if ref and t_n and s_n:
-        gain = abs(math.log(t_n['gen_ppl'] / ref['gen_ppl'])) - abs(math.log(s_n['gen_ppl'] / ref['gen_ppl']))
-        margin = gain / math.hypot(se(t_n), se(s_n))
+        d_t, d_s = math.log(t_n['gen_ppl'] / ref['gen_ppl']), math.log(s_n['gen_ppl'] / ref['gen_ppl'])
+        gain = abs(d_t) - abs(d_s)
+        # on one side of teacher@N the difference is log t - log s; on opposite sides log t + log s - 2 log ref
+        margin = gain / math.sqrt(se(t_n) ** 2 + se(s_n) ** 2 + (4 * se(ref) ** 2 if d_t * d_s < 0 else 0))
         verdict = ('yes' if gain > 0 else 'no') + (' (within noise)' if abs(margin) < 2 else '')
         out.append(f"| {r} | {n} | {fmt(ref)} | {fmt(t_n)} | {fmt(s_n)} | {verdict} | {margin:+.1f} | "
                    f"{100 * (s_n['entropy'] / ref['entropy'] - 1):+.1f}% |")

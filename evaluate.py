@@ -240,17 +240,25 @@ def judge_inputs(judge, tokens, tok_name, n_prompt=0):
     return seqs, first
 
 
-def windows(seq, first, n_ctx):
-    """A judge input longer than the judge's context -> [(window, first scored position in it)]: windows of n_ctx
-    tokens that score each position once, every one with at least n_ctx // 2 tokens before it (a strided pass). The
-    reference truncates retokenized samples to their length in the sampler's ids instead, dropping the tail's tokens."""
+def windows(seq, first, n_ctx, bos):
+    """A judge input longer than the judge's context -> [(window, first scored position in it)]: windows of at most
+    n_ctx tokens that score each position from `first` on once. A window that does not start where the sequence does
+    gets BOS in front (as the rows the project's judges were trained on: BOS, then text from the middle of the
+    stream), then at least n_ctx - n_ctx // 2 - 1 tokens of context before the positions it scores (a strided pass;
+    the first window's first positions have less, as in one pass over a short sequence). The reference truncates
+    retokenized samples to their length in the sampler's ids instead, dropping the tail's tokens."""
     if len(seq) <= n_ctx:
         return [(seq, first)]
+    if n_ctx < 2:
+        raise ValueError(f'a judge context of {n_ctx} token(s) cannot score a longer text')
     out, done = [], first
     while done < len(seq):
         end = min(len(seq), max(done + n_ctx // 2, n_ctx))
         begin = max(0, end - n_ctx)
-        out.append((seq[begin:end], done - begin))
+        if begin == 0:
+            out.append((seq[:end], done))
+        else:  # window position j >= 1 holds seq[begin + j]
+            out.append((torch.cat([torch.as_tensor([bos], dtype=seq.dtype), seq[begin + 1:end]]), done - begin))
         done = end
     return out
 
@@ -308,7 +316,7 @@ def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0):
     n_prompt > 0 (prompted samples): the NLL and the entropy of the generated tokens only, after the n_prompt forced
     ids (scoring the forced text would flatter the samples)."""
     seqs, first = judge_inputs(judge, tokens, tok_name, n_prompt)
-    parts = [(i, *w) for i, (s, f) in enumerate(zip(seqs, first)) for w in windows(s, f, judge.n_ctx)]
+    parts = [(i, *w) for i, (s, f) in enumerate(zip(seqs, first)) for w in windows(s, f, judge.n_ctx, judge.bos)]
     owner, count = np.array([p[0] for p in parts]), np.array([len(p[1]) - p[2] for p in parts])
     mean = judge_pass(judge, [p[1] for p in parts], batch_size, first=[p[2] for p in parts])
     nll = np.bincount(owner, weights=mean * count) / np.bincount(owner, weights=count)  # windows -> each sample's mean

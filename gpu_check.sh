@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a short GPU session should measure, in order of priority, within one time budget:
 #   bash gpu_check.sh [seconds, default 420]        results in $OUT (default out/gpu_check)
-# Each part runs under what is left of the budget; parts that do not fit are skipped and say so. The e2e run
-# (python e2e.py config/e2e_gpu.py, ~10 minutes) needs a session of its own.
+# Each part runs for at most its cap and what is left of the budget; parts that do not fit are skipped and say so.
+# With 420 s, training + the CUDA tests + sampling may take it all (caps 180 + 100 + 120): the later parts run only
+# where those finish early. The e2e run (python e2e.py config/e2e_gpu.py, ~10 minutes) needs a session of its own.
 budget=${1:-420}
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"

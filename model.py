@@ -88,14 +88,16 @@ class Rotary(nn.Module):
         super().__init__()
         self.head_dim, self.base = head_dim, base
         # persistent: the published checkpoints carry `rotary_emb.inv_freq`
-        self.register_buffer('inv_freq', 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim)))
+        self.register_buffer('inv_freq', self.frequencies('cpu'))
+
+    def frequencies(self, device):
+        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
 
     def forward(self, seq_len, device):
         t = torch.arange(seq_len, device=device, dtype=torch.float32)
         inv_freq = self.inv_freq
         if inv_freq.dtype != torch.float32:  # a model cast whole (.to(torch.bfloat16)): bf16 frequencies would put
-            # the angles of far positions off by up to 0.4 rad; they are recomputed in float32
-            inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
+            inv_freq = self.frequencies(device)  # the angles of far positions off by up to 0.4 rad
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)  # [L, head_dim]
         return emb.cos(), emb.sin()
@@ -318,6 +320,9 @@ def _resolve(name_or_path, revision):
     path = local_or_hub(name_or_path)
     if path is not None:
         return path
+    if '/' not in name_or_path:  # (gpt2-large is a hub id of transformers, not of a DiT: those are owner/name)
+        raise FileNotFoundError(f'no checkpoint at {name_or_path!r} (not a local file or directory, nor a hub id '
+                                'owner/name of a DiT)')
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(name_or_path, revision=revision, allow_patterns=['config.json', 'model.safetensors'])

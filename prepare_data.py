@@ -32,11 +32,12 @@ source = "openwebtext"  # HF dataset name, or a local .txt/.jsonl file or direct
 out_dir = ""            # required: train.bin, val.bin and meta.json go there
 tokenizer = "gpt2"      # 'gpt2' (offline BPE files) | 'byte'
 row_len = 1024
-num_val_docs = None     # the last N docs -> val when the source has no val split (None: 100k for openwebtext, as
-val_fraction = 0.01     # MDLM/SDTT; otherwise this fraction of the docs)
-hf_config = None        # HF datasets: the config name, the split, and a split to use as val instead of the last docs
-hf_split = "train"
-hf_val_split = None
+num_val_docs = None     # the last N docs -> val when the source has no val split
+                        # (None: 100k for openwebtext, as MDLM/SDTT; otherwise val_fraction of the docs)
+val_fraction = 0.01     # the fraction of the docs that becomes val when num_val_docs is None
+hf_config = None        # HF datasets: the config name
+hf_split = "train"      # HF datasets: the split to read
+hf_val_split = None     # HF datasets: a split to use as val instead of the last docs
 text_field = "text"     # the document field of .jsonl lines and HF datasets
 txt_docs = "file"       # .txt files: 'file' (one doc per file) | 'blankline' (docs separated by blank lines) | 'lines'
 skip_bad_lines = False  # skip (and count) bad .jsonl lines instead of failing
@@ -201,10 +202,12 @@ def read_local(path, text_field, txt_docs, skip_bad_lines, issues):
 
 def split_of(rel_path):
     """'train' or 'val' for a file of a local source directory: the first part of its path (a subdirectory or the file
-    name) that starts with train or val (validation) decides; None for a file of neither."""
+    name) named train or val/valid/validation (then anything but a letter: train.jsonl, val-0.txt, validation/)
+    decides; None for a file of neither (training_logs/ or values.txt are neither)."""
     for part in rel_path.split(os.sep):
-        if part.startswith(("train", "val")):
-            return "train" if part.startswith("train") else "val"
+        m = re.match(r"(train|val|valid|validation)(?![a-z])", part, re.IGNORECASE)
+        if m:
+            return "train" if m.group(1).lower() == "train" else "val"
     return None
 
 

@@ -34,7 +34,8 @@ from prepare_data import get_tokenizer
 # -------------------------------------------------------------------- settings (config file or --key=value)
 init_from = 'kuleshov-group/mdlm-owt'  # a checkpoint file, a directory (ours, MDLM or SDTT layout) or a hub id
 revision = ''             # hub revision, e.g. baselines_kld_step_70000 for jdeschena/sdtt
-num_steps = None          # None: the checkpoint's own (an SDTT student's num_sampling_steps), else 32
+num_steps = None          # None: the checkpoint's meta num_sampling_steps (a round directory's: its student's;
+                          # a run's ckpt.pt: its current teacher's), else 32 (published models carry none)
 n_samples = 8             # uncond mode: number of samples
 batch_size = 8            # samples per forward batch (per process)
 seq_len = None            # None: the model's block size (1024 for the published models)

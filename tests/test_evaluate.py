@@ -130,14 +130,18 @@ def test_gen_ppl_of_prompted_samples_scores_the_continuation_only(ar_dir):
 
 
 def test_gen_ppl_scores_inputs_longer_than_the_judge_in_windows(tmp):
-    # windows(): every position from `first` on scored once, no window longer than the context, and every position
-    # after the first window scored with at least n_ctx // 2 tokens before it
-    for n, first, n_ctx in [(10, 1, 16), (17, 1, 16), (40, 1, 16), (41, 3, 16), (100, 30, 16), (33, 5, 7)]:
+    # windows(): every position from `first` on scored once, no window longer than the context, and a window that
+    # does not start at the sequence's start has BOS (-1 here), then the text just before what it scores
+    for n, first, n_ctx in [(10, 1, 16), (17, 1, 16), (40, 1, 16), (41, 3, 16), (100, 30, 16), (33, 5, 7), (9, 1, 2)]:
         scored = []
-        for w, f in E.windows(torch.arange(n), first, n_ctx):
-            assert len(w) <= n_ctx and 1 <= f < len(w) and (w[0] == 0 or f >= n_ctx // 2)
+        for w, f in E.windows(torch.arange(n), first, n_ctx, bos=-1):
+            assert len(w) <= n_ctx and 1 <= f < len(w)
+            if w[0] != 0:
+                assert w[0] == -1 and f >= n_ctx - n_ctx // 2 and w[1:].tolist() == list(range(w[1], w[-1] + 1))
             scored += w[f:].tolist()
         assert scored == list(range(first, n))
+    with pytest.raises(ValueError, match='context of 1 token'):  # (it looped for ever)
+        E.windows(torch.arange(5), 1, 1, bos=-1)
     # a causal judge with its attention cut (attn_out = 0) predicts from the current token alone: scored in windows
     # of 16 it must give the NLLs of one full pass exactly
     m = tiny_dit(causal=True, block_size=64, seed=2)

@@ -307,10 +307,15 @@ def test_load_errors_name_the_problem(tmp_path):
 
 
 def test_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', lambda *a, **k: pytest.fail('sent to the hub'))
     (tmp_path / 'out').mkdir()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match='out/kld_smal'):
         load_pretrained('out/kld_smal')
+    for name in ('scrach', 'gpt2-large'):  # a DiT's hub id is owner/name (gpt2-large would download 3 GB, then fail)
+        with pytest.raises(FileNotFoundError, match='owner/name of a DiT'):
+            load_pretrained(name)
 
 
 def test_home_relative_path_is_expanded(tmp_path, monkeypatch):

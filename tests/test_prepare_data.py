@@ -255,3 +255,12 @@ def test_hf_path_with_fake_dataset(tmp_path, monkeypatch):
     assert np.array_equal(open_split(tmp_path / "o", "val"), expected_rows(tok, docs[-5:], 16)[0])
     assert (meta["n_val_docs"], meta["n_val_empty_docs_skipped"]) == (4, 1)
     assert "openwebtext" in meta["source"] and "last 5 docs" in meta["source"]
+
+
+def test_split_of_names_in_a_source_directory():
+    from prepare_data import split_of
+    cases = {'train.jsonl': 'train', 'val.jsonl': 'val', os.path.join('validation', 'a.txt'): 'val',
+             os.path.join('train', 'x', 'val.txt'): 'train', 'TRAIN-0.txt': 'train', 'valid.txt': 'val',
+             os.path.join('training_logs', 'a.txt'): None, os.path.join('valentines', 'a.txt'): None,
+             'values.txt': None, os.path.join('a', 'b.txt'): None}
+    assert {p: split_of(p) for p in cases} == cases
