@@ -50,7 +50,8 @@ def check_choice(key, value, allowed):
 
 def check_sizes(config, **lowest):
     """One error naming every setting below its lowest sensible value (sizes, counts, intervals)."""
-    bad = [f'{k}={config[k]!r} (must be >= {v})' for k, v in lowest.items() if not config[k] >= v]
+    bad = [f'{k}={config[k]!r} (must be >= {v})' for k, v in lowest.items()
+           if not (isinstance(config[k], (int, float)) and config[k] >= v)]  # (a setting whose default is None takes any type)
     if bad:
         raise ValueError(f'impossible sizes: {", ".join(bad)}')
 

@@ -136,8 +136,9 @@ def project(project_fn, x):
     """project_fn(x), which must return the tokens (the release README's "Don't forget to return")."""
     y = project_fn(x)
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        raise TypeError(f'project_fn must return the token tensor [{", ".join(map(str, x.shape))}] it was given '
-                        f'(a missing `return x`?), not {type(y).__name__}' + (f' {list(y.shape)}' if isinstance(y, torch.Tensor) else ''))
+        got = f'a tensor of shape {list(y.shape)}' if isinstance(y, torch.Tensor) else type(y).__name__
+        raise TypeError(f'project_fn must return the token tensor of shape {list(x.shape)} it was given (a missing '
+                        f'`return x`?), not {got}')
     return y
 
 
@@ -268,7 +269,8 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
                     picked = forward(xs, t)[at // seq_len, at % seq_len]
                 n_forward += len(xs)
                 x_new = x.clone()
-                x_new.view(-1)[flat] = draw_categorical(picked[:, :mask_id], to_device(u_token[reveal], device), finite=finite)
+                x_new.view(-1)[flat] = draw_categorical(picked[:, :mask_id], to_device(u_token[reveal], device),
+                                                        finite=finite)
             masked = masked & ~reveal
         if project_fn is not None:
             x_new = project(project_fn, x_new)  # (it rewrites the prompt, never masked after the first projection)

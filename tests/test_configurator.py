@@ -101,3 +101,9 @@ def test_help_shows_each_setting_with_its_comment():
     assert "'analytic'" in line and 'ancestral_fp32' in line  # the comment, continued over two source lines
     r = subprocess.run([sys.executable, 'bench.py', '--help'], capture_output=True, text=True, timeout=60, cwd=root)
     assert '--seq_len=1024' in r.stdout and '--SIZES' not in r.stdout  # an imported table is no setting
+
+
+def test_check_sizes_names_a_value_that_is_no_number():
+    from configurator import check_sizes
+    with pytest.raises(ValueError, match=r"impossible sizes: num_steps='abc' \(must be >= 1\), n=0 \(must be >= 1\)"):
+        check_sizes(dict(num_steps='abc', n=0, k=3), num_steps=1, n=1, k=1)  # (was a TypeError from >=)
