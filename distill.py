@@ -8,7 +8,8 @@ Training for the three objectives of the project, one nanoGPT-style script:
     torchrun --standalone --nproc_per_node=8 distill.py config/kld_small.py
     python distill.py config/kld_small.py --init_from=resume              # continue out_dir/ckpt.pt exactly
 
-Writes to out_dir: ckpt.pt (latest state, atomic), log.jsonl (one JSON line per log/eval step) and, for sdtt, one
+Writes to out_dir: ckpt.pt (latest state, atomic), log.jsonl (one JSON line per log/eval step and, for sdtt, one
+round_done line per round end) and, for sdtt, one
 directory per finished round, round_{r}_steps_{n}/ (EMA weights, save_pretrained layout: the student after r rounds,
 meant to sample with n steps; load_pretrained and sample.py read it).
 Every random draw of a step is seeded from (seed, step, micro-batch index), and the batch of a step is a pure function

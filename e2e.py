@@ -1,7 +1,7 @@
 """
 SDTT end to end at small scale, with nothing but this repo's scripts: does it work?
 
-    python e2e.py                                   # CPU, byte tokenizer, 12-14 minutes on 2 cores
+    python e2e.py                                   # CPU, byte tokenizer, ~12-14 minutes on 2 cores
     python e2e.py --corpus=openwebtext --tokenizer=gpt2 --seq_len=1024 --device=cuda ...   # bigger, on a GPU
 
 Stages (each one is a plain command of the other scripts, printed and logged to work_dir/logs/):

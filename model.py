@@ -415,8 +415,9 @@ def write_atomic(path, write):
 
 
 def save_pretrained(model, out_dir, meta=None):
-    """Write config.json + model.safetensors in the MDLM hub layout (+ `causal`, `meta`), atomically: the files go
-    to a temporary directory that replaces out_dir only when complete."""
+    """Write config.json + model.safetensors in the MDLM hub layout (+ `causal`, `meta`): the files go to a temporary
+    directory that replaces out_dir only when complete, so out_dir is never a partial one (a crash between the two
+    renames of a replacement leaves the old copy in a hidden .tmp_*_old beside it)."""
     from safetensors.torch import save_file
     cfg = model.config
     config = dict(model_type='mdlm', hidden_dim=cfg.n_embd, cond_dim=cfg.cond_dim, n_blocks=cfg.n_layer,

@@ -2,7 +2,7 @@
 Tokenize a text corpus into fixed-length rows for masked diffusion LM training (MDLM / SDTT framing).
 
     python prepare_data.py --out_dir=data/owt                         # HF openwebtext, GPT-2 BPE, 1024
-    python prepare_data.py --source=../shared/data/corpus --tokenizer=byte --row_len=256 --out_dir=data/corpus_byte
+    python prepare_data.py --source=../shared/data/corpus --tokenizer=byte --row_len=128 --out_dir=data/corpus_byte
 
 Framing ("wrap", SPEC 1): every document is tokenized without special tokens and gets an EOS appended;
 all documents are concatenated and cut into (row_len-2)-token pieces, each stored as [BOS] piece [EOS].
@@ -27,8 +27,9 @@ from configurator import check_choice, check_sizes, config_keys, configure
 
 # ----------------------------------------------------------------------------- config
 # python prepare_data.py [config.py] --key=value ... (configurator.py: as every script of the project)
-source = "openwebtext"  # HF dataset name, or a local .txt/.jsonl file or directory (one with train* and val* files
-                        # or subdirectories is split by them)
+source = "openwebtext"  # HF dataset name, or a local .txt/.jsonl file or directory (one with files or subdirectories
+                        # named train and val/valid/validation, then a non-letter: train.jsonl, val-0.txt, validation/,
+                        # is split by them)
 out_dir = ""            # required: train.bin, val.bin and meta.json go there
 tokenizer = "gpt2"      # 'gpt2' (offline BPE files) | 'byte'
 row_len = 1024
