@@ -306,13 +306,11 @@ def append_log(path, record, keep_upto=None):
 def main(argv=None):
     globals().update(_DEFAULTS)  # main() may run several times in one process (tests)
     config = configure(globals(), argv)
-    if objective not in ('sdtt', 'mdlm', 'ar'):
-        raise ValueError(f"objective must be 'sdtt', 'mdlm' or 'ar', got {objective!r}")
+    check_choice('objective', objective, ('sdtt', 'mdlm', 'ar'))
     sdtt_divergence(torch.zeros(1, 2), torch.zeros(1, 2), divergence)  # check the name early
     if not init_from:
         raise ValueError("init_from is empty: set it to 'scratch', 'resume' or the teacher (hub id, dir, ckpt.pt, .ckpt)")
-    if dtype not in ('bfloat16', 'float32'):
-        raise ValueError(f"dtype must be 'bfloat16' (autocast on CUDA) or 'float32', got {dtype!r}")
+    check_choice('dtype', dtype, ('bfloat16', 'float32'))  # (bfloat16: autocast on CUDA)
     check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=1,
                 teacher_num_steps=1, max_iters=0, eval_iters=0, eval_interval=0, ckpt_interval=0,  # (0: off)
                 n_layer=1, n_head=1, n_embd=1, cond_dim=1, block_size=1)

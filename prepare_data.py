@@ -228,8 +228,9 @@ def load_source(args):
             raise ValueError(f"{src}: prepare_data.py reads .txt and .jsonl files (uncompressed, one JSON object per "
                              "line for .jsonl); convert it, or rename a plain-text file to .txt")
         read = lambda fs: [d for f in fs for d in read_local(f, args.text_field, args.txt_docs, args.skip_bad_lines, issues)]
-        train_f = [f for f in files if split_of(os.path.relpath(f, src)) == "train"]
-        val_f = [f for f in files if split_of(os.path.relpath(f, src)) == "val"]
+        split = {f: split_of(os.path.relpath(f, src)) for f in files}
+        train_f = [f for f in files if split[f] == "train"]
+        val_f = [f for f in files if split[f] == "val"]
         if os.path.isdir(src) and train_f and val_f:  # the directory already has its own split
             desc = f"local {src}: train={[os.path.relpath(f, src) for f in train_f]} val={[os.path.relpath(f, src) for f in val_f]}"
             train, val = read(train_f), read(val_f)

@@ -194,14 +194,19 @@ def analytic_probs(logits, x, t, s, mask_id):
     return stag * edge
 
 
+def masked_chunks(x, mask_id, vocab_size):
+    """The masked positions of x [B, L] as (batch, position) index pairs, in chunks of ~2^25 / vocab_size positions:
+    a step_fn's [chunk, V] float work stays within a few hundred MB whatever the batch."""
+    b, l = (x == mask_id).nonzero(as_tuple=True)
+    rows = max(1, 2 ** 25 // vocab_size)
+    return [(b[i:i + rows], l[i:i + rows]) for i in range(0, len(b), rows)]
+
+
 def analytic_step(x, logits, t, s, u, mask_id):
     """diffusion.sample step_fn: draws x_s from analytic_probs in float64, by inverse CDF with the uniforms u [B, L].
     Only masked positions are computed: for unmasked ones analytic_probs is the one-hot of x (tested)."""
-    b, l = (x == mask_id).nonzero(as_tuple=True)
     x_new = x.clone()
-    rows = max(1, 2 ** 25 // logits.shape[-1])  # chunks of [rows, V] float64 (~256 MB) whatever the batch
-    for i in range(0, len(b), rows):
-        bi, li = b[i:i + rows], l[i:i + rows]
+    for bi, li in masked_chunks(x, mask_id, logits.shape[-1]):
         probs = analytic_probs(logits[bi, li], x[bi, li], t, s, mask_id)
         x_new[bi, li] = diffusion.draw_categorical(probs.log(), u[bi, li])
     return x_new
@@ -216,12 +221,9 @@ def reference_step(generator):
     MASK's is never drawn. The more steps, the smaller m(t) - m(s) and the more rare tokens starve: lower entropy and
     a flattering gen-PPL (Zheng et al. 2024: 31.2 instead of 126.1 at 2048 steps)."""
     def step(x, logits, t, s, u, mask_id):
-        b, l = (x == mask_id).nonzero(as_tuple=True)
         x_new = x.clone()
         m_t, m_s = diffusion.move_chance(t), diffusion.move_chance(s)
-        rows = max(1, 2 ** 25 // logits.shape[-1])  # chunks of [rows, V] float32 whatever the batch
-        for i in range(0, len(b), rows):
-            bi, li = b[i:i + rows], l[i:i + rows]
+        for bi, li in masked_chunks(x, mask_id, logits.shape[-1]):
             w = torch.softmax(logits[bi, li, :mask_id].float(), dim=-1) * (m_t - m_s)
             w = torch.cat([w, torch.full_like(w[:, :1], m_s)], dim=-1)  # MASK's weight at index mask_id
             e = 1e-10 - (torch.rand(w.shape, generator=generator, device=w.device) + 1e-10).log()
