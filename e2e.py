@@ -16,7 +16,6 @@ A stage that finished leaves work_dir/logs/<stage>.done and is skipped when the 
 stage that was interrupted continues from its ckpt.pt (distill.py --init_from=resume).
 """
 import json
-import math
 import os
 import platform
 import shlex
@@ -26,6 +25,7 @@ import sys
 import time
 
 from configurator import configure
+from evaluate import closer
 
 corpus = '../shared/data/corpus'   # prepare_data.py --source: a directory/file of .jsonl/.txt or an HF dataset name
 tokenizer = 'byte'                 # 'byte' shows the effect on CPU; 'gpt2' for the real thing
@@ -162,19 +162,19 @@ for s in all_steps:
 out += ['', 'Validation NELBO perplexity (EMA weights): ' +
         ', '.join(f"{m} {val[m]['val_ppl']:.3f}" for m in names if m in val), '',
         f'The SDTT check: after r rounds the student at N/2^r steps against the teacher at N = {teacher_num_steps} and at '
-        'N/2^r steps (closer = smaller |log gen-PPL - log teacher@N|; margin: how much closer, in standard errors of',
-        "the difference, from the per-sample NLL spread; under 2 it is within the sampling noise):", '',
+        'N/2^r steps (closer = smaller |log gen-PPL - log teacher@N|; margin: how much closer, in standard errors,',
+        'paired by sample: every model samples with the same seed, sample i of each file shares its random draws; under',
+        '2 it is within the sampling noise; evaluate.closer):', '',
         '| round | steps | teacher@N | teacher@steps | student@steps | student closer? | margin (s.e.) | '
         'entropy vs teacher@N |', '|---|---|---|---|---|---|---|---|']
 ref = gen.get(('teacher', teacher_num_steps))
-se = lambda m: m['nll_std'] / math.sqrt(m['n_samples'])  # of a log gen-PPL (the mean of per-sample NLLs)
 for name, r, _, n in models[1:]:
     t_n, s_n = gen.get(('teacher', n)), gen.get((name, n))
     if ref and t_n and s_n:
-        d_t, d_s = math.log(t_n['gen_ppl'] / ref['gen_ppl']), math.log(s_n['gen_ppl'] / ref['gen_ppl'])
-        gain = abs(d_t) - abs(d_s)
-        # on one side of teacher@N the difference is log t - log s; on opposite sides log t + log s - 2 log ref
-        margin = gain / math.sqrt(se(t_n) ** 2 + se(s_n) ** 2 + (4 * se(ref) ** 2 if d_t * d_s < 0 else 0))
+        if not all('nll_per_sample' in m for m in (ref, t_n, s_n)):
+            sys.exit(f'e2e.py: the genppl records in {work_dir}/eval.jsonl lack nll_per_sample (an older evaluate.py): '
+                     f'delete {logs}/evaluate.done and run again')
+        gain, margin = closer(ref['nll_per_sample'], t_n['nll_per_sample'], s_n['nll_per_sample'])
         verdict = ('yes' if gain > 0 else 'no') + (' (within noise)' if abs(margin) < 2 else '')
         out.append(f"| {r} | {n} | {fmt(ref)} | {fmt(t_n)} | {fmt(s_n)} | {verdict} | {margin:+.1f} | "
                    f"{100 * (s_n['entropy'] / ref['entropy'] - 1):+.1f}% |")

@@ -12,7 +12,8 @@ validation NELBO perplexity, and the SDTT figure (gen-PPL and entropy against sa
 Prompted samples (sample.py --prompt, --mode=cond_prefix) get a conditional gen-PPL: only the generated tokens are
 scored (and counted in the entropy), given the prompt. Samples longer than the judge's context (retokenized for a
 judge with another tokenizer) are scored in overlapping windows, each token once (n_windowed in the record).
-Every evaluation appends one JSON line to out_dir/eval.jsonl. The metric functions (gen_ppl, unigram_entropy,
+Every evaluation appends one JSON line to out_dir/eval.jsonl (gen-PPL records carry each sample's NLL, for paired
+comparisons of files sampled with the same seed: closer). The metric functions (gen_ppl, closer, unigram_entropy,
 judge_pass, mauve_score, lambada, val_ppl, plot_genppl, plot_training) are importable; the script only runs under
 __main__.
 """
@@ -323,7 +324,29 @@ def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0):
     ent = unigram_entropy(np.asarray(tokens)[:, n_prompt:])
     return dict(gen_ppl=math.exp(nll.mean()), nll_mean=nll.mean(), nll_std=nll.std(), entropy=ent.mean(),
                 entropy_std=ent.std(), n_samples=len(nll), seq_len=tokens.shape[1], n_prompt=n_prompt,
-                retokenized=tok_name != judge.tok_name, n_windowed=int(sum(len(s) > judge.n_ctx for s in seqs)))
+                retokenized=tok_name != judge.tok_name, n_windowed=int(sum(len(s) > judge.n_ctx for s in seqs)),
+                nll_per_sample=[round(float(x), 6) for x in nll])  # in sample order: for paired comparisons
+
+
+def closer(ref, a, b):
+    """Is b closer than a to ref in log gen-PPL, and by how many standard errors? ref, a, b: the per-sample NLLs
+    (gen_ppl's nll_per_sample) of three sample files with the same number of samples, e.g. the teacher at N steps, the
+    teacher at n and the student at n. Returns (gain, margin): gain = |d_a| - |d_b| with d = log gen-PPL - log gen-PPL
+    of ref (> 0: b is closer), margin = gain / its standard error.
+    The error is paired: sample i of the three files is one draw of a triple, so gain is the mean of the per-sample
+    g_i = sign(d_a) (a_i - ref_i) - sign(d_b) (b_i - ref_i) and its s.e. is std(g) / sqrt(n). That holds for any
+    three independent runs; when they sample with the same seed (sample.py's draws of sample i are then shared) the
+    three NLLs of a triple are positively correlated and the paired error is smaller than the unpaired one, which
+    would count the shared noise twice."""
+    ref, a, b = (np.asarray(x, dtype=np.float64) for x in (ref, a, b))
+    if not len(ref) == len(a) == len(b) > 1:
+        raise ValueError(f'closer: paired comparison needs files with the same number of samples (> 1), got '
+                         f'{len(ref)}, {len(a)}, {len(b)}')
+    g = np.sign(a.mean() - ref.mean()) * (a - ref) - np.sign(b.mean() - ref.mean()) * (b - ref)
+    gain, se = float(g.mean()), g.std(ddof=1) / math.sqrt(len(g))
+    if se == 0:  # every g_i equal (e.g. identical files)
+        return gain, math.copysign(math.inf, gain) if gain else 0.0
+    return gain, float(gain / se)
 
 
 # ----------------------------------------------------------------------------------------------------- MAUVE

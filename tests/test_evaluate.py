@@ -72,6 +72,30 @@ def test_gen_ppl_hf_gpt2_matches_direct(gpt2_dir):
     assert r['n_samples'] == 7 and not r['retokenized']
     assert r['gen_ppl'] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
     assert r['nll_std'] == pytest.approx(nll.std(unbiased=False).item(), rel=1e-4)
+    assert np.allclose(r['nll_per_sample'], nll.numpy(), rtol=0, atol=2e-6)  # each sample's, in order
+
+
+def test_closer_is_a_paired_comparison():
+    # hand-made: ref below both, so gain = mean(a - b); g = a - b = [0.1, 0.3, 0.2] -> mean 0.2, s.e. 0.1 / sqrt(3)
+    gain, margin = E.closer([3.0, 3.0, 3.0], [3.4, 3.6, 3.5], [3.3, 3.3, 3.3])
+    assert gain == pytest.approx(0.2) and margin == pytest.approx(0.2 / (0.1 / math.sqrt(3)))
+    # b on the other side of ref: gain = |d_a| - |d_b| = 0.5 - 0.1, per sample (a - ref) + (b - ref)
+    gain, margin = E.closer([3.0, 3.1], [3.5, 3.6], [2.9, 3.0])
+    assert gain == pytest.approx(0.4) and margin == math.inf  # (every g_i is 0.4)
+    assert E.closer([1.0, 2.0], [1.0, 2.0], [1.0, 2.0]) == (0.0, 0.0)
+    # shared draws (common random numbers): the paired error is the error of the mean of g, not the unpaired one
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(3, 4000))
+    shared = rng.normal(size=4000)
+    ref, a, b = 3.0 + 0.2 * shared + 0.1 * z[0], 3.2 + 0.2 * shared + 0.1 * z[1], 3.15 + 0.2 * shared + 0.1 * z[2]
+    gain, margin = E.closer(ref, a, b)
+    unpaired = gain / math.sqrt((a.var() + b.var()) / 4000)
+    assert gain == pytest.approx(a.mean() - b.mean()) and margin == pytest.approx(gain / ((a - b).std(ddof=1) / math.sqrt(4000)))
+    assert margin > 1.8 * unpaired  # (the shared part cancels in a_i - b_i)
+    gain, margin = E.closer(ref, a, rng.permutation(b))  # pairs broken: no shared noise left to cancel
+    assert margin == pytest.approx(gain / math.sqrt((a.var() + b.var()) / 4000), rel=0.1)
+    with pytest.raises(ValueError, match='same number of samples'):
+        E.closer(ref, a, b[:-1])
 
 
 def test_gen_ppl_project_ar_judge_matches_direct(ar_dir):
@@ -393,6 +417,7 @@ def test_two_ranks_equal_one(tmp, ar_dir, dit_dir):
     mp.spawn(_rank_main, args=(str(tmp / 'dist'), ar_dir[0], dit_dir[0], tokens, texts), nprocs=2)
     two = json.load(open(tmp / 'dist'))
     assert two[0]['gen_ppl'] == pytest.approx(one[0]['gen_ppl'], rel=1e-6)
+    assert two[0]['nll_per_sample'] == pytest.approx(one[0]['nll_per_sample'], abs=2e-6)  # gathered in sample order
     assert two[1]['nll_per_word'] == pytest.approx(one[1]['nll_per_word'], rel=1e-6)
     assert two[2]['gen_ppl'] == pytest.approx(one[2]['gen_ppl'], rel=1e-6)  # rank 1 scored nothing
 
