@@ -1,7 +1,7 @@
 """
 SDTT end to end at small scale, with nothing but this repo's scripts: does it work?
 
-    python e2e.py                                   # CPU, byte tokenizer, ~12-14 minutes on 2 cores
+    python e2e.py                                   # CPU, byte tokenizer, ~16 minutes on 2 cores
     python e2e.py --corpus=openwebtext --tokenizer=gpt2 --seq_len=1024 --device=cuda ...   # bigger, on a GPU
 
 Stages (each one is a plain command of the other scripts, printed and logged to work_dir/logs/):
@@ -40,7 +40,7 @@ judge_args = ''
 sdtt_args = ''
 teacher_num_steps = 64             # N: the teacher's step count that the students learn to match
 min_steps = 4                      # the fewest sampling steps evaluated
-n_samples = 256
+n_samples = 512                    # per cell; the noise margins grow as sqrt(n_samples)
 sample_batch = 64
 seed = 1
 eval_batch = 64

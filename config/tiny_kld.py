@@ -1,6 +1,8 @@
-# SDTT on CPU in a few minutes: distil the tiny MDLM of config/tiny_mdlm.py (run that first) with the reverse KL.
-# The teacher samples with 64 steps (teacher_num_steps); 3 rounds of 200 steps give students of 32, 16 and 8 steps:
+# SDTT on CPU in ~7 minutes: distil the tiny MDLM of config/tiny_mdlm.py (run that first) with the reverse KL.
+# The teacher samples with 64 steps (teacher_num_steps); 3 rounds of 400 steps give students of 32, 16 and 8 steps:
 # out/tiny_kld/round_1_steps_32, round_2_steps_16, round_3_steps_8 (then a round-4 student would need 4 < 8: stop).
+# (Rounds of 200 steps: the round-2 and round-3 students closed 21% and 28% of the teacher's gen-PPL gap at their
+# step counts; with 400, 59% and 42% (e2e.py, the same teacher, 512 samples; README "Results").)
 # Run:
 #   python distill.py config/tiny_kld.py
 #   torchrun --standalone --nproc_per_node=2 distill.py config/tiny_kld.py
@@ -15,13 +17,13 @@ num_distill_steps = 2
 dropout = 0.0
 batch_size = 16
 global_batch_size = 32
-max_iters = 1000
+max_iters = 1200              # = 3 rounds
 learning_rate = 1e-3
 warmup_iters = 20
 ema_decay = 0.99
 sampling_eps = 1e-5
 teacher_num_steps = 64
-round_every = 200
+round_every = 400
 min_num_sampling_steps = 8
 log_interval, eval_interval, eval_iters, ckpt_interval = 10, 50, 4, 50
 peak_flops = 1.66e11          # as config/tiny_mdlm.py
