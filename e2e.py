@@ -1,7 +1,7 @@
 """
 SDTT end to end at small scale, with nothing but this repo's scripts: does it work?
 
-    python e2e.py                                   # CPU, byte tokenizer, ~16 minutes on 2 cores
+    python e2e.py                                   # CPU, byte tokenizer, ~19 minutes on 2 cores
     python e2e.py --corpus=openwebtext --tokenizer=gpt2 --seq_len=1024 --device=cuda ...   # bigger, on a GPU
 
 Stages (each one is a plain command of the other scripts, printed and logged to work_dir/logs/):
@@ -163,8 +163,8 @@ out += ['', 'Validation NELBO perplexity (EMA weights): ' +
         ', '.join(f"{m} {val[m]['val_ppl']:.3f}" for m in names if m in val), '',
         f'The SDTT check: after r rounds the student at N/2^r steps against the teacher at N = {teacher_num_steps} and at '
         'N/2^r steps (closer = smaller |log gen-PPL - log teacher@N|; margin: how much closer, in standard errors,',
-        'paired by sample: every model samples with the same seed, sample i of each file shares its random draws; under',
-        '2 it is within the sampling noise; evaluate.closer):', '',
+        'paired by sample: every file is sampled with the same seed, so at the same step count sample i of the teacher',
+        'and of the student share their random draws; under 2 it is within the sampling noise; evaluate.closer):', '',
         '| round | steps | teacher@N | teacher@steps | student@steps | student closer? | margin (s.e.) | '
         'entropy vs teacher@N |', '|---|---|---|---|---|---|---|---|']
 ref = gen.get(('teacher', teacher_num_steps))
