@@ -21,7 +21,7 @@ sdtt_args = '--compile=True --batch_size=64 --global_batch_size=64 --round_every
             ' --peak_flops=989e12'
 teacher_num_steps = 256     # students of 128, 64 and 32 steps after rounds 1..3 (then 4 rounds would reach 16)
 min_steps = 4
-n_samples = 256
+n_samples = 512             # as the CPU default: the paired noise margins grow as sqrt(n_samples)
 sample_batch = 256
 eval_batch = 128
 jobs = 2                    # the teacher and the judge share the GPU; sampling runs two processes at a time
