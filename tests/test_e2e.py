@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import evaluate as E  # noqa: E402
 
 
 def test_e2e_micro_pipeline_and_rerun_skips_finished_stages(tmp_path):
@@ -35,10 +37,15 @@ def test_e2e_micro_pipeline_and_rerun_skips_finished_stages(tmp_path):
     for png in ('genppl.png', 'teacher/train.png', 'judge/train.png', 'sdtt/train.png'):
         assert (work / png).stat().st_size > 1000, png
     table = (work / 'results.md').read_text()
-    for row in ('| 1 | 4 | ', '| 2 | 2 | '):  # the SDTT check: one line per round, its verdict and its noise margin
-        line = next(line for line in table.splitlines() if line.startswith(row))
+    per_sample = {(os.path.basename(r['model']), r['num_steps']): r['metrics']['nll_per_sample']
+                  for r in recs if r['eval'] == 'genppl'}
+    for r, n, student in ((1, 4, 'round_1_steps_4'), (2, 2, 'round_2_steps_2')):
+        # the SDTT check: one line per round, its verdict and its paired noise margin against the teacher at 8 steps
+        line = next(line for line in table.splitlines() if line.startswith(f'| {r} | {n} | '))
         verdict, margin = [c.strip() for c in line.split('|')[6:8]]
-        assert verdict.startswith(('yes', 'no')) and ('within noise' in verdict) == (abs(float(margin)) < 2), line
+        gain, expected = E.closer(per_sample['teacher', 8], per_sample['teacher', n], per_sample[student, n])
+        assert margin == f'{expected:+.1f}' and verdict.startswith('yes' if gain > 0 else 'no'), line
+        assert ('within noise' in verdict) == (abs(float(margin)) < 2), line
     again = run()
     assert again.returncode == 0 and again.stdout.count('done before, skipped') == 5, again.stdout[-2000:]
     without_timing = lambda text: [line for line in text.splitlines() if not line.startswith('Machine:')]
