@@ -12,8 +12,9 @@ Stages (each one is a plain command of the other scripts, printed and logged to 
  5. sample.py: the teacher at every 2^k steps, each student at 2^k <= its own step count
  6. evaluate.py: gen-PPL + entropy of every sample file with the judge, val NELBO perplexity of every model, the plots
  7. work_dir/results.md: the tables (also printed)
-A stage that finished leaves work_dir/logs/<stage>.done and is skipped when the command is run again; a training
-stage that was interrupted continues from its ckpt.pt (distill.py --init_from=resume).
+A stage that finished leaves work_dir/logs/<stage>.done and is skipped when the command is run again (with other
+settings it is an error: use another work_dir); a training stage that was interrupted continues from its ckpt.pt
+(distill.py --init_from=resume).
 """
 import json
 import os
@@ -26,6 +27,7 @@ import time
 
 from configurator import configure
 from evaluate import closer
+from model import write_atomic
 
 corpus = '../shared/data/corpus'   # prepare_data.py --source: a directory/file of .jsonl/.txt or an HF dataset name
 tokenizer = 'byte'                 # 'byte' shows the effect on CPU; 'gpt2' for the real thing
@@ -59,9 +61,15 @@ def stage(name, *cmds, parallel=True):
     """Run the commands of one stage (skipped if it finished before), `jobs` at a time when they are independent,
     each logging to work_dir/logs/; stop on a failure."""
     done = os.path.join(logs, name + '.done')
+    argv = [cmd[1:] for cmd in cmds]  # (without the interpreter: another venv runs the same stage)
     if os.path.exists(done):
+        before = json.load(open(done))
+        if before.get('commands', argv) != argv:  # its results would be reported under the new settings
+            new = sorted({a for c in argv for a in c} - {a for c in before['commands'] for a in c})
+            sys.exit(f'e2e.py: {work_dir} holds a finished {name} stage run with other settings (now {" ".join(new)}): '
+                     f'use another --work_dir, or delete {work_dir} to start over')
         print(f'== {name}: done before, skipped')
-        timings[name] = json.load(open(done))['seconds']
+        timings[name] = before['seconds']
         return
     t0, width = time.time(), min(jobs, len(cmds)) if parallel else 1
     # tiny models run best on one thread each: two processes on two cores beat one process with two threads
@@ -97,7 +105,7 @@ def stage(name, *cmds, parallel=True):
                 p.wait()
             raise
     timings[name] = time.time() - t0
-    json.dump({'seconds': timings[name]}, open(done, 'w'))
+    write_atomic(done, lambda f: f.write(json.dumps({'seconds': timings[name], 'commands': argv}).encode()))
     print(f'   {name}: {timings[name]:.0f} s', flush=True)
 
 
@@ -168,6 +176,8 @@ out += ['', 'Validation NELBO perplexity (EMA weights): ' +
         '| round | steps | teacher@N | teacher@steps | student@steps | student closer? | margin (s.e.) | '
         'entropy vs teacher@N |', '|---|---|---|---|---|---|---|---|']
 ref = gen.get(('teacher', teacher_num_steps))
+if not ref:
+    out.append(f'(no gen-PPL of the teacher at N = {teacher_num_steps} steps in eval.jsonl: nothing to compare with)')
 for name, r, _, n in models[1:]:
     t_n, s_n = gen.get(('teacher', n)), gen.get((name, n))
     if ref and t_n and s_n:
@@ -179,5 +189,5 @@ for name, r, _, n in models[1:]:
         out.append(f"| {r} | {n} | {fmt(ref)} | {fmt(t_n)} | {fmt(s_n)} | {verdict} | {margin:+.1f} | "
                    f"{100 * (s_n['entropy'] / ref['entropy'] - 1):+.1f}% |")
 out += ['', f'Plot: {work_dir}/genppl.png; training curves: {work_dir}/{{teacher,judge,sdtt}}/train.png']
-open(os.path.join(work_dir, 'results.md'), 'w').write('\n'.join(out) + '\n')
+write_atomic(os.path.join(work_dir, 'results.md'), lambda f: f.write(('\n'.join(out) + '\n').encode()))
 print('\n'.join(out))

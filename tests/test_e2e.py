@@ -50,3 +50,7 @@ def test_e2e_micro_pipeline_and_rerun_skips_finished_stages(tmp_path):
     assert again.returncode == 0 and again.stdout.count('done before, skipped') == 5, again.stdout[-2000:]
     without_timing = lambda text: [line for line in text.splitlines() if not line.startswith('Machine:')]
     assert without_timing((work / 'results.md').read_text()) == without_timing(table)
+    # other settings in the same work_dir: an error, not the old stages' results under the new settings' headings
+    other = subprocess.run([*cmd, '--n_samples=16'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and 'finished sample stage run with other settings' in other.stderr, other.stderr
+    assert '--n_samples=16' in other.stderr and without_timing((work / 'results.md').read_text()) == without_timing(table)
