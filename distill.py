@@ -44,7 +44,8 @@ data_dir = 'data/owt'       # written by prepare_data.py: train.bin, val.bin, me
 out_dir = 'out/sdtt'
 init_from = 'kuleshov-group/mdlm-owt'  # 'scratch' | 'resume' | hub id | model dir | ckpt.pt or its out_dir | MDLM .ckpt
 init_revision = None        # hub revision of init_from (e.g. 'teacher_1M_sm' of jdeschena/sdtt)
-# model (init_from='scratch'; a loaded model keeps its own architecture, except dropout)
+# model (init_from='scratch'; a loaded or resumed model keeps its own architecture, except dropout: one set here to
+# another value is an error)
 n_layer, n_head, n_embd, cond_dim, block_size = 12, 12, 768, 128, 1024
 dropout = 0.1
 time_conditioning = False
@@ -317,6 +318,9 @@ def main(argv=None):
     check_device(device)
     check_choice('compile_mode', compile_mode, _COMPILE_MODES)
     eps = sampling_eps if sampling_eps is not None else (1e-5 if objective == 'sdtt' else 1e-3)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f'sampling_eps={sampling_eps!r}: the lowest training t must be a number in (0, 1) (MDLM 1e-3, '
+                         'SDTT 1e-5), or None for those defaults')
     K = num_distill_steps
 
     def student_steps(r):  # sampling steps of the student trained in round r (0-based; its file is round_{r+1}_...)
@@ -376,10 +380,12 @@ def main(argv=None):
             raise ValueError(f"{ckpt_path} is a run of objective={ckpt['config'].get('objective')!r}, not {objective!r}: "
                              f"resume it with its own config, or start {objective} in another out_dir")
         changed = [k for k in ('seed', 'global_batch_size', 'data_dir', 'num_distill_steps', 'divergence',
-                               'teacher_num_steps', 'round_every') if ckpt['config'].get(k) != config[k]]
+                               'teacher_num_steps', 'round_every', 'dropout', 'sampling_eps', 'reference_time_grid',
+                               'teacher_from_ema', 'reset_optimizer_each_round', 'min_num_sampling_steps')
+                   if ckpt['config'].get(k) != config[k]]
         if changed and master:
             print(f'warning: resuming with other {", ".join(changed)} than {ckpt_path}: not an exact continuation')
-        model = DiT(DiTConfig(**ckpt['model_args']))
+        model = DiT(replace(DiTConfig(**ckpt['model_args']), dropout=dropout))  # (dropout: as a loaded model's)
         model.load_state_dict(ckpt['model'])
     elif os.path.exists(ckpt_path):
         raise FileExistsError(f'{ckpt_path} exists: continue it with --init_from=resume, or pick another out_dir')
@@ -396,6 +402,20 @@ def main(argv=None):
             source = load_pretrained(init_from, revision=init_revision)
         model = DiT(replace(source.config, dropout=dropout))
         model.load_state_dict(source.state_dict())
+        steps = source.meta.get('num_sampling_steps')
+        if objective == 'sdtt' and steps and steps != teacher_num_steps and master:
+            print(f'warning: {init_from} was distilled to sample with {steps} steps (its meta), teacher_num_steps='
+                  f'{teacher_num_steps}: round 1 starts at dt = 1/{teacher_num_steps} (--teacher_num_steps={steps} goes '
+                  'on from where it stopped)')
+    # a loaded or resumed model keeps its architecture: a setting moved from its default to another value would be
+    # ignored without a word; the config saved with the run then records the network it trains
+    arch = ('n_layer', 'n_head', 'n_embd', 'cond_dim', 'block_size', 'time_conditioning')
+    ignored = [f'{k}={config[k]!r} (the model: {getattr(model.config, k)!r})' for k in arch
+               if config[k] != _DEFAULTS[k] and config[k] != getattr(model.config, k)]
+    if ignored:
+        raise ValueError(f'init_from={init_from!r}: a loaded model keeps its own architecture, but {", ".join(ignored)} '
+                         'asks for another: leave these settings at their defaults, or start from scratch')
+    config.update({k: getattr(model.config, k) for k in arch})
     if model.config.vocab_size != meta['vocab_size']:
         raise ValueError(f'{data_dir} is tokenized with {meta.get("tokenizer")} (vocabulary {meta["vocab_size"]}), the '
                          f'model has vocabulary {model.config.vocab_size}: prepare the data with the model tokenizer')
@@ -412,6 +432,9 @@ def main(argv=None):
         ema.load_state_dict(ckpt['ema'])
     del source
     seq_len = min(meta['row_len'], model.config.block_size)
+    if seq_len < meta['row_len'] and master:
+        print(f"note: the rows of {data_dir} have {meta['row_len']} tokens, the model takes {seq_len}: it trains on the "
+              f"first {seq_len} of each row (prepare the data with --row_len={seq_len} to use all of it)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
                                   weight_decay=weight_decay, fused=dev.type == 'cuda')
     step, rnd, ema_updates = 0, 0, 0
@@ -454,8 +477,9 @@ def main(argv=None):
                              rng=dict(torch=torch.get_rng_state())), ckpt_path)
 
     def nonfinite():  # checkpoint() never writes a non-finite state: the last good checkpoint stays
-        return FloatingPointError(f'non-finite loss or gradient before step {step}: stopping; the last good checkpoint '
-                                  f'({ckpt_path}) is kept. Lower learning_rate or check the data.')
+        kept = f'the last good checkpoint ({ckpt_path}) is kept' if os.path.exists(ckpt_path) else 'no checkpoint yet'
+        return FloatingPointError(f'non-finite loss or gradient before step {step}: stopping; {kept}. Lower '
+                                  'learning_rate or check the data.')
 
     def noised(x0):  # the micro-batch's random draws, made on the host, then sent to the device
         return to_device(draw_noise(x0, objective, mask_id, eps, dt_of(rnd), K, reference_time_grid), dev)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import diffusion as D
 import distill
-from model import DiT, DiTConfig, load_pretrained
+from model import DiT, DiTConfig, load_pretrained, save_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, MASK, L = 258, 257, 32
@@ -519,8 +519,35 @@ def test_mdlm_lightning_checkpoint_teacher(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- bad input
+def test_loaded_and_resumed_models_keep_their_architecture_and_the_config_says_so(data, teacher_dir, tmp_path, capsys):
+    out = str(tmp_path / 'run')
+    # the teacher is TINY's 2 x 32: another width asked for is an error, not a setting ignored without a word
+    with pytest.raises(ValueError, match=r'keeps its own architecture, but n_embd=64 \(the model: 32\)'):
+        distill.main(sdtt_args(data, teacher_dir, out, '--n_embd=64', '--max_iters=1'))
+    args = [a for a in sdtt_args(data, teacher_dir, out, '--dropout=0.0') if not a.startswith(('--n_layer', '--n_embd'))]
+    distill.main(args + ['--max_iters=2'])  # (n_layer, n_embd left at their defaults 12 and 768: the teacher's count)
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert (ck['config']['n_layer'], ck['config']['n_embd']) == (2, 32)  # what it trains, not the unused defaults
+    with pytest.raises(ValueError, match=r'n_layer=3 \(the model: 2\)'):
+        distill.main(args + ['--init_from=resume', '--max_iters=3', '--n_layer=3'])
+    capsys.readouterr()
+    distill.main(args + ['--init_from=resume', '--max_iters=3', '--dropout=0.2'])  # dropout: as for a loaded model
+    assert 'resuming with other dropout' in capsys.readouterr().out
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model_args']['dropout'] == 0.2
+    # a student of round r as the teacher of a new run: its meta says how many steps it samples with
+    student = load_pretrained(teacher_dir)
+    student.meta.update(num_sampling_steps=16, round=2)
+    save_pretrained(student, str(tmp_path / 'round_2_steps_16'))
+    distill.main(sdtt_args(data, str(tmp_path / 'round_2_steps_16'), str(tmp_path / 'again'), '--max_iters=1',
+                           '--teacher_num_steps=64'))
+    assert 'distilled to sample with 16 steps (its meta), teacher_num_steps=64' in capsys.readouterr().out
+
+
 def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
     out = str(tmp_path / 'run')
+    for eps in ('1.5', '0', 'abc'):
+        with pytest.raises(ValueError, match='lowest training t must be a number in'):
+            distill.main(sdtt_args(data, teacher_dir, out, f'--sampling_eps={eps}', '--max_iters=1'))
     with pytest.raises(ValueError, match='not divisible'):
         distill.main(sdtt_args(data, teacher_dir, out, '--global_batch_size=6'))
     for bad in ('--round_every=0', '--log_interval=0', '--batch_size=0', '--num_distill_steps=0',
@@ -562,6 +589,8 @@ def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match='not a readable checkpoint'):
         distill.main(sdtt_args(data, teacher_dir, cut, '--init_from=resume'))
     monkeypatch.setattr(distill, 'training_loss', lambda *a, **k: torch.tensor(float('nan'), requires_grad=True))
+    with pytest.raises(FloatingPointError, match='non-finite.*; no checkpoint yet'):  # (not "the last good ... is kept")
+        distill.main(sdtt_args(data, teacher_dir, str(tmp_path / 'nan_at_once'), '--max_iters=5', '--log_interval=2'))
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(FloatingPointError, match='non-finite'):
         distill.main(sdtt_args(data, teacher_dir, out, '--max_iters=5', '--init_from=resume', '--ckpt_interval=1',
