@@ -7,7 +7,7 @@ Benchmarks, printed as a table and appended as JSON lines to out_file:
  (c) on CPU the same quantities with small shapes, read as ratios (absolute CPU times mean little).
 
     python bench.py                      # GPU: DiT-small shapes, seq 1024
-    python bench.py --device=cpu         # CPU: small shapes (the defaults below switch when device is cpu)
+    python bench.py --device=cpu         # CPU: small shapes (the defaults below you do not set switch on cpu)
 Ratios are measured in one run; compare absolute numbers only on the same device.
 """
 import json
@@ -16,7 +16,7 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import check_choice, configure
+from configurator import check_choice, config_keys, configure
 from diffusion import sample
 from evaluate import git_commit
 from model import SIZES as _SIZES  # (private: a module-level dict would become a setting)
@@ -45,6 +45,7 @@ K = 2
 peak_flops = 989e12         # H100 SXM dense bf16
 cpu_n_layer, cpu_n_embd, cpu_n_head, cpu_seq_len, cpu_vocab = 4, 128, 4, 128, 258
 out_file = 'bench.jsonl'
+_defaults = {k: v for k, v in globals().items() if k in config_keys(globals())}
 config = configure(globals())
 
 dev = torch.device(device)
@@ -53,11 +54,12 @@ if cuda:
     torch.backends.cuda.matmul.allow_tf32 = True
     arch = dict(_SIZES[size], cond_dim=128)
     L, V = seq_len, vocab_size
-else:  # small shapes: ratios only
+else:  # small shapes: ratios only; the settings left at their GPU defaults switch to CPU ones, those given stay
     arch = dict(n_layer=cpu_n_layer, n_embd=cpu_n_embd, n_head=cpu_n_head, cond_dim=64)
-    L, V = cpu_seq_len, cpu_vocab
-    batch_sizes, hf_batch_sizes, train_batch, sdtt_batch = (1, 8), (1, 8), 8, 8
-    sample_steps = tuple(s for s in sample_steps if s <= 32)
+    cpu = dict(seq_len=cpu_seq_len, vocab_size=cpu_vocab, batch_sizes=(1, 8), hf_batch_sizes=(1, 8), train_batch=8,
+               sdtt_batch=8, sample_steps=tuple(s for s in sample_steps if s <= 32))
+    globals().update({k: v for k, v in cpu.items() if config[k] == _defaults[k]})
+    L, V = seq_len, vocab_size
 autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
 results = []
 

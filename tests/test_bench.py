@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_cpu_records_and_ratios(tmp_path):
     out = tmp_path / 'bench.jsonl'
     r = subprocess.run([sys.executable, 'bench.py', '--device=cpu', '--cpu_n_layer=1', '--cpu_n_embd=32',
-                        '--cpu_n_head=2', '--cpu_seq_len=32', '--hf_baseline=False', f'--out_file={out}'],
+                        '--cpu_n_head=2', '--cpu_seq_len=32', '--hf_baseline=False', '--train_batch=4', f'--out_file={out}'],
                        cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(line) for line in open(out)]
@@ -18,6 +18,8 @@ def test_bench_cpu_records_and_ratios(tmp_path):
     assert {('forward', None), ('sample', None), ('ar_kv_cache', None), ('train', 'mdlm'), ('train', 'sdtt'),
             ('sdtt_parts', None)} <= kinds
     assert {x['steps'] for x in recs if x['bench'] == 'sample'} == {8, 16, 32}
+    # a setting given on the command line stays on CPU (train_batch), the others switch to their CPU values
+    assert {x['objective']: x['batch'] for x in recs if x['bench'] == 'train'} == {'mdlm': 4, 'sdtt': 8}
     assert all(x['device'] and x['date'] and 'commit' in x for x in recs)  # what BENCHMARKS.md records (commit: None
     # outside a git checkout)
     parts = next(x for x in recs if x['bench'] == 'sdtt_parts')
