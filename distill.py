@@ -60,7 +60,8 @@ ema_decay = 0.9999          # EMA of the weights, warm-up min(decay, (1+n)/(10+n
 sampling_eps = None         # lowest training t; None: 1e-5 for sdtt (SDTT), 1e-3 for mdlm (MDLM)
 # SDTT
 num_distill_steps = 2       # K: teacher steps the student learns to take in one
-divergence = 'kld'          # 'kld' (reverse KL) | 'kl_fwd' | 'mse' | 'tvd' (reference: L1 of log-probs) | 'tvd_true'
+divergence = 'kld'          # a name of _DIVERGENCES: 'kld' (reverse KL) | 'kl_fwd' | 'mse' | 'tvd' (reference: L1 of
+                            # log-probs) | 'tvd_true'
 reference_time_grid = False # True: the reference's buggy teacher times t*space + (1 - t)*t_end (SPEC §5)
 teacher_num_steps = 1024    # sampling steps of the original teacher; round r: dt = (1 - 1e-5)/teacher_num_steps * K^r
 round_every = 10000         # optimiser steps per round
@@ -163,21 +164,23 @@ def teacher_targets(teacher, b, K, mask_id, bf16=False):
     return logits
 
 
+# the SDTT divergences: name -> per-position divergence of student ls and teacher lt log-probs [M, V-1] (fp32).
+# Names and semantics of the SDTT reference (SPEC §5) plus a true TVD; a new one is one more line here.
+_DIVERGENCES = {  # (private: a module-level dict would become a setting)
+    'kld': lambda ls, lt: (ls.exp() * (ls - lt)).sum(-1),          # reverse KL(student || teacher): the paper's best
+    'kl_fwd': lambda ls, lt: (lt.exp() * (lt - ls)).sum(-1),       # KL(teacher || student)
+    # squared error of LOG-probs, / V as the reference's mean (MASK's column adds nothing)
+    'mse': lambda ls, lt: (ls - lt).square().sum(-1) / (ls.shape[-1] + 1),
+    'tvd': lambda ls, lt: (ls - lt).abs().sum(-1),                 # the reference's "tvd": L1 of LOG-probs over V
+    'tvd_true': lambda ls, lt: 0.5 * (ls.exp() - lt.exp()).abs().sum(-1),  # total variation 0.5 * sum |p_s - p_t|
+}
+
+
 def sdtt_divergence(ls, lt, name):
-    """Divergence between student ls and teacher lt log-probs [M, V-1] (fp32), averaged over the M positions.
-    Names and semantics of the SDTT reference (SPEC §5) plus a true TVD."""
-    if name == 'kld':        # reverse KL(student || teacher): the paper's best
-        d = (ls.exp() * (ls - lt)).sum(-1)
-    elif name == 'kl_fwd':   # KL(teacher || student)
-        d = (lt.exp() * (lt - ls)).sum(-1)
-    elif name == 'mse':      # squared error of LOG-probs, / V as the reference's mean (MASK's column adds nothing)
-        d = (ls - lt).square().sum(-1) / (ls.shape[-1] + 1)
-    elif name == 'tvd':      # the reference's "tvd": L1 distance of LOG-probs summed over V
-        d = (ls - lt).abs().sum(-1)
-    elif name == 'tvd_true': # total variation 0.5 * sum |p_s - p_t|
-        d = 0.5 * (ls.exp() - lt.exp()).abs().sum(-1)
-    else:
-        raise ValueError(f"divergence must be 'kld', 'kl_fwd', 'mse', 'tvd' or 'tvd_true', got {name!r}")
+    """_DIVERGENCES[name] of student ls and teacher lt log-probs [M, V-1] (fp32), averaged over the M positions."""
+    if name not in _DIVERGENCES:
+        raise ValueError(f'divergence must be one of {list(_DIVERGENCES)}, got {name!r}')
+    d = _DIVERGENCES[name](ls, lt)
     return d.sum() / max(d.shape[0], 1)  # a micro-batch with nothing masked: 0, not NaN
 
 
@@ -308,7 +311,7 @@ def main(argv=None):
     globals().update(_DEFAULTS)  # main() may run several times in one process (tests)
     config = configure(globals(), argv)
     check_choice('objective', objective, ('sdtt', 'mdlm', 'ar'))
-    sdtt_divergence(torch.zeros(1, 2), torch.zeros(1, 2), divergence)  # check the name early
+    check_choice('divergence', divergence, tuple(_DIVERGENCES))
     if not init_from:
         raise ValueError("init_from is empty: set it to 'scratch', 'resume' or the teacher (hub id, dir, ckpt.pt, .ckpt)")
     check_choice('dtype', dtype, ('bfloat16', 'float32'))  # (bfloat16: autocast on CUDA)

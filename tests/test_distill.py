@@ -545,6 +545,8 @@ def test_loaded_and_resumed_models_keep_their_architecture_and_the_config_says_s
 
 def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
     out = str(tmp_path / 'run')
+    with pytest.raises(ValueError, match=r"divergence must be one of \['kld', 'kl_fwd', 'mse', 'tvd', 'tvd_true'\]"):
+        distill.main(sdtt_args(data, teacher_dir, out, '--divergence=jsd', '--max_iters=1'))
     for eps in ('1.5', '0', 'abc'):
         with pytest.raises(ValueError, match='lowest training t must be a number in'):
             distill.main(sdtt_args(data, teacher_dir, out, f'--sampling_eps={eps}', '--max_iters=1'))
