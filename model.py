@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -238,6 +238,11 @@ class DiT(nn.Module):
 #   3. this project: directories written by save_pretrained (MDLM layout plus `causal` and a `meta` dict) and
 #      training checkpoints `ckpt.pt` written by distill.py ({'model_args', 'model', 'ema', 'meta', ...}).
 
+# DiTConfig field -> its name in the MDLM hub config.json. The other fields (causal, or one a fork adds to DiTConfig)
+# are written and read under their own names: save_pretrained -> load_pretrained gives back the same DiTConfig.
+_HUB_NAMES = dict(n_embd='hidden_dim', n_layer='n_blocks', n_head='n_heads', block_size='model_length')
+
+
 def config_from_json(cfg, vocab_size=None):
     """Map either published config.json layout (or ours) to a DiTConfig. vocab_size: from the weights if given."""
     if 'model' in cfg and isinstance(cfg['model'], dict) and 'hidden_size' in cfg['model']:  # SDTT run config
@@ -247,9 +252,12 @@ def config_from_json(cfg, vocab_size=None):
                     block_size=m['length'], dropout=m.get('dropout', 0.1), time_conditioning=bool(tc))
         v = vocab_size or m.get('vocab_size') or cfg.get('vocab_size')
     elif 'hidden_dim' in cfg:  # MDLM hub layout (and ours)
-        args = dict(n_embd=cfg['hidden_dim'], cond_dim=cfg['cond_dim'], n_layer=cfg['n_blocks'], n_head=cfg['n_heads'],
-                    block_size=cfg['model_length'], dropout=cfg.get('dropout', 0.1),
-                    time_conditioning=bool(cfg.get('time_conditioning', False)), causal=bool(cfg.get('causal', False)))
+        missing = [k for k in ('cond_dim', 'n_blocks', 'n_heads', 'model_length') if k not in cfg]
+        if missing:
+            raise ValueError(f'config.json (MDLM layout) lacks {", ".join(missing)}')
+        names = {f.name: _HUB_NAMES.get(f.name, f.name) for f in fields(DiTConfig) if f.name != 'vocab_size'}
+        args = {k: cfg[name] for k, name in names.items() if name in cfg}  # (dropout, time_conditioning: defaults)
+        args.update({k: bool(args[k]) for k in ('time_conditioning', 'causal') if k in args})
         v = vocab_size or cfg.get('vocab_size')
     else:
         raise ValueError('config.json is neither the MDLM layout (hidden_dim, n_blocks, ...) nor the SDTT layout '
@@ -420,9 +428,8 @@ def save_pretrained(model, out_dir, meta=None):
     renames of a replacement leaves the old copy in a hidden .tmp_*_old beside it)."""
     from safetensors.torch import save_file
     cfg = model.config
-    config = dict(model_type='mdlm', hidden_dim=cfg.n_embd, cond_dim=cfg.cond_dim, n_blocks=cfg.n_layer,
-                  n_heads=cfg.n_head, model_length=cfg.block_size, vocab_size=cfg.vocab_size, dropout=cfg.dropout,
-                  time_conditioning=cfg.time_conditioning, causal=cfg.causal, meta={**model.meta, **(meta or {})})
+    config = dict(model_type='mdlm', **{_HUB_NAMES.get(f.name, f.name): getattr(cfg, f.name) for f in fields(cfg)},
+                  meta={**model.meta, **(meta or {})})
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix='.tmp_')

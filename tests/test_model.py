@@ -232,6 +232,19 @@ def test_save_pretrained_writes_the_published_mdlm_layout(tmp_path):
         torch.testing.assert_close(m2(x, s), m(x, s), rtol=0, atol=0)
 
 
+def test_a_field_a_fork_adds_to_ditconfig_survives_save_and_load(tmp_path, monkeypatch):
+    import dataclasses
+    import model as M
+
+    @dataclasses.dataclass
+    class Forked(DiTConfig):
+        logit_softcap: float = 0.0
+    monkeypatch.setattr(M, 'DiTConfig', Forked)  # (as if the field were written into model.py's DiTConfig)
+    m = DiT(Forked(**CFG, logit_softcap=30.0))
+    back = load_pretrained(save_pretrained(m, str(tmp_path / 'forked')))
+    assert back.config == m.config and back.config.logit_softcap == 30.0  # was: the default 0.0, without a word
+
+
 def test_save_pretrained_round_trip_and_meta(tmp_path):
     m = random_model(causal=True)
     m.meta = dict(tokenizer='byte', bos_id=256, eos_id=256, mask_id=60)
