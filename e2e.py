@@ -26,7 +26,7 @@ import sys
 import time
 
 from configurator import configure
-from evaluate import closer
+from evaluate import closer, read_records
 from model import write_atomic
 
 corpus = '../shared/data/corpus'   # prepare_data.py --source: a directory/file of .jsonl/.txt or an HF dataset name
@@ -149,7 +149,7 @@ stage('evaluate', [*ev, '--eval=genppl', f'--samples={work_dir}/samples/uncond',
       [*ev, '--eval=', '--plot', f'--train_log={work_dir}/teacher,{work_dir}/judge,{work_dir}/sdtt'], parallel=False)
 
 # ---- tables from eval.jsonl (the last record of each point counts)
-recs = [json.loads(l) for l in open(os.path.join(work_dir, 'eval.jsonl')) if l.strip()]
+recs = read_records(os.path.join(work_dir, 'eval.jsonl'))
 gen, val = {}, {}
 for rec in recs:
     model = os.path.basename(str(rec['model'])).split('@')[0]

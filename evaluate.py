@@ -14,7 +14,7 @@ scored (and counted in the entropy), given the prompt. Samples longer than the j
 judge with another tokenizer) are scored in overlapping windows, each token once (n_windowed in the record).
 Every evaluation appends one JSON line to out_dir/eval.jsonl (gen-PPL records carry each sample's NLL, for paired
 comparisons of files sampled with the same seed: closer). The metric functions (gen_ppl, closer, unigram_entropy,
-judge_pass, mauve_score, lambada, val_ppl, plot_genppl, plot_training) are importable; the script only runs under
+judge_pass, mauve_score, lambada, val_ppl, read_records, plot_genppl, plot_training) are importable; the script only runs under
 __main__.
 """
 import glob
@@ -176,7 +176,8 @@ def _gather(idx, vals):
     shape = next((v.shape[1:] for _, v in parts if len(v)), ())  # a rank may have had no items
     out = np.empty((sum(len(i) for i, _ in parts),) + shape)
     for i, v in parts:
-        out[i] = v
+        if len(i):  # (a rank with no items sends np.empty(0), of the wrong shape for more than one column)
+            out[i] = v
     return out
 
 
@@ -508,9 +509,28 @@ def write_record(jsonl, what, metrics, config, settings, source):
                round=meta.get('round'), num_steps=settings.get('num_steps'), sampler=settings.get('sampler'),
                nfe=settings.get('nfe'), source=source, metrics=metrics, settings=settings, config=config)
     os.makedirs(os.path.dirname(jsonl) or '.', exist_ok=True)
-    with open(jsonl, 'a') as f:
-        f.write(json.dumps(rec, default=lambda o: o.item() if hasattr(o, 'item') else str(o)) + '\n')
+    line = json.dumps(rec, default=lambda o: o.item() if hasattr(o, 'item') else str(o)) + '\n'
+    with open(jsonl, 'a+b') as f:  # after a line cut short by a kill, start a new one (or this record is lost too)
+        torn = f.seek(0, os.SEEK_END) > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b'\n'
+        f.write((('\n' if torn else '') + line).encode())
     return rec
+
+
+def read_records(jsonl):
+    """The records of a JSON-lines file (eval.jsonl, distill's log.jsonl). A line that is not one (cut short by a
+    kill mid-write) is left out with a warning naming it; the others are kept."""
+    recs, bad = [], []
+    with open(jsonl) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad.append(n)
+    if bad:
+        print(f'warning: {jsonl}: line {", ".join(map(str, bad))} is not a JSON record (a write cut short?): left out')
+    return recs
 
 
 def _pyplot():
@@ -532,9 +552,8 @@ def plot_genppl(jsonl, png):
     samples are left out. A point evaluated twice shows its last record."""
     if not os.path.exists(jsonl):
         raise FileNotFoundError(f'no {jsonl} to plot: run --eval=genppl (with the same --out_dir) first')
-    with open(jsonl) as f:
-        recs = [r for r in map(json.loads, filter(str.strip, f)) if r.get('eval') == 'genppl' and r.get('num_steps')
-                and not (r['settings'].get('mode') == 'cond_prefix' or r['settings'].get('prompt') or r['settings'].get('prompt_file'))]
+    recs = [r for r in read_records(jsonl) if r.get('eval') == 'genppl' and r.get('num_steps') and not
+            (r['settings'].get('mode') == 'cond_prefix' or r['settings'].get('prompt') or r['settings'].get('prompt_file'))]
     if not recs:
         raise ValueError(f'no genppl records of unconditional samples in {jsonl}: run --eval=genppl first')
     what = lambda r: (str(r['config'].get('judge')), r['metrics']['seq_len'], str(r.get('sampler')))  # (whole paths:
@@ -578,8 +597,7 @@ def plot_training(log_path, png=None):
         log_path = os.path.join(log_path, 'log.jsonl')
     if not os.path.exists(log_path):
         raise FileNotFoundError(f'no {log_path}: --train_log takes a distill.py out_dir (or its log.jsonl)')
-    with open(log_path) as f:  # (a last line without its newline was cut by a kill: distill.py drops it too)
-        recs = [json.loads(line) for line in f if line.strip() and line.endswith('\n')]
+    recs = read_records(log_path)
     train = [r for r in recs if 'loss' in r]
     val_key = next((k for r in recs for k in r if k.startswith('val_') and k != 'val_ppl'), None)
     val = [r for r in recs if val_key in r]

@@ -408,11 +408,23 @@ def test_plot_keeps_judges_with_the_same_file_name_apart(tmp, monkeypatch):
     assert lines == {'m round 0 [out/judge_large/ckpt.pt]': [52.0, 28.0], 'm round 0 [out/judge_small/ckpt.pt]': [62.0, 38.0]}
 
 
+def test_a_record_after_a_line_cut_short_is_kept(tmp, capsys):
+    jsonl = str(tmp / 'torn' / 'eval.jsonl')
+    settings = dict(model='m', num_steps=8, meta={}, mode='uncond')
+    E.write_record(jsonl, 'genppl', dict(gen_ppl=30.0, entropy=2.9, seq_len=16), {}, settings, 'a.npz')
+    with open(jsonl, 'a') as f:
+        f.write('{"eval": "genppl", "time": "2026-')  # a kill mid-write
+    E.write_record(jsonl, 'genppl', dict(gen_ppl=20.0, entropy=2.8, seq_len=16), {}, {**settings, 'num_steps': 16}, 'b.npz')
+    recs = E.read_records(jsonl)  # (the new record used to be glued onto the cut line: both unreadable)
+    assert [r['source'] for r in recs] == ['a.npz', 'b.npz'] and 'line 2 is not a JSON record' in capsys.readouterr().out
+    E.plot_genppl(jsonl, str(tmp / 'torn' / 'genppl.png'))
+
+
 def test_two_ranks_equal_one(tmp, ar_dir, dit_dir):
     tokens = np.random.default_rng(2).integers(0, 256, (5, 24))
     texts = E.read_lambada(write_lambada(tmp / 'lambada3.jsonl', PASSAGES))
     one = (E.gen_ppl(E.LM(ar_dir[0]), tokens, 'byte'), E.lambada(E.LM(dit_dir[0]), texts, n_t=4),
-           E.gen_ppl(E.LM(ar_dir[0]), tokens[:1], 'byte'))
+           E.gen_ppl(E.LM(ar_dir[0]), tokens[:1], 'byte'), E.lambada(E.LM(dit_dir[0]), texts[:1], n_t=4))
     import torch.multiprocessing as mp
     mp.spawn(_rank_main, args=(str(tmp / 'dist'), ar_dir[0], dit_dir[0], tokens, texts), nprocs=2)
     two = json.load(open(tmp / 'dist'))
@@ -420,12 +432,14 @@ def test_two_ranks_equal_one(tmp, ar_dir, dit_dir):
     assert two[0]['nll_per_sample'] == pytest.approx(one[0]['nll_per_sample'], abs=2e-6)  # gathered in sample order
     assert two[1]['nll_per_word'] == pytest.approx(one[1]['nll_per_word'], rel=1e-6)
     assert two[2]['gen_ppl'] == pytest.approx(one[2]['gen_ppl'], rel=1e-6)  # rank 1 scored nothing
+    assert two[3]['nll_per_word'] == pytest.approx(one[3]['nll_per_word'], rel=1e-6)  # (n_t columns: crashed)
 
 
 def _rank_main(rank, out, ar, dit, tokens, texts):
     import torch.distributed as dist
     dist.init_process_group('gloo', init_method='tcp://127.0.0.1:29533', rank=rank, world_size=2)
-    res = [E.gen_ppl(E.LM(ar), tokens, 'byte'), E.lambada(E.LM(dit), texts, n_t=4), E.gen_ppl(E.LM(ar), tokens[:1], 'byte')]
+    res = [E.gen_ppl(E.LM(ar), tokens, 'byte'), E.lambada(E.LM(dit), texts, n_t=4), E.gen_ppl(E.LM(ar), tokens[:1], 'byte'),
+           E.lambada(E.LM(dit), texts[:1], n_t=4)]
     if rank == 0:
         with open(out, 'w') as f:
             json.dump(res, f, default=float)
