@@ -14,8 +14,8 @@ scored (and counted in the entropy), given the prompt. Samples longer than the j
 judge with another tokenizer) are scored in overlapping windows, each token once (n_windowed in the record).
 Every evaluation appends one JSON line to out_dir/eval.jsonl (gen-PPL records carry each sample's NLL, for paired
 comparisons of files sampled with the same seed: closer). The metric functions (gen_ppl, closer, unigram_entropy,
-judge_pass, mauve_score, lambada, val_ppl, read_records, plot_genppl, plot_training) are importable; the script only runs under
-__main__.
+judge_pass, mauve_score, lambada, val_ppl, read_records, plot_genppl, plot_training) are importable; the script only
+runs under __main__.
 """
 import glob
 import json
