@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import sys
 import time
 from functools import lru_cache
@@ -262,7 +263,9 @@ def load_source(args):
     if not 0 < n_val < n:
         one = " (.txt files are one document each by default: --txt_docs=lines or --txt_docs=blankline splits them)" \
             if looks_local and n < 10 and any(f.endswith(".txt") for f in files) else ""
-        raise ValueError(f"cannot split {n_val} val docs off {n} docs; set --num_val_docs{one}")
+        fix = "set --num_val_docs to 1..{} (or --val_fraction)".format(n - 1) if n > 1 else \
+            "a split needs at least 2 documents, or a separate val file (a val/ directory or val.* beside train.*)"
+        raise ValueError(f"cannot split {n_val} val docs off {n} docs; {fix}{one}")
     train, val = (docs[: n - n_val], docs[n - n_val:]) if isinstance(docs, list) else \
                  (docs.select(range(n - n_val)), docs.select(range(n - n_val, n)))
     return train, val, desc + f", last {n_val} docs -> val", issues
@@ -311,7 +314,8 @@ def write_split(docs, split, tmp_path, args, tok, pool):
             bar.update(min(_CHUNK_DOCS, n_docs - i * _CHUNK_DOCS))
     if n_rows == 0:
         raise ValueError(f"{split} split has 0 rows of {L} tokens ({n_doc_tokens} tokens in {n_used} docs); "
-                         "use a smaller --row_len or more data")
+                         "use a smaller --row_len or more data" + (" (or more val docs: --num_val_docs, --val_fraction)"
+                                                                    if split == "val" else ""))
     return {f"n_{split}_rows": n_rows, f"n_{split}_tokens": n_rows * L, f"n_{split}_docs": n_used,
             f"n_{split}_empty_docs_skipped": n_docs - n_used, f"n_{split}_doc_tokens": n_doc_tokens,
             f"n_{split}_dropped_tokens": len(buf)}
@@ -327,6 +331,8 @@ def main(argv=None):
         raise ValueError(f"num_val_docs must be an integer (or None), got {args.num_val_docs!r}")
     check_sizes(vars(args), row_len=3, num_proc=1)  # a row holds BOS, >= 1 token, EOS
 
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise ValueError(f"--out_dir={args.out_dir} is a file, not a directory")
     outputs = [os.path.join(args.out_dir, n) for n in ("train.bin", "val.bin", "meta.json")]
     existing = [o for o in outputs if os.path.exists(o)]
     if existing and not args.overwrite:
@@ -342,8 +348,10 @@ def main(argv=None):
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_token_id,
             "eos_id": tok.eos_token_id, "mask_id": tok.mask_token_id, "row_len": args.row_len,
             "framing": "wrap", "dtype": "uint16", "source": desc, "text_field": args.text_field}
-    # spawn, not fork: a forked child of a process whose OpenMP/torch thread pools already ran can deadlock
-    pool = multiprocessing.get_context("spawn").Pool(args.num_proc) if args.num_proc > 1 else None
+    # spawn, not fork: a forked child of a process whose OpenMP/torch thread pools already ran can deadlock. The workers
+    # ignore Ctrl-C (the terminal sends it to them too): one killed while sending a result hung pool.terminate() for good
+    pool = multiprocessing.get_context("spawn").Pool(args.num_proc, initializer=signal.signal,
+                                                     initargs=(signal.SIGINT, signal.SIG_IGN)) if args.num_proc > 1 else None
     try:
         for split, docs, t in (("train", train, tmp[0]), ("val", val, tmp[1])):
             meta.update(write_split(docs, split, t, args, tok, pool))
@@ -355,12 +363,12 @@ def main(argv=None):
         for t, o in zip(tmp, outputs):
             os.replace(t, o)
     finally:
-        if pool:
-            pool.terminate()  # all results are consumed on success; on error don't wait for the rest
-            pool.join()
         for t in tmp:
             if os.path.exists(t):
                 os.remove(t)
+        if pool:
+            pool.terminate()  # all results are consumed on success; on error don't wait for the rest
+            pool.join()
 
     dt = time.time() - t0
     n_tok = meta["n_train_doc_tokens"] + meta["n_val_doc_tokens"]
@@ -377,6 +385,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # SIGTERM (kill, a job scheduler) as an exception: main's cleanup runs (a .tmp of OpenWebText is ~18 GB)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"prepare_data.py: stopped by signal {signum}"))
     try:
         main()
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:

@@ -184,7 +184,7 @@ def test_errors(tmp_path):
     assert meta["n_bad_lines_skipped"] == 2 and meta["n_train_docs"] == meta["n_val_docs"] == 1
     # too little data for one row: clear error, nothing (not even temporaries) left behind
     small = write_jsonl(tmp_path / "small.jsonl", ["a long enough training document", "tiny"])
-    with pytest.raises(ValueError, match="val split has 0 rows of 16 tokens"):
+    with pytest.raises(ValueError, match="val split has 0 rows of 16 tokens.*or more val docs: --num_val_docs"):
         run("--source", small, "--out_dir", tmp_path / "o2", "--tokenizer", "byte", "--row_len", 16, "--num_val_docs", 1)
     assert not os.listdir(tmp_path / "o2")
     with pytest.raises(FileNotFoundError, match="prepare_data.py"):
@@ -199,6 +199,33 @@ def test_errors(tmp_path):
     (tmp_path / "input.txt").write_text("\n".join(DOCS * 20))
     with pytest.raises(ValueError, match="--txt_docs=lines"):
         run("--source", tmp_path / "input.txt", "--out_dir", tmp_path / "o3", "--tokenizer", "byte")
+
+
+def test_one_document_and_an_out_dir_that_is_a_file(tmp_path):
+    one = write_jsonl(tmp_path / "one.jsonl", ["a single long document " * 50])
+    with pytest.raises(ValueError, match="cannot split 1 val docs off 1 docs; a split needs at least 2 documents"):
+        run("--source", one, "--out_dir", tmp_path / "o", "--tokenizer", "byte")  # (was: "set --num_val_docs")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        run("--source", write_jsonl(tmp_path / "d.jsonl", DOCS), "--out_dir", tmp_path / "file", "--tokenizer", "byte")
+
+
+@pytest.mark.parametrize("sig, num_proc", [("SIGTERM", 1), ("SIGINT", 2)])
+def test_a_stopped_run_leaves_no_temporaries_and_ends(tmp_path, sig, num_proc):
+    import signal
+    import time
+    src = write_jsonl(tmp_path / "big.jsonl", [f"document {i}: " + " ".join(DOCS) * 8 for i in range(40000)])  # ~20 MB
+    out = tmp_path / "o"
+    p = subprocess.Popen([sys.executable, "prepare_data.py", f"--source={src}", f"--out_dir={out}", "--tokenizer=gpt2",
+                          "--row_len=64", f"--num_proc={num_proc}", "--quiet"], cwd=ROOT, start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / "train.bin.tmp").exists() and p.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.05)
+    assert p.poll() is None, "finished before it could be stopped: make the corpus bigger"
+    os.killpg(p.pid, getattr(signal, sig))  # the whole group, as a terminal's Ctrl-C (workers included)
+    _, err = p.communicate(timeout=60)  # (SIGINT with a pool of 2: hung in pool.terminate() about 1 run in 4)
+    assert p.returncode != 0 and not os.listdir(out), (err[-2000:], os.listdir(out))
 
 
 def test_refuse_overwrite(tmp_path):
