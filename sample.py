@@ -11,7 +11,8 @@ where the release has `from sdtt import load_small_student`).
 
 Output: out_dir/samples/{uncond,cond}/<settings>.npz (token ids + settings, read back with load_samples) and a
 .jsonl of the decoded text next to it. Samples are drawn in batches; batch i always uses the seed
-batch_seed(seed, i), whichever process draws it, so any number of processes gives the same samples.
+batch_seed(seed, i), whichever process draws it, so any number of processes gives the same samples (for the same
+seed and batch_size: the file name does not carry batch_size, its settings do).
 """
 import hashlib
 import json
@@ -328,14 +329,18 @@ def batch_seed(seed, i):
 
 def save_samples(path, tokens, settings, texts, **arrays):
     """path.npz: tokens [n, L] int32, settings (JSON string) and any extra arrays; path.jsonl: one {"i", "text"} per
-    sample. Each written to a temporary name and renamed when complete; the .npz (what evaluate.py reads, and what
-    marks the output as there) last, so a crash in between leaves no new .npz beside an old .jsonl."""
+    sample. The new .npz (what evaluate.py reads, and what marks the output as there) is complete on disk as .npz.new
+    before anything is replaced; then the old .npz goes, the .jsonl is replaced (atomically) and the .npz.new renamed:
+    a crash never leaves an .npz beside a .jsonl of other samples, nor loses the new samples."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    write_atomic(path + '.npz.new', lambda f: np.savez(f, tokens=np.asarray(tokens, dtype=np.int32),
+                                                        settings=np.array(json.dumps(settings, default=str)), **arrays))
+    if os.path.exists(path + '.npz'):
+        os.remove(path + '.npz')
     lines = ''.join(json.dumps({'i': i, 'text': t}) + '\n' for i, t in enumerate(texts))
     write_atomic(path + '.jsonl', lambda f: f.write(lines.encode()))
-    write_atomic(path + '.npz', lambda f: np.savez(f, tokens=np.asarray(tokens, dtype=np.int32),
-                                                    settings=np.array(json.dumps(settings, default=str)), **arrays))
+    os.replace(path + '.npz.new', path + '.npz')
 
 
 def load_samples(path):

@@ -240,6 +240,25 @@ def test_files_round_trip_and_overwrite(byte_dir, tmp_path, capsys):
     assert (again['tokens'] == out['tokens']).all()  # same seed, same samples
 
 
+def test_an_overwrite_cut_short_never_pairs_an_npz_with_other_samples_text(tmp_path, monkeypatch):
+    path = str(tmp_path / 'x')
+    sample.save_samples(path, np.zeros((2, 4)), {'seed': 1}, ['old 0', 'old 1'])
+    real = sample.write_atomic
+
+    def jsonl_fails(p, write):
+        if p.endswith('.jsonl'):
+            raise OSError('a kill between the two files')
+        real(p, write)
+    monkeypatch.setattr(sample, 'write_atomic', jsonl_fails)
+    with pytest.raises(OSError):
+        sample.save_samples(path, np.ones((2, 4)), {'seed': 2}, ['new 0', 'new 1'])
+    texts = [json.loads(line)['text'] for line in open(path + '.jsonl')]
+    # (was: the new .jsonl beside the old .npz when the .npz write failed; now no .npz, the new one staged)
+    assert not os.path.exists(path + '.npz') or (texts[0] == 'old 0' and not sample.load_samples(path)['tokens'].any())
+    with np.load(path + '.npz.new') as staged:
+        assert json.loads(str(staged['settings'])) == {'seed': 2}
+
+
 def test_global_seed_makes_unseeded_sampling_reproducible(byte_dir, ar_dir):
     """seed=None takes its seed from the global generator (as torch.manual_seed users expect) and leaves the stream
     reproducible after the call, instead of reseeding it at random."""
