@@ -14,8 +14,10 @@ Stages (each one is a plain command of the other scripts, printed and logged to 
  7. work_dir/results.md: the tables (also printed)
 A stage that finished leaves work_dir/logs/<stage>.done and is skipped when the command is run again (with other
 settings it is an error: use another work_dir); a training stage that was interrupted continues from its ckpt.pt
-(distill.py --init_from=resume).
+(distill.py --init_from=resume). One e2e.py at a time per work_dir; its commands end with it (Linux).
 """
+import ctypes
+import fcntl
 import json
 import os
 import platform
@@ -55,6 +57,20 @@ data = os.path.join(work_dir, 'data')
 logs = os.path.join(work_dir, 'logs')
 os.makedirs(logs, exist_ok=True)
 timings = {}
+# one e2e.py per work_dir: its commands inherit the lock, so it is held until the last of them has ended (after a
+# kill -9 of e2e.py they get SIGTERM, save and exit; a rerun started meanwhile would race them over the same files)
+_lock = open(os.path.join(logs, '.lock'), 'w')
+try:
+    fcntl.flock(_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    sys.exit(f'e2e.py: another e2e.py, or the commands of one just stopped, still run in {work_dir}: wait for them')
+
+
+def _end_with_parent():  # (in the child, before exec) Linux: SIGTERM when e2e.py dies, even by kill -9
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def stage(name, *cmds, parallel=True):
@@ -85,7 +101,8 @@ def stage(name, *cmds, parallel=True):
             log = open(os.path.join(logs, f'{name}.{i + j}.log'), 'w')
             log.write(f'$ {line}\n')
             log.flush()
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                             pass_fds=(_lock.fileno(),), preexec_fn=_end_with_parent), log))
         try:
             waiting = list(running)
             while waiting:  # whichever ends first: a failure stops the others at once

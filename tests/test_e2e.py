@@ -1,10 +1,13 @@
 """e2e.py end to end at a micro scale (~25 s): every stage runs, the tables and plots are written, and a second run
 skips the finished stages and rebuilds the same tables. (The real run: README "Results".)"""
+import fcntl
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,12 +15,17 @@ sys.path.insert(0, str(ROOT))
 import evaluate as E  # noqa: E402
 
 
-def test_e2e_micro_pipeline_and_rerun_skips_finished_stages(tmp_path):
+def write_corpus(tmp_path):
     rng = random.Random(0)
     words = 'the cat sat on a mat and the dog ran to the park while birds sang in trees'.split()
     corpus = tmp_path / 'docs.jsonl'
     corpus.write_text(''.join(json.dumps({'text': ' '.join(rng.choice(words) for _ in range(40))}) + '\n'
                               for _ in range(300)))
+    return corpus
+
+
+def test_e2e_micro_pipeline_and_rerun_skips_finished_stages(tmp_path):
+    corpus = write_corpus(tmp_path)
     net = ('--n_layer=1 --n_embd=32 --n_head=2 --cond_dim=16 --max_iters=12 --batch_size=8 --global_batch_size=8 '
            '--log_interval=4 --eval_interval=12 --eval_iters=1 --ckpt_interval=12')
     work = tmp_path / 'e2e'
@@ -54,3 +62,36 @@ def test_e2e_micro_pipeline_and_rerun_skips_finished_stages(tmp_path):
     other = subprocess.run([*cmd, '--n_samples=16'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other.returncode != 0 and 'finished sample stage run with other settings' in other.stderr, other.stderr
     assert '--n_samples=16' in other.stderr and without_timing((work / 'results.md').read_text()) == without_timing(table)
+
+
+def test_one_e2e_per_work_dir_and_its_commands_end_with_it(tmp_path):
+    """kill -9 of e2e.py: its commands get SIGTERM (they save and exit) instead of running on as orphans, and until
+    they have ended a second e2e.py in the same work_dir is refused (it raced them over the same files)."""
+    work = tmp_path / 'e2e'
+    net = '--n_layer=1 --n_embd=32 --n_head=2 --cond_dim=16 --batch_size=8 --global_batch_size=8 --max_iters=100000'
+    cmd = [sys.executable, 'e2e.py', f'--corpus={write_corpus(tmp_path)}', '--seq_len=32', f'--work_dir={work}',
+           f'--teacher_args={net}', f'--judge_args={net}']
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t0 = time.time()
+        while not (work / 'teacher' / 'log.jsonl').exists() and time.time() - t0 < 120:  # training has started
+            time.sleep(0.1)
+        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and 'still run in' in second.stderr, second.stderr[-2000:]
+        p.kill()  # kill -9 of e2e.py alone
+        p.wait()
+        lock = open(work / 'logs' / '.lock')
+        t0 = time.time()
+        while True:  # its commands hold the lock until they end: they must end in seconds, not after 100000 steps
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.time() - t0 < 60, 'the commands of a killed e2e.py run on'
+                time.sleep(0.2)
+        assert (work / 'teacher' / 'ckpt.pt').exists()  # (SIGTERM: they saved first)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # (anything left of the group)
+        except ProcessLookupError:
+            pass
