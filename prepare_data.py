@@ -348,10 +348,13 @@ def main(argv=None):
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_token_id,
             "eos_id": tok.eos_token_id, "mask_id": tok.mask_token_id, "row_len": args.row_len,
             "framing": "wrap", "dtype": "uint16", "source": desc, "text_field": args.text_field}
-    # spawn, not fork: a forked child of a process whose OpenMP/torch thread pools already ran can deadlock. The workers
-    # ignore Ctrl-C (the terminal sends it to them too): one killed while sending a result hung pool.terminate() for good
-    pool = multiprocessing.get_context("spawn").Pool(args.num_proc, initializer=signal.signal,
-                                                     initargs=(signal.SIGINT, signal.SIG_IGN)) if args.num_proc > 1 else None
+    # spawn, not fork: a forked child of a process whose OpenMP/torch thread pools already ran can deadlock.
+    # The workers ignore Ctrl-C (a terminal sends it to them too): one killed while sending a result hung
+    # pool.terminate() for good
+    pool = None
+    if args.num_proc > 1:
+        pool = multiprocessing.get_context("spawn").Pool(args.num_proc, initializer=signal.signal,
+                                                         initargs=(signal.SIGINT, signal.SIG_IGN))
     try:
         for split, docs, t in (("train", train, tmp[0]), ("val", val, tmp[1])):
             meta.update(write_split(docs, split, t, args, tok, pool))
