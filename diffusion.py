@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 NOISE_EPS = 1e-3   # log-linear schedule: m(1) = 1 - 1e-3, so sigma(1) stays finite
 SAMPLE_EPS = 1e-5  # the sampling grid ends at t = 1e-5 (MDLM and SDTT)
+CHUNK_ELEMS = 2 ** 25  # a sampler step's [positions, V] float work in chunks of this many entries (~256 MB in fp64)
 
 
 # ---------------------------------------------------------------------------------------------------- schedule
@@ -85,7 +86,7 @@ def to_device(v, device):
     return v.pin_memory().to(device, non_blocking=True) if torch.device(device).type == 'cuda' else v.to(device)
 
 
-def draw_categorical(logits, u, chunk_elems=2 ** 25, finite=None):
+def draw_categorical(logits, u, chunk_elems=CHUNK_ELEMS, finite=None):
     """Draw one index per row of logits [N, V] from softmax(logits), by inverse CDF in float64 with uniforms u [N]
     (float64). Float64 matters: float32 Gumbel/exponential noise truncates low-probability tokens, which lowers the
     entropy of samples and flatters gen-PPL (Zheng et al. 2024). Rows go in chunks of ~chunk_elems entries, so a step
@@ -124,11 +125,13 @@ def in_eval_mode(sampler):
     @functools.wraps(sampler)
     def run(model, *args, **kwargs):
         training = isinstance(model, torch.nn.Module) and model.training
-        model.eval() if training else None
+        if training:
+            model.eval()
         try:
             return sampler(model, *args, **kwargs)
         finally:
-            model.train() if training else None
+            if training:
+                model.train()
     return run
 
 

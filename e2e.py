@@ -79,7 +79,8 @@ def stage(name, *cmds, parallel=True):
     done = os.path.join(logs, name + '.done')
     argv = [cmd[1:] for cmd in cmds]  # (without the interpreter: another venv runs the same stage)
     if os.path.exists(done):
-        before = json.load(open(done))
+        with open(done) as f:
+            before = json.load(f)
         if before.get('commands', argv) != argv:  # its results would be reported under the new settings
             new = sorted({a for c in argv for a in c} - {a for c in before['commands'] for a in c})
             sys.exit(f'e2e.py: {work_dir} holds a finished {name} stage run with other settings (now {" ".join(new)}): '

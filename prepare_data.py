@@ -263,7 +263,7 @@ def load_source(args):
     if not 0 < n_val < n:
         one = " (.txt files are one document each by default: --txt_docs=lines or --txt_docs=blankline splits them)" \
             if looks_local and n < 10 and any(f.endswith(".txt") for f in files) else ""
-        fix = "set --num_val_docs to 1..{} (or --val_fraction)".format(n - 1) if n > 1 else \
+        fix = f"set --num_val_docs to 1..{n - 1} (or --val_fraction)" if n > 1 else \
             "a split needs at least 2 documents, or a separate val file (a val/ directory or val.* beside train.*)"
         raise ValueError(f"cannot split {n_val} val docs off {n} docs; {fix}{one}")
     train, val = (docs[: n - n_val], docs[n - n_val:]) if isinstance(docs, list) else \

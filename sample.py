@@ -196,10 +196,10 @@ def analytic_probs(logits, x, t, s, mask_id):
 
 
 def masked_chunks(x, mask_id, vocab_size):
-    """The masked positions of x [B, L] as (batch, position) index pairs, in chunks of ~2^25 / vocab_size positions:
-    a step_fn's [chunk, V] float work stays within a few hundred MB whatever the batch."""
+    """The masked positions of x [B, L] as (batch, position) index pairs, in chunks of diffusion.CHUNK_ELEMS /
+    vocab_size positions: a step_fn's [chunk, V] float work stays within a few hundred MB whatever the batch."""
     b, l = (x == mask_id).nonzero(as_tuple=True)
-    rows = max(1, 2 ** 25 // vocab_size)
+    rows = max(1, diffusion.CHUNK_ELEMS // vocab_size)
     return [(b[i:i + rows], l[i:i + rows]) for i in range(0, len(b), rows)]
 
 
@@ -435,9 +435,9 @@ def main(argv=None):
                          add_bos=c.add_bos, return_nfe=True)
         mine.append((i, x.cpu().numpy()))  # the .cpu() waits for the batch: the timing below is real
         nfe += f * b
-        t_first = t_first or time.time() - tb  # (one-off start-up in it: kernels, allocator, compilation)
+        tb = time.time() - tb
+        t_first = t_first or tb  # (one-off start-up in it: kernels, allocator, compilation)
         if c.verbose and rank == 0:
-            tb = time.time() - tb
             print(f'batch {i + 1}/{n_batches}: {tb:.2f}s, {b * L / tb:,.0f} tokens/s, nfe {f:.1f}')
     parts = [(mine, nfe)]
     if world > 1:
