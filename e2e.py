@@ -31,7 +31,8 @@ from configurator import configure
 from evaluate import closer, read_records
 from model import write_atomic
 
-corpus = '../shared/data/corpus'   # prepare_data.py --source: a directory/file of .jsonl/.txt or an HF dataset name
+corpus = 'corpus'                 # prepare_data.py --source: the embedded English corpus (corpus/SOURCES.md), any
+                                   # directory/file of .jsonl/.txt(.gz), or an HF dataset name
 tokenizer = 'byte'                 # 'byte' shows the effect on CPU; 'gpt2' for the real thing
 seq_len = 128
 work_dir = 'out/e2e'

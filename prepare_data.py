@@ -2,7 +2,7 @@
 Tokenize a text corpus into fixed-length rows for masked diffusion LM training (MDLM / SDTT framing).
 
     python prepare_data.py --out_dir=data/owt                         # HF openwebtext, GPT-2 BPE, 1024
-    python prepare_data.py --source=../shared/data/corpus --tokenizer=byte --row_len=128 --out_dir=data/corpus_byte
+    python prepare_data.py --source=corpus --tokenizer=byte --row_len=128 --out_dir=data/corpus_byte
 
 Framing ("wrap", SPEC 1): every document is tokenized without special tokens and gets an EOS appended;
 all documents are concatenated and cut into (row_len-2)-token pieces, each stored as [BOS] piece [EOS].
@@ -10,6 +10,7 @@ The final incomplete piece of each split is dropped. Output in out_dir: train.bi
 uint16, n_rows*row_len, row-major) and meta.json (tokenizer, special ids, counts). Other scripts use
 get_tokenizer(), load_meta() and open_split() from here.
 """
+import gzip
 import importlib.util
 import json
 import os
@@ -166,11 +167,15 @@ def open_split(data_dir, split):
 # -----------------------------------------------------------------------------
 # reading the source documents
 
+_TEXT_FILES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")  # what a local source may hold (.gz: read as it is)
+
+
 def read_local(path, text_field, txt_docs, skip_bad_lines, issues):
-    """Documents (str) of one .txt/.jsonl file. Bytes that are not UTF-8 are replaced (and counted)."""
-    with open(path, "rb") as f:
+    """Documents (str) of one .txt/.jsonl(.gz) file. Bytes that are not UTF-8 are replaced (and counted)."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         raw = f.read()
-    if path.endswith(".jsonl") or txt_docs == "lines":  # one document per (non-empty) line
+    jsonl = path.endswith((".jsonl", ".jsonl.gz"))
+    if jsonl or txt_docs == "lines":  # one document per (non-empty) line
         pieces = raw.split(b"\n")
     elif txt_docs == "blankline":  # documents separated by one or more blank lines
         pieces = re.split(rb"\r?\n(?:[ \t]*\r?\n)+", raw)
@@ -186,7 +191,7 @@ def read_local(path, text_field, txt_docs, skip_bad_lines, issues):
         except UnicodeDecodeError:
             text = piece.decode("utf-8", errors="replace")
             issues["not_utf8"] += 1
-        if path.endswith(".jsonl"):
+        if jsonl:
             try:
                 obj = json.loads(text)
                 text = obj.get(text_field) if isinstance(obj, dict) else None
@@ -217,17 +222,17 @@ def load_source(args):
     """Returns (train_docs, val_docs, description, read_issues); docs are lists or HF Datasets."""
     issues = {"not_utf8": 0, "bad_lines": 0}
     src = os.path.expanduser(args.source)
-    looks_local = src.startswith((".", "/", "~")) or src.endswith((".txt", ".jsonl")) or os.path.exists(src)
+    looks_local = src.startswith((".", "/", "~")) or src.endswith(_TEXT_FILES) or os.path.exists(src)
     if looks_local:
         if not os.path.exists(src):
             raise FileNotFoundError(f"no such file or directory: {src}")
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs if f.endswith((".txt", ".jsonl"))) \
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs if f.endswith(_TEXT_FILES)) \
             if os.path.isdir(src) else [src]
         if not files:
-            raise ValueError(f"no .txt or .jsonl files in {src}")
-        if not files[0].endswith((".txt", ".jsonl")):  # (.json, .jsonl.gz ... read as text would be one document)
-            raise ValueError(f"{src}: prepare_data.py reads .txt and .jsonl files (uncompressed, one JSON object per "
-                             "line for .jsonl); convert it, or rename a plain-text file to .txt")
+            raise ValueError(f"no .txt or .jsonl files (or their .gz) in {src}")
+        if not files[0].endswith(_TEXT_FILES):  # (.json, .tar.gz ... read as text would be one document)
+            raise ValueError(f"{src}: prepare_data.py reads .txt and .jsonl files, plain or gzipped (one JSON object "
+                             "per line for .jsonl); convert it, or rename a plain-text file to .txt")
         read = lambda fs: [d for f in fs for d in read_local(f, args.text_field, args.txt_docs, args.skip_bad_lines, issues)]
         split = {f: split_of(os.path.relpath(f, src)) for f in files}
         train_f = [f for f in files if split[f] == "train"]

@@ -5,7 +5,7 @@ where the release has `from sdtt import load_small_student`).
 
     python sample.py --init_from=jdeschena/sdtt --revision=baselines_kld_step_70000 --num_steps=32 --n_samples=8
     python sample.py --init_from=out/kld_small --prompt="Today is a great day." --n_samples=4 --seq_len=128
-    python sample.py --init_from=out/kld_small --mode=cond_prefix --cond_data=../shared/data/corpus/val.jsonl
+    python sample.py --init_from=out/kld_small --mode=cond_prefix --cond_data=corpus/val.jsonl.gz
     torchrun --standalone --nproc_per_node=8 sample.py --init_from=out/kld_small --n_samples=1024 --batch_size=16
     python sample.py --init_from=out/ar_small --n_samples=1024   # a causal checkpoint: AR sampling, KV cache
 
@@ -14,6 +14,7 @@ Output: out_dir/samples/{uncond,cond}/<settings>.npz (token ids + settings, read
 batch_seed(seed, i), whichever process draws it, so any number of processes gives the same samples (for the same
 seed and batch_size: the file name does not carry batch_size, its settings do).
 """
+import gzip
 import hashlib
 import json
 import math
@@ -47,7 +48,7 @@ prompt = ''               # uncond mode: every sample starts with BOS + this tex
 prompt_file = ''          # ... or with the text of this file
 add_bos = True            # uncond mode: BOS at position 0, as every training row (False: the model generates it)
 mode = 'uncond'           # 'uncond' | 'cond_prefix' (SPEC §6 MAUVE protocol)
-cond_data = ''            # cond_prefix: a .jsonl file (field "text") or a Hugging Face dataset name
+cond_data = ''            # cond_prefix: a .jsonl(.gz) file (field "text") or a Hugging Face dataset name
 cond_split = 'test'       # split of the HF dataset
 n_prompts = 8             # cond_prefix: number of documents (SPEC §6: 1024)
 min_doc_len = 1024        # cond_prefix: only documents with at least this many tokens
@@ -285,7 +286,7 @@ def load_prefixes(source, tok, n_prompts, prefix_len, cond_len, min_doc_len, spl
     line of the .jsonl or row of the dataset)."""
     if os.path.exists(source):
         def texts():
-            with open(source) as f:
+            with (gzip.open(source, 'rt') if source.endswith('.gz') else open(source)) as f:
                 for lineno, line in enumerate(f, 1):
                     text = json.loads(line).get('text') if line.strip() else ''
                     if not isinstance(text, str):

@@ -5,8 +5,7 @@
 # BENCHMARKS.md scaled by FLOPs (~164 MFLOP per byte-token here: ~2M tokens/s alone, about half when the teacher and
 # the judge share the GPU). Estimated: teacher + judge ~4 min, SDTT ~2 min, sampling + evaluation ~3 min (process
 # start-up and compilation included). Lower the max_iters below if the first run goes over.
-# The corpus must be on the machine: without ../shared, copy it into the repo (e.g. data/corpus_raw, 45 MB) first.
-corpus = '../shared/data/corpus'
+corpus = 'corpus'          # the embedded one (travels with the repository)
 tokenizer = 'byte'
 seq_len = 256
 work_dir = 'out/e2e_gpu'

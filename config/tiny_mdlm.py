@@ -1,6 +1,6 @@
 # A tiny MDLM on bytes that trains in a few minutes on 2 CPU cores: the teacher of config/tiny_kld.py.
 # Data (once, ~5 s):
-#   python prepare_data.py --source=../shared/data/corpus --tokenizer=byte --row_len=128 --out_dir=data/corpus_byte
+#   python prepare_data.py --source=corpus --tokenizer=byte --row_len=128 --out_dir=data/corpus_byte
 # Run:
 #   python distill.py config/tiny_mdlm.py
 #   torchrun --standalone --nproc_per_node=2 distill.py config/tiny_mdlm.py

@@ -1,8 +1,10 @@
+import gzip
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -88,14 +90,19 @@ def test_gpt2_tokenizer():
 
 # --- framing and outputs -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,row_len,layout", [("byte", 16, "files"), ("gpt2", 8, "files"), ("byte", 16, "dirs")])
+@pytest.mark.parametrize("name,row_len,layout", [("byte", 16, "files"), ("gpt2", 8, "files"), ("byte", 16, "dirs"),
+                                                  ("byte", 16, "gzip")])
 def test_framing_split_by_file(tmp_path, name, row_len, layout):
     src = tmp_path / "corpus"
     src.mkdir()
     train_docs, val_docs = DOCS * 3 + ["   "], DOCS[::-1]
-    if layout == "files":
+    if layout in ("files", "gzip"):
         write_jsonl(src / "train.jsonl", train_docs)
         write_jsonl(src / "val.jsonl", val_docs)
+        if layout == "gzip":  # (the embedded corpus's form) read as it is
+            for f in ("train.jsonl", "val.jsonl"):
+                (src / (f + ".gz")).write_bytes(gzip.compress((src / f).read_bytes()))
+                (src / f).unlink()
     else:  # train/ and validation/ subdirectories (once pooled: 99% of the val docs went into train)
         for sub, docs in (("train", train_docs), ("validation", val_docs)):
             (src / sub).mkdir()
@@ -138,6 +145,20 @@ def test_deterministic_and_num_proc(tmp_path, monkeypatch, name):
     assert np.array_equal(open_split(outs[0], "val"), expected_rows(tok, docs[-10:], 32)[0])
     assert np.array_equal(open_split(outs[0], "train"), expected_rows(tok, docs[:-10], 32)[0])
     assert (meta["n_train_docs"], meta["n_val_docs"]) == (50, 10)
+
+
+def test_embedded_corpus():
+    """The default corpus ships with the repository: both splits read, and they share no document."""
+    args = SimpleNamespace(source=str(ROOT / "corpus"), text_field="text", txt_docs="file",
+                              skip_bad_lines=False, hf_config=None, hf_split="train", hf_val_split=None,
+                              num_val_docs=None, val_fraction=0.01)
+    train, val, desc, issues = prepare_data.load_source(args)
+    assert "train.jsonl.gz" in desc and "val.jsonl.gz" in desc and issues == {"not_utf8": 0, "bad_lines": 0}
+    assert len(train) > 100 and len(val) >= 10 and sum(map(len, train)) > 10_000_000 and sum(map(len, val)) > 300_000
+    assert not set(train) & set(val)
+    listed = (ROOT / "corpus" / "SOURCES.md").read_text().count("\n| train |"), \
+        (ROOT / "corpus" / "SOURCES.md").read_text().count("\n| val |")
+    assert listed == (len(train), len(val))  # SOURCES.md names every document
 
 
 def test_txt_modes(tmp_path):

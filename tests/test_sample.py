@@ -2,7 +2,6 @@
 multi-process sampling. Tiny models on CPU; the hub is replaced by local directories (only the download is stubbed)."""
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,23 +80,54 @@ def test_loaders_resolve_repo_and_revision(hub, gpt2_dir):
             fn(size='small')
 
 
-def readme_blocks():
-    text = (ROOT.parent / 'shared' / 'seed' / 'SDTT_RELEASE_README.md').read_text()
-    return re.findall(r'```python\n(.*?)```', text, flags=re.S)
+# The release API's contract: the calls its README makes (jdeschena/sdtt), written here so that the test needs nothing
+# outside the repository. Only the import line differs from the release's (`from sdtt import ...`).
+RELEASE_CALLS = [
+    """from sample import load_mdlm_small
+mdlm_small = load_mdlm_small()""",
+    """from sample import load_small_student
+student = load_small_student(loss="kld", round=7)
+student = load_small_student(loss="mse", round=2)
+student = load_small_student(loss="tvd", round=1)""",
+    """from sample import load_scaling_student
+student = load_scaling_student(size="sm", round=7)
+student = load_scaling_student(size="md", round=1)
+student = load_scaling_student(size="large", round=3)""",
+    """from sample import load_scaling_teacher
+teacher = load_scaling_teacher(size="sm")
+teacher = load_scaling_teacher(size="md")
+teacher = load_scaling_teacher(size="large")""",
+    """from sample import load_small_student
+import torch
+model = load_small_student(loss="kld", round=7)
+model.cuda()
+tokens = model.sample(n_samples=8, num_steps=256, seq_len=1024, verbose=True)
+uncond_text = model.tokenizer.batch_decode(tokens)
+prompt = "Today is a great day. The sun is shining,"
+prompt_tokens = model.tokenizer(prompt)["input_ids"]
+prompt_tokens.insert(0, model.tokenizer.bos_token_id)
+prompt_tokens = torch.tensor(prompt_tokens, device="cuda")
+prompt_len = len(prompt_tokens)
+
+def project_fn(x):
+    x[:, :prompt_len] = prompt_tokens
+    return x
+
+tokens = model.sample(n_samples=8, num_steps=256, seq_len=1024, verbose=True, project_fn=project_fn)
+cond_text = model.tokenizer.batch_decode(tokens)""",
+]
 
 
-def test_seed_readme_snippets_run(hub, capsys):
-    """Every python block of the release README, with only `from sdtt` -> `from sample`. To fit a CPU test, the
-    device is cpu and the sizes shrink (256 steps x 1024 tokens -> 4 x 32); nothing else changes."""
-    blocks = readme_blocks()
-    assert len(blocks) == 5
-    ns = {}  # one session: the teachers block calls load_scaling_student, imported by the block before it
-    for code in blocks:
-        code = code.replace('from sdtt import', 'from sample import')
+def test_release_api_calls_run(hub, capsys):
+    """The release README's calls (RELEASE_CALLS). To fit a CPU test, the device is cpu and the sizes shrink
+    (256 steps x 1024 tokens -> 4 x 32); nothing else changes."""
+    ns = {}  # one session, as a user's
+    for code in RELEASE_CALLS:
         code = code.replace('model.cuda()', 'model.to("cpu")').replace('device="cuda"', 'device="cpu"')
         code = code.replace('num_steps=256', 'num_steps=4').replace('seq_len=1024', 'seq_len=32')
-        exec(compile(code, 'README', 'exec'), ns)
-    assert ('jdeschena/sdtt', 'scaling_400k_md_step_10000') in hub and ('jdeschena/sdtt', 'teacher_1M_sm') in hub
+        exec(compile(code, 'release README', 'exec'), ns)
+    for rev in ('scaling_400k_md_step_10000', 'teacher_1M_sm', 'teacher_400k_large_step_400000'):
+        assert ('jdeschena/sdtt', rev) in hub
     assert ns['tokens'].shape == (8, 32) and ns['tokens'].dtype == torch.int64
     assert len(ns['uncond_text']) == 8 and all(isinstance(t, str) for t in ns['uncond_text'])
     prompt = '<|endoftext|>Today is a great day. The sun is shining,'
