@@ -2,6 +2,7 @@
 SDTT end to end at small scale, with nothing but this repo's scripts: does it work?
 
     python e2e.py                                   # CPU, byte tokenizer, ~19 minutes on 2 cores
+    python e2e.py --replicas=3                      # 3 independent replicas (seeds seed, seed+1, ...) and their spread
     python e2e.py --corpus=openwebtext --tokenizer=gpt2 --seq_len=1024 --device=cuda ...   # bigger, on a GPU
 
 Stages (each one is a plain command of the other scripts, printed and logged to work_dir/logs/):
@@ -15,6 +16,10 @@ Stages (each one is a plain command of the other scripts, printed and logged to 
 A stage that finished leaves work_dir/logs/<stage>.done and is skipped when the command is run again (with other
 settings it is an error: use another work_dir); a training stage that was interrupted continues from its ckpt.pt
 (distill.py --init_from=resume). One e2e.py at a time per work_dir; its commands end with it (Linux).
+With replicas=R > 1, replica k runs all of this in work_dir/replica_k with every seed set to seed + k (teacher, judge,
+SDTT, sampling), and work_dir/results.md and replicas.png report what holds across them: per round, the mean gain
+over the teacher at the same steps with its standard error across replicas, the share of the gap closed, and each
+replica's paired margin.
 """
 import ctypes
 import fcntl
@@ -26,6 +31,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 from configurator import configure
 from evaluate import closer, read_records
@@ -47,24 +54,23 @@ teacher_num_steps = 64             # N: the teacher's step count that the studen
 min_steps = 4                      # the fewest sampling steps evaluated
 n_samples = 512                    # per cell; the noise margins grow as sqrt(n_samples)
 sample_batch = 64
-seed = 1
+seed = 1                           # every run's seed: training (teacher, judge, SDTT) and sampling
 eval_batch = 64
 jobs = 2                           # independent commands run this many at a time (2 cores: 2)
 val_rows = 1024                    # validation rows for the NELBO perplexity (0: all)
+replicas = 1                       # independent replicas (1: everything in work_dir itself)
 config = configure(globals())
 
 py = sys.executable
-data = os.path.join(work_dir, 'data')
-logs = os.path.join(work_dir, 'logs')
-os.makedirs(logs, exist_ok=True)
-timings = {}
+os.makedirs(os.path.join(work_dir, 'logs'), exist_ok=True)
 # one e2e.py per work_dir: its commands inherit the lock, so it is held until the last of them has ended (after a
 # kill -9 of e2e.py they get SIGTERM, save and exit; a rerun started meanwhile would race them over the same files)
-_lock = open(os.path.join(logs, '.lock'), 'w')
+_lock = open(os.path.join(work_dir, 'logs', '.lock'), 'w')
 try:
     fcntl.flock(_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 except BlockingIOError:
     sys.exit(f'e2e.py: another e2e.py, or the commands of one just stopped, still run in {work_dir}: wait for them')
+timings = {}
 
 
 def _end_with_parent():  # (in the child, before exec) Linux: SIGTERM when e2e.py dies, even by kill -9
@@ -74,9 +80,9 @@ def _end_with_parent():  # (in the child, before exec) Linux: SIGTERM when e2e.p
         pass
 
 
-def stage(name, *cmds, parallel=True):
+def stage(logs, name, *cmds, parallel=True):
     """Run the commands of one stage (skipped if it finished before), `jobs` at a time when they are independent,
-    each logging to work_dir/logs/; stop on a failure."""
+    each logging to logs/; stop on a failure."""
     done = os.path.join(logs, name + '.done')
     argv = [cmd[1:] for cmd in cmds]  # (without the interpreter: another venv runs the same stage)
     if os.path.exists(done):
@@ -84,10 +90,10 @@ def stage(name, *cmds, parallel=True):
             before = json.load(f)
         if before.get('commands', argv) != argv:  # its results would be reported under the new settings
             new = sorted({a for c in argv for a in c} - {a for c in before['commands'] for a in c})
-            sys.exit(f'e2e.py: {work_dir} holds a finished {name} stage run with other settings (now {" ".join(new)}): '
-                     f'use another --work_dir, or delete {work_dir} to start over')
+            sys.exit(f'e2e.py: {logs} holds a finished {name} stage run with other settings (now {" ".join(new)}): '
+                     f'use another --work_dir, or delete {os.path.dirname(logs)} to start over')
         print(f'== {name}: done before, skipped')
-        timings[name] = before['seconds']
+        timings[name] = timings.get(name, 0) + before['seconds']
         return
     t0, width = time.time(), min(jobs, len(cmds)) if parallel else 1
     # tiny models run best on one thread each: two processes on two cores beat one process with two threads
@@ -123,9 +129,9 @@ def stage(name, *cmds, parallel=True):
             for p, _ in running:
                 p.wait()
             raise
-    timings[name] = time.time() - t0
-    write_atomic(done, lambda f: f.write(json.dumps({'seconds': timings[name], 'commands': argv}).encode()))
-    print(f'   {name}: {timings[name]:.0f} s', flush=True)
+    timings[name] = timings.get(name, 0) + time.time() - t0
+    write_atomic(done, lambda f: f.write(json.dumps({'seconds': time.time() - t0, 'commands': argv}).encode()))
+    print(f'   {name}: {time.time() - t0:.0f} s', flush=True)
 
 
 def steps_upto(n):
@@ -136,77 +142,145 @@ def extra(args):
     return shlex.split(args)
 
 
+def replica(wd, seed):
+    """The whole pipeline in work dir wd with every seed = seed; writes wd/results.md and returns the SDTT check's
+    rows: one dict per round (steps n, gen-PPLs of teacher@N, teacher@n, student@n, the paired gain and margin)."""
+    data, logs = os.path.join(wd, 'data'), os.path.join(wd, 'logs')
+    os.makedirs(logs, exist_ok=True)
+    stage(logs, 'prepare', [py, 'prepare_data.py', f'--source={corpus}', f'--tokenizer={tokenizer}',
+                            f'--row_len={seq_len}', f'--out_dir={data}', '--overwrite'])
+    common = [f'--data_dir={data}', f'--device={device}', f'--block_size={seq_len}', f'--seed={seed}']
+    stage(logs, 'teacher+judge', [py, 'distill.py', teacher_config, *common, f'--out_dir={wd}/teacher', *extra(teacher_args)],
+          [py, 'distill.py', judge_config, *common, f'--out_dir={wd}/judge', *extra(judge_args)])
+    stage(logs, 'sdtt', [py, 'distill.py', sdtt_config, f'--data_dir={data}', f'--device={device}', f'--seed={seed}',
+                         f'--out_dir={wd}/sdtt', f'--init_from={wd}/teacher', f'--teacher_num_steps={teacher_num_steps}',
+                         *extra(sdtt_args)])
+    # the models: the teacher (EMA weights of its ckpt.pt) and every round's student
+    models = [('teacher', 0, os.path.join(wd, 'teacher'), teacher_num_steps)]
+    for d in sorted(os.listdir(os.path.join(wd, 'sdtt'))):
+        if d.startswith('round_'):
+            r, n = int(d.split('_')[1]), int(d.split('_')[3])
+            models.append((d, r, os.path.join(wd, 'sdtt', d), n))
+    models.sort(key=lambda m: m[1])
+    stage(logs, 'sample', *[[py, 'sample.py', f'--init_from={path}', f'--num_steps={steps}', f'--n_samples={n_samples}',
+                             f'--batch_size={sample_batch}', f'--seq_len={seq_len}', f'--seed={seed}', f'--out_dir={wd}',
+                             f'--device={device}', '--n_print=0', '--overwrite=True']
+                            for name, r, path, n in models
+                            for steps in steps_upto(max(n, teacher_num_steps) if r == 0 else n)])
+    ev = [py, 'evaluate.py', f'--out_dir={wd}', f'--device={device}', f'--batch_size={eval_batch}']
+    # evaluate.py appends to one eval.jsonl: its runs go one at a time
+    stage(logs, 'evaluate', [*ev, '--eval=genppl', f'--samples={wd}/samples/uncond', f'--judge={wd}/judge'],
+          *[[*ev, '--eval=valppl', f'--init_from={path}', f'--data_dir={data}', f'--val_rows={val_rows}']
+            for _, _, path, _ in models],
+          [*ev, '--eval=', '--plot', f'--train_log={wd}/teacher,{wd}/judge,{wd}/sdtt'], parallel=False)
+
+    # ---- tables from eval.jsonl (the last record of each point counts)
+    gen, val = {}, {}
+    for rec in read_records(os.path.join(wd, 'eval.jsonl')):
+        model = os.path.basename(str(rec['model'])).split('@')[0]
+        if rec['eval'] == 'genppl':
+            gen[model, rec['num_steps']] = rec['metrics']
+        elif rec['eval'] == 'valppl':
+            val[model] = rec['metrics']
+    names = [m[0] for m in models]
+    fmt = lambda m: f"{m['gen_ppl']:.2f} ({m['entropy']:.3f})" if m else ''
+    out = [f'# SDTT end to end: {tokenizer} tokens, seq {seq_len}, teacher N = {teacher_num_steps} steps, seed {seed}',
+           '', f'Machine: {machine}; total {time.time() - t_start:.0f} s this run '
+           f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).", '',
+           f'Gen-PPL under the AR judge (entropy in nats), {n_samples} samples of {seq_len} tokens each:', '',
+           '| steps | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
+    for s in sorted({s for (_, s) in gen}):
+        out.append(f'| {s} | ' + ' | '.join(fmt(gen.get((m, s))) for m in names) + ' |')
+    out += ['', 'Validation NELBO perplexity (EMA weights): ' +
+            ', '.join(f"{m} {val[m]['val_ppl']:.3f}" for m in names if m in val), '',
+            f'The SDTT check: after r rounds the student at N/2^r steps against the teacher at N = {teacher_num_steps} '
+            'and at N/2^r steps (closer = smaller |log gen-PPL - log teacher@N|; margin: how much closer, in standard',
+            'errors, paired by sample: every file is sampled with the same seed, so at the same step count sample i of',
+            'the teacher and of the student share their random draws; under 2 it is within the sampling noise;',
+            'evaluate.closer; gap closed: (teacher@steps - student@steps) / (teacher@steps - teacher@N) in gen-PPL):', '',
+            '| round | steps | teacher@N | teacher@steps | student@steps | student closer? | margin (s.e.) | '
+            'gap closed | entropy vs teacher@N |', '|---|---|---|---|---|---|---|---|---|']
+    ref, rows = gen.get(('teacher', teacher_num_steps)), []
+    if not ref:
+        out.append(f'(no gen-PPL of the teacher at N = {teacher_num_steps} steps in eval.jsonl: nothing to compare with)')
+    for name, r, _, n in models[1:]:
+        t_n, s_n = gen.get(('teacher', n)), gen.get((name, n))
+        if ref and t_n and s_n:
+            if not all('nll_per_sample' in m for m in (ref, t_n, s_n)):
+                sys.exit(f'e2e.py: the genppl records in {wd}/eval.jsonl lack nll_per_sample (an older evaluate.py): '
+                         f'delete {logs}/evaluate.done and run again')
+            gain, margin = closer(ref['nll_per_sample'], t_n['nll_per_sample'], s_n['nll_per_sample'])
+            row = dict(round=r, steps=n, ref=ref['gen_ppl'], teacher=t_n['gen_ppl'], student=s_n['gen_ppl'], gain=gain,
+                       margin=margin, closed=(t_n['gen_ppl'] - s_n['gen_ppl']) / (t_n['gen_ppl'] - ref['gen_ppl']),
+                       entropy=s_n['entropy'] / ref['entropy'] - 1)
+            rows.append(row)
+            verdict = ('yes' if gain > 0 else 'no') + (' (within noise)' if abs(margin) < 2 else '')
+            out.append(f"| {r} | {n} | {fmt(ref)} | {fmt(t_n)} | {fmt(s_n)} | {verdict} | {margin:+.1f} | "
+                       f"{100 * row['closed']:.0f}% | {100 * row['entropy']:+.1f}% |")
+    out += ['', f'Plot: {wd}/genppl.png; training curves: {wd}/{{teacher,judge,sdtt}}/train.png']
+    write_atomic(os.path.join(wd, 'results.md'), lambda f: f.write(('\n'.join(out) + '\n').encode()))
+    print('\n'.join(out))
+    return rows
+
+
+def across_replicas(per_replica):
+    """Markdown lines of what holds across replicas: per round the mean paired gain (log gen-PPL) and share of the
+    gap closed, each with its standard error over the replicas (std / sqrt(R)), and every replica's own margin."""
+    R, out = len(per_replica), []
+    out += [f'# SDTT end to end, {R} replicas (seeds {seed}..{seed + R - 1}): {tokenizer} tokens, seq {seq_len}, '
+            f'teacher N = {teacher_num_steps} steps', '', f'Machine: {machine}; total {time.time() - t_start:.0f} s.',
+            '', 'Per round: the student at N/2^r steps against the teacher at N/2^r steps, as seen from teacher@N. gain: '
+            'how much closer to teacher@N in log gen-PPL (paired by sample within a replica); mean +- standard error '
+            'across replicas, and that mean in those standard errors; gap closed: (teacher@steps - student@steps) / '
+            '(teacher@steps - teacher@N) in gen-PPL; margins: each replica\'s gain in its own paired standard errors.',
+            '', '| round | steps | replicas closer | mean gain +- s.e. | gain / s.e. | gap closed (mean +- s.e.) | '
+            'gap closed per replica | margins per replica | entropy vs teacher@N |', '|---' * 9 + '|']
+    rounds = sorted({row['round'] for rows in per_replica for row in rows})
+    for r in rounds:
+        rs = [row for rows in per_replica for row in rows if row['round'] == r]
+        g, c = np.array([x['gain'] for x in rs]), np.array([x['closed'] for x in rs])
+        se = lambda v: v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float('nan')
+        closed, margins = ' / '.join(f'{100 * x:.0f}%' for x in c), ' / '.join(f"{x['margin']:+.1f}" for x in rs)
+        out.append(f"| {r} | {rs[0]['steps']} | {sum(g > 0)}/{len(rs)} | {g.mean():.4f} +- {se(g):.4f} | "
+                   f"{g.mean() / se(g):.1f} | {100 * c.mean():.0f}% +- {100 * se(c):.0f}% | "
+                   f"{closed} | {margins} | "
+                   f"{100 * np.mean([x['entropy'] for x in rs]):+.1f}% |")
+    out += ['', 'Each replica: ' + ', '.join(f'{work_dir}/replica_{k}/results.md' for k in range(R)) +
+            f'; plot: {work_dir}/replicas.png']
+    return out
+
+
+def plot_replicas(per_replica, png):
+    """Share of the teacher's gap closed per round: each replica a dot, the mean with its standard error."""
+    from evaluate import _pyplot
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for k, rows in enumerate(per_replica):
+        ax.plot([x['round'] + 0.06 * (k - (len(per_replica) - 1) / 2) for x in rows], [100 * x['closed'] for x in rows],
+                'o', alpha=0.6, label=f'replica {k} (seed {seed + k})')
+    rounds = sorted({x['round'] for rows in per_replica for x in rows})
+    c = [np.array([100 * x['closed'] for rows in per_replica for x in rows if x['round'] == r]) for r in rounds]
+    ax.errorbar(rounds, [v.mean() for v in c], yerr=[v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0 for v in c],
+                fmt='k_', markersize=18, capsize=4, label='mean +- s.e.')
+    ax.axhline(0, color='grey', lw=0.5)
+    ax.set(xlabel='round r (student at N/2^r steps)', ylabel="share of the teacher's gap closed (%)", xticks=rounds,
+           title=f'SDTT across {len(per_replica)} replicas')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f'e2e.py: stopped by signal {signum}'))
 t_start = time.time()
-stage('prepare', [py, 'prepare_data.py', f'--source={corpus}', f'--tokenizer={tokenizer}', f'--row_len={seq_len}',
-                  f'--out_dir={data}', '--overwrite'])
-common = [f'--data_dir={data}', f'--device={device}', f'--block_size={seq_len}']
-stage('teacher+judge', [py, 'distill.py', teacher_config, *common, f'--out_dir={work_dir}/teacher', *extra(teacher_args)],
-      [py, 'distill.py', judge_config, *common, f'--out_dir={work_dir}/judge', *extra(judge_args)])
-stage('sdtt', [py, 'distill.py', sdtt_config, f'--data_dir={data}', f'--device={device}', f'--out_dir={work_dir}/sdtt',
-               f'--init_from={work_dir}/teacher', f'--teacher_num_steps={teacher_num_steps}', *extra(sdtt_args)])
-
-# the models: the teacher (EMA weights of its ckpt.pt) and every round's student
-models = [('teacher', 0, os.path.join(work_dir, 'teacher'), teacher_num_steps)]
-for d in sorted(os.listdir(os.path.join(work_dir, 'sdtt'))):
-    if d.startswith('round_'):
-        r, n = int(d.split('_')[1]), int(d.split('_')[3])
-        models.append((d, r, os.path.join(work_dir, 'sdtt', d), n))
-models.sort(key=lambda m: m[1])
-sample_cmds = []
-for name, r, path, n in models:
-    for steps in steps_upto(max(n, teacher_num_steps) if r == 0 else n):
-        sample_cmds.append([py, 'sample.py', f'--init_from={path}', f'--num_steps={steps}', f'--n_samples={n_samples}',
-                            f'--batch_size={sample_batch}', f'--seq_len={seq_len}', f'--seed={seed}',
-                            f'--out_dir={work_dir}', f'--device={device}', '--n_print=0', '--overwrite=True'])
-stage('sample', *sample_cmds)
-ev = [py, 'evaluate.py', f'--out_dir={work_dir}', f'--device={device}', f'--batch_size={eval_batch}']
-# evaluate.py appends to one eval.jsonl: its runs go one at a time
-stage('evaluate', [*ev, '--eval=genppl', f'--samples={work_dir}/samples/uncond', f'--judge={work_dir}/judge'],
-      *[[*ev, '--eval=valppl', f'--init_from={path}', f'--data_dir={data}', f'--val_rows={val_rows}']
-        for _, _, path, _ in models],
-      [*ev, '--eval=', '--plot', f'--train_log={work_dir}/teacher,{work_dir}/judge,{work_dir}/sdtt'], parallel=False)
-
-# ---- tables from eval.jsonl (the last record of each point counts)
-recs = read_records(os.path.join(work_dir, 'eval.jsonl'))
-gen, val = {}, {}
-for rec in recs:
-    model = os.path.basename(str(rec['model'])).split('@')[0]
-    if rec['eval'] == 'genppl':
-        gen[model, rec['num_steps']] = rec['metrics']
-    elif rec['eval'] == 'valppl':
-        val[model] = rec['metrics']
-names = [m[0] for m in models]
-all_steps = sorted({s for (_, s) in gen})
-fmt = lambda m: f"{m['gen_ppl']:.2f} ({m['entropy']:.3f})" if m else ''
-out = [f'# SDTT end to end: {tokenizer} tokens, seq {seq_len}, teacher N = {teacher_num_steps} steps', '',
-       f'Machine: {platform.machine()}, {os.cpu_count()} CPUs, device {device}; total {time.time() - t_start:.0f} s '
-       f"this run ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).", '',
-       f'Gen-PPL under the AR judge (entropy in nats), {n_samples} samples of {seq_len} tokens each:', '',
-       '| steps | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
-for s in all_steps:
-    out.append(f'| {s} | ' + ' | '.join(fmt(gen.get((m, s))) for m in names) + ' |')
-out += ['', 'Validation NELBO perplexity (EMA weights): ' +
-        ', '.join(f"{m} {val[m]['val_ppl']:.3f}" for m in names if m in val), '',
-        f'The SDTT check: after r rounds the student at N/2^r steps against the teacher at N = {teacher_num_steps} and at '
-        'N/2^r steps (closer = smaller |log gen-PPL - log teacher@N|; margin: how much closer, in standard errors,',
-        'paired by sample: every file is sampled with the same seed, so at the same step count sample i of the teacher',
-        'and of the student share their random draws; under 2 it is within the sampling noise; evaluate.closer):', '',
-        '| round | steps | teacher@N | teacher@steps | student@steps | student closer? | margin (s.e.) | '
-        'entropy vs teacher@N |', '|---|---|---|---|---|---|---|---|']
-ref = gen.get(('teacher', teacher_num_steps))
-if not ref:
-    out.append(f'(no gen-PPL of the teacher at N = {teacher_num_steps} steps in eval.jsonl: nothing to compare with)')
-for name, r, _, n in models[1:]:
-    t_n, s_n = gen.get(('teacher', n)), gen.get((name, n))
-    if ref and t_n and s_n:
-        if not all('nll_per_sample' in m for m in (ref, t_n, s_n)):
-            sys.exit(f'e2e.py: the genppl records in {work_dir}/eval.jsonl lack nll_per_sample (an older evaluate.py): '
-                     f'delete {logs}/evaluate.done and run again')
-        gain, margin = closer(ref['nll_per_sample'], t_n['nll_per_sample'], s_n['nll_per_sample'])
-        verdict = ('yes' if gain > 0 else 'no') + (' (within noise)' if abs(margin) < 2 else '')
-        out.append(f"| {r} | {n} | {fmt(ref)} | {fmt(t_n)} | {fmt(s_n)} | {verdict} | {margin:+.1f} | "
-                   f"{100 * (s_n['entropy'] / ref['entropy'] - 1):+.1f}% |")
-out += ['', f'Plot: {work_dir}/genppl.png; training curves: {work_dir}/{{teacher,judge,sdtt}}/train.png']
-write_atomic(os.path.join(work_dir, 'results.md'), lambda f: f.write(('\n'.join(out) + '\n').encode()))
-print('\n'.join(out))
+machine = f'{platform.machine()} ({platform.processor() or "?"}), {os.cpu_count()} CPUs, device {device}'
+if replicas < 1:
+    sys.exit(f'e2e.py: replicas must be >= 1, got {replicas}')
+if replicas == 1:
+    replica(work_dir, seed)
+else:
+    per_replica = [replica(os.path.join(work_dir, f'replica_{k}'), seed + k) for k in range(replicas)]
+    out = across_replicas(per_replica)
+    plot_replicas(per_replica, os.path.join(work_dir, 'replicas.png'))
+    write_atomic(os.path.join(work_dir, 'results.md'), lambda f: f.write(('\n'.join(out) + '\n').encode()))
+    print('\n'.join(out))
