@@ -1,7 +1,8 @@
 """
 Benchmarks, printed as a table and appended as JSON lines to out_file:
  (a) sampling latency per batch of the DiT (eager and compiled) against autoregressive generation with a KV cache
-     (the project's causal DiT with sample.sample_ar, and HF GPT-2 `generate`; same width and depth, random weights);
+     (the reference AR network, model.py causal=True, with sample.sample_ar, and HF GPT-2 `generate`; same width and
+     depth, random weights);
  (b) training throughput and MFU of the `mdlm` and `sdtt` steps, and the cost of an sdtt step against its parts
      (K teacher forwards + one student forward/backward);
  (c) on CPU the same quantities with small shapes, read as ratios (absolute CPU times mean little).
@@ -36,7 +37,7 @@ head_only = None            # sampler's output layer at the revealed positions o
 latency = True              # (a): forward and sampling latency (the autoregressive rows compare against it)
 hf_baseline = True          # needs transformers
 hf_batch_sizes = (1, 8)     # also the batch sizes of the project's AR baseline below
-ar_baseline = True          # the project's causal DiT (same width/depth) sampling with its KV cache (sample.sample_ar)
+ar_baseline = True          # the AR baseline (causal=True, same width/depth) sampling with its KV cache (sample.sample_ar)
 train = True
 train_compile_mode = 'default'  # of (b), as distill.py's compile_mode: 'default' | 'max-autotune-no-cudagraphs'
 train_batch = 32            # micro-batch of the training-step benchmark
@@ -136,7 +137,7 @@ def speedups(rec, B, s):
     return rec
 
 
-if ar_baseline:  # the same network with causal attention: BOS + seq_len - 1 tokens, one forward per token, KV cache
+if ar_baseline:  # MDLM/SDTT's AR network (plain pre-LN blocks): BOS + seq_len - 1 tokens, one forward per token, KV cache
     torch._dynamo.reset()  # a fresh cache of compiled versions (see section (b))
     from sample import sample_ar
     ar = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.0, causal=True, **arch)).to(dev).eval()

@@ -2,7 +2,7 @@
 Training for the three objectives of the project, one nanoGPT-style script:
   sdtt  self-distillation through time (SPEC §5): the student matches in one step K ancestral steps of a frozen teacher
   mdlm  masked-diffusion pretraining from scratch with the MDLM NELBO (the teachers)
-  ar    the autoregressive baseline: the same network with causal attention and next-token loss
+  ar    the autoregressive baseline of MDLM/SDTT (model.py, causal=True: plain pre-LN blocks) with next-token loss
 
     python distill.py config/tiny_mdlm.py                                 # CPU, minutes
     torchrun --standalone --nproc_per_node=8 distill.py config/kld_small.py
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
 from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
-from model import (DiT, DiTConfig, check_device, default_meta, load_pretrained, load_state_dict_strict, save_pretrained,
-                   strip_prefix, write_atomic)
+from model import (DiT, DiTConfig, check_device, default_meta, is_ar_state_dict, load_pretrained, load_state_dict_strict,
+                   save_pretrained, strip_prefix, write_atomic)
 from prepare_data import load_meta, open_split
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -274,9 +274,11 @@ def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
         raise ValueError(f'{path} has no state_dict: not an MDLM Lightning checkpoint')
     sd = strip_prefix(ck['state_dict'])
     emb = sd['vocab_embed.embedding']
-    cfg = DiTConfig(vocab_size=emb.shape[0], n_embd=emb.shape[1], cond_dim=sd['sigma_map.mlp.0.weight'].shape[0],
+    ar = is_ar_state_dict(sd)  # MDLM's AR baseline (models/autoregressive.py): no sigma_map, no adaLN
+    cfg = DiTConfig(vocab_size=emb.shape[0], n_embd=emb.shape[1],
+                    cond_dim=DiTConfig.cond_dim if ar else sd['sigma_map.mlp.0.weight'].shape[0],
                     n_layer=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}), n_head=n_head,
-                    block_size=block_size, time_conditioning=time_conditioning)
+                    block_size=block_size, time_conditioning=time_conditioning and not ar, causal=ar)
     model = DiT(cfg)
     shadow = (ck.get('ema') or {}).get('shadow_params')
     if shadow is not None:

@@ -7,14 +7,16 @@ minus their `backbone.` prefix, so loading them is a strict `load_state_dict`.
 
 The network returns raw logits [B, L, V]; the SUBS parameterisation (mask column excluded, carry-over of
 unmasked tokens, fp32 log-softmax) lives in diffusion.py, as in MDLM.
-With causal=True the same network is the autoregressive baseline of the paper (next-token loss in distill.py).
+With causal=True it is the autoregressive baseline of MDLM (models/autoregressive.py) and SDTT (ar_orig.py): the same
+embedding, rotary attention (causal) and MLPs, but plain pre-LN blocks (residual gates 1, no adaLN, no sigma_map) and
+logits linear(norm_final(x)), under the reference's parameter names (next-token loss in distill.py).
 """
 import json
 import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -31,7 +33,7 @@ class DiTConfig:
     cond_dim: int = 128
     dropout: float = 0.1
     time_conditioning: bool = False  # MDLM-OWT and all SDTT models: off (sigma is zeroed)
-    causal: bool = False             # True: the AR baseline (same network, causal attention)
+    causal: bool = False             # True: the reference AR baseline (causal attention, no sigma_map/adaLN)
 
 SIZES = {  # the MDLM/SDTT model sizes (SPEC §2)
     'small': dict(n_layer=12, n_head=12, n_embd=768),
@@ -121,14 +123,19 @@ class DDiTBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)           # only on the two residual branches
         self.norm2 = LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate='tanh'), nn.Linear(4 * d, d))
-        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
-        nn.init.zeros_(self.adaLN_modulation.weight)
-        nn.init.zeros_(self.adaLN_modulation.bias)
+        if not cfg.causal:  # the AR baseline's blocks are plain pre-LN: no modulation, gates fixed at 1
+            self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
+            nn.init.zeros_(self.adaLN_modulation.weight)
+            nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x, cos, sin, c, kv=None, start=0):
         B, L, d = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-        qkv = self.attn_qkv(modulate(self.norm1(x), shift_msa, scale_msa)).view(B, L, 3, self.n_head, d // self.n_head)
+        h = self.norm1(x)
+        if c is not None:  # (c None: the AR baseline's plain pre-LN block, x + attn(LN1(x)), x + mlp(LN2(x)))
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+                self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+            h = modulate(h, shift_msa, scale_msa)
+        qkv = self.attn_qkv(h).view(B, L, 3, self.n_head, d // self.n_head)
         q, k, v = qkv.unbind(dim=2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, hd]
@@ -144,9 +151,11 @@ class DDiTBlock(nn.Module):
             mask = None if L == 1 else torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, L, d)
-        x = x + gate_msa * self.dropout(self.attn_out(y))
-        x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        return x
+        y = self.dropout(self.attn_out(y))
+        x = x + (y if c is None else gate_msa * y)
+        h = self.norm2(x) if c is None else modulate(self.norm2(x), shift_mlp, scale_mlp)
+        y = self.dropout(self.mlp(h))
+        return x + (y if c is None else gate_mlp * y)
 
 
 class DDitFinalLayer(nn.Module):
@@ -154,14 +163,18 @@ class DDitFinalLayer(nn.Module):
         super().__init__()
         self.norm_final = LayerNorm(cfg.n_embd)
         self.linear = nn.Linear(cfg.n_embd, cfg.vocab_size)
-        self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.n_embd)
-        for lin in (self.linear, self.adaLN_modulation):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        if not cfg.causal:  # (the AR baseline: linear(norm_final(x)))
+            self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.n_embd)
+            nn.init.zeros_(self.adaLN_modulation.weight)
+            nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x, c, positions=None):
-        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        x = modulate(self.norm_final(x), shift, scale)
+        x = self.norm_final(x)
+        if c is not None:
+            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+            x = modulate(x, shift, scale)
         if positions is not None:  # only these rows of the flattened [B * L] positions: [M, V]
             x = x.flatten(0, 1).index_select(0, positions)
         return self.linear(x)
@@ -173,9 +186,12 @@ class DiT(nn.Module):
         if cfg.n_head < 1 or cfg.n_embd % cfg.n_head or (cfg.n_embd // cfg.n_head) % 2:
             raise ValueError(f'n_embd={cfg.n_embd} must split into n_head={cfg.n_head} heads of an even size '
                              '(rotary embeddings rotate pairs of dimensions)')
+        if cfg.causal and cfg.time_conditioning:
+            raise ValueError('the AR baseline (causal=True) has no time conditioning: set time_conditioning=False')
         self.config = cfg
         self.vocab_embed = EmbeddingLayer(cfg.n_embd, cfg.vocab_size)
-        self.sigma_map = TimestepEmbedder(cfg.cond_dim)
+        if not cfg.causal:  # (the AR baseline has no time conditioning at all)
+            self.sigma_map = TimestepEmbedder(cfg.cond_dim)
         self.rotary_emb = Rotary(cfg.n_embd // cfg.n_head)
         self.blocks = nn.ModuleList([DDiTBlock(cfg) for _ in range(cfg.n_layer)])
         self.output_layer = DDitFinalLayer(cfg)
@@ -198,7 +214,7 @@ class DiT(nn.Module):
             # the published models were trained with sigma = 0: c is a learned constant, still applied by adaLN
             sigma = torch.zeros(B, device=idx.device)
         x = self.vocab_embed(idx)
-        c = F.silu(self.sigma_map(sigma))
+        c = None if self.config.causal else F.silu(self.sigma_map(sigma))
         cos, sin = self.rotary_emb(start + L, idx.device)  # the angles of positions start .. start + L - 1
         for i, block in enumerate(self.blocks):
             x = block(x, cos[start:], sin[start:], c, None if cache is None else cache[i], start)
@@ -275,6 +291,11 @@ def strip_prefix(state_dict, prefix='backbone.'):
     return state_dict
 
 
+def is_ar_state_dict(sd):
+    """The reference AR network's weights (MDLM models/autoregressive.py): a DiT's without sigma_map or adaLN."""
+    return 'blocks.0.attn_qkv.weight' in sd and not any(k.startswith('sigma_map.') or 'adaLN' in k for k in sd)
+
+
 def load_state_dict_strict(model, state_dict, source='checkpoint'):
     """A strict load whose error names every missing, unexpected or mis-shaped tensor."""
     state_dict = strip_prefix(state_dict)
@@ -288,6 +309,9 @@ def load_state_dict_strict(model, state_dict, source='checkpoint'):
         if missing: msg.append(f'  missing tensors ({len(missing)}): {missing[:10]}')
         if unexpected: msg.append(f'  unexpected tensors ({len(unexpected)}): {unexpected[:10]}')
         if shapes: msg.append(f'  mis-shaped tensors ({len(shapes)}): {shapes[:10]}')
+        if model.config.causal and any('adaLN' in k for k in unexpected):
+            msg.append('  (a causal DiT with adaLN: the AR baseline of an earlier version of this project; the AR '
+                       'baseline is now the reference network without adaLN: train it again with objective=ar)')
         raise ValueError('\n'.join(msg))
     model.load_state_dict(state_dict, strict=True)
     return model
@@ -377,6 +401,8 @@ def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
         sd = strip_prefix(load_file(st_file))
         vocab = sd['vocab_embed.embedding'].shape[0] if 'vocab_embed.embedding' in sd else None
         config = config_from_json(cfg, vocab_size=vocab)
+        if is_ar_state_dict(sd):  # MDLM/SDTT's AR checkpoints need not say causal in their config
+            config = replace(config, causal=True, time_conditioning=False)
     except ValueError as e:
         if isinstance(e, json.JSONDecodeError):  # (a ValueError too) a damaged file, not a wrong layout
             raise ValueError(f'{cfg_file} is not valid JSON ({e}); download it again') from e

@@ -239,7 +239,7 @@ def reference_step(generator):
 @torch.no_grad()
 def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=None, seed=None, generator=None,
               device=None, verbose=False):
-    """Ancestral sampling of a causal DiT (the AR baseline, objective 'ar' of distill.py) with a KV cache, for
+    """Ancestral sampling of the AR baseline (model.py causal=True, objective 'ar' of distill.py) with a KV cache, for
     comparing gen-PPL and latency with the diffusion samplers. Position 0 holds BOS (add_bos; bos_id defaults to
     model.meta['bos_id']); project_fn(x) is applied once to the all-MASK prior, and every position it sets is forced
     (a prompt). Position t is drawn from the logits of position t - 1 at temperature 1, over the real tokens only

@@ -518,6 +518,21 @@ def test_mdlm_lightning_checkpoint_teacher(tmp_path):
         distill.load_lightning_ckpt(str(tmp_path / 'full.ckpt'), n_head=2, block_size=L, time_conditioning=False)
 
 
+def test_mdlm_lightning_checkpoint_of_the_ar_baseline(tmp_path):
+    """MDLM's AR checkpoints (models/autoregressive.py, the reference's names) load strictly as the causal network,
+    EMA by parameter order, and sample/score like the source."""
+    torch.manual_seed(0)
+    m = DiT(DiTConfig(vocab_size=V, block_size=L, n_layer=2, n_head=2, n_embd=32, dropout=0.0, causal=True))
+    params = [torch.randn_like(p) for p in m.parameters()]
+    ck = {'state_dict': {'backbone.' + k: v for k, v in m.state_dict().items()},
+          'ema': {'decay': 0.9999, 'num_updates': 5, 'shadow_params': params}}
+    torch.save(ck, tmp_path / 'ar.ckpt')
+    t = distill.load_lightning_ckpt(str(tmp_path / 'ar.ckpt'), n_head=2, block_size=L, time_conditioning=False)
+    assert t.config.causal and not t.config.time_conditioning and (t.config.n_layer, t.config.n_embd) == (2, 32)
+    for p, e in zip(t.parameters(), params, strict=True):
+        assert torch.equal(p, e)
+
+
 # --------------------------------------------------------------------------------------------- bad input
 def test_loaded_and_resumed_models_keep_their_architecture_and_the_config_says_so(data, teacher_dir, tmp_path, capsys):
     out = str(tmp_path / 'run')

@@ -362,7 +362,7 @@ def test_cli_genppl_mauve_lambada_valppl_plot(tmp, ar_dir, dit_dir, faiss_one_th
     g = next(r for r in recs if r['source'].endswith('r1_T8.npz'))
     assert {'model', 'round', 'num_steps', 'sampler', 'nfe', 'metrics', 'settings', 'commit', 'config'} <= set(g)
     assert g['metrics']['n_samples'] == 4 and g['num_steps'] == 8 and g['round'] == 1 and g['model'] == 'tiny'
-    assert 0 <= recs[5]['metrics']['mauve'] <= 1 and recs[5]['metrics']['n_refs'] == 3
+    assert 0 <= recs[5]['metrics']['mauve'] <= 1 + 1e-9 and recs[5]['metrics']['n_refs'] == 3  # (an area: 1 + 2e-16 seen)
     assert recs[6]['metrics']['n_words'] == 3 and recs[7]['metrics']['n_rows'] == 6
     assert os.path.getsize(os.path.join(out, 'genppl.png')) > 10_000
     # a glob over the directory skips the .jsonl text files sample.py writes beside the .npz

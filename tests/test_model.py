@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from model import DiT, DiTConfig, EmbeddingLayer, load_pretrained, save_pretrained
+from model import SIZES, DiT, DiTConfig, EmbeddingLayer, load_pretrained, save_pretrained
 
 CFG = dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=64, cond_dim=32, dropout=0.0)
 
@@ -98,9 +98,9 @@ def test_parameter_names_shapes_and_counts():
     assert abs(small.num_params() / 1e6 - 169.6) < 0.1
 
 
-@pytest.mark.parametrize('time_conditioning,causal', [(False, False), (True, False), (False, True)])
-def test_forward_matches_independent_reference(time_conditioning, causal):
-    m = random_model(time_conditioning=time_conditioning, causal=causal)
+@pytest.mark.parametrize('time_conditioning', [False, True])
+def test_forward_matches_independent_reference(time_conditioning):
+    m = random_model(time_conditioning=time_conditioning)
     idx = torch.randint(0, CFG['vocab_size'], (3, 20))
     sigma = torch.rand(3) * 3
     with torch.no_grad():
@@ -110,6 +110,67 @@ def test_forward_matches_independent_reference(time_conditioning, causal):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     if not time_conditioning:  # sigma is ignored (zeroed) exactly as the published models expect
         torch.testing.assert_close(m(idx, sigma * 0 + 5.0), out)
+
+
+def reference_ar_forward(sd, n_head, idx):
+    """MDLM's AR network (models/autoregressive.py) written out independently from a state dict, in float64: plain
+    pre-LN blocks x + attn(LN1(x)), x + mlp(LN2(x)) with causal softmax attention and rotary q/k (complex rotation of
+    the pairs (i, i + hd/2)), then linear(LN(x)). No sigma, no modulation."""
+    sd = {k: v.double() for k, v in sd.items()}
+    B, L = idx.shape
+    d = sd['vocab_embed.embedding'].shape[1]
+    hd = d // n_head
+    n_layer = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+    x = sd['vocab_embed.embedding'][idx]
+    angle = torch.arange(L, dtype=torch.float64)[:, None] / 10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    turn = torch.polar(torch.ones_like(angle), angle)  # [L, hd/2]: e^{i pos theta_j}
+
+    def rope(v):  # [B, L, H, hd]: (v_j + i v_{j + hd/2}) * e^{i pos theta_j}
+        z = torch.complex(v[..., :hd // 2], v[..., hd // 2:]) * turn[None, :, None]
+        return torch.cat([z.real, z.imag], -1)
+
+    def norm(v, w):
+        return F.layer_norm(v, (d,), eps=1e-5) * w
+
+    future = torch.ones(L, L, dtype=torch.bool).triu(1)
+    for i in range(n_layer):
+        w = lambda n: sd[f'blocks.{i}.{n}']
+        q, k, v = (norm(x, w('norm1.weight')) @ w('attn_qkv.weight').T).view(B, L, 3, n_head, hd).unbind(2)
+        q, k = rope(q), rope(k)
+        att = (torch.einsum('bqhd,bkhd->bhqk', q, k) / hd ** 0.5).masked_fill(future, float('-inf')).softmax(-1)
+        x = x + torch.einsum('bhqk,bkhd->bqhd', att, v).reshape(B, L, d) @ w('attn_out.weight').T
+        h = F.gelu(norm(x, w('norm2.weight')) @ w('mlp.0.weight').T + w('mlp.0.bias'), approximate='tanh')
+        x = x + h @ w('mlp.2.weight').T + w('mlp.2.bias')
+    return norm(x, sd['output_layer.norm_final.weight']) @ sd['output_layer.linear.weight'].T + sd['output_layer.linear.bias']
+
+
+# the parameter names of MDLM's AR network (models/autoregressive.py; SDTT's ar_orig.py), one block
+REFERENCE_AR_NAMES = ['vocab_embed.embedding', 'rotary_emb.inv_freq', 'blocks.0.norm1.weight', 'blocks.0.attn_qkv.weight',
+                      'blocks.0.attn_out.weight', 'blocks.0.norm2.weight', 'blocks.0.mlp.0.weight', 'blocks.0.mlp.0.bias',
+                      'blocks.0.mlp.2.weight', 'blocks.0.mlp.2.bias', 'output_layer.norm_final.weight',
+                      'output_layer.linear.weight', 'output_layer.linear.bias']
+
+
+def test_ar_baseline_is_the_reference_network():
+    """causal=True builds MDLM/SDTT's AR network: its parameter names in its order (that of the EMA shadow_params of
+    a Lightning checkpoint), its size at 'small' (embedding + 12 (12 d^2 + 7 d) + d + (d + 1) V: 7.4M fewer than the
+    DiT's adaLN and sigma_map), and a forward equal to an independent float64 re-computation."""
+    m = DiT(DiTConfig(**{**CFG, 'n_layer': 1, 'causal': True}))
+    assert list(m.state_dict()) == REFERENCE_AR_NAMES
+    assert [n for n, _ in m.named_parameters()] == [n for n in REFERENCE_AR_NAMES if n != 'rotary_emb.inv_freq']
+    assert m.output_layer.linear.weight.abs().sum() == 0  # zero-initialised head, as the reference's
+    d, V = 768, 50258
+    small = DiT(DiTConfig(vocab_size=V, causal=True, **SIZES['small']))
+    assert small.num_params() == V * d + 12 * (12 * d * d + 7 * d) + d + (d + 1) * V  # 162,246,482
+    assert DiT(DiTConfig(vocab_size=V, **SIZES['small'])).num_params() - small.num_params() == 7_380_736
+    m = random_model(causal=True, n_layer=3)
+    idx = torch.randint(0, CFG['vocab_size'], (3, 20))
+    with torch.no_grad():
+        out = m(idx)
+    torch.testing.assert_close(out.double(), reference_ar_forward(m.state_dict(), CFG['n_head'], idx),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='no time conditioning'):
+        DiT(DiTConfig(**{**CFG, 'causal': True, 'time_conditioning': True}))
 
 
 def test_bidirectional_vs_causal():
@@ -192,11 +253,15 @@ def _write_published(tmp_path, m, layout):
 
 
 @pytest.mark.parametrize('layout', ['mdlm', 'sdtt'])
-def test_load_published_layouts(tmp_path, layout):
-    m = random_model()
+@pytest.mark.parametrize('causal', [False, True])
+def test_load_published_layouts(tmp_path, layout, causal):
+    """Both hub layouts, of the DiT and of the reference AR network (whose config need not say causal: its weights
+    do, without sigma_map and adaLN), load strictly and compute the same logits."""
+    m = random_model(causal=causal)
     d = _write_published(tmp_path, m, layout)
     m2 = load_pretrained(str(d))
     assert not m2.training and m2.config.block_size == CFG['block_size'] and m2.config.dropout == 0.1
+    assert m2.config.causal == causal
     idx = torch.randint(0, CFG['vocab_size'], (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(m2(idx), m(idx), rtol=0, atol=0)
