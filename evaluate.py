@@ -311,8 +311,7 @@ def judge_pass(judge, seqs, batch_size=8, hidden=False, first=None, valid=None):
         else:
             nll = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction='none').view(len(idx), -1)
             if valid is not None:
-                w = _pad([valid[i] for i in idx], judge.device)[0].double()
-                w = F.pad(w, (0, nll.shape[1] - w.shape[1]))  # (the longest sequence has one more position)
+                w = _pad([valid[i] for i in idx], judge.device)[0].double()  # [B, longest - 1], as nll
                 out.append(torch.stack([(nll.double() * w).sum(1), w.sum(1)], 1))
                 idx_all += idx
                 continue

@@ -500,18 +500,20 @@ def test_cli_warns_when_lambada_contexts_are_cut(tmp, dit_dir, capsys):
 
 
 def test_plot_keeps_judges_with_the_same_file_name_apart(tmp, monkeypatch):
-    rec = lambda judge, steps, ppl: dict(eval='genppl', model='m', round=0, num_steps=steps, sampler='ancestral',
-                                         settings={}, config=dict(judge=judge),
-                                         metrics=dict(seq_len=32, gen_ppl=ppl, entropy=4.0))
+    rec = lambda judge, steps, ppl, protocol='sdtt': dict(
+        eval='genppl', model='m', round=0, num_steps=steps, sampler='ancestral', settings={}, config=dict(judge=judge),
+        metrics=dict(seq_len=32, gen_ppl=ppl, entropy=4.0, protocol=protocol))
     jsonl = tmp / 'two_judges.jsonl'
-    jsonl.write_text(''.join(json.dumps(rec(j, n, p)) + '\n' for j, n, p in [
+    jsonl.write_text(''.join(json.dumps(rec(*r)) + '\n' for r in [
         ('out/judge_small/ckpt.pt', 8, 62.0), ('out/judge_small/ckpt.pt', 32, 38.0),
-        ('out/judge_large/ckpt.pt', 8, 52.0), ('out/judge_large/ckpt.pt', 32, 28.0)]))
+        ('out/judge_large/ckpt.pt', 8, 52.0), ('out/judge_large/ckpt.pt', 32, 28.0),
+        ('out/judge_large/ckpt.pt', 8, 42.0, 'duo'), ('out/judge_large/ckpt.pt', 32, 22.0, 'duo')]))
     figs = []
     monkeypatch.setattr(E, '_save_figure', lambda fig, png: figs.append(fig) or png)
     E.plot_genppl(str(jsonl), str(tmp / 'two_judges.png'))
     lines = {ln.get_label(): list(ln.get_ydata()) for ln in figs[0].axes[0].get_lines()}
-    assert lines == {'m round 0 [out/judge_large/ckpt.pt]': [52.0, 28.0], 'm round 0 [out/judge_small/ckpt.pt]': [62.0, 38.0]}
+    assert lines == {'m round 0 [out/judge_large/ckpt.pt]': [52.0, 28.0], 'm round 0 [out/judge_small/ckpt.pt]': [62.0, 38.0],
+                     'm round 0 [out/judge_large/ckpt.pt duo]': [42.0, 22.0]}  # (DUO's protocol: another line)
 
 
 def test_a_record_after_a_line_cut_short_is_kept(tmp, capsys):
