@@ -157,8 +157,9 @@ def sampling_grid(num_steps, eps=SAMPLE_EPS):
 
 
 def prior(model, n_samples, seq_len, mask_id, bos_id=None, add_bos=True, project_fn=None, device='cpu'):
-    """The starting state of a sampler: all-MASK [n_samples, seq_len] with BOS at position 0 (add_bos; bos_id
-    defaults to model.meta['bos_id'] where the model has one), then project_fn(x) (a prompt). Checks the sizes."""
+    """The starting state of a sampler: all-MASK [n_samples, seq_len] (MDLM's _sample_prior), with BOS at position 0
+    if add_bos (bos_id defaults to model.meta['bos_id'] where the model has one), then project_fn(x) (a prompt).
+    Checks the sizes."""
     block_size = getattr(getattr(model, 'config', None), 'block_size', None)
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f'n_samples must be an integer >= 1, got {n_samples!r}')
@@ -168,7 +169,7 @@ def prior(model, n_samples, seq_len, mask_id, bos_id=None, add_bos=True, project
     if bos_id is None:
         bos_id = getattr(model, 'meta', {}).get('bos_id')
     if add_bos and bos_id is not None:
-        x[:, 0] = bos_id  # training rows all start with BOS, so do unconditional samples (MDLM/SDTT)
+        x[:, 0] = bos_id  # as every training row starts (this project's scripts); MDLM/SDTT/DUO: add_bos=False
     return x if project_fn is None else project(project_fn, x)
 
 
@@ -182,12 +183,14 @@ def takes_positions(model):
 @in_eval_mode
 @torch.no_grad()
 def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_bos=True, project_fn=None, cache=False,
-           eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None, head_only=None):
+           eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None, head_only=None,
+           final_step='argmax'):
     """Ancestral ("DDPM") sampling of masked diffusion (SPEC §4), starting from prior() (all-MASK, BOS first), with
     project_fn(x) applied to the prior and after every step, e.g. to write a prompt.
     One step from t to s: a masked position stays masked with probability m(s)/m(t), otherwise takes a token drawn
     in float64 from the SUBS distribution p_theta(x0 | xt). Positions never change once unmasked. After the last step,
-    positions still masked (rare: probability ~1e-5 each) get the argmax of one more forward pass.
+    positions still masked (rare: probability ~1e-5 each) get the argmax of one more forward pass (final_step='argmax',
+    MDLM/SDTT), or a float64 draw from it (final_step='draw': DUO's noise_removal 'ancestral').
     cache=True (MDLM's ddpm_cache, per sequence and one step ahead): a step's prediction is used only where it
     reveals a token, and the host knows where before the forward; so only the sequences that this step changes are
     run (steps that change nothing in a sequence cost it nothing). Nothing is reused, so it is exact for
@@ -212,6 +215,8 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         mask_id = vocab - 1
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
+    if final_step not in ('argmax', 'draw'):
+        raise ValueError(f"final_step must be 'argmax' (MDLM/SDTT) or 'draw' (DUO), got {final_step!r}")
     if device is None:
         p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = p.device if p is not None else torch.device('cpu')
@@ -284,7 +289,12 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         final = forward(x[rows], ts[-1] - dt)[..., :mask_id]
         finite &= gives_distribution(final)
         n_forward += len(rows)
-        x[rows] = torch.where(x[rows] == mask_id, final.argmax(-1), x[rows])
+        if final_step == 'draw':  # (uniforms for every position of these rows, after all the steps' draws)
+            u = to_device(torch.rand(final.shape[:2], dtype=torch.float64, generator=generator), device)
+            fill = draw_categorical(final.flatten(0, 1), u.flatten(), finite=finite).view(final.shape[:2])
+        else:
+            fill = final.argmax(-1)
+        x[rows] = torch.where(x[rows] == mask_id, fill, x[rows])
         if project_fn is not None:
             x = project(project_fn, x)
     check_finite(finite)

@@ -1,10 +1,13 @@
 """
-Evaluation of masked diffusion LMs (SPEC §6): generative perplexity with unigram entropy, MAUVE, LAMBADA,
-validation NELBO perplexity, and the SDTT figure (gen-PPL and entropy against sampling steps).
+Evaluation of masked diffusion LMs (SPEC §6): generative perplexity with unigram entropy (SDTT's protocol, or DUO's:
+--genppl_protocol=duo), MAUVE, LAMBADA (SDTT's accuracy and last-word perplexity; MDLM's whole-passage perplexity:
+--eval=lambada_ppl), validation NELBO perplexity, and the SDTT figure (gen-PPL and entropy against sampling steps).
 
     python evaluate.py --eval=genppl --samples=out/samples/uncond --judge=gpt2-large --plot
+    python evaluate.py --eval=genppl --genppl_protocol=duo ...   # DUO's protocol (its Table 7), see gen_ppl
     python evaluate.py --eval=mauve --samples=out/samples/cond   # sample.py --mode=cond_prefix files (+ their references)
     python evaluate.py --eval=lambada,valppl --init_from=out/ckpt.pt --lambada_path=../shared/data/lambada_openai_test.jsonl --data_dir=data/owt
+    python evaluate.py --eval=lambada_ppl --init_from=kuleshov-group/mdlm-owt   # MDLM's LAMBADA perplexity (47.52)
     python evaluate.py --eval= --plot                  # only redraw out_dir/genppl.png from out_dir/eval.jsonl
     python evaluate.py --eval= --train_log=out/kld_small  # a run's loss and tokens/s -> out/kld_small/train.png
     torchrun --nproc_per_node=8 evaluate.py ...      # the work is sharded across ranks and gathered
@@ -14,8 +17,8 @@ scored (and counted in the entropy), given the prompt. Samples longer than the j
 judge with another tokenizer) are scored in overlapping windows, each token once (n_windowed in the record).
 Every evaluation appends one JSON line to out_dir/eval.jsonl (gen-PPL records carry each sample's NLL, for paired
 comparisons of files sampled with the same seed: closer). The metric functions (gen_ppl, closer, unigram_entropy,
-judge_pass, mauve_score, lambada, val_ppl, read_records, plot_genppl, plot_training) are importable; the script only
-runs under __main__.
+judge_pass, mauve_score, lambada, lambada_ppl, val_ppl, read_records, plot_genppl, plot_training) are importable; the
+script only runs under __main__.
 """
 import glob
 import json
@@ -40,18 +43,21 @@ from prepare_data import get_tokenizer, load_meta, open_split
 from sample import load_samples
 
 # ----------------------------------------------------------------------------------------------------- config
-eval = 'genppl'         # comma list of genppl, mauve, lambada, valppl ('' with --plot: only redraw the figure)
+eval = 'genppl'         # comma list of genppl, mauve, lambada (SDTT: accuracy, last-word ppl), lambada_ppl (MDLM's
+                        # whole-passage per-token ppl), valppl ('' with --plot: only redraw the figure)
 samples = ''            # genppl/mauve: a sample .npz written by sample.py, a glob, or a directory (searched recursively)
 judge = 'gpt2-large'    # genppl/mauve: HF causal LM id or local dir, or a project AR checkpoint (ckpt.pt / its dir)
 judge_dtype = 'float32' # the judge's dtype (SDTT: fp32)
-init_from = ''          # lambada/valppl: the model evaluated (a DiT checkpoint, directory or hub id; or a causal LM)
+genppl_protocol = 'sdtt'  # genppl: 'sdtt' (per-sample mean NLL, ids as sampled) | 'duo' (DUO Table 7: retokenized, EOS
+                          # after the first excluded, per-token mean; padding groups of batch_size samples)
+init_from = ''          # lambada/lambada_ppl/valppl: the model evaluated (a DiT checkpoint, directory or hub id; or a causal LM)
 revision = ''           # hub revision of init_from (jdeschena/sdtt keeps one model per revision)
 dtype = 'bfloat16'      # autocast dtype of init_from on CUDA ('float32': no autocast)
 lambada_path = 'EleutherAI/lambada_openai'  # a jsonl with one {"text": ...} per line, or the HF dataset (test split)
 n_t = 32                # lambada: t draws per passage for the NELBO perplexity
 data_dir = ''           # valppl: a prepare_data.py directory with val.bin and meta.json
 val_rows = 0            # valppl: evaluate the first val_rows rows (0: all)
-val_draws = 4           # valppl: stratified t draws per row
+val_draws = 4           # valppl/lambada_ppl: stratified t draws per row
 mauve_seeds = 5         # mauve: k-means seeds 1..mauve_seeds (SDTT), mean and std reported
 batch_size = 8          # sequences per forward (lambada/valppl: passages/rows x t draws)
 seed = 0
@@ -287,10 +293,11 @@ def unigram_entropy(tokens):
     return -np.bincount(np.repeat(np.arange(N), start.sum(1)), weights=p * np.log(p), minlength=N)
 
 
-def judge_pass(judge, seqs, batch_size=8, hidden=False, first=None):
+def judge_pass(judge, seqs, batch_size=8, hidden=False, first=None, valid=None):
     """One batched pass of the judge over its input sequences. Per sequence: the mean NLL of positions first..n-1
     (default 1; token i predicted from tokens < i), or with hidden=True the last hidden state at its final token
-    (MAUVE's features)."""
+    (MAUVE's features), or with valid (per sequence a bool tensor over its positions 1..n-1: those scored) the sum of
+    their NLLs and their count [N, 2]."""
     longest = max(len(s) for s in seqs)
     if longest > judge.n_ctx:  # gen_ppl splits them (windows); the MAUVE features of a truncated text would be another's
         raise ValueError(f'a judge input is {longest} tokens long, more than the context of {judge.name} ({judge.n_ctx}); '
@@ -303,20 +310,80 @@ def judge_pass(judge, seqs, batch_size=8, hidden=False, first=None):
             out.append(h[torch.arange(len(idx)), attn.sum(1) - 1])
         else:
             nll = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction='none').view(len(idx), -1)
-            valid = attn[:, 1:].double()
+            if valid is not None:
+                w = _pad([valid[i] for i in idx], judge.device)[0].double()  # [B, longest - 1], as nll
+                out.append(torch.stack([(nll.double() * w).sum(1), w.sum(1)], 1))
+                idx_all += idx
+                continue
+            w = attn[:, 1:].double()
             if first is not None:  # position j + 1 is predicted at j
-                start = torch.tensor([first[i] for i in idx], device=valid.device)
-                valid *= torch.arange(1, ids.shape[1], device=valid.device)[None] >= start[:, None]
-            out.append((nll.double() * valid).sum(1) / valid.sum(1))
+                start = torch.tensor([first[i] for i in idx], device=w.device)
+                w *= torch.arange(1, ids.shape[1], device=w.device)[None] >= start[:, None]
+            out.append((nll.double() * w).sum(1) / w.sum(1))
         idx_all += idx
     return _gather(idx_all, _host(out))
 
 
-def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0):
-    """Generative perplexity (SPEC §6): exp of the mean over samples of each sample's mean NLL under the judge, with
-    the mean per-sample unigram entropy next to it. Every sample is scored (none dropped).
-    n_prompt > 0 (prompted samples): the NLL and the entropy of the generated tokens only, after the n_prompt forced
-    ids (scoring the forced text would flatter the samples)."""
+GENPPL_PROTOCOLS = ('sdtt', 'duo')
+
+
+def duo_judge_inputs(judge, tokens, tok_name, group):
+    """DUO's gen-PPL inputs (its metrics.py, record_generative_perplexity): each sample decoded with its special tokens
+    kept and retokenized with the judge's tokenizer (the text between BOS/EOS ids encoded, each BOS/EOS becoming the
+    judge's EOS: GPT-2 parses '<|endoftext|>' so), truncated to the sample length and padded with EOS to the longest
+    of its group of `group` samples (DUO tokenizes one sampling batch with padding=True), cut into rows of the judge's
+    context. Returns (rows, valid, owner): per row, positions 1.. scored except EOS tokens after the row's first one
+    (DUO: valid = (cumsum(ids == eos) == 1) | (ids != eos), position 0 never), and the sample it belongs to."""
+    if judge.kind != 'causal':
+        raise ValueError(f'the judge {judge.name} is a bidirectional diffusion model; use a causal LM or an AR checkpoint')
+    tok, tokens = get_tokenizer(tok_name), np.asarray(tokens, dtype=np.int64)
+    if ((tokens < 0) | (tokens >= tok.mask_token_id)).any():
+        raise ValueError(f'samples contain MASK ids or ids outside the {tok_name!r} tokenizer their settings name')
+    L, eos, seqs = tokens.shape[1], judge.eos, []
+    for row in tokens:
+        ids, start = [], 0
+        for cut in [*np.flatnonzero(np.isin(row, (tok.bos_token_id, tok.eos_token_id))), L]:
+            ids += judge.tok.encode(tok.decode(row[start:cut].tolist())) if cut > start else []
+            ids += [eos] if cut < L else []
+            start = cut + 1
+        seqs.append(ids[:L])
+    rows, valid, owner = [], [], []
+    for g in range(0, len(seqs), group):
+        longest = max(len(s) for s in seqs[g:g + group])
+        for i, s in enumerate(seqs[g:g + group], g):
+            s = torch.tensor(s + [eos] * (longest - len(s)), dtype=torch.long)
+            for r in s.split(judge.n_ctx):  # (DUO: chunks of the judge's context, each scored on its own)
+                is_eos = r == eos
+                rows.append(r)
+                valid.append(((is_eos.cumsum(0) == 1) | ~is_eos)[1:])
+                owner.append(i)
+    return rows, valid, np.array(owner)
+
+
+def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0, protocol='sdtt'):
+    """Generative perplexity with the mean per-sample unigram entropy next to it, under one of two protocols.
+    'sdtt' (SPEC §6, the default): exp of the mean over samples of each sample's mean NLL under the judge, the ids
+    fed as they are (retokenized only for a judge with another tokenizer), positions 1.. all scored, EOS included.
+    Every sample is scored (none dropped). n_prompt > 0 (prompted samples): the NLL and the entropy of the generated
+    tokens only, after the n_prompt forced ids (scoring the forced text would flatter the samples).
+    'duo' (DUO's Table 7 numbers): retokenized, EOS after the first excluded (duo_judge_inputs, padding groups of
+    batch_size samples), and exp(total NLL / total scored tokens): per token, not per sample. Lower than 'sdtt' on the
+    same samples: retokenizing merges non-canonical token splits and the repeated EOS are high-NLL positions."""
+    check_choice('protocol', protocol, GENPPL_PROTOCOLS)
+    if protocol == 'duo':
+        if n_prompt:
+            raise ValueError("protocol='duo' scores unconditional samples only (DUO's protocol has no prompts)")
+        rows, valid, owner = duo_judge_inputs(judge, tokens, tok_name, batch_size)
+        per_row = judge_pass(judge, rows, batch_size, valid=valid)
+        total, count = per_row[:, 0].sum(), per_row[:, 1].sum()
+        sums, counts = (np.bincount(owner, weights=per_row[:, k], minlength=len(tokens)) for k in (0, 1))
+        if count == 0:
+            raise ValueError('no token to score under the DUO protocol (samples of EOS only?)')
+        ent = unigram_entropy(tokens)
+        return dict(gen_ppl=math.exp(total / count), nll_mean=total / count, n_scored=int(count), entropy=ent.mean(),
+                    entropy_std=ent.std(), n_samples=len(tokens), seq_len=tokens.shape[1], n_prompt=0,
+                    retokenized=True, protocol='duo',
+                    nll_per_sample=[round(float(a / b), 6) if b else None for a, b in zip(sums, counts)])
     seqs, first = judge_inputs(judge, tokens, tok_name, n_prompt)
     parts = [(i, *w) for i, (s, f) in enumerate(zip(seqs, first)) for w in windows(s, f, judge.n_ctx, judge.bos)]
     owner, count = np.array([p[0] for p in parts]), np.array([len(p[1]) - p[2] for p in parts])
@@ -326,6 +393,7 @@ def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0):
     return dict(gen_ppl=math.exp(nll.mean()), nll_mean=nll.mean(), nll_std=nll.std(), entropy=ent.mean(),
                 entropy_std=ent.std(), n_samples=len(nll), seq_len=tokens.shape[1], n_prompt=n_prompt,
                 retokenized=tok_name != judge.tok_name, n_windowed=int(sum(len(s) > judge.n_ctx for s in seqs)),
+                protocol='sdtt',
                 nll_per_sample=[round(float(x), 6) for x in nll])  # in sample order: for paired comparisons
 
 
@@ -424,7 +492,8 @@ def _nelbo(lm, x0, maskable, keys, n_t, seed, eps):
 
 
 def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
-    """LAMBADA (SPEC §6). Target = the last word with its leading space. DiT: input BOS + context + MASK per target
+    """LAMBADA (SPEC §6), SDTT's protocol: accuracy and the last-word perplexity lastword_ppl (not MDLM's LAMBADA
+    perplexity, a per-token one over whole passages: lambada_ppl below). Target = the last word with its leading space. DiT: input BOS + context + MASK per target
     token + EOS; accuracy from one forward (argmax over real tokens; all target tokens right); NLL = the NELBO of the
     target tokens with the context clamped, averaged over n_t t draws. Causal LM: BOS + context + target,
     teacher-forced greedy (accuracy) and the exact NLL. ppl = exp(sum of per-word NLLs / n_words). Contexts longer
@@ -468,9 +537,24 @@ def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
             res.append(torch.stack([correct.double(), nll, tgt.sum(1).double()], 1))
             idx_all += grp
     res = _gather(idx_all, _host(res))
-    return dict(lambada_acc=res[:, 0].mean(), lambada_ppl=math.exp(res[:, 1].mean()), nll_per_word=res[:, 1].mean(),
+    return dict(lambada_acc=res[:, 0].mean(), lastword_ppl=math.exp(res[:, 1].mean()), nll_per_word=res[:, 1].mean(),
                 nll_per_token=res[:, 1].sum() / res[:, 2].sum(), n_words=len(res), n_target_tokens=int(res[:, 2].sum()),
                 n_truncated=n_trunc, n_t=n_t if diffusion else None, kind=lm.kind)
+
+
+def _rows_nelbo(lm, rows, draws, seed, batch_size, eps, desc):
+    """Mean per-token NELBO of a DiT over rows [n, L] (all positions maskable, as MDLM), `draws` stratified t >= eps
+    per row, seeded per row."""
+    if lm.kind != 'diffusion':
+        raise ValueError(f'{desc} needs a diffusion DiT; {lm.name} is {lm.kind}')
+    if rows.shape[1] > lm.n_ctx:
+        raise ValueError(f'{desc}: rows of {rows.shape[1]} tokens, more than the block size of {lm.name} ({lm.n_ctx})')
+    idx_all, res = [], []
+    for idx in _batches(len(rows), max(1, batch_size // draws), f'{desc} {lm.name}', lambda i: rows.shape[1]):
+        x0 = torch.from_numpy(np.asarray(rows[idx], dtype=np.int64)).to(lm.device)
+        res.append(_nelbo(lm, x0, torch.ones_like(x0, dtype=torch.bool), idx, draws, seed, eps))
+        idx_all += idx
+    return _gather(idx_all, _host(res)).sum() / rows.size
 
 
 def val_ppl(lm, data_dir, n_rows=0, draws=4, seed=0, batch_size=8, eps=1e-3):
@@ -482,15 +566,36 @@ def val_ppl(lm, data_dir, n_rows=0, draws=4, seed=0, batch_size=8, eps=1e-3):
                          f'{lm.name} is {lm.kind} with {lm.tok_name} ids')
     rows = open_split(data_dir, 'val')
     rows = rows[:n_rows] if n_rows else rows
-    if rows.shape[1] > lm.n_ctx:
-        raise ValueError(f'val rows have {rows.shape[1]} tokens, more than the block size of {lm.name} ({lm.n_ctx})')
-    idx_all, res = [], []
-    for idx in _batches(len(rows), max(1, batch_size // draws), f'val NELBO {lm.name}', lambda i: rows.shape[1]):
-        x0 = torch.from_numpy(np.asarray(rows[idx], dtype=np.int64)).to(lm.device)
-        res.append(_nelbo(lm, x0, torch.ones_like(x0, dtype=torch.bool), idx, draws, seed, eps))
-        idx_all += idx
-    nelbo = _gather(idx_all, _host(res)).sum() / rows.size
+    nelbo = _rows_nelbo(lm, rows, draws, seed, batch_size, eps, 'val NELBO')
     return dict(val_nelbo=nelbo, val_ppl=math.exp(nelbo), n_rows=len(rows), n_tokens=rows.size, draws=draws)
+
+
+def lambada_detokenize(text):
+    """MDLM's lambada_detokenizer: curly double quotes made straight, the passage stripped, behind a newline."""
+    return '\n' + text.replace('\u201c', '"').replace('\u201d', '"').strip()
+
+
+def wrap_rows(texts, tok, L, bos, eos):
+    """MDLM's wrap=True framing: each text tokenized with EOS appended, all concatenated and cut into rows
+    BOS + (L - 2 tokens) + EOS; the remainder (< L - 2 tokens) is dropped. -> (rows [n, L] int64, tokens dropped).
+    (MDLM groups each datasets.map batch of 1000 passages on its own, dropping a remainder per batch: a few rows less.)"""
+    stream = np.fromiter((i for t in texts for i in [*tok.encode(t), eos]), dtype=np.int64)
+    n = len(stream) // (L - 2)
+    body = stream[:n * (L - 2)].reshape(n, L - 2)
+    rows = np.concatenate([np.full((n, 1), bos), body, np.full((n, 1), eos)], 1)
+    return rows, len(stream) - n * (L - 2)
+
+
+def lambada_ppl(lm, texts, draws=4, seed=0, batch_size=8, eps=1e-3):
+    """MDLM's LAMBADA perplexity (mode=ppl_eval, data=lambada, wrap=True; the anchor 47.52): the whole passages through
+    lambada_detokenize, wrapped into rows of the model length (wrap_rows), exp of the per-token NELBO over every token
+    (as val_ppl). Not SDTT's last-word perplexity (lambada)."""
+    rows, dropped = wrap_rows([lambada_detokenize(t) for t in texts], lm.tok, lm.n_ctx, lm.bos, lm.eos)
+    if not len(rows):
+        raise ValueError(f'{len(texts)} passages make less than one row of {lm.n_ctx} tokens')
+    nelbo = _rows_nelbo(lm, rows, draws, seed, batch_size, eps, 'LAMBADA NELBO')
+    return dict(lambada_ppl=math.exp(nelbo), nelbo=nelbo, n_passages=len(texts), n_rows=len(rows),
+                n_tokens=rows.size, n_dropped=dropped, draws=draws)
 
 
 # ----------------------------------------------------------------------------------------------------- outputs
@@ -556,8 +661,9 @@ def plot_genppl(jsonl, png):
             (r['settings'].get('mode') == 'cond_prefix' or r['settings'].get('prompt') or r['settings'].get('prompt_file'))]
     if not recs:
         raise ValueError(f'no genppl records of unconditional samples in {jsonl}: run --eval=genppl first')
-    what = lambda r: (str(r['config'].get('judge')), r['metrics']['seq_len'], str(r.get('sampler')))  # (whole paths:
-    # judges out/judge_small/ckpt.pt and out/judge_large/ckpt.pt are two)
+    what = lambda r: (str(r['config'].get('judge')) + (' duo' if r['metrics'].get('protocol') == 'duo' else ''),
+                      r['metrics']['seq_len'], str(r.get('sampler')))  # (whole paths: judges out/judge_small/ckpt.pt
+    # and out/judge_large/ckpt.pt are two; the DUO protocol's numbers are another line)
     varies = [len({what(r)[k] for r in recs}) > 1 for k in range(3)]
     lines = {}
     for r in recs:
@@ -634,15 +740,16 @@ def plot_training(log_path, png=None):
 def main(argv=None):
     c = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
     evals = [e.strip() for e in c.eval.split(',') if e.strip()]
-    unknown = sorted(set(evals) - {'genppl', 'mauve', 'lambada', 'valppl'})
+    unknown = sorted(set(evals) - {'genppl', 'mauve', 'lambada', 'lambada_ppl', 'valppl'})
     if unknown or not (evals or c.plot or c.train_log):
-        raise ValueError('--eval must be a comma list of genppl, mauve, lambada, valppl (or empty with --plot or '
-                         f'--train_log), got {c.eval!r}')
+        raise ValueError('--eval must be a comma list of genppl, mauve, lambada, lambada_ppl, valppl (or empty with '
+                         f'--plot or --train_log), got {c.eval!r}')
     if 'valppl' in evals and not c.data_dir:
         raise ValueError('--eval=valppl needs --data_dir: a prepare_data.py output directory (val.bin, meta.json)')
     check_sizes(vars(c), val_rows=0, n_t=1, val_draws=1, batch_size=1, mauve_seeds=1)  # (val_rows 0: all rows)
     for key in ('dtype', 'judge_dtype'):
         check_choice(key, getattr(c, key), ('float32', 'bfloat16', 'float16'))
+    check_choice('genppl_protocol', c.genppl_protocol, GENPPL_PROTOCOLS)
     dev = c.device
     check_device(dev)
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # torchrun: every rank scores its share, results are gathered
@@ -667,7 +774,8 @@ def main(argv=None):
             n_prompt = s['prompt_ids'].shape[1] if 'prompt_ids' in s else 0  # forced ids: BOS + the prompt
             if 'genppl' in evals:
                 try:
-                    report('genppl', gen_ppl(judge_lm, s['tokens'], tok_name, c.batch_size, n_prompt), settings, path)
+                    report('genppl', gen_ppl(judge_lm, s['tokens'], tok_name, c.batch_size, n_prompt,
+                                             c.genppl_protocol), settings, path)
                 except ValueError as e:  # which of the files
                     raise ValueError(f'{path}: {e}') from e
             if 'mauve' in evals and settings.get('mode') == 'cond_prefix':
@@ -681,7 +789,7 @@ def main(argv=None):
                     report('mauve', {**mauve_score(p, q, c.mauve_seeds), 'n_samples': len(q), 'n_refs': len(p)}, settings, path)
         if 'mauve' in evals and not n_cond:
             raise ValueError(f'--eval=mauve needs cond_prefix sample files (sample.py --mode=cond_prefix); none in {paths[:3]}')
-    if 'lambada' in evals or 'valppl' in evals:
+    if {'lambada', 'lambada_ppl', 'valppl'} & set(evals):
         lm = LM(c.init_from, dev, c.dtype, c.revision, c.compile)
         settings = dict(model=c.init_from + (f'@{c.revision}' if c.revision else ''), meta=getattr(lm.model, 'meta', {}))
         if 'lambada' in evals:
@@ -690,6 +798,9 @@ def main(argv=None):
             if r['n_truncated'] and rank == 0:  # (a tiny model's 128-token block cuts nearly every passage)
                 print(f"warning: {r['n_truncated']} of {r['n_words']} LAMBADA contexts were cut on the left to fit the "
                       f'{lm.n_ctx}-token context of {lm.name}: not comparable with a full-context evaluation')
+        if 'lambada_ppl' in evals:
+            report('lambada_ppl', lambada_ppl(lm, read_lambada(c.lambada_path), c.val_draws, c.seed, c.batch_size),
+                   settings, c.lambada_path)
         if 'valppl' in evals:
             report('valppl', val_ppl(lm, c.data_dir, c.val_rows, c.val_draws, c.seed, c.batch_size), settings, c.data_dir)
     if c.plot and rank == 0:

@@ -1,7 +1,7 @@
 """
 Sample from a masked diffusion LM (MDLM / SDTT student or teacher) or the causal AR baseline (autoregressively, with
-a KV cache), as a script or as the Python API of the original SDTT release (`from sample import load_small_student`
-where the release has `from sdtt import load_small_student`).
+a KV cache), as a script or as the Python API of the original SDTT release (implemented here; sdtt.py re-exports it,
+so the release's `from sdtt import load_small_student` works as it is).
 
     python sample.py --init_from=jdeschena/sdtt --revision=baselines_kld_step_70000 --num_steps=32 --n_samples=8
     python sample.py --init_from=out/kld_small --prompt="Today is a great day." --n_samples=4 --seq_len=128
@@ -43,10 +43,13 @@ batch_size = 8            # samples per forward batch (per process)
 seq_len = None            # None: the model's block size (1024 for the published models)
 sampler = 'ancestral'     # 'ancestral' | 'cached' (ancestral, runs only the sequences a step changes) | 'analytic'
                           # | 'ancestral_fp32' (the reference's float32 draws: flatters gen-PPL; for comparisons only)
+final_step = 'argmax'     # positions still masked after the last step: 'argmax' (MDLM/SDTT) | 'draw' (DUO's
+                          # noise_removal 'ancestral': a float64 draw from the model's distribution)
 seed = 1
 prompt = ''               # uncond mode: every sample starts with BOS + this text ...
 prompt_file = ''          # ... or with the text of this file
-add_bos = True            # uncond mode: BOS at position 0, as every training row (False: the model generates it)
+add_bos = True            # uncond mode: BOS at position 0, as every training row (this script's choice; False: the
+                          # model generates it from an all-MASK prior, as MDLM, SDTT's release and DUO sample)
 mode = 'uncond'           # 'uncond' | 'cond_prefix' (SPEC §6 MAUVE protocol)
 cond_data = ''            # cond_prefix: a .jsonl(.gz) file (field "text") or a Hugging Face dataset name
 cond_split = 'test'       # split of the HF dataset
@@ -102,15 +105,19 @@ class DiffusionLM(torch.nn.Module):
 
     @torch.no_grad()
     def sample(self, n_samples, num_steps, seq_len=1024, verbose=False, project_fn=None, cache=False, seed=None,
-               sampler='ancestral', add_bos=True, return_nfe=False):
+               sampler='ancestral', add_bos=None, return_nfe=False, final_step='argmax'):
         """Token ids [n_samples, seq_len] (on the model's device); project_fn(x) is applied to the prior and after
         every step (prompting). sampler: 'ancestral', 'analytic' or 'ancestral_fp32' (reference_step: the
         reference's float32 draws, biased, only to compare with numbers sampled that way); cache: run only the
-        sequences a step changes (ancestral only); add_bos: write BOS at position 0 (SPEC §4: unconditional samples start with BOS, as every training row; False
-        lets the model generate position 0). return_nfe: also return the forward passes per sequence.
+        sequences a step changes (ancestral only); add_bos: write BOS at position 0 (True: as every training row
+        starts; the default None is the release's: an all-MASK prior, the model generates position 0, SPEC §4; a causal
+        backbone needs a first token: BOS). return_nfe: also return the forward passes per sequence. final_step: what
+        fills positions still masked after the last step, 'argmax' (MDLM/SDTT) or 'draw' (DUO).
         A causal backbone (the AR baseline) samples autoregressively with a KV cache (sample_ar): num_steps, cache
         and sampler do not apply; project_fn forces the positions it sets."""
         check_choice('sampler', sampler, SAMPLERS)
+        if add_bos is None:  # (the release's prior; the AR baseline starts from BOS)
+            add_bos = self.backbone.config.causal
         if self.backbone.config.causal:
             tokens, nfe = sample_ar(self.backbone, n_samples, seq_len, bos_id=self.meta.get('bos_id'), add_bos=add_bos,
                                     project_fn=project_fn, seed=seed, verbose=verbose)
@@ -124,7 +131,7 @@ class DiffusionLM(torch.nn.Module):
             step_fn = reference_step(torch.Generator(self.device).manual_seed(seed))
         tokens, nfe = diffusion.sample(self.backbone, n_samples, num_steps, seq_len, mask_id=self.meta['mask_id'],
                                        bos_id=self.meta.get('bos_id'), add_bos=add_bos, project_fn=project_fn,
-                                       cache=cache, seed=seed, verbose=verbose, step_fn=step_fn)
+                                       cache=cache, seed=seed, verbose=verbose, step_fn=step_fn, final_step=final_step)
         return (tokens, nfe) if return_nfe else tokens
 
 
@@ -359,6 +366,7 @@ def main(argv=None):
     config = dict(vars(c))
     check_choice('sampler', c.sampler, ('cached', *SAMPLERS))
     check_choice('mode', c.mode, ('uncond', 'cond_prefix'))
+    check_choice('final_step', c.final_step, ('argmax', 'draw'))
     check_sizes(config, batch_size=1, n_samples=1, n_prompts=1, n_continuations=1,
                 **{k: 1 for k in ('num_steps', 'seq_len') if config[k] is not None})
     if c.mode == 'cond_prefix' and (not c.cond_data or not 0 < c.prefix_len < c.cond_len <= c.min_doc_len):
@@ -414,6 +422,7 @@ def main(argv=None):
         tag = '_prompt' + hashlib.sha1(text.encode()).hexdigest()[:8]
     kind = 'uncond' if c.mode == 'uncond' and prompts is None else 'cond'
     tag += '_nobos' if kind == 'uncond' and not c.add_bos else ''
+    tag += '_drawlast' if c.final_step == 'draw' and not causal else ''
     name = re.sub(r'[^A-Za-z0-9._@-]+', '-', lm.name).strip('-') + \
         (f"_r{lm.meta['round']}" if lm.meta.get('round') is not None else '')
     how = 'ar' if causal else f'{c.sampler}_T{c.num_steps}'
@@ -433,7 +442,7 @@ def main(argv=None):
         tb = time.time()
         x, f = lm.sample(b, c.num_steps, L, verbose=c.verbose, project_fn=proj, cache=c.sampler == 'cached',
                          seed=batch_seed(c.seed, i), sampler='ancestral' if c.sampler == 'cached' else c.sampler,
-                         add_bos=c.add_bos, return_nfe=True)
+                         add_bos=c.add_bos, return_nfe=True, final_step=c.final_step)
         mine.append((i, x.cpu().numpy()))  # the .cpu() waits for the batch: the timing below is real
         nfe += f * b
         tb = time.time() - tb

@@ -184,6 +184,66 @@ def test_gen_ppl_scores_inputs_longer_than_the_judge_in_windows(tmp):
         E.judge_pass(short, list(torch.from_numpy(tokens)), hidden=True)
 
 
+class UnigramJudge:
+    """A judge whose next-token distribution is exp(lp) whatever the context: every NLL is -lp[id], by hand."""
+    kind, name, n_ctx, device, mask = 'causal', 'unigram', 1024, torch.device('cpu'), None
+
+    def __init__(self, tok_name, lp):
+        self.tok, self.tok_name, self.lp, self.n_real = get_tokenizer(tok_name), tok_name, lp, len(lp)
+        self.bos = self.eos = self.tok.eos_token_id
+
+    def logits(self, ids, attn=None, hidden=False, positions=None):
+        return self.lp.expand(*ids.shape, -1), None
+
+
+def test_gen_ppl_duo_protocol_hand_checked():
+    """DUO's protocol on three GPT-2 samples whose scored tokens are written out by hand: retokenized (' ' + 'the'
+    becomes ' the'), position 0 never scored, of the EOS only the first of a sample (a padding EOS too, when the
+    sample has none), and exp(total NLL / total count). Each rule changes the number; the SDTT protocol's too."""
+    torch.manual_seed(0)
+    lp = torch.log_softmax(3 * torch.randn(50257, dtype=torch.float64), -1)
+    judge, E_ = UnigramJudge('gpt2', lp), 50256
+    THE, _THE, SP, CAT, DOG, HELLO, WORLD, A, SAT = 1169, 262, 220, 3797, 3290, 15496, 995, 257, 3332
+    tokens = np.array([[E_, SP, THE, CAT, E_, E_, DOG],       # -> E ' the' ' cat' E E ' dog' (+ a pad E)
+                       [HELLO, E_, WORLD, E_, E_, A, SAT],    # canonical already: the first E is scored
+                       [HELLO, SP, THE, CAT, SAT, A, DOG]])   # -> 6 tokens, no E: its first padding E is scored
+    nll = lambda ids: [-lp[i].item() for i in ids]
+    scored = [[_THE, CAT, DOG], [E_, WORLD, A, SAT], [_THE, CAT, SAT, A, DOG, E_]]
+    total = sum(sum(nll(s)) for s in scored)
+    count = sum(len(s) for s in scored)
+    r = E.gen_ppl(judge, tokens, 'gpt2', batch_size=8, protocol='duo')
+    assert r['protocol'] == 'duo' and r['n_scored'] == count == 13
+    assert r['gen_ppl'] == pytest.approx(math.exp(total / count), rel=1e-12)
+    assert r['nll_per_sample'] == pytest.approx([np.mean(nll(s)) for s in scored], abs=1e-6)
+    assert r['entropy'] == pytest.approx(E.unigram_entropy(tokens).mean())
+    # each rule matters here: per-sample means, every EOS scored, no retokenization all give other numbers
+    per_sample = math.exp(np.mean([np.mean(nll(s)) for s in scored]))
+    all_eos = [[_THE, CAT, E_, E_, DOG, E_], [E_, WORLD, E_, E_, A, SAT], scored[2]]
+    raw = [[SP, THE, CAT, DOG], [E_, WORLD, A, SAT], [SP, THE, CAT, SAT, A, DOG]]
+    for other in (per_sample, *(math.exp(sum(sum(nll(s)) for s in ss) / sum(map(len, ss))) for ss in (all_eos, raw))):
+        assert abs(other / r['gen_ppl'] - 1) > 1e-3
+    # the SDTT protocol: the ids as sampled, positions 1..6 all scored, the mean of per-sample means
+    sdtt = E.gen_ppl(judge, tokens, 'gpt2', batch_size=8)
+    assert sdtt['protocol'] == 'sdtt'
+    assert sdtt['gen_ppl'] == pytest.approx(math.exp(np.mean([np.mean(nll(t[1:])) for t in tokens])), rel=1e-12)
+    # padding is per group of batch_size samples (DUO pads one sampling batch): alone, the third sample has no pad
+    alone = E.gen_ppl(judge, tokens, 'gpt2', batch_size=1, protocol='duo')
+    assert alone['n_scored'] == count - 1
+    assert alone['nll_per_sample'][2] == pytest.approx(np.mean(nll(scored[2][:-1])), abs=1e-6)
+    with pytest.raises(ValueError, match='unconditional'):
+        E.gen_ppl(judge, tokens, 'gpt2', protocol='duo', n_prompt=2)
+
+
+def test_gen_ppl_duo_protocol_truncates_to_the_sample_length():
+    """Bytes that are no UTF-8 decode to U+FFFD, 3 bytes when encoded again: the retokenized text is longer than the
+    sample and is cut to its length (then scored with the EOS rule)."""
+    lp = torch.log_softmax(torch.linspace(-3, 3, 257, dtype=torch.float64), -1)
+    judge = UnigramJudge('byte', lp)
+    r = E.gen_ppl(judge, np.array([[104, 0xFF, 105, 256, 0xFF, 106]]), 'byte', protocol='duo')
+    kept = [239, 191, 189, 105, 256]  # of 104 239 191 189 105 256 | 239 191 189 106
+    assert r['n_scored'] == 5 and r['gen_ppl'] == pytest.approx(math.exp(-np.mean([lp[i].item() for i in kept])))
+
+
 def test_unigram_entropy_hand_made():
     h = E.unigram_entropy(np.array([[1, 1, 1, 1], [1, 2, 3, 4], [7, 2, 7, 2], [5, 5, 5, 9]]))
     expected = [0.0, math.log(4), math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
@@ -225,6 +285,35 @@ def test_lambada_accuracy_known_answers(tmp, dit_dir):
     logp = torch.log_softmax(fake_dit(torch.zeros(1, 40, dtype=torch.long))[0, -5:-1, :257], -1)
     exact = [-logp[torch.arange(4), list(w)].sum().item() * (1 - 1e-3) for w in (b' dog', b' cat', b' dog')]
     assert r['nll_per_word'] == pytest.approx(np.mean(exact), rel=0.03)
+
+
+def test_lambada_ppl_is_mdlms_wrapped_per_token_protocol(dit_dir):
+    """MDLM's LAMBADA perplexity: passages detokenized ('\\n' + stripped, curly double quotes straight), EOS after
+    each, concatenated and cut into BOS + 6 + EOS rows (model length 8), the remainder dropped; then the per-token
+    NELBO of every token of the rows. A denoiser with the same distribution everywhere makes it (1 - 1e-3) x the mean
+    -log p of the row tokens in expectation."""
+    texts = ['He said \u201chi\u201d ', '  ok', 'xyz']
+    stream = [*b'\nHe said "hi"', 256, *b'\nok', 256, *b'\nxyz', 256]  # 13 + 1 + 3 + 1 + 4 + 1 = 23 tokens
+    rows, dropped = E.wrap_rows([E.lambada_detokenize(t) for t in texts], get_tokenizer('byte'), 8, 256, 256)
+    assert rows.tolist() == [[256, *stream[i:i + 6], 256] for i in (0, 6, 12)] and dropped == 23 - 18
+    lp = torch.log_softmax(torch.linspace(-2, 2, 257), -1)
+    lm = E.LM(dit_dir[0])
+    lm.n_ctx = 8
+    lm.fwd = lambda ids, sigma=None, positions=None: torch.cat([lp, torch.tensor([0.0])]).expand(len(positions), -1)
+    r = E.lambada_ppl(lm, texts, draws=2048, batch_size=4096)
+    assert (r['n_rows'], r['n_tokens'], r['n_dropped'], r['n_passages']) == (3, 24, 5, 3)
+    exact = (1 - 1e-3) * -lp[torch.from_numpy(rows)].double().mean().item()
+    assert r['nelbo'] == pytest.approx(exact, rel=0.02) and r['lambada_ppl'] == pytest.approx(math.exp(r['nelbo']))
+
+
+def test_cli_lambada_ppl_record(tmp, dit_dir):
+    lam = write_lambada(tmp / 'lambada_many.jsonl', [f'Passage {i} ends with the word dog' for i in range(12)])
+    out = tmp / 'lambada_ppl'
+    run_cli('--eval=lambada_ppl', f'--init_from={dit_dir[0]}', f'--lambada_path={lam}', '--val_draws=2', f'--out_dir={out}')
+    rec = json.loads(open(out / 'eval.jsonl').readline())
+    want = E.lambada_ppl(E.LM(dit_dir[0]), E.read_lambada(lam), draws=2)
+    assert rec['eval'] == 'lambada_ppl' and rec['metrics']['n_rows'] == 3  # 12 x 35 tokens -> 3 rows of 126 + 2
+    assert rec['metrics']['lambada_ppl'] == pytest.approx(want['lambada_ppl'], rel=1e-9)
 
 
 def test_nelbo_equals_mdlm_loss_on_the_same_draws(dit_dir):
@@ -285,7 +374,7 @@ def test_lambada_hf_gpt2_matches_direct(tmp, gpt2_dir):
         nlls.append(-lp[torch.arange(len(w)), w].sum().item())
         correct.append(lp.argmax(-1).tolist() == w)
     assert r['lambada_acc'] == np.mean(correct) and r['n_truncated'] == 0
-    assert r['lambada_ppl'] == pytest.approx(math.exp(np.mean(nlls)), rel=1e-5)
+    assert r['lastword_ppl'] == pytest.approx(math.exp(np.mean(nlls)), rel=1e-5)
 
 
 def test_compiled_project_judge_gives_features_and_takes_int32(ar_dir):
@@ -386,6 +475,23 @@ def test_cli_prompted_files_records_and_plot_filter(tmp, ar_dir):
         E.plot_genppl(str(out / 'eval.jsonl'), str(out / 'g.png'))
 
 
+def test_cli_genppl_protocol_duo_is_recorded(tmp, ar_dir):
+    out = tmp / 'duo'
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 257, (5, 20))  # some EOS (256) among the bytes
+    settings = dict(model='tiny', num_steps=8, sampler='ancestral', meta=BYTE_META)
+    save_samples(str(out / 'samples' / 'uncond' / 'u'), tokens, settings, ['x'] * 5)
+    run_cli('--eval=genppl', f'--samples={out}/samples', f'--judge={ar_dir[0]}', f'--out_dir={out}',
+            '--genppl_protocol=duo', '--batch_size=2')
+    rec = json.loads(open(out / 'eval.jsonl').readline())
+    want = E.gen_ppl(E.LM(ar_dir[0]), tokens, 'byte', batch_size=2, protocol='duo')
+    assert rec['metrics']['protocol'] == rec['config']['genppl_protocol'] == 'duo'
+    assert rec['metrics']['gen_ppl'] == pytest.approx(want['gen_ppl'], rel=1e-9)
+    assert want['gen_ppl'] != pytest.approx(E.gen_ppl(E.LM(ar_dir[0]), tokens, 'byte')['gen_ppl'], rel=1e-3)
+    with pytest.raises(ValueError, match='genppl_protocol must be one of'):
+        E.main(['--eval=genppl', f'--samples={out}/samples', '--genppl_protocol=mdlm'])
+
+
 def test_cli_warns_when_lambada_contexts_are_cut(tmp, dit_dir, capsys):
     lam = write_lambada(tmp / 'long_lambada.jsonl', ['word ' * 40 + 'end', 'The old man walked his dog'])
     run_cli('--eval=lambada', f'--init_from={dit_dir[0]}', f'--lambada_path={lam}', '--n_t=1',
@@ -394,18 +500,20 @@ def test_cli_warns_when_lambada_contexts_are_cut(tmp, dit_dir, capsys):
 
 
 def test_plot_keeps_judges_with_the_same_file_name_apart(tmp, monkeypatch):
-    rec = lambda judge, steps, ppl: dict(eval='genppl', model='m', round=0, num_steps=steps, sampler='ancestral',
-                                         settings={}, config=dict(judge=judge),
-                                         metrics=dict(seq_len=32, gen_ppl=ppl, entropy=4.0))
+    rec = lambda judge, steps, ppl, protocol='sdtt': dict(
+        eval='genppl', model='m', round=0, num_steps=steps, sampler='ancestral', settings={}, config=dict(judge=judge),
+        metrics=dict(seq_len=32, gen_ppl=ppl, entropy=4.0, protocol=protocol))
     jsonl = tmp / 'two_judges.jsonl'
-    jsonl.write_text(''.join(json.dumps(rec(j, n, p)) + '\n' for j, n, p in [
+    jsonl.write_text(''.join(json.dumps(rec(*r)) + '\n' for r in [
         ('out/judge_small/ckpt.pt', 8, 62.0), ('out/judge_small/ckpt.pt', 32, 38.0),
-        ('out/judge_large/ckpt.pt', 8, 52.0), ('out/judge_large/ckpt.pt', 32, 28.0)]))
+        ('out/judge_large/ckpt.pt', 8, 52.0), ('out/judge_large/ckpt.pt', 32, 28.0),
+        ('out/judge_large/ckpt.pt', 8, 42.0, 'duo'), ('out/judge_large/ckpt.pt', 32, 22.0, 'duo')]))
     figs = []
     monkeypatch.setattr(E, '_save_figure', lambda fig, png: figs.append(fig) or png)
     E.plot_genppl(str(jsonl), str(tmp / 'two_judges.png'))
     lines = {ln.get_label(): list(ln.get_ydata()) for ln in figs[0].axes[0].get_lines()}
-    assert lines == {'m round 0 [out/judge_large/ckpt.pt]': [52.0, 28.0], 'm round 0 [out/judge_small/ckpt.pt]': [62.0, 38.0]}
+    assert lines == {'m round 0 [out/judge_large/ckpt.pt]': [52.0, 28.0], 'm round 0 [out/judge_small/ckpt.pt]': [62.0, 38.0],
+                     'm round 0 [out/judge_large/ckpt.pt duo]': [42.0, 22.0]}  # (DUO's protocol: another line)
 
 
 def test_a_record_after_a_line_cut_short_is_kept(tmp, capsys):

@@ -135,6 +135,38 @@ def test_release_api_calls_run(hub, capsys):
     assert (ns['tokens'][:, :ns['prompt_len']] == ns['prompt_tokens']).all()
 
 
+def test_release_api_from_sdtt_with_the_releases_prior(hub):
+    """`import sdtt` gives the release's loaders (the same functions as sample.py's), and the calls of the release
+    README work as written there (sizes shrunk for a CPU test). model.sample starts from an all-MASK prior (MDLM's
+    _sample_prior, SDTT's add_bos=False): position 0 is the model's, not a forced BOS; add_bos=True forces it."""
+    import sdtt
+    assert sdtt.load_small_student is sample.load_small_student and sdtt.DiffusionLM is sample.DiffusionLM
+    sdtt.load_mdlm_small()
+    for loss, rnd in (('kld', 7), ('mse', 2), ('tvd', 1)):
+        sdtt.load_small_student(loss=loss, round=rnd)
+    for size, rnd in (('sm', 7), ('md', 1), ('large', 3)):
+        sdtt.load_scaling_student(size=size, round=rnd)
+        sdtt.load_scaling_teacher(size=size)
+    assert ('jdeschena/sdtt', 'teacher_400k_large_step_400000') in hub and len(hub) == 10
+    model = sdtt.load_small_student(loss='kld', round=7)
+    model.to('cpu')
+    tokens = model.sample(n_samples=8, num_steps=4, seq_len=32, verbose=True, seed=3)
+    want, _ = diffusion.sample(model.backbone, 8, 4, 32, add_bos=False, seed=3)
+    assert torch.equal(tokens, want) and (tokens[:, 0] != 50256).any()
+    assert (model.sample(n_samples=8, num_steps=4, seq_len=32, add_bos=True, seed=3)[:, 0] == 50256).all()
+    assert len(model.tokenizer.batch_decode(tokens)) == 8
+    prompt_tokens = model.tokenizer('Today is a great day.')['input_ids']
+    prompt_tokens.insert(0, model.tokenizer.bos_token_id)
+    prompt_tokens = torch.tensor(prompt_tokens)
+
+    def project_fn(x):
+        x[:, :len(prompt_tokens)] = prompt_tokens
+        return x
+    tokens = model.sample(n_samples=8, num_steps=4, seq_len=32, verbose=True, project_fn=project_fn)
+    assert (tokens[:, :len(prompt_tokens)] == prompt_tokens).all()
+    assert all(t.startswith('<|endoftext|>Today is a great day.') for t in model.tokenizer.batch_decode(tokens))
+
+
 def test_analytic_transition_equals_ancestral():
     """SEDD's score-based step and the ancestral step are the same distribution for the absorbing process."""
     g = torch.Generator().manual_seed(0)
@@ -191,7 +223,7 @@ def test_cli_sampler_cache_and_add_bos_reach_the_sampler(byte_dir, tmp_path):
     lm = sample.load_model(byte_dir)
     base = [f'--init_from={byte_dir}', '--seq_len=16', '--num_steps=64', '--n_samples=2', '--batch_size=2', '--seed=3',
             f'--out_dir={tmp_path}', '--n_print=0']
-    api = lambda **kw: lm.sample(2, 64, 16, seed=sample.batch_seed(3, 0), **kw).numpy()
+    api = lambda **kw: lm.sample(2, 64, 16, seed=sample.batch_seed(3, 0), **{'add_bos': True, **kw}).numpy()
     out = {s: sample.load_samples(sample.main(base + [f'--sampler={s}']))
            for s in ('ancestral', 'analytic', 'cached', 'ancestral_fp32')}
     for s in ('analytic', 'ancestral_fp32'):
@@ -201,6 +233,30 @@ def test_cli_sampler_cache_and_add_bos_reach_the_sampler(byte_dir, tmp_path):
     assert out['ancestral']['settings']['nfe'] == 64 and out['cached']['settings']['nfe'] <= 15  # 15 masked positions
     nobos = sample.load_samples(sample.main(base + ['--add_bos=False']))
     assert np.array_equal(nobos['tokens'], api(add_bos=False)) and (nobos['tokens'][:, 0] != 256).any()
+    path = sample.main(base + ['--final_step=draw'])
+    drawn = sample.load_samples(path)
+    assert path.endswith('_drawlast') and drawn['settings']['final_step'] == 'draw'
+    assert np.array_equal(drawn['tokens'], api(final_step='draw'))
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'denoiser' predicting token 0 w.p. 0.6 and token 1 w.p. 0.4 everywhere (MASK, id 2, excluded by the sampler)."""
+    def forward(self, x, sigma):
+        return torch.tensor([0.6, 0.4, 1.0]).log().expand(*x.shape, 3)
+
+
+def test_final_step_argmax_or_draw():
+    """Positions still masked after the last step: the argmax (MDLM/SDTT) or a float64 draw (DUO). One step stopping
+    at t = 0.5 leaves each position masked w.p. m(0.5)/m(1) ~ 1/2; the same seed gives the same step, so the two runs
+    differ exactly where the final draw gave token 1: ~0.4 of those positions, ~0.2 of all; the argmax never does."""
+    kw = dict(n_samples=64, num_steps=1, seq_len=64, mask_id=2, add_bos=False, eps=0.5, seed=0, device='cpu')
+    greedy, _ = diffusion.sample(FixedLogits(), **kw)
+    drawn, _ = diffusion.sample(FixedLogits(), final_step='draw', **kw)
+    differ = greedy != drawn
+    assert (greedy[differ] == 0).all() and (drawn[differ] == 1).all()
+    assert 0.17 < differ.double().mean() < 0.23
+    with pytest.raises(ValueError, match="final_step must be 'argmax'"):
+        diffusion.sample(FixedLogits(), final_step='greedy', **kw)
 
 
 def test_reference_fp32_sampler_starves_rare_tokens_more_the_more_steps():
