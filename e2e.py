@@ -33,6 +33,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 from configurator import configure
 from evaluate import closer, read_records
@@ -50,7 +51,8 @@ sdtt_config = 'config/tiny_kld.py'
 teacher_args = ''                  # extra --key=value for the teacher run (e.g. '--max_iters=2000')
 judge_args = ''
 sdtt_args = ''
-teacher_num_steps = 64             # N: the teacher's step count that the students learn to match
+teacher_num_steps = 32             # N: the teacher's step count that the students learn to match (the
+                                   # tiny teacher gains nothing from 32 to 64 steps: no gap for a round to close)
 min_steps = 4                      # the fewest sampling steps evaluated
 n_samples = 512                    # per cell; the noise margins grow as sqrt(n_samples)
 sample_batch = 64
@@ -166,7 +168,7 @@ def replica(wd, seed):
                              f'--batch_size={sample_batch}', f'--seq_len={seq_len}', f'--seed={seed}', f'--out_dir={wd}',
                              f'--device={device}', '--n_print=0', '--overwrite=True']
                             for name, r, path, n in models
-                            for steps in steps_upto(max(n, teacher_num_steps) if r == 0 else n)])
+                            for steps in steps_upto(2 * n if r == 0 else n)])  # (teacher: to 2N, is N enough?)
     ev = [py, 'evaluate.py', f'--out_dir={wd}', f'--device={device}', f'--batch_size={eval_batch}']
     # evaluate.py appends to one eval.jsonl: its runs go one at a time
     stage(logs, 'evaluate', [*ev, '--eval=genppl', f'--samples={wd}/samples/uncond', f'--judge={wd}/judge'],
@@ -197,7 +199,8 @@ def replica(wd, seed):
             'and at N/2^r steps (closer = smaller |log gen-PPL - log teacher@N|; margin: how much closer, in standard',
             'errors, paired by sample: every file is sampled with the same seed, so at the same step count sample i of',
             'the teacher and of the student share their random draws; under 2 it is within the sampling noise;',
-            'evaluate.closer; gap closed: (teacher@steps - student@steps) / (teacher@steps - teacher@N) in gen-PPL):', '',
+            'evaluate.closer; gap closed: (teacher@steps - student@steps) / (teacher@steps - teacher@N) in gen-PPL, when',
+            'that gap is beyond the noise (2 paired s.e.); "no gap" otherwise, as a share of noise means nothing):', '',
             '| round | steps | teacher@N | teacher@steps | student@steps | student closer? | margin (s.e.) | '
             'gap closed | entropy vs teacher@N |', '|---|---|---|---|---|---|---|---|---|']
     ref, rows = gen.get(('teacher', teacher_num_steps)), []
@@ -210,39 +213,49 @@ def replica(wd, seed):
                 sys.exit(f'e2e.py: the genppl records in {wd}/eval.jsonl lack nll_per_sample (an older evaluate.py): '
                          f'delete {logs}/evaluate.done and run again')
             gain, margin = closer(ref['nll_per_sample'], t_n['nll_per_sample'], s_n['nll_per_sample'])
+            gap = closer(ref['nll_per_sample'], t_n['nll_per_sample'], ref['nll_per_sample'])[1]  # the teacher's own
             row = dict(round=r, steps=n, ref=ref['gen_ppl'], teacher=t_n['gen_ppl'], student=s_n['gen_ppl'], gain=gain,
-                       margin=margin, closed=(t_n['gen_ppl'] - s_n['gen_ppl']) / (t_n['gen_ppl'] - ref['gen_ppl']),
-                       entropy=s_n['entropy'] / ref['entropy'] - 1)
+                       margin=margin, gap_margin=gap, entropy=s_n['entropy'] / ref['entropy'] - 1)
             rows.append(row)
             verdict = ('yes' if gain > 0 else 'no') + (' (within noise)' if abs(margin) < 2 else '')
             out.append(f"| {r} | {n} | {fmt(ref)} | {fmt(t_n)} | {fmt(s_n)} | {verdict} | {margin:+.1f} | "
-                       f"{100 * row['closed']:.0f}% | {100 * row['entropy']:+.1f}% |")
+                       f"{gap_closed([row])} | {100 * row['entropy']:+.1f}% |")
     out += ['', f'Plot: {wd}/genppl.png; training curves: {wd}/{{teacher,judge,sdtt}}/train.png']
     write_atomic(os.path.join(wd, 'results.md'), lambda f: f.write(('\n'.join(out) + '\n').encode()))
     print('\n'.join(out))
     return rows
 
 
+def gap_closed(rows):
+    """The share of the teacher's gap (teacher@steps - teacher@N, gen-PPL) that the students close, over rows of one
+    round (a ratio of sums: one replica whose gap is tiny does not swamp the others); 'no gap' when a single row's
+    gap is within 2 paired standard errors."""
+    if len(rows) == 1 and abs(rows[0]['gap_margin']) < 2:
+        return f"no gap ({rows[0]['gap_margin']:+.1f} s.e.)"
+    return f"{100 * sum(x['teacher'] - x['student'] for x in rows) / sum(x['teacher'] - x['ref'] for x in rows):.0f}%"
+
+
 def across_replicas(per_replica):
-    """Markdown lines of what holds across replicas: per round the mean paired gain (log gen-PPL) and share of the
-    gap closed, each with its standard error over the replicas (std / sqrt(R)), and every replica's own margin."""
+    """Markdown lines of what holds across replicas: per round the mean paired gain (log gen-PPL) with its standard
+    error over the replicas (std / sqrt(R)), the share of the gap closed over all replicas and by each, and every
+    replica's own margin."""
     R, out = len(per_replica), []
     out += [f'# SDTT end to end, {R} replicas (seeds {seed}..{seed + R - 1}): {tokenizer} tokens, seq {seq_len}, '
             f'teacher N = {teacher_num_steps} steps', '', f'Machine: {machine}; total {time.time() - t_start:.0f} s.',
             '', 'Per round: the student at N/2^r steps against the teacher at N/2^r steps, as seen from teacher@N. gain: '
             'how much closer to teacher@N in log gen-PPL (paired by sample within a replica); mean +- standard error '
             'across replicas, and that mean in those standard errors; gap closed: (teacher@steps - student@steps) / '
-            '(teacher@steps - teacher@N) in gen-PPL; margins: each replica\'s gain in its own paired standard errors.',
-            '', '| round | steps | replicas closer | mean gain +- s.e. | gain / s.e. | gap closed (mean +- s.e.) | '
+            '(teacher@steps - teacher@N) in gen-PPL, summed over the replicas, then by each ("no gap": its teacher\'s '
+            'gap is within its noise); margins: each replica\'s gain in its own paired standard errors.',
+            '', '| round | steps | replicas closer | mean gain +- s.e. | gain / s.e. | gap closed | '
             'gap closed per replica | margins per replica | entropy vs teacher@N |', '|---' * 9 + '|']
     rounds = sorted({row['round'] for rows in per_replica for row in rows})
     for r in rounds:
         rs = [row for rows in per_replica for row in rows if row['round'] == r]
-        g, c = np.array([x['gain'] for x in rs]), np.array([x['closed'] for x in rs])
-        se = lambda v: v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float('nan')
-        closed, margins = ' / '.join(f'{100 * x:.0f}%' for x in c), ' / '.join(f"{x['margin']:+.1f}" for x in rs)
+        g, se = np.array([x['gain'] for x in rs]), lambda v: v.std(ddof=1) / np.sqrt(len(v))
+        closed, margins = ' / '.join(gap_closed([x]) for x in rs), ' / '.join(f"{x['margin']:+.1f}" for x in rs)
         out.append(f"| {r} | {rs[0]['steps']} | {sum(g > 0)}/{len(rs)} | {g.mean():.4f} +- {se(g):.4f} | "
-                   f"{g.mean() / se(g):.1f} | {100 * c.mean():.0f}% +- {100 * se(c):.0f}% | "
+                   f"{g.mean() / se(g):.1f} | {gap_closed(rs)} | "
                    f"{closed} | {margins} | "
                    f"{100 * np.mean([x['entropy'] for x in rs]):+.1f}% |")
     out += ['', 'Each replica: ' + ', '.join(f'{work_dir}/replica_{k}/results.md' for k in range(R)) +
@@ -251,21 +264,22 @@ def across_replicas(per_replica):
 
 
 def plot_replicas(per_replica, png):
-    """Share of the teacher's gap closed per round: each replica a dot, the mean with its standard error."""
+    """Per round, each replica's teacher and student at N/2^r steps, in % of gen-PPL above its teacher@N: the gap
+    (hollow) and what the student keeps of it (filled); one colour per replica."""
     from evaluate import _pyplot
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for k, rows in enumerate(per_replica):
-        ax.plot([x['round'] + 0.06 * (k - (len(per_replica) - 1) / 2) for x in rows], [100 * x['closed'] for x in rows],
-                'o', alpha=0.6, label=f'replica {k} (seed {seed + k})')
-    rounds = sorted({x['round'] for rows in per_replica for x in rows})
-    c = [np.array([100 * x['closed'] for rows in per_replica for x in rows if x['round'] == r]) for r in rounds]
-    ax.errorbar(rounds, [v.mean() for v in c], yerr=[v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0 for v in c],
-                fmt='k_', markersize=18, capsize=4, label='mean +- s.e.')
+        x = [row['round'] + 0.08 * (k - (len(per_replica) - 1) / 2) for row in rows]
+        line, = ax.plot(x, [100 * (row['teacher'] / row['ref'] - 1) for row in rows], 'o--', mfc='none', alpha=0.8,
+                        label=f'teacher, replica {k} (seed {seed + k})')
+        ax.plot(x, [100 * (row['student'] / row['ref'] - 1) for row in rows], 'o-', color=line.get_color(),
+                label=f'student, replica {k}')
     ax.axhline(0, color='grey', lw=0.5)
-    ax.set(xlabel='round r (student at N/2^r steps)', ylabel="share of the teacher's gap closed (%)", xticks=rounds,
-           title=f'SDTT across {len(per_replica)} replicas')
-    ax.legend(fontsize=7)
+    ax.set(xlabel='round r: N/2^r sampling steps', ylabel='gen-PPL above teacher@N (%)',
+           xticks=sorted({row['round'] for rows in per_replica for row in rows}),
+           title=f'SDTT, {len(per_replica)} replicas (N = {teacher_num_steps})')
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -273,7 +287,10 @@ def plot_replicas(per_replica, png):
 
 signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f'e2e.py: stopped by signal {signum}'))
 t_start = time.time()
-machine = f'{platform.machine()} ({platform.processor() or "?"}), {os.cpu_count()} CPUs, device {device}'
+cpu = [line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')][:1] \
+    if os.path.exists('/proc/cpuinfo') else []
+machine = (f'{platform.machine()} ({cpu[0] if cpu else platform.processor() or "?"}), {os.cpu_count()} CPUs, device '
+           f'{device}, torch {torch.__version__}')
 if replicas < 1:
     sys.exit(f'e2e.py: replicas must be >= 1, got {replicas}')
 if replicas == 1:
