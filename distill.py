@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
 from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
+from fileio import RunLocked, WriteFailed, release_lock, run_lock
 from model import (DiT, DiTConfig, check_device, default_meta, load_pretrained, load_state_dict_strict, save_pretrained,
                    strip_prefix, write_atomic)
 from prepare_data import load_meta, open_split
@@ -368,10 +369,12 @@ def main(argv=None):
 
     # ---- models: the student (or the mdlm/ar model), its EMA copy, and for sdtt the frozen teacher
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'resume' and not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f'init_from=resume: no {ckpt_path} (start a run first, or fix out_dir)')
+    if master:  # one run per out_dir: only rank 0 writes, so only it takes the lock (a second torchrun's rank 0 fails)
+        run_lock(out_dir)
     ckpt = source = None
     if init_from == 'resume':
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f'init_from=resume: no {ckpt_path} (start a run first, or fix out_dir)')
         # mmap: the processes of a node share the file's pages instead of each reading its own copy (the large model's
         # checkpoint with teacher, EMA and optimiser is ~17 GB: x8 ranks would not fit in many nodes' RAM)
         try:
@@ -629,6 +632,7 @@ def main(argv=None):
     finally:
         for sig, handler in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
             signal.signal(sig, handler)
+        release_lock(out_dir)
     if ddp:
         dist.barrier()  # wait for rank 0's final checkpoint: gloo aborts if a peer leaves the group early
         dist.destroy_process_group()
@@ -640,5 +644,6 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         sys.exit(main())
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:  # bad input: the message says what to do
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, RunLocked, WriteFailed) as e:
+        # bad input, another run in out_dir, a full disk: the message says what to do
         sys.exit(f'distill.py: error: {e}')

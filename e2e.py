@@ -17,7 +17,6 @@ settings it is an error: use another work_dir); a training stage that was interr
 (distill.py --init_from=resume). One e2e.py at a time per work_dir; its commands end with it (Linux).
 """
 import ctypes
-import fcntl
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ import time
 
 from configurator import configure
 from evaluate import closer, read_records
+from fileio import RunLocked, run_lock
 from model import write_atomic
 
 corpus = '../shared/data/corpus'   # prepare_data.py --source: a directory/file of .jsonl/.txt or an HF dataset name
@@ -59,11 +59,10 @@ os.makedirs(logs, exist_ok=True)
 timings = {}
 # one e2e.py per work_dir: its commands inherit the lock, so it is held until the last of them has ended (after a
 # kill -9 of e2e.py they get SIGTERM, save and exit; a rerun started meanwhile would race them over the same files)
-_lock = open(os.path.join(logs, '.lock'), 'w')
 try:
-    fcntl.flock(_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-except BlockingIOError:
-    sys.exit(f'e2e.py: another e2e.py, or the commands of one just stopped, still run in {work_dir}: wait for them')
+    _lock = run_lock(work_dir, os.path.join('logs', '.lock'))
+except RunLocked as e:
+    sys.exit(f'e2e.py: {e}')
 
 
 def _end_with_parent():  # (in the child, before exec) Linux: SIGTERM when e2e.py dies, even by kill -9

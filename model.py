@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fileio import _umask, clean_leftovers, temp_prefix, write_atomic, write_failed  # (write_atomic: also imported from here)
+
 
 @dataclass
 class DiTConfig:
@@ -399,29 +401,6 @@ def _with_meta(model, meta, source):
     return model
 
 
-def _umask():
-    umask = os.umask(0)  # (read by setting it: put back at once)
-    os.umask(umask)
-    return umask
-
-
-def write_atomic(path, write):
-    """write(f) into a temporary file beside path (binary), on disk, then renamed over path: a crash or a failed
-    write leaves the old file as it was, never a truncated one. The temporary name is unique (concurrent writers)
-    and the file gets the permissions open() would give it."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp_')
-    os.chmod(tmp, 0o666 & ~_umask())  # (mkstemp: owner only)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_pretrained(model, out_dir, meta=None):
     """Write config.json + model.safetensors in the MDLM hub layout (+ `causal`, `meta`): the files go to a temporary
     directory that replaces out_dir only when complete, so out_dir is never a partial one (a crash between the two
@@ -432,12 +411,16 @@ def save_pretrained(model, out_dir, meta=None):
                   meta={**model.meta, **(meta or {})})
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix='.tmp_')
+    clean_leftovers(parent)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=temp_prefix())  # (removed by the next writer if this one is killed)
     try:
         sd = {'backbone.' + k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, os.path.join(tmp, 'model.safetensors'))
-        with open(os.path.join(tmp, 'config.json'), 'w') as f:
-            json.dump(config, f, indent=2)
+        try:
+            save_file(sd, os.path.join(tmp, 'model.safetensors'))
+            with open(os.path.join(tmp, 'config.json'), 'w') as f:
+                json.dump(config, f, indent=2)
+        except Exception as e:  # a full disk (safetensors raises its own error type)
+            raise write_failed(out_dir, e) from e
         os.chmod(tmp, 0o777 & ~_umask())  # the permissions mkdir and open() would give (mkdtemp, safetensors: owner only)
         for name in ('model.safetensors', 'config.json'):
             os.chmod(os.path.join(tmp, name), 0o666 & ~_umask())

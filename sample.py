@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import diffusion
 from configurator import check_choice, check_sizes, config_keys, configure
+from fileio import WriteFailed, release_lock, run_lock
 from model import check_device, load_pretrained, write_atomic
 from prepare_data import get_tokenizer
 
@@ -417,6 +418,9 @@ def main(argv=None):
         (f"_r{lm.meta['round']}" if lm.meta.get('round') is not None else '')
     how = 'ar' if causal else f'{c.sampler}_T{c.num_steps}'
     path = os.path.join(c.out_dir, 'samples', kind, f'{name}_{how}_L{L}_n{n}_s{c.seed}{tag}')
+    lock = (os.path.dirname(path), f'.{os.path.basename(path)}.lock')  # one writer per sample file (rank 0 writes)
+    if rank == 0:
+        run_lock(*lock)
     if os.path.exists(path + '.npz') and not c.overwrite:
         raise FileExistsError(f'{path}.npz exists; pass --overwrite=True to replace it')
     if c.compile:
@@ -460,6 +464,7 @@ def main(argv=None):
               f'start-up, took {t_first or 0:.2f}s), NFE {nfe:.1f} per sequence '
               f'({"autoregressive, KV cache" if causal else f"{c.num_steps} steps, {c.sampler}"}) -> {path}.npz')
         print(json.dumps(stats))
+        release_lock(*lock)
     if world > 1:
         dist.barrier()  # rank 0 is still writing the files: gloo aborts ("terminate called ...") if a peer leaves early
         dist.destroy_process_group()
@@ -470,5 +475,5 @@ if __name__ == '__main__':
     import sys
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, FloatingPointError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, FloatingPointError, WriteFailed) as e:
         sys.exit(f'sample.py: error: {e}')

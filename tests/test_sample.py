@@ -231,7 +231,18 @@ def test_files_round_trip_and_overwrite(byte_dir, tmp_path, capsys):
     with pytest.raises(FileExistsError, match='overwrite'):
         sample.main(argv)
     assert sample.main(argv + ['--overwrite=True']) == path
-    assert not [f for f in os.listdir(os.path.dirname(path)) if f.startswith('.tmp')]
+    assert not [f for f in os.listdir(os.path.dirname(path)) if f.startswith('.tmp') or f.endswith('.lock')]
+    # another sample.py writing the same file: refused, naming it (the two used to interleave their writes)
+    d, name = os.path.dirname(path), f'.{os.path.basename(path)}.lock'
+    holder = subprocess.Popen([sys.executable, '-c', f'import fileio, time; fileio.run_lock({d!r}, {name!r}); '
+                               'print(1, flush=True); time.sleep(60)'], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()
+        with pytest.raises(RuntimeError, match=f'is in use by pid {holder.pid}'):
+            sample.main(argv + ['--overwrite=True'])
+    finally:
+        holder.kill()
+        holder.wait()
     umask = os.umask(0)
     os.umask(umask)
     for ext in ('.npz', '.jsonl'):  # as open() creates files, not owner-only (mkstemp's temporary file)
