@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
 from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
-from fileio import RunLocked, WriteFailed, release_lock, run_lock
+from fileio import RunLocked, WriteFailed, read_jsonl, release_lock, run_lock
 from model import (DiT, DiTConfig, check_device, default_meta, load_pretrained, load_state_dict_strict, save_pretrained,
                    strip_prefix, write_atomic)
 from prepare_data import load_meta, open_split
@@ -296,11 +296,11 @@ def save_checkpoint(ckpt, path):
 
 
 def append_log(path, record, keep_upto=None):
-    """Append one JSON line; keep_upto=n first drops the lines of steps > n (those a resumed run will redo)."""
+    """Append one JSON line; keep_upto=n first drops the lines of steps > n (those a resumed run will redo) and any
+    line that is not a record with a step (one cut short by kill -9, a hand edit), with a warning naming it."""
     if keep_upto is not None:
-        lines = open(path).readlines() if os.path.exists(path) else []
-        # (a line cut short by kill -9 does not end with a newline: dropped)
-        kept = ''.join(l for l in lines if l.endswith('\n') and json.loads(l).get('step', 0) <= keep_upto)
+        recs = read_jsonl(path, need={'step': int}, what='a log record with a step') if os.path.exists(path) else []
+        kept = ''.join(json.dumps(r) + '\n' for _, r in recs if r['step'] <= keep_upto)
         write_atomic(path, lambda f: f.write(kept.encode()))
     if record is not None:
         with open(path, 'a') as f:

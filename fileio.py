@@ -178,41 +178,54 @@ def _umask():
 
 
 # ------------------------------------------------------------------------------------------------------ JSON lines
-def check_record(rec, need):
-    """None if rec is a JSON object with the fields of need ({name: type or tuple of types}; bool is no int), else
-    what is wrong."""
+NUMBER = (int, float)
+
+
+def check_record(rec, need, where=''):
+    """None if rec is a JSON object with the fields of need, else what is wrong. need: {name: a type, a tuple of
+    types (bool is not an int), or a dict: an object with those fields}."""
     if not isinstance(rec, dict):
-        return f'not a JSON object but {type(rec).__name__}'
+        return f'{where or "the line"} is not a JSON object but {type(rec).__name__}'
     for k, t in need.items():
         if k not in rec:
-            return f'no field {k!r}'
-        v, t = rec[k], t if isinstance(t, tuple) else (t,)
+            return f'no field {where}{k!r}'
+        v = rec[k]
+        if isinstance(t, dict):
+            bad = check_record(v, t, f'{where}{k}.')
+            if bad:
+                return bad
+            continue
+        t = t if isinstance(t, tuple) else (t,)
         if not isinstance(v, t) or (isinstance(v, bool) and bool not in t):
-            return f'field {k!r} is {v!r}, not {" or ".join(x.__name__ for x in t)}'
+            return f'field {where}{k!r} is {v!r}, not {" or ".join(x.__name__ for x in t)}'
     return None
 
 
 def parse_line(line, need):
-    """(record, None) for a good JSON line, (None, what is wrong) for another."""
+    """(record, None) for a JSON line with the fields of need (check_record), (None, what is wrong) for another."""
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
-        return None, f'not JSON ({e.msg}, column {e.colno}{"; cut short?" if not line.endswith(chr(10)) else ""})'
+        return None, f"not JSON ({e.msg}, column {e.colno})"
     bad = check_record(rec, need)
     return (None, bad) if bad else (rec, None)
 
 
-def read_jsonl(path, need=None, strict=False, what='a record'):
+def read_jsonl(path, need=None, strict=False, keep=None, what='a record'):
     """Yield (line number, record) for each line of path that is a JSON object with the fields of need (see
-    check_record); blank lines are skipped. Another line is a ValueError naming path:line (strict) or left out with
-    one warning at the end naming path and the lines (a line cut short by a kill, a hand edit)."""
+    check_record); blank lines are skipped, and the objects keep(record) is false for, unchecked. Another line is a
+    ValueError naming path:line (strict) or left out, with one warning at the end naming path and the lines (a line
+    cut short by a kill, a hand edit)."""
     bad = []
     try:
         with open(path, encoding='utf-8', errors='replace') as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                rec, problem = parse_line(line, need or {})
+                rec, problem = parse_line(line, {})
+                if problem is None and keep is not None and isinstance(rec, dict) and not keep(rec):
+                    continue
+                problem = problem or check_record(rec, need or {})
                 if problem is None:
                     yield n, rec
                 elif strict:
@@ -221,5 +234,6 @@ def read_jsonl(path, need=None, strict=False, what='a record'):
                     bad.append((n, problem))
     finally:
         if bad:
-            lines = ', '.join(str(n) for n, _ in bad[:10]) + (f' and {len(bad) - 10} more' if len(bad) > 10 else '')
-            print(f'warning: {path}: line {lines} left out: not {what} (line {bad[0][0]}: {bad[0][1]})')
+            print(f'warning: {path}: {len(bad)} line(s) left out, not {what}: '
+                  + '; '.join(f'line {n}: {p}' for n, p in bad[:5]) + (f'; ... (lines {bad[5][0]}-{bad[-1][0]})'
+                                                                    if len(bad) > 5 else ''))

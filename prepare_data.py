@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import check_choice, check_sizes, config_keys, configure
+from fileio import parse_line
 
 # ----------------------------------------------------------------------------- config
 # python prepare_data.py [config.py] --key=value ... (configurator.py: as every script of the project)
@@ -187,12 +188,8 @@ def read_local(path, text_field, txt_docs, skip_bad_lines, issues):
             text = piece.decode("utf-8", errors="replace")
             issues["not_utf8"] += 1
         if path.endswith(".jsonl"):
-            try:
-                obj = json.loads(text)
-                text = obj.get(text_field) if isinstance(obj, dict) else None
-                bad = None if isinstance(text, str) else f"no string field {text_field!r}"
-            except json.JSONDecodeError as e:
-                bad = f"not JSON ({e})"
+            obj, bad = parse_line(text, {text_field: str})  # (the project's one JSON-lines check)
+            text = obj and obj[text_field]
             if bad:
                 if not skip_bad_lines:
                     raise ValueError(f"{path}:{lineno}: {bad}; fix it or pass --skip_bad_lines")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import diffusion
 from configurator import check_choice, check_sizes, config_keys, configure
-from fileio import WriteFailed, release_lock, run_lock
+from fileio import WriteFailed, read_jsonl, release_lock, run_lock
 from model import check_device, load_pretrained, write_atomic
 from prepare_data import get_tokenizer
 
@@ -285,23 +285,17 @@ def load_prefixes(source, tok, n_prompts, prefix_len, cond_len, min_doc_len, spl
     (bos=True) or as they are. Returns (prompts [n, prefix_len], references [n, cond_len], document indices: 0-based
     line of the .jsonl or row of the dataset)."""
     if os.path.exists(source):
-        def texts():
-            with open(source) as f:
-                for lineno, line in enumerate(f, 1):
-                    text = json.loads(line).get('text') if line.strip() else ''
-                    if not isinstance(text, str):
-                        raise ValueError(f'{source}:{lineno}: no string field "text"')
-                    yield text
-        docs = texts()
+        docs = ((n - 1, r['text']) for n, r in read_jsonl(source, {'text': str}, strict=True,
+                                                         what='a JSON object with a string field "text"'))
     else:
         try:
             import datasets
-            docs = (ex['text'] for ex in datasets.load_dataset(source, split=split))
+            docs = enumerate(ex['text'] for ex in datasets.load_dataset(source, split=split))
         except Exception as e:
             raise RuntimeError(f'cond_data {source!r} is not a local .jsonl file and could not be loaded as a Hugging '
                                f'Face dataset ({type(e).__name__}: {e}); offline, pass a .jsonl file') from e
     refs, idx = [], []
-    for i, text in enumerate(docs):
+    for i, text in docs:
         ids = tok.encode(text)
         if len(ids) >= min_doc_len:
             refs.append(([tok.bos_token_id] * bos + ids)[:cond_len])

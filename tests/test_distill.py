@@ -321,15 +321,23 @@ def test_round_directory_holds_the_ema_weights_and_round_options(data, teacher_d
         assert torch.equal(ck['model'][k], ck['ema'][k]) and torch.equal(ck['teacher'][k], ck['ema'][k]), k
 
 
-def test_resume_drops_the_log_lines_of_steps_it_redoes(data, tmp_path):
+def test_resume_drops_the_log_lines_of_steps_it_redoes(data, tmp_path, capsys):
     out = str(tmp_path / 'run')
     args = TINY + ['--objective=mdlm', '--init_from=scratch', f'--data_dir={data}', f'--out_dir={out}', '--log_interval=1']
     distill.main(args + ['--max_iters=3'])
     with open(os.path.join(out, 'log.jsonl'), 'a') as f:  # steps 4 and 5 of a run killed after its step-3 checkpoint
         f.write(json.dumps(dict(step=4, loss=123.0)) + '\n' + json.dumps(dict(step=5, loss=123.0)) + '\n{"step": 6, "lo')
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        lines = f.readlines()
+    with open(os.path.join(out, 'log.jsonl'), 'w') as f:  # and hand edits: each used to stop the resume
+        f.writelines(lines[:1] + ['not json\n', '[1, 2]\n', '{"loss": 1.0}\n', '{"step": "2"}\n'] + lines[1:])
+    capsys.readouterr()
     distill.main(args + ['--max_iters=5', '--init_from=resume'])
     logged = [r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if 'loss' in r]
     assert [r['step'] for r in logged] == [1, 2, 3, 4, 5] and 123.0 not in [r['loss'] for r in logged]
+    warning = capsys.readouterr().out
+    assert f"{out}/log.jsonl: 5 line(s) left out" in warning and 'line 2: not JSON' in warning, warning
+    assert "line 5: field 'step' is '2', not int" in warning and 'line 11: not JSON' in warning
 
 
 def test_resumed_run_logs_what_an_uninterrupted_run_logs(data, tmp_path, monkeypatch):

@@ -215,6 +215,18 @@ def test_cond_prefix_mode(byte_dir, tmp_path, monkeypatch):
     assert (out['ref_tokens'] == np.array([[256] + r[:23] for r in refs])).all()
 
 
+def test_cond_prefix_documents_bad_lines_are_named(tmp_path):
+    tok, path = sample.get_tokenizer('byte'), tmp_path / 'docs.jsonl'
+    good = json.dumps({'text': 'a document long enough'}) + '\n'
+    for bad, problem in [('{"text": "cut sh', 'not JSON'), ('[1]', 'not a JSON object but list'),
+                         ('{"txt": "a typo"}', "no field 'text'"), ('{"text": 7}', "field 'text' is 7, not str")]:
+        path.write_text(good + '\n' + bad + '\n' + good)  # (was: a bare traceback, no file or line)
+        with pytest.raises(ValueError, match=f'{path}:3: .*{re.escape(problem)}'):
+            sample.load_prefixes(str(path), tok, n_prompts=2, prefix_len=2, cond_len=4, min_doc_len=4)
+    path.write_text(good + '\n' + good)
+    assert sample.load_prefixes(str(path), tok, n_prompts=2, prefix_len=2, cond_len=4, min_doc_len=4)[2] == [0, 2]
+
+
 def test_files_round_trip_and_overwrite(byte_dir, tmp_path, capsys):
     argv = [f'--init_from={byte_dir}', '--seq_len=24', '--num_steps=6', '--n_samples=3', '--batch_size=2',
             '--seed=5', f'--out_dir={tmp_path}']
