@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
 from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
-from fileio import RunLocked, WriteFailed, read_jsonl, release_lock, run_lock
+from fileio import RunLocked, WriteFailed, read_jsonl, release_lock, run_lock, write_failed
 from model import (DiT, DiTConfig, check_device, default_meta, load_pretrained, load_state_dict_strict, save_pretrained,
                    strip_prefix, write_atomic)
 from prepare_data import load_meta, open_split
@@ -303,8 +303,11 @@ def append_log(path, record, keep_upto=None):
         kept = ''.join(json.dumps(r) + '\n' for _, r in recs if r['step'] <= keep_upto)
         write_atomic(path, lambda f: f.write(kept.encode()))
     if record is not None:
-        with open(path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:  # a full disk: its lines so far stay (a cut last one is left out when read)
+            raise write_failed(path, e, kept='the lines before are intact') from e
 
 
 # ----------------------------------------------------------------------------------------------------------- training

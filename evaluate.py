@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _SAMPLE_EPS, move_chance, nelbo_weight, sample_t, sigma
-from fileio import read_jsonl
+from fileio import WriteFailed, read_jsonl, write_failed
 from model import check_device, load_pretrained, local_or_hub, write_atomic
 from prepare_data import get_tokenizer, load_meta, open_split
 from sample import load_samples
@@ -505,9 +505,12 @@ def write_record(jsonl, what, metrics, config, settings, source):
                nfe=settings.get('nfe'), source=source, metrics=metrics, settings=settings, config=config)
     os.makedirs(os.path.dirname(jsonl) or '.', exist_ok=True)
     line = json.dumps(rec, default=lambda o: o.item() if hasattr(o, 'item') else str(o)) + '\n'
-    with open(jsonl, 'a+b') as f:  # after a line cut short by a kill, start a new one (or this record is lost too)
-        torn = f.seek(0, os.SEEK_END) > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b'\n'
-        f.write((('\n' if torn else '') + line).encode())
+    try:
+        with open(jsonl, 'a+b') as f:  # after a line cut short by a kill, start a new one (or this record is lost too)
+            torn = f.seek(0, os.SEEK_END) > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b'\n'
+            f.write((('\n' if torn else '') + line).encode())
+    except OSError as e:  # a full disk
+        raise write_failed(jsonl, e, kept='the records before are intact') from e
     return rec
 
 
@@ -695,5 +698,5 @@ if __name__ == '__main__':
     import sys
     try:
         main()
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError, WriteFailed) as e:
         sys.exit(f'evaluate.py: error: {e}')

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import check_choice, check_sizes, config_keys, configure
-from fileio import parse_line
+from fileio import WriteFailed, parse_line, write_failed
 
 # ----------------------------------------------------------------------------- config
 # python prepare_data.py [config.py] --key=value ... (configurator.py: as every script of the project)
@@ -352,16 +352,23 @@ def main(argv=None):
     if args.num_proc > 1:
         pool = multiprocessing.get_context("spawn").Pool(args.num_proc, initializer=signal.signal,
                                                          initargs=(signal.SIGINT, signal.SIG_IGN))
+    writing = outputs[0]
     try:
-        for split, docs, t in (("train", train, tmp[0]), ("val", val, tmp[1])):
+        for split, docs, t, writing in (("train", train, tmp[0], outputs[0]), ("val", val, tmp[1], outputs[1])):
             meta.update(write_split(docs, split, t, args, tok, pool))
         meta.update({"n_not_utf8_docs": issues["not_utf8"], "n_bad_lines_skipped": issues["bad_lines"]})
+        writing = outputs[2]
         with open(tmp[2], "w") as f:
             json.dump(meta, f, indent=2)
         if os.path.exists(outputs[2]):
             os.remove(outputs[2])  # old meta goes first: new bins never sit next to an old meta.json
         for t, o in zip(tmp, outputs):
             os.replace(t, o)
+    except OSError as e:  # a full disk (numpy says only "N requested and M written"); the temporaries go below
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise write_failed(writing, e, kept=f"the previous dataset in {args.out_dir} is intact" if existing else
+                           "no partial file is left") from e
     finally:
         for t in tmp:
             if os.path.exists(t):
@@ -389,5 +396,5 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"prepare_data.py: stopped by signal {signum}"))
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, WriteFailed) as e:
         sys.exit(f"prepare_data.py: error: {e}")
