@@ -255,6 +255,33 @@ def get_batch(data, first, count, seed, seq_len):
 
 
 # ------------------------------------------------------------------------------------------------------- checkpoints
+# what MDLM Lightning checkpoints pickle besides tensors (their hyper-parameters: an OmegaConf config, a tokenizer)
+_MDLM_GLOBALS = ('omegaconf.', 'transformers.models.', 'tokenizers.', 'pytorch_lightning.', 'lightning.',
+                 'lightning_fabric.', 'typing.Any', 'collections.defaultdict', 'numpy.core.multiarray._reconstruct',
+                 'numpy._core.multiarray._reconstruct', 'numpy.ndarray', 'numpy.dtype')
+
+
+def refused_checkpoint(path, e):
+    """Why torch.load(weights_only=True) refused path (e), naming the globals it would have to run: the conversion of
+    an MDLM Lightning checkpoint is advised only when those are all what such a checkpoint holds."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e2:  # not a zip nor a pickle: not a torch checkpoint at all
+        return f'{path} is not a torch checkpoint ({str(e2).splitlines()[0] if str(e2) else type(e2).__name__})'
+    if not names:
+        return f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
+    other = [n for n in names if not n.startswith(_MDLM_GLOBALS)]
+    if other:
+        return (f'{path} pickles {", ".join(other[:5])}, which no MDLM Lightning checkpoint holds: loading it would '
+                'run that code, so it is refused. Do not load it with weights_only=False; get the weights from a '
+                'source you trust')
+    return (f'{path}: torch.load(weights_only=True) refuses its pickled hyper-parameters ({", ".join(names[:5])}): an '
+            f'MDLM Lightning checkpoint. If you trust the file, keep only the weights once:\n  python -c "import '
+            f"torch; c = torch.load('{path}', map_location='cpu', weights_only=False); "
+            f"torch.save({{'state_dict': c['state_dict'], 'ema': c.get('ema')}}, '{path[:-5]}_weights.ckpt')\"\n"
+            f'and pass init_from={path[:-5]}_weights.ckpt')
+
+
 def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
     """A checkpoint of the original MDLM code ("distill a model you trained yourself"): weights under 'state_dict' with
     'backbone.' prefixes, EMA under 'ema' -> 'shadow_params' (a list in parameter order), used when present.
@@ -264,13 +291,7 @@ def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
     try:
         ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(
-            f'{path}: torch.load(weights_only=True) refuses it ({type(e).__name__}): MDLM Lightning checkpoints also '
-            f'pickle their hyper-parameters (an OmegaConf config and a tokenizer). If you trust the file, keep only '
-            f"the weights once:\n  python -c \"import torch; "
-            f"c = torch.load('{path}', map_location='cpu', weights_only=False); "
-            f"torch.save({{'state_dict': c['state_dict'], 'ema': c.get('ema')}}, '{path[:-5]}_weights.ckpt')\"\n"
-            f'and pass init_from={path[:-5]}_weights.ckpt') from e
+        raise ValueError(refused_checkpoint(path, e)) from e
     if not isinstance(ck, dict) or 'state_dict' not in ck:
         raise ValueError(f'{path} has no state_dict: not an MDLM Lightning checkpoint')
     sd = strip_prefix(ck['state_dict'])

@@ -529,11 +529,7 @@ def test_ddp_signal_to_one_rank_stops_all_saves_and_reports_it(data, teacher_dir
     assert ck['step'] == max(read_log(out))  # saved at the step they stopped, and logged
 
 
-class Opaque:  # stands for the OmegaConf config / tokenizer pickled in MDLM Lightning hyper_parameters
-    pass
-
-
-def test_mdlm_lightning_checkpoint_teacher(tmp_path):
+def test_mdlm_lightning_checkpoint_teacher(tmp_path, monkeypatch):
     m = random_dit()
     params = [p.detach() + 1 for p in m.parameters()]
     ck = {'state_dict': {'backbone.' + k: v for k, v in m.state_dict().items()},
@@ -543,9 +539,27 @@ def test_mdlm_lightning_checkpoint_teacher(tmp_path):
     assert (t.config.n_layer, t.config.n_embd, t.config.cond_dim, t.config.vocab_size) == (2, 32, 32, V)
     for p, e in zip(t.parameters(), params):  # the EMA weights, mapped by parameter order
         assert torch.equal(p, e)
-    torch.save({**ck, 'hyper_parameters': {'config': Opaque()}}, tmp_path / 'full.ckpt')
-    with pytest.raises(ValueError, match='weights_only'):
+    omegaconf = type(sys)('omegaconf')  # stands for the OmegaConf config pickled in its hyper_parameters
+    omegaconf.DictConfig = type('DictConfig', (), {'__module__': 'omegaconf'})
+    monkeypatch.setitem(sys.modules, 'omegaconf', omegaconf)
+    torch.save({**ck, 'hyper_parameters': {'config': omegaconf.DictConfig()}}, tmp_path / 'full.ckpt')
+    with pytest.raises(ValueError, match=r"(?s)refuses its pickled hyper-parameters \(omegaconf.DictConfig\).*"
+                                         r"keep only the weights once.*weights_only=False"):
         distill.load_lightning_ckpt(str(tmp_path / 'full.ckpt'), n_head=2, block_size=L, time_conditioning=False)
+    # a file that would run code on loading: named, and no advice to load it anyway (it used to get the one-liner)
+    torch.save({**ck, 'hyper_parameters': RunsCode()}, tmp_path / 'evil.ckpt')
+    with pytest.raises(ValueError, match='evil.ckpt pickles posix.system, which no MDLM Lightning checkpoint holds') as e:
+        distill.load_lightning_ckpt(str(tmp_path / 'evil.ckpt'), n_head=2, block_size=L, time_conditioning=False)
+    assert 'python -c' not in str(e.value)
+    (tmp_path / 'random.ckpt').write_bytes(os.urandom(1000))
+    with pytest.raises(ValueError, match='random.ckpt is not a torch checkpoint') as e:
+        distill.load_lightning_ckpt(str(tmp_path / 'random.ckpt'), n_head=2, block_size=L, time_conditioning=False)
+    assert 'python -c' not in str(e.value)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return os.system, ('echo this ran',)
 
 
 # --------------------------------------------------------------------------------------------- bad input
