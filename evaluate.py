@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _SAMPLE_EPS, move_chance, nelbo_weight, sample_t, sigma
-from fileio import WriteFailed, read_jsonl, write_failed
+from fileio import WriteFailed, local_or_dataset, read_jsonl, write_failed
 from model import check_device, load_pretrained, local_or_hub, write_atomic
 from prepare_data import get_tokenizer, load_meta, open_split
 from sample import load_samples
@@ -368,7 +368,7 @@ def mauve_score(p_features, q_features, seeds=5, scaling=5.0):
 # ----------------------------------------------------------------------------------------------------- LAMBADA, val
 def read_lambada(path):
     """Passages from a local jsonl ({"text": ...} per line, the OpenAI file) or an HF dataset id (test split)."""
-    if os.path.exists(path):
+    if local_or_dataset(path, 'lambada_path'):
         texts = [r['text'] for _, r in read_jsonl(path, {'text': str}, strict=True,
                                                   what='one JSON object {"text": "..."} (the OpenAI lambada_test.jsonl)')]
     else:

@@ -1,14 +1,15 @@
 """
 Files: the project's one place for each way a write or a read can go wrong (torch-free: prepare_data.py imports it).
 
-  run_lock     one writer per output: a second run into the same out_dir (or sample file) is an error naming the
-               process that holds it. flock: the kernel releases it when the holder ends, also on kill -9
-  write_atomic a file written complete beside its target, then renamed over it; a failed write (a full disk) is a
-               WriteFailed saying what failed, why, and that the previous file is intact
-  temp_prefix  temporaries carry their writer's pid and host, so the next writer removes those of dead writers
-               (clean_leftovers: a checkpoint's .tmp_* is ~17 GB for the large model)
-  read_jsonl   JSON-lines files: every line an object with the expected fields, or a warning / an error naming
-               file:line (log.jsonl, eval.jsonl, cond_prefix and LAMBADA documents, prepare_data's .jsonl)
+  run_lock          one writer per output: a second run into the same out_dir (or sample file) is an error naming
+                    the process that holds it. flock: the kernel releases it when the holder ends, also on kill -9
+  write_atomic      a file written complete beside its target, then renamed over it; a failed write (a full disk)
+                    is a WriteFailed saying what failed, why, and that the previous file is intact
+  temp_prefix       temporaries carry their writer's pid and host, so the next writer removes those of dead writers
+                    (clean_leftovers: a checkpoint's .tmp_* is ~17 GB for the large model)
+  read_jsonl        JSON-lines files: every line an object with the expected fields, or a warning / an error naming
+                    file:line (log.jsonl, eval.jsonl, cond_prefix and LAMBADA documents, prepare_data's .jsonl)
+  local_or_dataset  text data: a local path or a Hugging Face dataset id (a typo'd path fails at once, no retries)
 """
 import atexit
 import errno
@@ -175,6 +176,35 @@ def _umask():
     umask = os.umask(0)  # (read by setting it: put back at once)
     os.umask(umask)
     return umask
+
+
+# ------------------------------------------------------------------------------------------ local path or hub id
+_FILE_EXTS = ('.jsonl', '.json', '.txt', '.csv', '.tsv', '.parquet', '.arrow', '.gz', '.zst', '.bin')
+
+
+def local_or_dataset(name, what):
+    """name (a setting `what` of text data: prepare_data's source, cond_data, lambada_path) -> its local path, or None
+    for a Hugging Face dataset id. A name that looks like a path (./, /, ~, a file extension, two slashes, or a first
+    directory that exists here) and does not exist is a FileNotFoundError now, not a download that retried for 25 s.
+    For a hub id without network (huggingface.co does not resolve) the hub goes offline: only the local cache is
+    tried, and a dataset not in it fails at once."""
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        return path
+    if path.startswith(('.', '/', '~')) or path.lower().endswith(_FILE_EXTS) or path.count('/') > 1 \
+            or ('/' in path and os.path.isdir(path.split('/')[0])):
+        raise FileNotFoundError(f'{what}={name!r}: no such file or directory (a name like this is a local path, '
+                                'not a Hugging Face dataset id)')
+    host = re.sub(r'^\w+://|[:/].*$', '', os.environ.get('HF_ENDPOINT', 'huggingface.co'))
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:  # (the variable as the libraries read it at import, and their constants if already imported)
+        os.environ['HF_HUB_OFFLINE'] = '1'
+        for module in ('huggingface_hub.constants', 'datasets.config'):
+            if module in sys.modules and hasattr(sys.modules[module], 'HF_HUB_OFFLINE'):
+                sys.modules[module].HF_HUB_OFFLINE = True
+        print(f'note: {host} is unreachable: {what}={name!r} is looked up in the local Hugging Face cache only')
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------ JSON lines

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import check_choice, check_sizes, config_keys, configure
-from fileio import WriteFailed, parse_line, write_failed
+from fileio import WriteFailed, local_or_dataset, parse_line, write_failed
 
 # ----------------------------------------------------------------------------- config
 # python prepare_data.py [config.py] --key=value ... (configurator.py: as every script of the project)
@@ -214,10 +214,8 @@ def load_source(args):
     """Returns (train_docs, val_docs, description, read_issues); docs are lists or HF Datasets."""
     issues = {"not_utf8": 0, "bad_lines": 0}
     src = os.path.expanduser(args.source)
-    looks_local = src.startswith((".", "/", "~")) or src.endswith((".txt", ".jsonl")) or os.path.exists(src)
+    looks_local = local_or_dataset(args.source, "--source") is not None
     if looks_local:
-        if not os.path.exists(src):
-            raise FileNotFoundError(f"no such file or directory: {src}")
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs if f.endswith((".txt", ".jsonl"))) \
             if os.path.isdir(src) else [src]
         if not files:

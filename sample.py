@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import diffusion
 from configurator import check_choice, check_sizes, config_keys, configure
-from fileio import WriteFailed, read_jsonl, release_lock, run_lock
+from fileio import WriteFailed, local_or_dataset, read_jsonl, release_lock, run_lock
 from model import check_device, load_pretrained, write_atomic
 from prepare_data import get_tokenizer
 
@@ -284,7 +284,7 @@ def load_prefixes(source, tok, n_prompts, prefix_len, cond_len, min_doc_len, spl
     """SPEC §6: the first n_prompts documents of `source` with at least min_doc_len tokens, framed as [BOS] + tokens
     (bos=True) or as they are. Returns (prompts [n, prefix_len], references [n, cond_len], document indices: 0-based
     line of the .jsonl or row of the dataset)."""
-    if os.path.exists(source):
+    if local_or_dataset(source, 'cond_data'):
         docs = ((n - 1, r['text']) for n, r in read_jsonl(source, {'text': str}, strict=True,
                                                          what='a JSON object with a string field "text"'))
     else:

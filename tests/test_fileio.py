@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -140,3 +141,25 @@ def test_the_next_writer_removes_the_temporaries_of_killed_writers(tmp_path):
     fileio.run_lock(out)  # a run starting in out_dir: its space comes back before the first checkpoint
     fileio.release_lock(out)
     assert sorted(os.listdir(out)) == sorted([other_host, kept_old, 'notes.txt', 'log.jsonl'])
+
+
+def test_a_name_that_looks_like_a_local_path_is_one(tmp_path, monkeypatch):
+    """A typo'd local path (x.jsonl, nope_corpus) spent ~25 s in Hugging Face retries before failing."""
+    import evaluate
+    import sample
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'data').mkdir()
+    for name in ('x.jsonl', 'corpus.txt', './corpus', '/nope/corpus', '~/nope_corpus', 'data/nope', 'a/b/c'):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"source={name!r}: no such file or directory")):
+            fileio.local_or_dataset(name, 'source')
+    assert fileio.local_or_dataset('data', 'source') == 'data'
+    with pytest.raises(FileNotFoundError, match="cond_data='x.jsonl': no such file"):
+        sample.load_prefixes('x.jsonl', sample.get_tokenizer('byte'), 1, 2, 4, 4)
+    with pytest.raises(FileNotFoundError, match="lambada_path='x.jsonl': no such file"):
+        evaluate.read_lambada('x.jsonl')
+    # a dataset id: the hub (without network here: offline at once, the local cache only; online: a quick 404)
+    t0 = time.time()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), '--source=nope_corpus',
+                        f'--out_dir={tmp_path / "o"}'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "could not load Hugging Face dataset 'nope_corpus'" in r.stderr, r.stderr[-2000:]
+    assert time.time() - t0 < 15
