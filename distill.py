@@ -343,6 +343,10 @@ def main(argv=None):
     check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=1,
                 teacher_num_steps=1, max_iters=0, eval_iters=0, eval_interval=0, ckpt_interval=0,  # (0: off)
                 n_layer=1, n_head=1, n_embd=1, cond_dim=1, block_size=1)
+    check_sizes(config, learning_rate=0, weight_decay=0, warmup_iters=0, grad_clip=0, ema_decay=0, beta1=0, beta2=0)
+    if beta1 >= 1 or beta2 >= 1 or ema_decay > 1:  # (torch's message from inside AdamW, or an EMA that runs away)
+        raise ValueError(f'beta1={beta1}, beta2={beta2}, ema_decay={ema_decay}: the betas must be in [0, 1), ema_decay '
+                         'in [0, 1]')
     check_device(device)
     check_choice('compile_mode', compile_mode, _COMPILE_MODES)
     eps = sampling_eps if sampling_eps is not None else (1e-5 if objective == 'sdtt' else 1e-3)
@@ -413,6 +417,9 @@ def main(argv=None):
                                'teacher_num_steps', 'round_every', 'dropout', 'sampling_eps', 'reference_time_grid',
                                'teacher_from_ema', 'reset_optimizer_each_round', 'min_num_sampling_steps')
                    if ckpt['config'].get(k) != config[k]]
+        was = {k: ckpt.get('meta', {}).get(k) for k in ('row_len', 'n_train_rows')}  # (None: an older checkpoint)
+        changed += [f'{data_dir} re-prepared: {k} {meta.get(k)} (the run: {v})' for k, v in was.items()
+                    if v is not None and v != meta.get(k)]
         if changed and master:
             print(f'warning: resuming with other {", ".join(changed)} than {ckpt_path}: not an exact continuation')
         model = DiT(replace(DiTConfig(**ckpt['model_args']), dropout=dropout))  # (dropout: as a loaded model's)
@@ -490,7 +497,7 @@ def main(argv=None):
         return (1 - _T_MIN) / teacher_num_steps * K ** r
 
     def meta_now():
-        m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id')}
+        m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id', 'row_len', 'n_train_rows')}
         m.update(objective=objective, step=step)
         if objective == 'sdtt':
             m.update(round=rnd, num_sampling_steps=teacher_num_steps if rnd == 0 else student_steps(rnd - 1),

@@ -159,6 +159,9 @@ def open_split(data_dir, split):
     """The split as a read-only np.memmap of shape [n_rows, row_len]."""
     meta = load_meta(data_dir)
     path, n, L = os.path.join(data_dir, f"{split}.bin"), meta[f"n_{split}_rows"], meta["row_len"]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing ({data_dir} has a meta.json without it): re-run prepare_data.py "
+                                f"--out_dir={data_dir} --overwrite=True")
     size = os.path.getsize(path)
     if size != n * L * 2:
         raise ValueError(f"{path} has {size} bytes, meta.json says {n} rows x {L} uint16 tokens; re-run prepare_data.py")

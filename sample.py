@@ -381,6 +381,11 @@ def main(argv=None):
     L = c.cond_len if c.mode == 'cond_prefix' else c.seq_len
     if L > block:
         raise ValueError(f'{"cond_len" if c.mode == "cond_prefix" else "seq_len"}={L} exceeds the model block size {block}')
+    if L == 1 and c.add_bos:
+        raise ValueError('seq_len=1 leaves no position to sample after BOS: use seq_len >= 2 (or add_bos=False)')
+    if not causal and c.num_steps > L and rank == 0:  # (allowed: gen-PPL against steps goes past L)
+        print(f'warning: num_steps={c.num_steps} > {L} positions: most steps reveal nothing, and each still runs the '
+              'model on the whole batch (--sampler=cached runs only the sequences a step changes)')
 
     n, prompts, extra, tag = c.n_samples, None, {}, ''
     if c.mode == 'cond_prefix':

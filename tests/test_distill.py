@@ -587,6 +587,23 @@ def test_loaded_and_resumed_models_keep_their_architecture_and_the_config_says_s
     assert 'distilled to sample with 16 steps (its meta), teacher_num_steps=64' in capsys.readouterr().out
 
 
+def test_resume_warns_when_the_data_was_prepared_again(data, tmp_path, capsys):
+    moved = str(tmp_path / 'data')
+    shutil.copytree(data, moved)
+    args = TINY + ['--objective=mdlm', '--init_from=scratch', f'--data_dir={moved}', f'--out_dir={tmp_path / "run"}']
+    distill.main(args + ['--max_iters=1'])
+    meta = json.load(open(os.path.join(moved, 'meta.json')))
+    for split in ('train', 'val'):  # prepared again with --row_len=16: other rows, another number of them
+        rows = np.fromfile(os.path.join(moved, f'{split}.bin'), np.uint16).reshape(-1, 16)
+        rows.tofile(os.path.join(moved, f'{split}.bin'))
+        meta[f'n_{split}_rows'] = len(rows)
+    json.dump({**meta, 'row_len': 16}, open(os.path.join(moved, 'meta.json'), 'w'))
+    capsys.readouterr()
+    distill.main(args + ['--max_iters=2', '--init_from=resume'])
+    assert (f'warning: resuming with other {moved} re-prepared: row_len 16 (the run: 32), {moved} re-prepared: '
+            f'n_train_rows 256 (the run: 128) than') in capsys.readouterr().out
+
+
 def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
     out = str(tmp_path / 'run')
     with pytest.raises(ValueError, match=r"divergence must be one of \['kld', 'kl_fwd', 'mse', 'tvd', 'tvd_true'\]"):
@@ -597,9 +614,18 @@ def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match='not divisible'):
         distill.main(sdtt_args(data, teacher_dir, out, '--global_batch_size=6'))
     for bad in ('--round_every=0', '--log_interval=0', '--batch_size=0', '--num_distill_steps=0',
-                '--teacher_num_steps=0', '--max_iters=-1', '--n_layer=0'):
+                '--teacher_num_steps=0', '--max_iters=-1', '--n_layer=0', '--learning_rate=-1.0', '--grad_clip=-1.0',
+                '--weight_decay=-0.1', '--warmup_iters=-1'):  # (learning_rate=-1 was torch's message from AdamW)
         with pytest.raises(ValueError, match=r'impossible sizes: ' + bad[2:] + r' \(must be >= '):
             distill.main(sdtt_args(data, teacher_dir, out, bad))
+    for bad in ('--beta2=1.0', '--beta1=1.5', '--ema_decay=1.01'):
+        with pytest.raises(ValueError, match=r'betas must be in \[0, 1\), ema_decay in \[0, 1\]'):
+            distill.main(sdtt_args(data, teacher_dir, out, bad))
+    only_meta = str(tmp_path / 'only_meta')  # (was a bare "[Errno 2] No such file or directory")
+    os.makedirs(only_meta)
+    shutil.copy(os.path.join(data, 'meta.json'), only_meta)
+    with pytest.raises(FileNotFoundError, match=f'{only_meta}/train.bin is missing .*prepare_data.py --out_dir={only_meta}'):
+        distill.main(sdtt_args(only_meta, teacher_dir, out))
     with pytest.raises(ValueError, match='first student would sample with 3 < min_num_sampling_steps=8 steps'):
         distill.main(sdtt_args(data, teacher_dir, out, '--teacher_num_steps=6'))  # (was: exit 0, nothing trained)
     with pytest.raises(ValueError, match='split into n_head=3 heads'):

@@ -324,7 +324,7 @@ def test_two_processes_equal_one(byte_dir, tmp_path):
     assert two['settings']['nfe'] == one['settings']['nfe']
 
 
-def test_bad_input(byte_dir, tmp_path):
+def test_bad_input(byte_dir, tmp_path, capsys):
     base = [f'--init_from={byte_dir}', f'--out_dir={tmp_path}']
     with pytest.raises(ValueError, match='no room to generate'):
         sample.main(base + ['--seq_len=8', '--prompt=a prompt longer than eight bytes'])
@@ -332,6 +332,11 @@ def test_bad_input(byte_dir, tmp_path):
         sample.main(base + ['--seq_len=128'])
     with pytest.raises(ValueError, match='num_steps'):
         sample.main(base + ['--num_steps=0'])
+    with pytest.raises(ValueError, match='seq_len=1 leaves no position to sample after BOS'):  # (was: BOS, exit 0)
+        sample.main(base + ['--seq_len=1'])
+    capsys.readouterr()
+    sample.main(base + ['--seq_len=4', '--num_steps=20', '--n_samples=1'])  # (was: minutes without a word at 100000)
+    assert 'warning: num_steps=20 > 4 positions: most steps reveal nothing' in capsys.readouterr().out
     with pytest.raises(ValueError, match="sampler must be one of"):
         sample.main(base + ['--sampler=ddim'])
     if not torch.cuda.is_available():
