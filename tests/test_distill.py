@@ -431,24 +431,22 @@ def test_resume_after_kill_equals_uninterrupted(data, teacher_dir, tmp_path):
 
 def test_a_second_run_into_the_same_out_dir_is_refused_until_the_first_ends(data, tmp_path):
     """Two runs with one out_dir used to both exit 0, their log lines interleaved (10, 10, 20, 20, ...) and ckpt.pt
-    whichever saved last: the second is refused, naming the first, whose kill -9 frees the out_dir."""
+    whichever saved last: the second is refused, naming the first (here a process holding the run lock as a
+    distill.py does; tests/test_fileio.py: a kill -9 frees it), and runs once the first has ended."""
     out = str(tmp_path / 'run')
-    cmd = [sys.executable, 'distill.py', *TINY, '--objective=mdlm', '--init_from=scratch', f'--data_dir={data}',
-           f'--out_dir={out}', '--ckpt_interval=0', '--max_iters=1000000', '--log_interval=1']
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = TINY + ['--objective=mdlm', '--init_from=scratch', f'--data_dir={data}', f'--out_dir={out}', '--max_iters=2',
+                   '--log_interval=1']
+    first = subprocess.Popen([sys.executable, '-c', f'import fileio, time; fileio.run_lock({out!r}); '
+                              'print(1, flush=True); time.sleep(60)'], cwd=ROOT, stdout=subprocess.PIPE)
     try:
-        deadline = time.time() + 60
-        while not os.path.exists(os.path.join(out, 'log.jsonl')):  # it holds the lock
-            assert first.poll() is None and time.time() < deadline, first.stderr.read().decode()
-            time.sleep(0.05)
-        with pytest.raises(distill.RunLocked, match=re.escape(f'{out} is in use by pid {first.pid} (distill.py')):
-            distill.main(cmd[2:] + ['--max_iters=3'])
+        first.stdout.readline()
+        with pytest.raises(distill.RunLocked, match=re.escape(f'{out} is in use by pid {first.pid} (-c)')):
+            distill.main(args)
     finally:
-        first.kill()  # kill -9: the kernel drops the lock
+        first.kill()
         first.wait()
-    assert distill.main(cmd[2:-2] + ['--max_iters=2', '--log_interval=1']) == 0  # (no ckpt.pt: ckpt_interval=0)
-    assert sorted(read_log(out)) == [1, 2]
+    assert distill.main(args) == 0 and sorted(read_log(out)) == [1, 2]
+    assert not os.path.exists(os.path.join(out, '.lock'))  # released at the end of main()
 
 
 def test_ctrl_c_saves_and_logs_the_steps_since_the_last_log_line(data, teacher_dir, tmp_path, monkeypatch):
