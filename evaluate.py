@@ -369,8 +369,8 @@ def mauve_score(p_features, q_features, seeds=5, scaling=5.0):
 def read_lambada(path):
     """Passages from a local jsonl ({"text": ...} per line, the OpenAI file) or an HF dataset id (test split)."""
     if local_or_dataset(path, 'lambada_path'):
-        texts = [r['text'] for _, r in read_jsonl(path, {'text': str}, strict=True,
-                                                  what='one JSON object {"text": "..."} (the OpenAI lambada_test.jsonl)')]
+        what = 'one JSON object {"text": "..."} (the OpenAI lambada_test.jsonl)'
+        texts = [r['text'] for _, r in read_jsonl(path, {'text': str}, strict=True, what=what)]
     else:
         try:
             import datasets
@@ -546,7 +546,8 @@ def plot_genppl(jsonl, png):
     if not os.path.exists(jsonl):
         raise FileNotFoundError(f'no {jsonl} to plot: run --eval=genppl (with the same --out_dir) first')
     recs = [r for r in read_records(jsonl, GENPPL_RECORD, keep=lambda r: r.get('eval') == 'genppl') if r['num_steps']
-            and not (r['settings'].get('mode') == 'cond_prefix' or r['settings'].get('prompt') or r['settings'].get('prompt_file'))]
+            and not (r['settings'].get('mode') == 'cond_prefix' or r['settings'].get('prompt')
+                     or r['settings'].get('prompt_file'))]
     if not recs:
         raise ValueError(f'no genppl records of unconditional samples in {jsonl}: run --eval=genppl first')
     what = lambda r: (str(r['config'].get('judge')), r['metrics']['seq_len'], str(r.get('sampler')))  # (whole paths:

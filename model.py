@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fileio import _umask, clean_leftovers, temp_prefix, write_atomic, write_failed  # (write_atomic: also imported from here)
+from fileio import _umask, clean_leftovers, temp_prefix, write_atomic, write_failed  # (others import write_atomic here)
 
 
 @dataclass

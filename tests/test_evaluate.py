@@ -416,7 +416,8 @@ def test_a_record_after_a_line_cut_short_is_kept(tmp, capsys):
         f.write('{"eval": "genppl", "time": "2026-')  # a kill mid-write
     E.write_record(jsonl, 'genppl', dict(gen_ppl=20.0, entropy=2.8, seq_len=16), {}, {**settings, 'num_steps': 16}, 'b.npz')
     recs = E.read_records(jsonl)  # (the new record used to be glued onto the cut line: both unreadable)
-    assert [r['source'] for r in recs] == ['a.npz', 'b.npz'] and f'{jsonl}: 1 line(s) left out' in capsys.readouterr().out
+    assert [r['source'] for r in recs] == ['a.npz', 'b.npz']
+    assert f'{jsonl}: 1 line(s) left out' in capsys.readouterr().out
     with open(jsonl, 'a') as f:  # hand edits: --plot used to stop at them with an AttributeError / a KeyError
         f.write('[1, 2]\n' + json.dumps(dict(eval='genppl', model='m', num_steps=4, metrics={}, config={})) + '\n')
     E.plot_genppl(jsonl, str(tmp / 'torn' / 'genppl.png'))
