@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
 from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
+from fileio import RunLocked, WriteFailed, read_jsonl, release_lock, run_lock, write_failed
 from model import (DiT, DiTConfig, check_device, default_meta, is_ar_state_dict, load_pretrained, load_state_dict_strict,
                    save_pretrained, strip_prefix, write_atomic)
 from prepare_data import load_meta, open_split
@@ -254,6 +255,33 @@ def get_batch(data, first, count, seed, seq_len):
 
 
 # ------------------------------------------------------------------------------------------------------- checkpoints
+# what MDLM Lightning checkpoints pickle besides tensors (their hyper-parameters: an OmegaConf config, a tokenizer)
+_MDLM_GLOBALS = ('omegaconf.', 'transformers.models.', 'tokenizers.', 'pytorch_lightning.', 'lightning.',
+                 'lightning_fabric.', 'typing.Any', 'collections.defaultdict', 'numpy.core.multiarray._reconstruct',
+                 'numpy._core.multiarray._reconstruct', 'numpy.ndarray', 'numpy.dtype')
+
+
+def refused_checkpoint(path, e):
+    """Why torch.load(weights_only=True) refused path (e), naming the globals it would have to run: the conversion of
+    an MDLM Lightning checkpoint is advised only when those are all what such a checkpoint holds."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e2:  # not a zip nor a pickle: not a torch checkpoint at all
+        return f'{path} is not a torch checkpoint ({str(e2).splitlines()[0] if str(e2) else type(e2).__name__})'
+    if not names:
+        return f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
+    other = [n for n in names if not n.startswith(_MDLM_GLOBALS)]
+    if other:
+        return (f'{path} pickles {", ".join(other[:5])}, which no MDLM Lightning checkpoint holds: loading it would '
+                'run that code, so it is refused. Do not load it with weights_only=False; get the weights from a '
+                'source you trust')
+    return (f'{path}: torch.load(weights_only=True) refuses its pickled hyper-parameters ({", ".join(names[:5])}): an '
+            f'MDLM Lightning checkpoint. If you trust the file, keep only the weights once:\n  python -c "import '
+            f"torch; c = torch.load('{path}', map_location='cpu', weights_only=False); "
+            f"torch.save({{'state_dict': c['state_dict'], 'ema': c.get('ema')}}, '{path[:-5]}_weights.ckpt')\"\n"
+            f'and pass init_from={path[:-5]}_weights.ckpt')
+
+
 def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
     """A checkpoint of the original MDLM code ("distill a model you trained yourself"): weights under 'state_dict' with
     'backbone.' prefixes, EMA under 'ema' -> 'shadow_params' (a list in parameter order), used when present.
@@ -263,13 +291,7 @@ def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
     try:
         ck = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(
-            f'{path}: torch.load(weights_only=True) refuses it ({type(e).__name__}): MDLM Lightning checkpoints also '
-            f'pickle their hyper-parameters (an OmegaConf config and a tokenizer). If you trust the file, keep only '
-            f"the weights once:\n  python -c \"import torch; "
-            f"c = torch.load('{path}', map_location='cpu', weights_only=False); "
-            f"torch.save({{'state_dict': c['state_dict'], 'ema': c.get('ema')}}, '{path[:-5]}_weights.ckpt')\"\n"
-            f'and pass init_from={path[:-5]}_weights.ckpt') from e
+        raise ValueError(refused_checkpoint(path, e)) from e
     if not isinstance(ck, dict) or 'state_dict' not in ck:
         raise ValueError(f'{path} has no state_dict: not an MDLM Lightning checkpoint')
     sd = strip_prefix(ck['state_dict'])
@@ -297,15 +319,18 @@ def save_checkpoint(ckpt, path):
 
 
 def append_log(path, record, keep_upto=None):
-    """Append one JSON line; keep_upto=n first drops the lines of steps > n (those a resumed run will redo)."""
+    """Append one JSON line; keep_upto=n first drops the lines of steps > n (those a resumed run will redo) and any
+    line that is not a record with a step (one cut short by kill -9, a hand edit), with a warning naming it."""
     if keep_upto is not None:
-        lines = open(path).readlines() if os.path.exists(path) else []
-        # (a line cut short by kill -9 does not end with a newline: dropped)
-        kept = ''.join(l for l in lines if l.endswith('\n') and json.loads(l).get('step', 0) <= keep_upto)
+        recs = read_jsonl(path, need={'step': int}, what='a log record with a step') if os.path.exists(path) else []
+        kept = ''.join(json.dumps(r) + '\n' for _, r in recs if r['step'] <= keep_upto)
         write_atomic(path, lambda f: f.write(kept.encode()))
     if record is not None:
-        with open(path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:  # a full disk: its lines so far stay (a cut last one is left out when read)
+            raise write_failed(path, e, kept='the lines before are intact') from e
 
 
 # ----------------------------------------------------------------------------------------------------------- training
@@ -320,6 +345,10 @@ def main(argv=None):
     check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=1,
                 teacher_num_steps=1, max_iters=0, eval_iters=0, eval_interval=0, ckpt_interval=0,  # (0: off)
                 n_layer=1, n_head=1, n_embd=1, cond_dim=1, block_size=1)
+    check_sizes(config, learning_rate=0, weight_decay=0, warmup_iters=0, grad_clip=0, ema_decay=0, beta1=0, beta2=0)
+    if beta1 >= 1 or beta2 >= 1 or ema_decay > 1:  # (torch's message from inside AdamW, or an EMA that runs away)
+        raise ValueError(f'beta1={beta1}, beta2={beta2}, ema_decay={ema_decay}: the betas must be in [0, 1), ema_decay '
+                         'in [0, 1]')
     check_device(device)
     check_choice('compile_mode', compile_mode, _COMPILE_MODES)
     eps = sampling_eps if sampling_eps is not None else (1e-5 if objective == 'sdtt' else 1e-3)
@@ -370,10 +399,12 @@ def main(argv=None):
 
     # ---- models: the student (or the mdlm/ar model), its EMA copy, and for sdtt the frozen teacher
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'resume' and not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f'init_from=resume: no {ckpt_path} (start a run first, or fix out_dir)')
+    if master:  # one run per out_dir: only rank 0 writes, so only it takes the lock (a second torchrun's rank 0 fails)
+        run_lock(out_dir)
     ckpt = source = None
     if init_from == 'resume':
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f'init_from=resume: no {ckpt_path} (start a run first, or fix out_dir)')
         # mmap: the processes of a node share the file's pages instead of each reading its own copy (the large model's
         # checkpoint with teacher, EMA and optimiser is ~17 GB: x8 ranks would not fit in many nodes' RAM)
         try:
@@ -388,6 +419,9 @@ def main(argv=None):
                                'teacher_num_steps', 'round_every', 'dropout', 'sampling_eps', 'reference_time_grid',
                                'teacher_from_ema', 'reset_optimizer_each_round', 'min_num_sampling_steps')
                    if ckpt['config'].get(k) != config[k]]
+        was = {k: ckpt.get('meta', {}).get(k) for k in ('row_len', 'n_train_rows')}  # (None: an older checkpoint)
+        changed += [f'{data_dir} re-prepared: {k} {meta.get(k)} (the run: {v})' for k, v in was.items()
+                    if v is not None and v != meta.get(k)]
         if changed and master:
             print(f'warning: resuming with other {", ".join(changed)} than {ckpt_path}: not an exact continuation')
         model = DiT(replace(DiTConfig(**ckpt['model_args']), dropout=dropout))  # (dropout: as a loaded model's)
@@ -465,7 +499,7 @@ def main(argv=None):
         return (1 - _T_MIN) / teacher_num_steps * K ** r
 
     def meta_now():
-        m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id')}
+        m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id', 'row_len', 'n_train_rows')}
         m.update(objective=objective, step=step)
         if objective == 'sdtt':
             m.update(round=rnd, num_sampling_steps=teacher_num_steps if rnd == 0 else student_steps(rnd - 1),
@@ -631,6 +665,7 @@ def main(argv=None):
     finally:
         for sig, handler in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
             signal.signal(sig, handler)
+        release_lock(out_dir)
     if ddp:
         dist.barrier()  # wait for rank 0's final checkpoint: gloo aborts if a peer leaves the group early
         dist.destroy_process_group()
@@ -642,5 +677,6 @@ def main(argv=None):
 if __name__ == '__main__':
     try:
         sys.exit(main())
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:  # bad input: the message says what to do
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, RunLocked, WriteFailed) as e:
+        # bad input, another run in out_dir, a full disk: the message says what to do
         sys.exit(f'distill.py: error: {e}')

@@ -22,7 +22,6 @@ over the teacher at the same steps with its standard error across replicas, the 
 replica's paired margin.
 """
 import ctypes
-import fcntl
 import json
 import os
 import platform
@@ -37,6 +36,7 @@ import torch
 
 from configurator import configure
 from evaluate import closer, read_records
+from fileio import RunLocked, run_lock
 from model import write_atomic
 
 corpus = 'corpus'                 # prepare_data.py --source: the embedded English corpus (corpus/SOURCES.md), any
@@ -67,11 +67,10 @@ py = sys.executable
 os.makedirs(os.path.join(work_dir, 'logs'), exist_ok=True)
 # one e2e.py per work_dir: its commands inherit the lock, so it is held until the last of them has ended (after a
 # kill -9 of e2e.py they get SIGTERM, save and exit; a rerun started meanwhile would race them over the same files)
-_lock = open(os.path.join(work_dir, 'logs', '.lock'), 'w')
 try:
-    fcntl.flock(_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-except BlockingIOError:
-    sys.exit(f'e2e.py: another e2e.py, or the commands of one just stopped, still run in {work_dir}: wait for them')
+    _lock = run_lock(work_dir, os.path.join('logs', '.lock'))
+except RunLocked as e:
+    sys.exit(f'e2e.py: {e}')
 timings = {}
 
 

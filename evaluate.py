@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS as _SAMPLE_EPS, move_chance, nelbo_weight, sample_t, sigma
+from fileio import WriteFailed, local_or_dataset, read_jsonl, write_failed
 from model import check_device, load_pretrained, local_or_hub, write_atomic
 from prepare_data import get_tokenizer, load_meta, open_split
 from sample import load_samples
@@ -435,15 +436,9 @@ def mauve_score(p_features, q_features, seeds=5, scaling=5.0):
 # ----------------------------------------------------------------------------------------------------- LAMBADA, val
 def read_lambada(path):
     """Passages from a local jsonl ({"text": ...} per line, the OpenAI file) or an HF dataset id (test split)."""
-    if os.path.exists(path):
-        texts = []
-        with open(path) as f:
-            for n, line in filter(lambda x: x[1].strip(), enumerate(f, 1)):
-                try:
-                    texts.append(json.loads(line)['text'])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f'{path}:{n}: expected one JSON object {{"text": "..."}} per line (the OpenAI '
-                                     'lambada_test.jsonl format)') from None
+    if local_or_dataset(path, 'lambada_path'):
+        what = 'one JSON object {"text": "..."} (the OpenAI lambada_test.jsonl)'
+        texts = [r['text'] for _, r in read_jsonl(path, {'text': str}, strict=True, what=what)]
     else:
         try:
             import datasets
@@ -615,27 +610,25 @@ def write_record(jsonl, what, metrics, config, settings, source):
                nfe=settings.get('nfe'), source=source, metrics=metrics, settings=settings, config=config)
     os.makedirs(os.path.dirname(jsonl) or '.', exist_ok=True)
     line = json.dumps(rec, default=lambda o: o.item() if hasattr(o, 'item') else str(o)) + '\n'
-    with open(jsonl, 'a+b') as f:  # after a line cut short by a kill, start a new one (or this record is lost too)
-        torn = f.seek(0, os.SEEK_END) > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b'\n'
-        f.write((('\n' if torn else '') + line).encode())
+    try:
+        with open(jsonl, 'a+b') as f:  # after a line cut short by a kill, start a new one (or this record is lost too)
+            torn = f.seek(0, os.SEEK_END) > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b'\n'
+            f.write((('\n' if torn else '') + line).encode())
+    except OSError as e:  # a full disk
+        raise write_failed(jsonl, e, kept='the records before are intact') from e
     return rec
 
 
-def read_records(jsonl):
-    """The records of a JSON-lines file (eval.jsonl, distill's log.jsonl). A line that is not one (cut short by a
-    kill mid-write) is left out with a warning naming it; the others are kept."""
-    recs, bad = [], []
-    with open(jsonl) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad.append(n)
-    if bad:
-        print(f'warning: {jsonl}: line {", ".join(map(str, bad))} is not a JSON record (a write cut short?): left out')
-    return recs
+# the fields the readers of eval.jsonl use (write_record writes them all); a genppl record's metrics too
+RECORD = dict(eval=str, model=(str, type(None)), num_steps=(int, type(None)), settings=dict, config=dict, metrics=dict)
+GENPPL_RECORD = {**RECORD, 'metrics': dict(gen_ppl=(int, float), entropy=(int, float), seq_len=int)}
+
+
+def read_records(jsonl, need=RECORD, keep=None):
+    """The records of a JSON-lines file (eval.jsonl; distill's log.jsonl with need={'step': int}) that are objects
+    with the fields of need (fileio.read_jsonl); another line (cut short by a kill mid-write, a hand edit) is left out
+    with a warning naming it."""
+    return [rec for _, rec in read_jsonl(jsonl, need, keep=keep)]
 
 
 def _pyplot():
@@ -657,8 +650,9 @@ def plot_genppl(jsonl, png):
     samples are left out. A point evaluated twice shows its last record."""
     if not os.path.exists(jsonl):
         raise FileNotFoundError(f'no {jsonl} to plot: run --eval=genppl (with the same --out_dir) first')
-    recs = [r for r in read_records(jsonl) if r.get('eval') == 'genppl' and r.get('num_steps') and not
-            (r['settings'].get('mode') == 'cond_prefix' or r['settings'].get('prompt') or r['settings'].get('prompt_file'))]
+    recs = [r for r in read_records(jsonl, GENPPL_RECORD, keep=lambda r: r.get('eval') == 'genppl') if r['num_steps']
+            and not (r['settings'].get('mode') == 'cond_prefix' or r['settings'].get('prompt')
+                     or r['settings'].get('prompt_file'))]
     if not recs:
         raise ValueError(f'no genppl records of unconditional samples in {jsonl}: run --eval=genppl first')
     what = lambda r: (str(r['config'].get('judge')) + (' duo' if r['metrics'].get('protocol') == 'duo' else ''),
@@ -703,7 +697,7 @@ def plot_training(log_path, png=None):
         log_path = os.path.join(log_path, 'log.jsonl')
     if not os.path.exists(log_path):
         raise FileNotFoundError(f'no {log_path}: --train_log takes a distill.py out_dir (or its log.jsonl)')
-    recs = read_records(log_path)
+    recs = read_records(log_path, need={'step': int})
     train = [r for r in recs if 'loss' in r]
     val_key = next((k for r in recs for k in r if k.startswith('val_') and k != 'val_ppl'), None)
     val = [r for r in recs if val_key in r]
@@ -816,5 +810,5 @@ if __name__ == '__main__':
     import sys
     try:
         main()
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError, WriteFailed) as e:
         sys.exit(f'evaluate.py: error: {e}')

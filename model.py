@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fileio import _umask, clean_leftovers, temp_prefix, write_atomic, write_failed  # (others import write_atomic here)
+
 
 @dataclass
 class DiTConfig:
@@ -259,13 +261,48 @@ class DiT(nn.Module):
 _HUB_NAMES = dict(n_embd='hidden_dim', n_layer='n_blocks', n_head='n_heads', block_size='model_length')
 
 
+MAX_BLOCK_SIZE = 2 ** 20  # rotary tables, KV caches and samples are block_size long: a larger one is a typo
+
+
+def check_config(args, names=None):
+    """DiTConfig(**args) with every field checked, one error naming each bad one (as names[field], its name in the
+    file): a flag is true or false (not "yes", nor "false": bool() made that True), a size an integer >= 1 (block_size
+    <= MAX_BLOCK_SIZE), dropout a number in [0, 1), another float a finite number."""
+    names, bad = names or {}, []
+    for f in fields(DiTConfig):
+        if f.name not in args:
+            continue
+        v, t = args[f.name], type(f.default)
+        if t is bool:
+            ok, want = isinstance(v, bool), 'true or false'
+        elif t is int:
+            top = MAX_BLOCK_SIZE if f.name == 'block_size' else float('inf')
+            ok, want = type(v) is int and 1 <= v <= top, 'an integer >= 1' + (f' and <= {top}' if top < 1e9 else '')
+        elif t is float:  # (dropout; a float a fork adds: any finite number)
+            ok = type(v) in (int, float) and math.isfinite(v) and (f.name != 'dropout' or 0 <= v < 1)
+            want = 'a number in [0, 1)' if f.name == 'dropout' else 'a finite number'
+        else:
+            continue
+        if not ok:
+            bad.append(f'{names.get(f.name, f.name)}={v!r} (must be {want})')
+    if bad:
+        raise ValueError(f'bad values: {", ".join(bad)}')
+    return DiTConfig(**args)
+
+
 def config_from_json(cfg, vocab_size=None):
-    """Map either published config.json layout (or ours) to a DiTConfig. vocab_size: from the weights if given."""
+    """Map either published config.json layout (or ours) to a DiTConfig, type-checked (check_config). vocab_size:
+    from the weights if given."""
     if 'model' in cfg and isinstance(cfg['model'], dict) and 'hidden_size' in cfg['model']:  # SDTT run config
         m = cfg['model']
+        missing = [k for k in ('cond_dim', 'n_blocks', 'n_heads', 'length') if k not in m]
+        if missing:
+            raise ValueError(f'config.json (SDTT layout) lacks model.{", model.".join(missing)}')
         tc = cfg.get('time_conditioning', m.get('time_conditioning', False))
         args = dict(n_embd=m['hidden_size'], cond_dim=m['cond_dim'], n_layer=m['n_blocks'], n_head=m['n_heads'],
-                    block_size=m['length'], dropout=m.get('dropout', 0.1), time_conditioning=bool(tc))
+                    block_size=m['length'], dropout=m.get('dropout', 0.1), time_conditioning=tc)
+        names = dict(n_embd='model.hidden_size', cond_dim='model.cond_dim', n_layer='model.n_blocks',
+                     n_head='model.n_heads', block_size='model.length', dropout='model.dropout')
         v = vocab_size or m.get('vocab_size') or cfg.get('vocab_size')
     elif 'hidden_dim' in cfg:  # MDLM hub layout (and ours)
         missing = [k for k in ('cond_dim', 'n_blocks', 'n_heads', 'model_length') if k not in cfg]
@@ -273,14 +310,26 @@ def config_from_json(cfg, vocab_size=None):
             raise ValueError(f'config.json (MDLM layout) lacks {", ".join(missing)}')
         names = {f.name: _HUB_NAMES.get(f.name, f.name) for f in fields(DiTConfig) if f.name != 'vocab_size'}
         args = {k: cfg[name] for k, name in names.items() if name in cfg}  # (dropout, time_conditioning: defaults)
-        args.update({k: bool(args[k]) for k in ('time_conditioning', 'causal') if k in args})
         v = vocab_size or cfg.get('vocab_size')
     else:
         raise ValueError('config.json is neither the MDLM layout (hidden_dim, n_blocks, ...) nor the SDTT layout '
                          f'(model: {{hidden_size, ...}}); keys found: {sorted(cfg)[:20]}')
     if v is None:
         raise ValueError('config.json has no vocab_size and it could not be read from the weights')
-    return DiTConfig(vocab_size=int(v), **args)
+    return check_config(dict(vocab_size=v, **args), names)
+
+
+def check_weights(config, sd, source):
+    """The sizes of config against those of the weights sd, before a network of config is allocated (a config.json
+    saying n_embd=10**6 would first ask for terabytes): an error naming each size that differs."""
+    emb, sig = sd.get('vocab_embed.embedding'), sd.get('sigma_map.mlp.0.weight')
+    have = dict(n_layer=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}),
+                n_embd=emb.shape[1] if emb is not None and emb.dim() == 2 else None,
+                cond_dim=sig.shape[0] if sig is not None and sig.dim() == 2 else None)
+    bad = [f'{k}={getattr(config, k)} but the weights have {v}' for k, v in have.items()
+           if v is not None and v != getattr(config, k)]
+    if bad:
+        raise ValueError(f'{source}: config.json does not match model.safetensors: {", ".join(bad)}')
 
 
 def strip_prefix(state_dict, prefix='backbone.'):
@@ -384,9 +433,11 @@ def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
             raise ValueError(f'{path} is not a checkpoint of this project (no model_args/model); for an MDLM Lightning '
                              f'.ckpt use distill.py init_from, for published models pass the directory')
         try:
-            model = DiT(DiTConfig(**ckpt['model_args']))
+            model = DiT(check_config(ckpt['model_args']))
         except TypeError as e:  # a key this version's DiTConfig lacks: a checkpoint of another code
             raise ValueError(f'{path}: its model_args do not fit this DiTConfig ({e}); it was written by other code') from e
+        except ValueError as e:
+            raise ValueError(f'{path}: model_args: {e}') from e
         sd = ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model']
         load_state_dict_strict(model, sd, source=path)
         return _with_meta(model, ckpt.get('meta', {}), path).to(device).eval()
@@ -410,6 +461,7 @@ def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
     except Exception as e:
         raise ValueError(f'{path}: config.json or model.safetensors is not readable ({type(e).__name__}: {e}); '
                          f'download it again') from e
+    check_weights(config, sd, path)
     model = DiT(config)
     load_state_dict_strict(model, sd, source=st_file)
     return _with_meta(model, cfg.get('meta', {}), path).to(device).eval()
@@ -425,29 +477,6 @@ def _with_meta(model, meta, source):
     return model
 
 
-def _umask():
-    umask = os.umask(0)  # (read by setting it: put back at once)
-    os.umask(umask)
-    return umask
-
-
-def write_atomic(path, write):
-    """write(f) into a temporary file beside path (binary), on disk, then renamed over path: a crash or a failed
-    write leaves the old file as it was, never a truncated one. The temporary name is unique (concurrent writers)
-    and the file gets the permissions open() would give it."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp_')
-    os.chmod(tmp, 0o666 & ~_umask())  # (mkstemp: owner only)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_pretrained(model, out_dir, meta=None):
     """Write config.json + model.safetensors in the MDLM hub layout (+ `causal`, `meta`): the files go to a temporary
     directory that replaces out_dir only when complete, so out_dir is never a partial one (a crash between the two
@@ -458,12 +487,16 @@ def save_pretrained(model, out_dir, meta=None):
                   meta={**model.meta, **(meta or {})})
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix='.tmp_')
+    clean_leftovers(parent)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=temp_prefix())  # (removed by the next writer if this one is killed)
     try:
         sd = {'backbone.' + k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, os.path.join(tmp, 'model.safetensors'))
-        with open(os.path.join(tmp, 'config.json'), 'w') as f:
-            json.dump(config, f, indent=2)
+        try:
+            save_file(sd, os.path.join(tmp, 'model.safetensors'))
+            with open(os.path.join(tmp, 'config.json'), 'w') as f:
+                json.dump(config, f, indent=2)
+        except Exception as e:  # a full disk (safetensors raises its own error type)
+            raise write_failed(out_dir, e) from e
         os.chmod(tmp, 0o777 & ~_umask())  # the permissions mkdir and open() would give (mkdtemp, safetensors: owner only)
         for name in ('model.safetensors', 'config.json'):
             os.chmod(os.path.join(tmp, name), 0o666 & ~_umask())

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import check_choice, check_sizes, config_keys, configure
+from fileio import WriteFailed, local_or_dataset, parse_line, write_failed
 
 # ----------------------------------------------------------------------------- config
 # python prepare_data.py [config.py] --key=value ... (configurator.py: as every script of the project)
@@ -159,6 +160,9 @@ def open_split(data_dir, split):
     """The split as a read-only np.memmap of shape [n_rows, row_len]."""
     meta = load_meta(data_dir)
     path, n, L = os.path.join(data_dir, f"{split}.bin"), meta[f"n_{split}_rows"], meta["row_len"]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing ({data_dir} has a meta.json without it): re-run prepare_data.py "
+                                f"--out_dir={data_dir} --overwrite=True")
     size = os.path.getsize(path)
     if size != n * L * 2:
         raise ValueError(f"{path} has {size} bytes, meta.json says {n} rows x {L} uint16 tokens; re-run prepare_data.py")
@@ -192,12 +196,8 @@ def read_local(path, text_field, txt_docs, skip_bad_lines, issues):
             text = piece.decode("utf-8", errors="replace")
             issues["not_utf8"] += 1
         if jsonl:
-            try:
-                obj = json.loads(text)
-                text = obj.get(text_field) if isinstance(obj, dict) else None
-                bad = None if isinstance(text, str) else f"no string field {text_field!r}"
-            except json.JSONDecodeError as e:
-                bad = f"not JSON ({e})"
+            obj, bad = parse_line(text, {text_field: str})  # (the project's one JSON-lines check)
+            text = obj and obj[text_field]
             if bad:
                 if not skip_bad_lines:
                     raise ValueError(f"{path}:{lineno}: {bad}; fix it or pass --skip_bad_lines")
@@ -222,10 +222,8 @@ def load_source(args):
     """Returns (train_docs, val_docs, description, read_issues); docs are lists or HF Datasets."""
     issues = {"not_utf8": 0, "bad_lines": 0}
     src = os.path.expanduser(args.source)
-    looks_local = src.startswith((".", "/", "~")) or src.endswith(_TEXT_FILES) or os.path.exists(src)
+    looks_local = local_or_dataset(args.source, "--source") is not None
     if looks_local:
-        if not os.path.exists(src):
-            raise FileNotFoundError(f"no such file or directory: {src}")
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs if f.endswith(_TEXT_FILES)) \
             if os.path.isdir(src) else [src]
         if not files:
@@ -360,16 +358,23 @@ def main(argv=None):
     if args.num_proc > 1:
         pool = multiprocessing.get_context("spawn").Pool(args.num_proc, initializer=signal.signal,
                                                          initargs=(signal.SIGINT, signal.SIG_IGN))
+    writing = outputs[0]
     try:
-        for split, docs, t in (("train", train, tmp[0]), ("val", val, tmp[1])):
+        for split, docs, t, writing in (("train", train, tmp[0], outputs[0]), ("val", val, tmp[1], outputs[1])):
             meta.update(write_split(docs, split, t, args, tok, pool))
         meta.update({"n_not_utf8_docs": issues["not_utf8"], "n_bad_lines_skipped": issues["bad_lines"]})
+        writing = outputs[2]
         with open(tmp[2], "w") as f:
             json.dump(meta, f, indent=2)
         if os.path.exists(outputs[2]):
             os.remove(outputs[2])  # old meta goes first: new bins never sit next to an old meta.json
         for t, o in zip(tmp, outputs):
             os.replace(t, o)
+    except OSError as e:  # a full disk (numpy says only "N requested and M written"); the temporaries go below
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise write_failed(writing, e, kept=f"the previous dataset in {args.out_dir} is intact" if existing else
+                           "no partial file is left") from e
     finally:
         for t in tmp:
             if os.path.exists(t):
@@ -397,5 +402,5 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"prepare_data.py: stopped by signal {signum}"))
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, WriteFailed) as e:
         sys.exit(f"prepare_data.py: error: {e}")

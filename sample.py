@@ -14,7 +14,6 @@ Output: out_dir/samples/{uncond,cond}/<settings>.npz (token ids + settings, read
 batch_seed(seed, i), whichever process draws it, so any number of processes gives the same samples (for the same
 seed and batch_size: the file name does not carry batch_size, its settings do).
 """
-import gzip
 import hashlib
 import json
 import math
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 import diffusion
 from configurator import check_choice, check_sizes, config_keys, configure
+from fileio import WriteFailed, local_or_dataset, read_jsonl, release_lock, run_lock
 from model import check_device, load_pretrained, write_atomic
 from prepare_data import get_tokenizer
 
@@ -291,24 +291,18 @@ def load_prefixes(source, tok, n_prompts, prefix_len, cond_len, min_doc_len, spl
     """SPEC §6: the first n_prompts documents of `source` with at least min_doc_len tokens, framed as [BOS] + tokens
     (bos=True) or as they are. Returns (prompts [n, prefix_len], references [n, cond_len], document indices: 0-based
     line of the .jsonl or row of the dataset)."""
-    if os.path.exists(source):
-        def texts():
-            with (gzip.open(source, 'rt') if source.endswith('.gz') else open(source)) as f:
-                for lineno, line in enumerate(f, 1):
-                    text = json.loads(line).get('text') if line.strip() else ''
-                    if not isinstance(text, str):
-                        raise ValueError(f'{source}:{lineno}: no string field "text"')
-                    yield text
-        docs = texts()
+    if local_or_dataset(source, 'cond_data'):
+        docs = ((n - 1, r['text']) for n, r in read_jsonl(source, {'text': str}, strict=True,
+                                                         what='a JSON object with a string field "text"'))
     else:
         try:
             import datasets
-            docs = (ex['text'] for ex in datasets.load_dataset(source, split=split))
+            docs = enumerate(ex['text'] for ex in datasets.load_dataset(source, split=split))
         except Exception as e:
             raise RuntimeError(f'cond_data {source!r} is not a local .jsonl file and could not be loaded as a Hugging '
                                f'Face dataset ({type(e).__name__}: {e}); offline, pass a .jsonl file') from e
     refs, idx = [], []
-    for i, text in enumerate(docs):
+    for i, text in docs:
         ids = tok.encode(text)
         if len(ids) >= min_doc_len:
             refs.append(([tok.bos_token_id] * bos + ids)[:cond_len])
@@ -395,6 +389,11 @@ def main(argv=None):
     L = c.cond_len if c.mode == 'cond_prefix' else c.seq_len
     if L > block:
         raise ValueError(f'{"cond_len" if c.mode == "cond_prefix" else "seq_len"}={L} exceeds the model block size {block}')
+    if L == 1 and c.add_bos:
+        raise ValueError('seq_len=1 leaves no position to sample after BOS: use seq_len >= 2 (or add_bos=False)')
+    if not causal and c.num_steps > L and rank == 0:  # (allowed: gen-PPL against steps goes past L)
+        print(f'warning: num_steps={c.num_steps} > {L} positions: most steps reveal nothing, and each still runs the '
+              'model on the whole batch (--sampler=cached runs only the sequences a step changes)')
 
     n, prompts, extra, tag = c.n_samples, None, {}, ''
     if c.mode == 'cond_prefix':
@@ -427,6 +426,9 @@ def main(argv=None):
         (f"_r{lm.meta['round']}" if lm.meta.get('round') is not None else '')
     how = 'ar' if causal else f'{c.sampler}_T{c.num_steps}'
     path = os.path.join(c.out_dir, 'samples', kind, f'{name}_{how}_L{L}_n{n}_s{c.seed}{tag}')
+    lock = (os.path.dirname(path), f'.{os.path.basename(path)}.lock')  # one writer per sample file (rank 0 writes)
+    if rank == 0:
+        run_lock(*lock)
     if os.path.exists(path + '.npz') and not c.overwrite:
         raise FileExistsError(f'{path}.npz exists; pass --overwrite=True to replace it')
     if c.compile:
@@ -470,6 +472,7 @@ def main(argv=None):
               f'start-up, took {t_first or 0:.2f}s), NFE {nfe:.1f} per sequence '
               f'({"autoregressive, KV cache" if causal else f"{c.num_steps} steps, {c.sampler}"}) -> {path}.npz')
         print(json.dumps(stats))
+        release_lock(*lock)
     if world > 1:
         dist.barrier()  # rank 0 is still writing the files: gloo aborts ("terminate called ...") if a peer leaves early
         dist.destroy_process_group()
@@ -480,5 +483,5 @@ if __name__ == '__main__':
     import sys
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, FloatingPointError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, FloatingPointError, WriteFailed) as e:
         sys.exit(f'sample.py: error: {e}')

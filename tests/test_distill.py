@@ -321,15 +321,23 @@ def test_round_directory_holds_the_ema_weights_and_round_options(data, teacher_d
         assert torch.equal(ck['model'][k], ck['ema'][k]) and torch.equal(ck['teacher'][k], ck['ema'][k]), k
 
 
-def test_resume_drops_the_log_lines_of_steps_it_redoes(data, tmp_path):
+def test_resume_drops_the_log_lines_of_steps_it_redoes(data, tmp_path, capsys):
     out = str(tmp_path / 'run')
     args = TINY + ['--objective=mdlm', '--init_from=scratch', f'--data_dir={data}', f'--out_dir={out}', '--log_interval=1']
     distill.main(args + ['--max_iters=3'])
     with open(os.path.join(out, 'log.jsonl'), 'a') as f:  # steps 4 and 5 of a run killed after its step-3 checkpoint
         f.write(json.dumps(dict(step=4, loss=123.0)) + '\n' + json.dumps(dict(step=5, loss=123.0)) + '\n{"step": 6, "lo')
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        lines = f.readlines()
+    with open(os.path.join(out, 'log.jsonl'), 'w') as f:  # and hand edits: each used to stop the resume
+        f.writelines(lines[:1] + ['not json\n', '[1, 2]\n', '{"loss": 1.0}\n', '{"step": "2"}\n'] + lines[1:])
+    capsys.readouterr()
     distill.main(args + ['--max_iters=5', '--init_from=resume'])
     logged = [r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if 'loss' in r]
     assert [r['step'] for r in logged] == [1, 2, 3, 4, 5] and 123.0 not in [r['loss'] for r in logged]
+    warning = capsys.readouterr().out
+    assert f"{out}/log.jsonl: 5 line(s) left out" in warning and 'line 2: not JSON' in warning, warning
+    assert "line 5: field 'step' is '2', not int" in warning and 'line 11: not JSON' in warning
 
 
 def test_resumed_run_logs_what_an_uninterrupted_run_logs(data, tmp_path, monkeypatch):
@@ -421,6 +429,26 @@ def test_resume_after_kill_equals_uninterrupted(data, teacher_dir, tmp_path):
             assert torch.equal(ca[key][k], cb[key][k]), (key, k)
 
 
+def test_a_second_run_into_the_same_out_dir_is_refused_until_the_first_ends(data, tmp_path):
+    """Two runs with one out_dir used to both exit 0, their log lines interleaved (10, 10, 20, 20, ...) and ckpt.pt
+    whichever saved last: the second is refused, naming the first (here a process holding the run lock as a
+    distill.py does; tests/test_fileio.py: a kill -9 frees it), and runs once the first has ended."""
+    out = str(tmp_path / 'run')
+    args = TINY + ['--objective=mdlm', '--init_from=scratch', f'--data_dir={data}', f'--out_dir={out}', '--max_iters=2',
+                   '--log_interval=1']
+    first = subprocess.Popen([sys.executable, '-c', f'import fileio, time; fileio.run_lock({out!r}); '
+                              'print(1, flush=True); time.sleep(60)'], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        first.stdout.readline()
+        with pytest.raises(distill.RunLocked, match=re.escape(f'{out} is in use by pid {first.pid} (-c)')):
+            distill.main(args)
+    finally:
+        first.kill()
+        first.wait()
+    assert distill.main(args) == 0 and sorted(read_log(out)) == [1, 2]
+    assert not os.path.exists(os.path.join(out, '.lock'))  # released at the end of main()
+
+
 def test_ctrl_c_saves_and_logs_the_steps_since_the_last_log_line(data, teacher_dir, tmp_path, monkeypatch):
     out, calls = str(tmp_path / 'run'), []
     loss = distill.training_loss
@@ -499,11 +527,7 @@ def test_ddp_signal_to_one_rank_stops_all_saves_and_reports_it(data, teacher_dir
     assert ck['step'] == max(read_log(out))  # saved at the step they stopped, and logged
 
 
-class Opaque:  # stands for the OmegaConf config / tokenizer pickled in MDLM Lightning hyper_parameters
-    pass
-
-
-def test_mdlm_lightning_checkpoint_teacher(tmp_path):
+def test_mdlm_lightning_checkpoint_teacher(tmp_path, monkeypatch):
     m = random_dit()
     params = [p.detach() + 1 for p in m.parameters()]
     ck = {'state_dict': {'backbone.' + k: v for k, v in m.state_dict().items()},
@@ -513,9 +537,27 @@ def test_mdlm_lightning_checkpoint_teacher(tmp_path):
     assert (t.config.n_layer, t.config.n_embd, t.config.cond_dim, t.config.vocab_size) == (2, 32, 32, V)
     for p, e in zip(t.parameters(), params):  # the EMA weights, mapped by parameter order
         assert torch.equal(p, e)
-    torch.save({**ck, 'hyper_parameters': {'config': Opaque()}}, tmp_path / 'full.ckpt')
-    with pytest.raises(ValueError, match='weights_only'):
+    omegaconf = type(sys)('omegaconf')  # stands for the OmegaConf config pickled in its hyper_parameters
+    omegaconf.DictConfig = type('DictConfig', (), {'__module__': 'omegaconf'})
+    monkeypatch.setitem(sys.modules, 'omegaconf', omegaconf)
+    torch.save({**ck, 'hyper_parameters': {'config': omegaconf.DictConfig()}}, tmp_path / 'full.ckpt')
+    with pytest.raises(ValueError, match=r"(?s)refuses its pickled hyper-parameters \(omegaconf.DictConfig\).*"
+                                         r"keep only the weights once.*weights_only=False"):
         distill.load_lightning_ckpt(str(tmp_path / 'full.ckpt'), n_head=2, block_size=L, time_conditioning=False)
+    # a file that would run code on loading: named, and no advice to load it anyway (it used to get the one-liner)
+    torch.save({**ck, 'hyper_parameters': RunsCode()}, tmp_path / 'evil.ckpt')
+    with pytest.raises(ValueError, match='evil.ckpt pickles posix.system, which no MDLM Lightning checkpoint') as e:
+        distill.load_lightning_ckpt(str(tmp_path / 'evil.ckpt'), n_head=2, block_size=L, time_conditioning=False)
+    assert 'python -c' not in str(e.value)
+    (tmp_path / 'random.ckpt').write_bytes(os.urandom(1000))
+    with pytest.raises(ValueError, match='random.ckpt is not a torch checkpoint') as e:
+        distill.load_lightning_ckpt(str(tmp_path / 'random.ckpt'), n_head=2, block_size=L, time_conditioning=False)
+    assert 'python -c' not in str(e.value)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return os.system, ('echo this ran',)
 
 
 def test_mdlm_lightning_checkpoint_of_the_ar_baseline(tmp_path):
@@ -558,6 +600,23 @@ def test_loaded_and_resumed_models_keep_their_architecture_and_the_config_says_s
     assert 'distilled to sample with 16 steps (its meta), teacher_num_steps=64' in capsys.readouterr().out
 
 
+def test_resume_warns_when_the_data_was_prepared_again(data, tmp_path, capsys):
+    moved = str(tmp_path / 'data')
+    shutil.copytree(data, moved)
+    args = TINY + ['--objective=mdlm', '--init_from=scratch', f'--data_dir={moved}', f'--out_dir={tmp_path / "run"}']
+    distill.main(args + ['--max_iters=1'])
+    meta = json.load(open(os.path.join(moved, 'meta.json')))
+    for split in ('train', 'val'):  # prepared again with --row_len=16: other rows, another number of them
+        rows = np.fromfile(os.path.join(moved, f'{split}.bin'), np.uint16).reshape(-1, 16)
+        rows.tofile(os.path.join(moved, f'{split}.bin'))
+        meta[f'n_{split}_rows'] = len(rows)
+    json.dump({**meta, 'row_len': 16}, open(os.path.join(moved, 'meta.json'), 'w'))
+    capsys.readouterr()
+    distill.main(args + ['--max_iters=2', '--init_from=resume'])
+    assert (f'warning: resuming with other {moved} re-prepared: row_len 16 (the run: 32), {moved} re-prepared: '
+            f'n_train_rows 256 (the run: 128) than') in capsys.readouterr().out
+
+
 def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
     out = str(tmp_path / 'run')
     with pytest.raises(ValueError, match=r"divergence must be one of \['kld', 'kl_fwd', 'mse', 'tvd', 'tvd_true'\]"):
@@ -568,9 +627,18 @@ def test_bad_input_gets_clear_errors(data, teacher_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match='not divisible'):
         distill.main(sdtt_args(data, teacher_dir, out, '--global_batch_size=6'))
     for bad in ('--round_every=0', '--log_interval=0', '--batch_size=0', '--num_distill_steps=0',
-                '--teacher_num_steps=0', '--max_iters=-1', '--n_layer=0'):
+                '--teacher_num_steps=0', '--max_iters=-1', '--n_layer=0', '--learning_rate=-1.0', '--grad_clip=-1.0',
+                '--weight_decay=-0.1', '--warmup_iters=-1'):  # (learning_rate=-1 was torch's message from AdamW)
         with pytest.raises(ValueError, match=r'impossible sizes: ' + bad[2:] + r' \(must be >= '):
             distill.main(sdtt_args(data, teacher_dir, out, bad))
+    for bad in ('--beta2=1.0', '--beta1=1.5', '--ema_decay=1.01'):
+        with pytest.raises(ValueError, match=r'betas must be in \[0, 1\), ema_decay in \[0, 1\]'):
+            distill.main(sdtt_args(data, teacher_dir, out, bad))
+    only_meta = str(tmp_path / 'only_meta')  # (was a bare "[Errno 2] No such file or directory")
+    os.makedirs(only_meta)
+    shutil.copy(os.path.join(data, 'meta.json'), only_meta)
+    with pytest.raises(FileNotFoundError, match=f'{only_meta}/train.bin is missing .*--out_dir={only_meta}'):
+        distill.main(sdtt_args(only_meta, teacher_dir, out))
     with pytest.raises(ValueError, match='first student would sample with 3 < min_num_sampling_steps=8 steps'):
         distill.main(sdtt_args(data, teacher_dir, out, '--teacher_num_steps=6'))  # (was: exit 0, nothing trained)
     with pytest.raises(ValueError, match='split into n_head=3 heads'):

@@ -109,7 +109,7 @@ def test_one_e2e_per_work_dir_and_its_commands_end_with_it(tmp_path):
         while not (work / 'teacher' / 'log.jsonl').exists() and time.time() - t0 < 120:  # training has started
             time.sleep(0.1)
         second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert second.returncode != 0 and 'still run in' in second.stderr, second.stderr[-2000:]
+        assert second.returncode != 0 and 'is in use by' in second.stderr, second.stderr[-2000:]
         p.kill()  # kill -9 of e2e.py alone
         p.wait()
         lock = open(work / 'logs' / '.lock')

@@ -524,8 +524,19 @@ def test_a_record_after_a_line_cut_short_is_kept(tmp, capsys):
         f.write('{"eval": "genppl", "time": "2026-')  # a kill mid-write
     E.write_record(jsonl, 'genppl', dict(gen_ppl=20.0, entropy=2.8, seq_len=16), {}, {**settings, 'num_steps': 16}, 'b.npz')
     recs = E.read_records(jsonl)  # (the new record used to be glued onto the cut line: both unreadable)
-    assert [r['source'] for r in recs] == ['a.npz', 'b.npz'] and 'line 2 is not a JSON record' in capsys.readouterr().out
+    assert [r['source'] for r in recs] == ['a.npz', 'b.npz']
+    assert f'{jsonl}: 1 line(s) left out' in capsys.readouterr().out
+    with open(jsonl, 'a') as f:  # hand edits: --plot used to stop at them with an AttributeError / a KeyError
+        f.write('[1, 2]\n' + json.dumps(dict(eval='genppl', model='m', num_steps=4, metrics={}, config={})) + '\n')
     E.plot_genppl(jsonl, str(tmp / 'torn' / 'genppl.png'))
+    out = capsys.readouterr().out
+    assert f'{jsonl}: 3 line(s) left out' in out and 'line 2: not JSON' in out
+    assert "line 4: the line is not a JSON object but list" in out and "line 5: no field 'settings'" in out
+    assert [r['source'] for r in E.read_records(jsonl)] == ['a.npz', 'b.npz']
+    with open(jsonl, 'a') as f:
+        f.write(json.dumps(dict(eval='genppl', model='m', num_steps=4, settings={}, config={}, metrics={})) + '\n')
+    E.plot_genppl(jsonl, str(tmp / 'torn' / 'genppl.png'))  # metrics without gen_ppl: left out too
+    assert "line 6: no field metrics.'gen_ppl'" in capsys.readouterr().out
 
 
 def test_two_ranks_equal_one(tmp, ar_dir, dit_dir):

@@ -1,7 +1,9 @@
 """The DiT: parameter layout, an independent re-computation of the forward, checkpoint round trips, SDPA speed."""
+import dataclasses
 import json
 import math
 import os
+import re
 import time
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import model as M
 from model import SIZES, DiT, DiTConfig, EmbeddingLayer, load_pretrained, save_pretrained
 
 CFG = dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=64, cond_dim=32, dropout=0.0)
@@ -265,6 +268,49 @@ def test_load_published_layouts(tmp_path, layout, causal):
     idx = torch.randint(0, CFG['vocab_size'], (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(m2(idx), m(idx), rtol=0, atol=0)
+
+
+BAD_VALUES = {bool: ['false', 'yes', 1, None], int: ['2', 2.0, 0, True, None], float: ['0.1', 1.5, True, None]}
+_SDTT_NAMES = dict(n_embd='hidden_size', n_layer='n_blocks', n_head='n_heads', block_size='length')
+
+
+def _set_field(cfg, layout, field, value):
+    """Set DiTConfig field in a config.json dict of layout; returns the name an error should give it."""
+    if layout == 'sdtt' and field not in ('time_conditioning', 'causal'):  # (the architecture is under `model`)
+        cfg['model'][_SDTT_NAMES.get(field, field)] = value
+        return 'model.' + _SDTT_NAMES.get(field, field)
+    cfg[M._HUB_NAMES.get(field, field)] = value
+    return M._HUB_NAMES.get(field, field)
+
+
+@pytest.mark.parametrize('layout', ['mdlm', 'sdtt'])
+def test_config_json_values_are_type_checked_naming_the_field(tmp_path, layout):
+    """Every field of DiTConfig, wrong in a hand-edited config.json: "causal": "false" used to become True through
+    bool() (an MDLM sampled left to right, exit 0), "n_heads": "2" a bare TypeError. Now an error names the field."""
+    d = _write_published(tmp_path, random_model(), layout)
+    good = json.loads((d / 'config.json').read_text())
+    checked = 0
+    for f in dataclasses.fields(DiTConfig):
+        if f.name == 'vocab_size' or (layout == 'sdtt' and f.name == 'causal'):
+            continue  # (vocab_size is read from the weights; the SDTT layout has no causal)
+        for bad in BAD_VALUES[type(f.default)]:
+            cfg = json.loads(json.dumps(good))
+            name = _set_field(cfg, layout, f.name, bad)
+            (d / 'config.json').write_text(json.dumps(cfg))
+            with pytest.raises(ValueError, match=re.escape(f'{name}={bad!r} (must be ')):
+                load_pretrained(str(d))
+            checked += 1
+    assert checked >= 24
+    # sizes beyond the weights: refused before a network of that size is allocated (it would ask for terabytes)
+    for field, value, msg in [('n_embd', 10 ** 6, 'n_embd=1000000 but the weights have 64'),
+                              ('n_layer', 10 ** 5, 'n_layer=100000 but the weights have 2'),
+                              ('cond_dim', 7, 'cond_dim=7 but the weights have 32'),
+                              ('block_size', 2 ** 40, f'={2 ** 40} (must be an integer >= 1 and <= {2 ** 20})')]:
+        cfg = json.loads(json.dumps(good))
+        _set_field(cfg, layout, field, value)
+        (d / 'config.json').write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            load_pretrained(str(d))
 
 
 def test_sdtt_layout_double_prefix_no_vocab_size_time_conditioning(tmp_path):

@@ -283,6 +283,18 @@ def test_cond_prefix_mode(byte_dir, tmp_path, monkeypatch):
     assert (out['ref_tokens'] == np.array([[256] + r[:23] for r in refs])).all()
 
 
+def test_cond_prefix_documents_bad_lines_are_named(tmp_path):
+    tok, path = sample.get_tokenizer('byte'), tmp_path / 'docs.jsonl'
+    good = json.dumps({'text': 'a document long enough'}) + '\n'
+    for bad, problem in [('{"text": "cut sh', 'not JSON'), ('[1]', 'not a JSON object but list'),
+                         ('{"txt": "a typo"}', "no field 'text'"), ('{"text": 7}', "field 'text' is 7, not str")]:
+        path.write_text(good + '\n' + bad + '\n' + good)  # (was: a bare traceback, no file or line)
+        with pytest.raises(ValueError, match=f'{path}:3: .*{re.escape(problem)}'):
+            sample.load_prefixes(str(path), tok, n_prompts=2, prefix_len=2, cond_len=4, min_doc_len=4)
+    path.write_text(good + '\n' + good)
+    assert sample.load_prefixes(str(path), tok, n_prompts=2, prefix_len=2, cond_len=4, min_doc_len=4)[2] == [0, 2]
+
+
 def test_files_round_trip_and_overwrite(byte_dir, tmp_path, capsys):
     argv = [f'--init_from={byte_dir}', '--seq_len=24', '--num_steps=6', '--n_samples=3', '--batch_size=2',
             '--seed=5', f'--out_dir={tmp_path}']
@@ -299,7 +311,18 @@ def test_files_round_trip_and_overwrite(byte_dir, tmp_path, capsys):
     with pytest.raises(FileExistsError, match='overwrite'):
         sample.main(argv)
     assert sample.main(argv + ['--overwrite=True']) == path
-    assert not [f for f in os.listdir(os.path.dirname(path)) if f.startswith('.tmp')]
+    assert not [f for f in os.listdir(os.path.dirname(path)) if f.startswith('.tmp') or f.endswith('.lock')]
+    # another sample.py writing the same file: refused, naming it (the two used to interleave their writes)
+    d, name = os.path.dirname(path), f'.{os.path.basename(path)}.lock'
+    holder = subprocess.Popen([sys.executable, '-c', f'import fileio, time; fileio.run_lock({d!r}, {name!r}); '
+                               'print(1, flush=True); time.sleep(60)'], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()
+        with pytest.raises(RuntimeError, match=f'is in use by pid {holder.pid}'):
+            sample.main(argv + ['--overwrite=True'])
+    finally:
+        holder.kill()
+        holder.wait()
     umask = os.umask(0)
     os.umask(umask)
     for ext in ('.npz', '.jsonl'):  # as open() creates files, not owner-only (mkstemp's temporary file)
@@ -369,7 +392,7 @@ def test_two_processes_equal_one(byte_dir, tmp_path):
     assert two['settings']['nfe'] == one['settings']['nfe']
 
 
-def test_bad_input(byte_dir, tmp_path):
+def test_bad_input(byte_dir, tmp_path, capsys):
     base = [f'--init_from={byte_dir}', f'--out_dir={tmp_path}']
     with pytest.raises(ValueError, match='no room to generate'):
         sample.main(base + ['--seq_len=8', '--prompt=a prompt longer than eight bytes'])
@@ -377,6 +400,11 @@ def test_bad_input(byte_dir, tmp_path):
         sample.main(base + ['--seq_len=128'])
     with pytest.raises(ValueError, match='num_steps'):
         sample.main(base + ['--num_steps=0'])
+    with pytest.raises(ValueError, match='seq_len=1 leaves no position to sample after BOS'):  # (was: BOS, exit 0)
+        sample.main(base + ['--seq_len=1'])
+    capsys.readouterr()
+    sample.main(base + ['--seq_len=4', '--num_steps=20', '--n_samples=1'])  # (was: minutes without a word at 100000)
+    assert 'warning: num_steps=20 > 4 positions: most steps reveal nothing' in capsys.readouterr().out
     with pytest.raises(ValueError, match="sampler must be one of"):
         sample.main(base + ['--sampler=ddim'])
     if not torch.cuda.is_available():
