@@ -249,7 +249,7 @@ def read_jsonl(path, need=None, strict=False, keep=None, what='a record'):
     cut short by a kill, a hand edit)."""
     bad = []
     try:
-        with (gzip.open if path.endswith('.gz') else open)(path, 'rt', encoding='utf-8', errors='replace') as f:
+        with (gzip.open if str(path).endswith('.gz') else open)(path, 'rt', encoding='utf-8', errors='replace') as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
