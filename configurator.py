@@ -20,7 +20,8 @@ _TYPES = (int, float, bool, str, type(None), list, tuple, dict)
 
 
 def config_keys(g):
-    return [k for k, v in g.items() if not k.startswith('_') and isinstance(v, _TYPES)]
+    """The settings among a script's globals: lower-case names of plain values (UPPER_CASE names are constants)."""
+    return [k for k, v in g.items() if not k.startswith('_') and not k.isupper() and isinstance(v, _TYPES)]
 
 
 def _check(key, value, default, source):

@@ -1,40 +1,59 @@
 """
-Masked diffusion (MDLM, Sahoo et al. 2024) in continuous time with the log-linear schedule:
-noise schedule, time sampling, forward masking, the SUBS parameterisation, the NELBO loss and the ancestral sampler.
+Masked diffusion (MDLM, Sahoo et al. 2024) in continuous time: the noise schedules (log-linear, cosine), time sampling, forward masking, the SUBS parameterisation, the NELBO loss and the ancestral sampler.
 
 Conventions: the MASK id is always the last vocabulary id (mask_id = V - 1); every function takes it (or V) as an
 argument, nothing assumes GPT-2's 50257. A "model" here is any callable model(ids [B, L], sigma [B]) -> logits [B, L, V].
 """
 import functools
 import inspect
+import math
 import sys
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-NOISE_EPS = 1e-3   # log-linear schedule: m(1) = 1 - 1e-3, so sigma(1) stays finite
+NOISE_EPS = 1e-3   # every schedule: m(1) = 1 - 1e-3, so sigma(1) stays finite
 SAMPLE_EPS = 1e-5  # the sampling grid ends at t = 1e-5 (MDLM and SDTT)
 CHUNK_ELEMS = 2 ** 25  # a sampler step's [positions, V] float work in chunks of this many entries (~256 MB in fp64)
 
 
 # ---------------------------------------------------------------------------------------------------- schedule
-def sigma(t, eps=NOISE_EPS):
-    """Total noise sigma(t) = -log(1 - (1 - eps) t)."""
-    return -torch.log1p(-(1 - eps) * t)
+# A noise schedule is its move chance m(t), the probability that a token is masked at time t in [0, 1], and m'(t).
+# Everything else derives from m here: sigma = -log(1 - m) (the network's input), the NELBO weight m'/m, the
+# sampler's reveal probability 1 - m(s)/m(t), the SDTT teacher's steps. A new schedule is one more entry.
+NOISE_SCHEDULES = {  # name -> (m, m') on tensors; m(1) = 1 - NOISE_EPS (MDLM)
+    'loglinear': (lambda t: (1 - NOISE_EPS) * t, lambda t: torch.full_like(t, 1 - NOISE_EPS)),  # all published models
+    # m = (1 - eps)(1 - cos(pi t / 2)), written with sin^2 to keep its precision at small t
+    'cosine': (lambda t: (1 - NOISE_EPS) * 2 * torch.sin(math.pi / 4 * t) ** 2,
+               lambda t: (1 - NOISE_EPS) * math.pi / 2 * torch.sin(math.pi / 2 * t)),
+}
 
 
-def move_chance(t, eps=NOISE_EPS):
-    """Masking probability m(t) = 1 - exp(-sigma(t)) = (1 - eps) t."""
-    return (1 - eps) * t
+def schedule_of(meta):
+    """The noise schedule of a checkpoint's meta (model.meta): its noise_schedule, log-linear if it records none."""
+    name = (meta or {}).get('noise_schedule') or 'loglinear'
+    if name not in NOISE_SCHEDULES:
+        raise ValueError(f'the model was trained with noise schedule {name!r}, which this code does not have (one of '
+                         f'{list(NOISE_SCHEDULES)}): add it to diffusion.NOISE_SCHEDULES')
+    return name
 
 
-def nelbo_weight(t, eps=NOISE_EPS):
-    """sigma'(t) / expm1(sigma(t)): the NELBO weight of a masked token. For the log-linear schedule it is exactly 1/t;
-    written in the general form so another schedule only changes sigma() (computed in float64 for small t)."""
+def move_chance(t, schedule='loglinear'):
+    """m(t), the masking probability at time t (a tensor)."""
+    return NOISE_SCHEDULES[schedule][0](t)
+
+
+def sigma(t, schedule='loglinear'):
+    """Total noise sigma(t) = -log(1 - m(t)), the network's time input."""
+    return -torch.log1p(-move_chance(t, schedule))
+
+
+def nelbo_weight(t, schedule='loglinear'):
+    """m'(t) / m(t) (= sigma'/expm1(sigma)): the NELBO weight of a masked token, 1/t for log-linear (float64 inside)."""
+    m, dm = NOISE_SCHEDULES[schedule]
     t64 = t.double()
-    dsigma = (1 - eps) / (1 - (1 - eps) * t64)
-    return (dsigma / torch.expm1(sigma(t64, eps))).to(t.dtype)
+    return (dm(t64) / m(t64)).to(t.dtype)
 
 
 def sample_t(n, device, sampling_eps=1e-3, generator=None):
@@ -65,8 +84,8 @@ def subs_log_probs(logits, xt, mask_id):
     return logp.scatter(-1, xt[..., None], torch.where(unmasked, 0.0, float('-inf')))
 
 
-def mdlm_loss(logits, x0, xt, t, mask_id, positions=None):
-    """MDLM NELBO per token: -log p_theta(x0 | xt) * sigma'(t)/expm1(sigma(t)) summed over masked positions, divided
+def mdlm_loss(logits, x0, xt, t, mask_id, positions=None, schedule='loglinear'):
+    """MDLM NELBO per token: -log p_theta(x0 | xt) * m'(t)/m(t) summed over masked positions, divided
     by the number of tokens. Unmasked positions contribute 0 (SUBS carry-over), so only the masked log-probs are
     computed: a cross-entropy over the real tokens (fp32), without materialising the full SUBS tensor.
     logits: [B, L, V], or [M, V] at positions, the flat indices of the masked positions of xt (training computes the
@@ -75,7 +94,7 @@ def mdlm_loss(logits, x0, xt, t, mask_id, positions=None):
         positions = (xt == mask_id).flatten().nonzero().squeeze(1)
         logits = logits.flatten(0, 1)[positions]
     nll = F.cross_entropy(logits[:, :mask_id].float(), x0.flatten()[positions], reduction='none')
-    return (nll * nelbo_weight(t)[positions // x0.shape[1]]).sum() / x0.numel()
+    return (nll * nelbo_weight(t, schedule)[positions // x0.shape[1]]).sum() / x0.numel()
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -182,7 +201,8 @@ def takes_positions(model):
 @in_eval_mode
 @torch.no_grad()
 def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_bos=True, project_fn=None, cache=False,
-           eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None, head_only=None):
+           eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None, head_only=None,
+           schedule=None):
     """Ancestral ("DDPM") sampling of masked diffusion (SPEC §4), starting from prior() (all-MASK, BOS first), with
     project_fn(x) applied to the prior and after every step, e.g. to write a prompt.
     One step from t to s: a masked position stays masked with probability m(s)/m(t), otherwise takes a token drawn
@@ -197,7 +217,8 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     Random numbers come from generator, a CPU torch.Generator (default: seeded with seed): the host decides the
     reveals, so a step needs no host-device sync, and a seed gives the same reveals on every device. project_fn must
     only write positions that it sets from the prior on (a prompt), as the host tracks which positions are masked.
-    step_fn(x, logits, t, s, u, mask_id) -> new x: another update rule in place of the ancestral one (e.g. the
+    schedule: a name of NOISE_SCHEDULES (default: the model's, schedule_of(model.meta)).
+    step_fn(x, logits, t, s, u, mask_id, schedule) -> new x: another update rule in place of the ancestral one (e.g. the
     analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position (the host learns the new state:
     a sync per step).
     head_only (default: when the model takes positions, see takes_positions, and step_fn is not used): for the same
@@ -224,10 +245,11 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
                          'not a step_fn')
     if head_only is None:
         head_only = step_fn is None and takes_positions(model)
+    schedule = schedule or schedule_of(getattr(model, 'meta', None))
 
     def forward(x, t, *positions):
         with autocast:
-            return model(x, sigma(torch.full((x.shape[0],), t, device=device)), *positions)
+            return model(x, sigma(torch.full((x.shape[0],), t, device=device), schedule), *positions)
 
     x = prior(model, n_samples, seq_len, mask_id, bos_id, add_bos, project_fn, device)
     # Which positions a step reveals depends on m(s)/m(t) only, not on the model: the host draws it, and the uniforms,
@@ -249,11 +271,12 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         if step_fn is not None:  # decides on the device: the host learns the new state with one sync
             logits = forward(x, t)
             finite &= gives_distribution(logits[..., :mask_id])
-            x_new = step_fn(x, logits, t, s, to_device(u_token, device), mask_id)
+            x_new = step_fn(x, logits, t, s, to_device(u_token, device), mask_id, schedule)
             n_forward += n_samples
             masked = (x_new == mask_id).cpu()
         else:
-            reveal = masked & (u_reveal >= move_chance(s) / move_chance(t))  # P(reveal) = 1 - m(s)/m(t)
+            m_t, m_s = move_chance(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
+            reveal = masked & (u_reveal >= m_s / m_t)  # P(reveal) = 1 - m(s)/m(t)
             b, l = reveal.nonzero(as_tuple=True)  # about L/num_steps per sequence get a float64 draw
             flat = to_device(b * seq_len + l, device)  # flat indices into the B * L positions
             xs, at = x, flat  # the sequences run and the revealed positions among them

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from configurator import check_choice, check_sizes, config_keys, configure
-from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
-from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
+from diffusion import (NOISE_SCHEDULES, SAMPLE_EPS, draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, schedule_of, sigma,
+                       to_device)
 from model import (DiT, DiTConfig, check_device, default_meta, load_pretrained, load_state_dict_strict, save_pretrained,
                    strip_prefix, write_atomic)
 from prepare_data import load_meta, open_split
@@ -49,6 +49,7 @@ init_revision = None        # hub revision of init_from (e.g. 'teacher_1M_sm' of
 n_layer, n_head, n_embd, cond_dim, block_size = 12, 12, 768, 128, 1024
 dropout = 0.1
 time_conditioning = False
+noise_schedule = 'loglinear' # a name of diffusion.NOISE_SCHEDULES ('loglinear' | 'cosine'); a loaded model keeps its own
 # optimisation (SPEC §3 / §5 reference defaults)
 batch_size = 16             # micro-batch per process
 global_batch_size = 128     # sequences per optimiser step, over all processes and accumulation steps
@@ -60,7 +61,7 @@ ema_decay = 0.9999          # EMA of the weights, warm-up min(decay, (1+n)/(10+n
 sampling_eps = None         # lowest training t; None: 1e-5 for sdtt (SDTT), 1e-3 for mdlm (MDLM)
 # SDTT
 num_distill_steps = 2       # K: teacher steps the student learns to take in one
-divergence = 'kld'          # a name of _DIVERGENCES: 'kld' (reverse KL) | 'kl_fwd' | 'mse' | 'tvd' (reference: L1 of
+divergence = 'kld'          # a name of DIVERGENCES: 'kld' (reverse KL) | 'kl_fwd' | 'mse' | 'tvd' (reference: L1 of
                             # log-probs) | 'tvd_true'
 reference_time_grid = False # True: the reference's buggy teacher times t*space + (1 - t)*t_end (SPEC §5)
 teacher_num_steps = 1024    # sampling steps of the original teacher; round r: dt = (1 - 1e-5)/teacher_num_steps * K^r
@@ -82,7 +83,7 @@ compile_mode = 'default'    # or 'max-autotune-no-cudagraphs' (tunes the matmuls
                             # the teacher's output is written in place (teacher_targets)
 peak_flops = 989e12         # per device, for MFU (H100 SXM dense bf16)
 _DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
-_COMPILE_MODES = ('default', 'max-autotune-no-cudagraphs')  # (bench.py's training steps take the same)
+COMPILE_MODES = ('default', 'max-autotune-no-cudagraphs')  # (bench.py's training steps take the same)
 
 
 # ----------------------------------------------------------------------------------------------------------- losses
@@ -108,10 +109,10 @@ def teacher_times(t, dt, K, reference_grid=False):
         ts = t * space + (1 - t) * (t - K * dt)
     else:
         ts = t - dt * torch.arange(K, dtype=t.dtype, device=t.device)[:, None]
-    return ts.clamp(min=_T_MIN)
+    return ts.clamp(min=SAMPLE_EPS)
 
 
-def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_grid=False):
+def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_grid=False, schedule='loglinear'):
     """The random draws of one micro-batch x0 [B, L] (a CPU tensor; the default CPU generator, seeded by the caller),
     as a dict of CPU tensors:
       x0; xt [B, L] = q(x_t | x0) at stratified t [B]; pos [M]: flat indices of the positions masked in xt, the only
@@ -124,7 +125,7 @@ def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_gri
         return dict(x0=x0)
     B, L = x0.shape
     t = sample_t(B, 'cpu', sampling_eps)
-    xt = q_xt(x0, move_chance(t), mask_id)
+    xt = q_xt(x0, move_chance(t, schedule), mask_id)
     pos = (xt == mask_id).flatten().nonzero().squeeze(1)
     b = dict(x0=x0, xt=xt, t=t, pos=pos)
     if objective == 'sdtt':
@@ -132,7 +133,7 @@ def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_gri
         row = pos // L  # sequence of each masked position
         pending = torch.ones(len(pos), dtype=torch.bool)
         for k in range(K - 1):  # the last step's draw changes no target: skipped
-            keep = move_chance((times[k] - dt).clamp(min=0)) / move_chance(times[k])  # s <= 0 reveals all
+            keep = move_chance((times[k] - dt).clamp(min=0), schedule) / move_chance(times[k], schedule)  # s <= 0: all
             reveal = pending & (torch.rand(len(pos), dtype=torch.float64) >= keep[row])
             pending &= ~reveal
             b[f'reveal_{k}'] = reveal.nonzero().squeeze(1)
@@ -142,7 +143,7 @@ def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_gri
 
 
 @torch.no_grad()
-def teacher_targets(teacher, b, K, mask_id, bf16=False):
+def teacher_targets(teacher, b, K, mask_id, bf16=False, schedule='loglinear'):
     """SDTT soft targets (SPEC §5) as the teacher's logits [M, V] at the positions masked in x_t (the student's loss
     takes their fp32 log-softmax inside its compiled graph: no fp32 [M, V] tensor is written here). The teacher takes
     K ancestral steps of size dt from x_t, drawing each next state from its own prediction (float64 draws, only at
@@ -155,7 +156,7 @@ def teacher_targets(teacher, b, K, mask_id, bf16=False):
         at = pos if k == K - 1 else pos[b[f'reveal_{k}']]
         torch._dynamo.maybe_mark_dynamic(at, 0)  # M or R_k: one compiled teacher for both sizes
         with torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext():
-            logits = teacher(x, sigma(b['teacher_t'][k]), at)
+            logits = teacher(x, sigma(b['teacher_t'][k], schedule), at)
         if k < K - 1:
             kept.append((b[f'reveal_{k}'], logits))
             x = x.flatten().index_put((at,), draw_categorical(logits[:, :mask_id], b[f'u_{k}'])).view_as(x)
@@ -166,7 +167,7 @@ def teacher_targets(teacher, b, K, mask_id, bf16=False):
 
 # the SDTT divergences: name -> per-position divergence of student ls and teacher lt log-probs [M, V-1] (fp32).
 # Names and semantics of the SDTT reference (SPEC §5) plus a true TVD; a new one is one more line here.
-_DIVERGENCES = {  # (private: a module-level dict would become a setting)
+DIVERGENCES = {
     'kld': lambda ls, lt: (ls.exp() * (ls - lt)).sum(-1),          # reverse KL(student || teacher): the paper's best
     'kl_fwd': lambda ls, lt: (lt.exp() * (lt - ls)).sum(-1),       # KL(teacher || student)
     # squared error of LOG-probs, / V as the reference's mean (MASK's column adds nothing)
@@ -177,10 +178,10 @@ _DIVERGENCES = {  # (private: a module-level dict would become a setting)
 
 
 def sdtt_divergence(ls, lt, name):
-    """_DIVERGENCES[name] of student ls and teacher lt log-probs [M, V-1] (fp32), averaged over the M positions."""
-    if name not in _DIVERGENCES:
-        raise ValueError(f'divergence must be one of {list(_DIVERGENCES)}, got {name!r}')
-    d = _DIVERGENCES[name](ls, lt)
+    """DIVERGENCES[name] of student ls and teacher lt log-probs [M, V-1] (fp32), averaged over the M positions."""
+    if name not in DIVERGENCES:
+        raise ValueError(f'divergence must be one of {list(DIVERGENCES)}, got {name!r}')
+    d = DIVERGENCES[name](ls, lt)
     return d.sum() / max(d.shape[0], 1)  # a micro-batch with nothing masked: 0, not NaN
 
 
@@ -188,31 +189,32 @@ class Objective(torch.nn.Module):
     """The network and its training loss as one module, so that torch.compile fuses the loss's fp32 vocabulary-wide
     work (log-softmax, divergence and their backward) with the output layer instead of materialising fp32 copies of
     [M, V], and DDP wraps both. The network runs its output layer at the masked positions only."""
-    def __init__(self, net, objective, mask_id, divergence='kld', bf16=False):
+    def __init__(self, net, objective, mask_id, divergence='kld', bf16=False, schedule='loglinear'):
         super().__init__()
         self.net, self.objective, self.mask_id, self.divergence, self.bf16 = net, objective, mask_id, divergence, bf16
+        self.schedule = schedule
 
     def forward(self, x0, xt=None, t=None, pos=None, target=None):
         """ar: next-token loss of x0. mdlm: NELBO of x0 from xt (mdlm_loss). sdtt: divergence from the teacher, whose
         logits at pos are target [M, V]."""
         with torch.autocast('cuda', dtype=torch.bfloat16) if self.bf16 else nullcontext():
-            logits = self.net(x0[:, :-1]) if self.objective == 'ar' else self.net(xt, sigma(t), pos)
+            logits = self.net(x0[:, :-1]) if self.objective == 'ar' else self.net(xt, sigma(t, self.schedule), pos)
         if self.objective == 'ar':
             return F.cross_entropy(logits[..., :self.mask_id].float().flatten(0, 1), x0[:, 1:].flatten())
         if self.objective == 'mdlm':
-            return mdlm_loss(logits, x0, xt, t, self.mask_id, positions=pos)
+            return mdlm_loss(logits, x0, xt, t, self.mask_id, positions=pos, schedule=self.schedule)
         return sdtt_divergence(real_log_probs(logits, self.mask_id), real_log_probs(target, self.mask_id),
                                self.divergence)
 
 
-def training_loss(objective_fn, b, teacher=None, K=2, mask_id=None, bf16=False):
+def training_loss(objective_fn, b, teacher=None, K=2, mask_id=None, bf16=False, schedule='loglinear'):
     """The loss of one micro-batch b (draw_noise's tensors, on the device)."""
     if 'xt' not in b:  # ar
         return objective_fn(b['x0'])
     # M, the number of masked positions, changes every micro-batch: compile for a dynamic size from the start (DDP's
     # graph splitting in some torch versions would otherwise recompile for every new M)
     torch._dynamo.maybe_mark_dynamic(b['pos'], 0)
-    target = teacher_targets(teacher, b, K, mask_id, bf16) if 'teacher_t' in b else None
+    target = teacher_targets(teacher, b, K, mask_id, bf16, schedule) if 'teacher_t' in b else None
     if target is not None:
         torch._dynamo.maybe_mark_dynamic(target, 0)
     return objective_fn(b['x0'], b['xt'], b['t'], b['pos'], target)
@@ -308,18 +310,19 @@ def append_log(path, record, keep_upto=None):
 
 # ----------------------------------------------------------------------------------------------------------- training
 def main(argv=None):
-    globals().update(_DEFAULTS)  # main() may run several times in one process (tests)
-    config = configure(globals(), argv)
+    config = configure(dict(_DEFAULTS), argv)  # the settings are the config block's names only
+    globals().update(config)  # (from the defaults on every call: main() may run several times in one process)
     check_choice('objective', objective, ('sdtt', 'mdlm', 'ar'))
-    check_choice('divergence', divergence, tuple(_DIVERGENCES))
+    check_choice('divergence', divergence, tuple(DIVERGENCES))
     if not init_from:
         raise ValueError("init_from is empty: set it to 'scratch', 'resume' or the teacher (hub id, dir, ckpt.pt, .ckpt)")
     check_choice('dtype', dtype, ('bfloat16', 'float32'))  # (bfloat16: autocast on CUDA)
+    check_choice('noise_schedule', noise_schedule, tuple(NOISE_SCHEDULES))
     check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=1,
                 teacher_num_steps=1, max_iters=0, eval_iters=0, eval_interval=0, ckpt_interval=0,  # (0: off)
                 n_layer=1, n_head=1, n_embd=1, cond_dim=1, block_size=1)
     check_device(device)
-    check_choice('compile_mode', compile_mode, _COMPILE_MODES)
+    check_choice('compile_mode', compile_mode, COMPILE_MODES)
     eps = sampling_eps if sampling_eps is not None else (1e-5 if objective == 'sdtt' else 1e-3)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise ValueError(f'sampling_eps={sampling_eps!r}: the lowest training t must be a number in (0, 1) (MDLM 1e-3, '
@@ -410,15 +413,18 @@ def main(argv=None):
             print(f'warning: {init_from} was distilled to sample with {steps} steps (its meta), teacher_num_steps='
                   f'{teacher_num_steps}: round 1 starts at dt = 1/{teacher_num_steps} (--teacher_num_steps={steps} goes '
                   'on from where it stopped)')
-    # a loaded or resumed model keeps its architecture: a setting moved from its default to another value would be
-    # ignored without a word; the config saved with the run then records the network it trains
-    arch = ('n_layer', 'n_head', 'n_embd', 'cond_dim', 'block_size', 'time_conditioning')
-    ignored = [f'{k}={config[k]!r} (the model: {getattr(model.config, k)!r})' for k in arch
-               if config[k] != _DEFAULTS[k] and config[k] != getattr(model.config, k)]
+    # a loaded or resumed model keeps its architecture and noise schedule: a setting moved from its default to another
+    # value would be ignored without a word; the config saved with the run then records the network it trains
+    trained = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'cond_dim', 'block_size',
+                                                      'time_conditioning')}
+    trained['noise_schedule'] = schedule_of(ckpt['meta'] if ckpt else source.meta if source else config)
+    ignored = [f'{k}={config[k]!r} (the model: {v!r})' for k, v in trained.items()
+               if config[k] != _DEFAULTS[k] and config[k] != v]
     if ignored:
         raise ValueError(f'init_from={init_from!r}: a loaded model keeps its own architecture, but {", ".join(ignored)} '
                          'asks for another: leave these settings at their defaults, or start from scratch')
-    config.update({k: getattr(model.config, k) for k in arch})
+    config.update(trained)
+    schedule = trained['noise_schedule']
     if model.config.vocab_size != meta['vocab_size']:
         raise ValueError(f'{data_dir} is tokenized with {meta.get("tokenizer")} (vocabulary {meta["vocab_size"]}), the '
                          f'model has vocabulary {model.config.vocab_size}: prepare the data with the model tokenizer')
@@ -452,19 +458,19 @@ def main(argv=None):
     resumed, ckpt = ckpt is not None, None  # its tensors now live in the model, EMA, teacher and optimiser
     # the network and its loss compiled as one graph, for a number of masked positions that changes every step
     # (marked dynamic in training_loss: one compilation)
-    fwd = Objective(model, objective, mask_id, divergence, bf16)
+    fwd = Objective(model, objective, mask_id, divergence, bf16, schedule)
     fwd = torch.compile(fwd, mode=compile_mode) if compile else fwd
     if ddp:
         fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None)
-    ema_fwd = Objective(ema, objective, mask_id, divergence, bf16)
+    ema_fwd = Objective(ema, objective, mask_id, divergence, bf16, schedule)
     teacher_fwd = torch.compile(teacher, mode=compile_mode) if compile and teacher is not None else teacher
 
     def dt_of(r):  # teacher step size in round r: K teacher steps of round r are one student step
-        return (1 - _T_MIN) / teacher_num_steps * K ** r
+        return (1 - SAMPLE_EPS) / teacher_num_steps * K ** r
 
     def meta_now():
         m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id')}
-        m.update(objective=objective, step=step)
+        m.update(objective=objective, step=step, noise_schedule=schedule)
         if objective == 'sdtt':
             m.update(round=rnd, num_sampling_steps=teacher_num_steps if rnd == 0 else student_steps(rnd - 1),
                      divergence=divergence, num_distill_steps=K)
@@ -485,7 +491,7 @@ def main(argv=None):
                                   'learning_rate or check the data.')
 
     def noised(x0):  # the micro-batch's random draws, made on the host, then sent to the device
-        return to_device(draw_noise(x0, objective, mask_id, eps, dt_of(rnd), K, reference_time_grid), dev)
+        return to_device(draw_noise(x0, objective, mask_id, eps, dt_of(rnd), K, reference_time_grid, schedule), dev)
 
     @torch.no_grad()
     def evaluate():  # EMA weights on fixed validation samples and noise: val NELBO / next-token loss / distill loss
@@ -495,7 +501,7 @@ def main(argv=None):
         for i in range(rank, eval_iters, world):
             torch.manual_seed(mix_seed(seed, 1, i))
             b = noised(get_batch(val_data, i * batch_size, batch_size, seed, seq_len))
-            total += training_loss(ema_fwd, b, teacher_fwd, K, mask_id, bf16)
+            total += training_loss(ema_fwd, b, teacher_fwd, K, mask_id, bf16, schedule)
         if ddp:
             dist.all_reduce(total)
         return total.item() / eval_iters
@@ -550,7 +556,7 @@ def main(argv=None):
                 torch.manual_seed(mix_seed(seed, 0, step, gm))  # noise, dropout and teacher draws of this micro-batch
                 b = noised(get_batch(train_data, step * global_batch_size + gm * batch_size, batch_size, seed, seq_len))
                 with fwd.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
-                    loss = training_loss(fwd, b, teacher_fwd, K, mask_id, bf16) / grad_accum
+                    loss = training_loss(fwd, b, teacher_fwd, K, mask_id, bf16, schedule) / grad_accum
                     loss.backward()
                 flops_done += step_flops(model, teacher, b, K)
                 loss_sum += loss.detach()

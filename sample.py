@@ -173,13 +173,13 @@ def load_scaling_teacher(size='sm', path=None, device='cpu'):
 
 
 # -------------------------------------------------------------------- the analytic (SEDD) sampler
-def analytic_probs(logits, x, t, s, mask_id):
+def analytic_probs(logits, x, t, s, mask_id, schedule='loglinear'):
     """p(x_s | x_t) [N, V] in float64 for current tokens x [N] and raw logits [N, V], computed as SEDD's Tweedie
     tau-leaping step (MDLM's `_analytic_update`): the concrete score p_t(y)/p_t(x) of the absorbing process,
     'staggered' by exp(dsigma), times the transposed transition exp(-dsigma Q)^T at x.
     For the absorbing process with the SUBS denoiser this is algebraically the ancestral step (real y: p(y)(m_t - m_s)
     /m_t, MASK: m_s/m_t; unmasked tokens stay); the tests check that numerically. Computed here from the score."""
-    sig_t, sig_s = diffusion.sigma(torch.tensor([t, s], dtype=torch.float64)).tolist()
+    sig_t, sig_s = diffusion.sigma(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
     edsig = math.exp(sig_t - sig_s)
     log_k = -math.log(math.expm1(sig_t))  # log(e^-sigma / (1 - e^-sigma)): log-odds of a token being unmasked
     masked = (x == mask_id)[:, None]
@@ -203,12 +203,12 @@ def masked_chunks(x, mask_id, vocab_size):
     return [(b[i:i + rows], l[i:i + rows]) for i in range(0, len(b), rows)]
 
 
-def analytic_step(x, logits, t, s, u, mask_id):
+def analytic_step(x, logits, t, s, u, mask_id, schedule='loglinear'):
     """diffusion.sample step_fn: draws x_s from analytic_probs in float64, by inverse CDF with the uniforms u [B, L].
     Only masked positions are computed: for unmasked ones analytic_probs is the one-hot of x (tested)."""
     x_new = x.clone()
     for bi, li in masked_chunks(x, mask_id, logits.shape[-1]):
-        probs = analytic_probs(logits[bi, li], x[bi, li], t, s, mask_id)
+        probs = analytic_probs(logits[bi, li], x[bi, li], t, s, mask_id, schedule)
         x_new[bi, li] = diffusion.draw_categorical(probs.log(), u[bi, li])
     return x_new
 
@@ -221,9 +221,9 @@ def reference_step(generator):
     generator (on the model's device). U stops at 1 - 2^-24, so E > 6e-8: a token whose weight is below ~6e-8 times
     MASK's is never drawn. The more steps, the smaller m(t) - m(s) and the more rare tokens starve: lower entropy and
     a flattering gen-PPL (Zheng et al. 2024: 31.2 instead of 126.1 at 2048 steps)."""
-    def step(x, logits, t, s, u, mask_id):
+    def step(x, logits, t, s, u, mask_id, schedule='loglinear'):
         x_new = x.clone()
-        m_t, m_s = diffusion.move_chance(t), diffusion.move_chance(s)
+        m_t, m_s = diffusion.move_chance(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
         for bi, li in masked_chunks(x, mask_id, logits.shape[-1]):
             w = torch.softmax(logits[bi, li, :mask_id].float(), dim=-1) * (m_t - m_s)
             w = torch.cat([w, torch.full_like(w[:, :1], m_s)], dim=-1)  # MASK's weight at index mask_id
