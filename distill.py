@@ -83,6 +83,7 @@ compile_mode = 'default'    # or 'max-autotune-no-cudagraphs' (tunes the matmuls
                             # the teacher's output is written in place (teacher_targets)
 peak_flops = 989e12         # per device, for MFU (H100 SXM dense bf16)
 _DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
+OBJECTIVES = {'sdtt': 'val_distill_loss', 'mdlm': 'val_nelbo', 'ar': 'val_loss'}  # name -> its validation loss's key
 COMPILE_MODES = ('default', 'max-autotune-no-cudagraphs')  # (bench.py's training steps take the same)
 
 
@@ -255,6 +256,26 @@ def get_batch(data, first, count, seed, seq_len):
     return torch.from_numpy(data[rows, :seq_len].astype(np.int64))
 
 
+def count_rounds(n, K, lowest):
+    """The number of SDTT rounds from a teacher sampling with n steps: round r's student samples with n / K^r steps,
+    and rounds go on while that is >= lowest. A step count K^r does not divide is an error that says what works."""
+    R = 0
+    while n >= lowest * K ** (R + 1):
+        R += 1
+    if R == 0:
+        raise ValueError(f'teacher_num_steps={n} / num_distill_steps={K}: the first student would sample with {n / K:g} '
+                         f'< min_num_sampling_steps={lowest} steps, so there is no round to run; raise '
+                         'teacher_num_steps or lower min_num_sampling_steps')
+    if n % K ** R:
+        D = max(d for d in range(R) if n % K ** d == 0)  # the rounds that divide
+        lo = n // K ** R * K ** R
+        raise ValueError(f'teacher_num_steps={n} with num_distill_steps={K}: the student of round {D + 1} would sample '
+                         f'with {n / K ** (D + 1):.4g} steps; the {R} round(s) down to min_num_sampling_steps={lowest} need '
+                         f'teacher_num_steps divisible by {K}^{R} = {K ** R} (e.g. {", ".join(map(str, [v for v in (lo, lo + K ** R) if v]))})'
+                         + (f', or min_num_sampling_steps={n // K ** D} to stop after round {D}' if D else ''))
+    return R
+
+
 # ------------------------------------------------------------------------------------------------------- checkpoints
 def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
     """A checkpoint of the original MDLM code ("distill a model you trained yourself"): weights under 'state_dict' with
@@ -312,15 +333,15 @@ def append_log(path, record, keep_upto=None):
 def main(argv=None):
     config = configure(dict(_DEFAULTS), argv)  # the settings are the config block's names only
     globals().update(config)  # (from the defaults on every call: main() may run several times in one process)
-    check_choice('objective', objective, ('sdtt', 'mdlm', 'ar'))
+    check_choice('objective', objective, tuple(OBJECTIVES))
     check_choice('divergence', divergence, tuple(DIVERGENCES))
     if not init_from:
         raise ValueError("init_from is empty: set it to 'scratch', 'resume' or the teacher (hub id, dir, ckpt.pt, .ckpt)")
     check_choice('dtype', dtype, ('bfloat16', 'float32'))  # (bfloat16: autocast on CUDA)
     check_choice('noise_schedule', noise_schedule, tuple(NOISE_SCHEDULES))
-    check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=1,
-                teacher_num_steps=1, max_iters=0, eval_iters=0, eval_interval=0, ckpt_interval=0,  # (0: off)
-                n_layer=1, n_head=1, n_embd=1, cond_dim=1, block_size=1)
+    check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=2,
+                teacher_num_steps=1, min_num_sampling_steps=1, max_iters=0, eval_iters=0, eval_interval=0,
+                ckpt_interval=0, n_layer=1, n_head=1, n_embd=1, cond_dim=1, block_size=1)  # (intervals 0: off)
     check_device(device)
     check_choice('compile_mode', compile_mode, COMPILE_MODES)
     eps = sampling_eps if sampling_eps is not None else (1e-5 if objective == 'sdtt' else 1e-3)
@@ -328,14 +349,9 @@ def main(argv=None):
         raise ValueError(f'sampling_eps={sampling_eps!r}: the lowest training t must be a number in (0, 1) (MDLM 1e-3, '
                          'SDTT 1e-5), or None for those defaults')
     K = num_distill_steps
-
-    def student_steps(r):  # sampling steps of the student trained in round r (0-based; its file is round_{r+1}_...)
-        return round(teacher_num_steps / K ** (r + 1))
-    rounds_over = lambda r: objective == 'sdtt' and student_steps(r) < min_num_sampling_steps  # (after the last round)
-    if rounds_over(0):
-        raise ValueError(f'teacher_num_steps={teacher_num_steps} / num_distill_steps={K}: the first student would sample '
-                         f'with {student_steps(0)} < min_num_sampling_steps={min_num_sampling_steps} steps, so there '
-                         'is no round to run; raise teacher_num_steps or lower min_num_sampling_steps')
+    n_rounds = count_rounds(teacher_num_steps, K, min_num_sampling_steps) if objective == 'sdtt' else 0
+    rounds_over = lambda r: objective == 'sdtt' and r >= n_rounds  # (r rounds done)
+    steps_after = lambda r: teacher_num_steps // K ** r  # sampling steps of the student after r rounds (exact)
 
     # ---- processes: torchrun sets RANK/WORLD_SIZE; one process otherwise
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -472,7 +488,7 @@ def main(argv=None):
         m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id')}
         m.update(objective=objective, step=step, noise_schedule=schedule)
         if objective == 'sdtt':
-            m.update(round=rnd, num_sampling_steps=teacher_num_steps if rnd == 0 else student_steps(rnd - 1),
+            m.update(round=rnd, num_sampling_steps=steps_after(rnd),
                      divergence=divergence, num_distill_steps=K)
         return m
 
@@ -541,7 +557,7 @@ def main(argv=None):
         halt, saved_step = False, step  # halt: agreed by all processes (at log steps under DDP)
         while True:
             if rounds_over(rnd):
-                log(None, f'done: {rnd} rounds; the next student would sample with {student_steps(rnd)} < '
+                log(None, f'done: {rnd} rounds; the next student would sample with {teacher_num_steps / K ** (rnd + 1):g} < '
                           f'min_num_sampling_steps={min_num_sampling_steps} steps')
                 break
             if step >= max_iters or halt:
@@ -600,7 +616,7 @@ def main(argv=None):
                 t_log, step_log = time.time(), step
             t_aside = time.time()  # evaluation, round boundaries and checkpoints are not training: not in tokens/s
             if eval_interval and eval_iters and (step % eval_interval == 0 or last):
-                name = {'mdlm': 'val_nelbo', 'ar': 'val_loss', 'sdtt': 'val_distill_loss'}[objective]
+                name = OBJECTIVES[objective]
                 val = evaluate()
                 rec = {'step': step, name: val, **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
                 log(rec, ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
@@ -609,7 +625,7 @@ def main(argv=None):
                     raise nonfinite()
                 rnd += 1
                 if master:
-                    rdir = os.path.join(out_dir, f'round_{rnd}_steps_{student_steps(rnd - 1)}')
+                    rdir = os.path.join(out_dir, f'round_{rnd}_steps_{steps_after(rnd)}')
                     ema.meta = meta_now()
                     save_pretrained(ema, rdir)
                     log(dict(step=step, round_done=rnd, next_dt=dt_of(rnd)),  # (the plot's round boundaries)

@@ -66,7 +66,10 @@ _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
 
 HUB_MDLM, HUB_SDTT = 'kuleshov-group/mdlm-owt', 'jdeschena/sdtt'
 LOSSES, SCALING_SIZES, ROUNDS = ('kld', 'mse', 'tvd'), ('sm', 'md', 'large'), tuple(range(1, 8))
-SAMPLERS = ('ancestral', 'analytic', 'ancestral_fp32')  # of DiffusionLM.sample; the script adds 'cached'
+# the samplers of DiffusionLM.sample: name -> its diffusion.sample step_fn (None: the ancestral step) from a seeded
+# generator on the model's device. The script adds 'cached' (the ancestral step, only the sequences it changes).
+SAMPLERS = {'ancestral': lambda generator: None, 'analytic': lambda generator: analytic_step,
+            'ancestral_fp32': lambda generator: reference_step(generator)}
 
 
 # -------------------------------------------------------------------- the release API
@@ -109,18 +112,14 @@ class DiffusionLM(torch.nn.Module):
         lets the model generate position 0). return_nfe: also return the forward passes per sequence.
         A causal backbone (the AR baseline) samples autoregressively with a KV cache (sample_ar): num_steps, cache
         and sampler do not apply; project_fn forces the positions it sets."""
-        check_choice('sampler', sampler, SAMPLERS)
+        check_choice('sampler', sampler, tuple(SAMPLERS))
         if self.backbone.config.causal:
             tokens, nfe = sample_ar(self.backbone, n_samples, seq_len, bos_id=self.meta.get('bos_id'), add_bos=add_bos,
                                     project_fn=project_fn, seed=seed, verbose=verbose)
             return (tokens, nfe) if return_nfe else tokens
         if seed is None:
             seed = diffusion.fresh_seed()
-        step_fn = None
-        if sampler == 'analytic':
-            step_fn = analytic_step
-        elif sampler == 'ancestral_fp32':  # (the device's noise, from the same seed)
-            step_fn = reference_step(torch.Generator(self.device).manual_seed(seed))
+        step_fn = SAMPLERS[sampler](torch.Generator(self.device).manual_seed(seed))
         tokens, nfe = diffusion.sample(self.backbone, n_samples, num_steps, seq_len, mask_id=self.meta['mask_id'],
                                        bos_id=self.meta.get('bos_id'), add_bos=add_bos, project_fn=project_fn,
                                        cache=cache, seed=seed, verbose=verbose, step_fn=step_fn)
