@@ -22,13 +22,16 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 from functools import lru_cache
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import (NOISE_SCHEDULES, SAMPLE_EPS, draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, schedule_of, sigma,
@@ -329,10 +332,10 @@ def append_log(path, record, keep_upto=None):
             f.write(json.dumps(record) + '\n')
 
 
-# ----------------------------------------------------------------------------------------------------------- training
-def main(argv=None):
-    config = configure(dict(_DEFAULTS), argv)  # the settings are the config block's names only
-    globals().update(config)  # (from the defaults on every call: main() may run several times in one process)
+# ----------------------------------------------------------------------------------------------------------- setup
+# (these read the settings as module globals, as main() leaves them)
+def check_settings(config):
+    """Bad settings fail before anything is loaded or written. Returns the lowest training t and the number of rounds."""
     check_choice('objective', objective, tuple(OBJECTIVES))
     check_choice('divergence', divergence, tuple(DIVERGENCES))
     if not init_from:
@@ -348,45 +351,28 @@ def main(argv=None):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise ValueError(f'sampling_eps={sampling_eps!r}: the lowest training t must be a number in (0, 1) (MDLM 1e-3, '
                          'SDTT 1e-5), or None for those defaults')
-    K = num_distill_steps
-    n_rounds = count_rounds(teacher_num_steps, K, min_num_sampling_steps) if objective == 'sdtt' else 0
-    rounds_over = lambda r: objective == 'sdtt' and r >= n_rounds  # (r rounds done)
-    steps_after = lambda r: teacher_num_steps // K ** r  # sampling steps of the student after r rounds (exact)
+    return eps, count_rounds(teacher_num_steps, num_distill_steps, min_num_sampling_steps) if objective == 'sdtt' else 0
 
-    # ---- processes: torchrun sets RANK/WORLD_SIZE; one process otherwise
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    if ddp:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # the communication threads started here inherit this thread's signal mask: with Ctrl-C/SIGTERM blocked in
-        # them, the kernel delivers those to the main thread, whose handler stops the run cleanly (delivered to a gloo
-        # thread, a SIGTERM to one rank aborted it: 'terminate called without an active exception', 3 runs in 32)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        dev = torch.device(f'cuda:{int(os.environ["LOCAL_RANK"])}' if device.startswith('cuda') else device)
-        if dev.type == 'cuda':
-            torch.cuda.set_device(dev)
-    else:
-        rank, world, dev = 0, 1, torch.device(device)
-    master = rank == 0
-    if global_batch_size % (world * batch_size):
-        raise ValueError(f'global_batch_size={global_batch_size} is not divisible by world size {world} x '
-                         f'batch_size {batch_size}: change batch_size or global_batch_size')
-    grad_accum = global_batch_size // (world * batch_size)
-    torch.manual_seed(seed)
-    bf16 = dev.type == 'cuda' and dtype == 'bfloat16'
+
+def start_processes():
+    """(ddp, rank, world size, device): torchrun sets RANK/WORLD_SIZE; one process otherwise."""
+    if int(os.environ.get('RANK', -1)) == -1:
+        return False, 0, 1, torch.device(device)
+    # the communication threads started here inherit this thread's signal mask: with Ctrl-C/SIGTERM blocked in them,
+    # the kernel delivers those to the main thread, whose handler stops the run cleanly (delivered to a gloo thread, a
+    # SIGTERM to one rank aborted it: 'terminate called without an active exception', 3 runs in 32)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    dev = torch.device(f'cuda:{int(os.environ["LOCAL_RANK"])}' if device.startswith('cuda') else device)
     if dev.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(dev)
+    return True, dist.get_rank(), dist.get_world_size(), dev
 
-    # ---- data
-    meta = load_meta(data_dir)
-    train_data, val_data = open_split(data_dir, 'train'), open_split(data_dir, 'val')
-    mask_id = meta['mask_id']
 
-    # ---- models: the student (or the mdlm/ar model), its EMA copy, and for sdtt the frozen teacher
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+def load_models(config, meta, ckpt_path, master):
+    """The network to train (a run's ckpt.pt to resume, a new one, or trained weights: the teacher of sdtt) and the
+    ckpt dict when resuming. A loaded network keeps its architecture and noise schedule; config records them."""
     ckpt = source = None
     if init_from == 'resume':
         if not os.path.exists(ckpt_path):
@@ -429,8 +415,7 @@ def main(argv=None):
             print(f'warning: {init_from} was distilled to sample with {steps} steps (its meta), teacher_num_steps='
                   f'{teacher_num_steps}: round 1 starts at dt = 1/{teacher_num_steps} (--teacher_num_steps={steps} goes '
                   'on from where it stopped)')
-    # a loaded or resumed model keeps its architecture and noise schedule: a setting moved from its default to another
-    # value would be ignored without a word; the config saved with the run then records the network it trains
+    # a setting moved from its default to another value would be ignored without a word: an error
     trained = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'cond_dim', 'block_size',
                                                       'time_conditioning')}
     trained['noise_schedule'] = schedule_of(ckpt['meta'] if ckpt else source.meta if source else config)
@@ -440,217 +425,263 @@ def main(argv=None):
         raise ValueError(f'init_from={init_from!r}: a loaded model keeps its own architecture, but {", ".join(ignored)} '
                          'asks for another: leave these settings at their defaults, or start from scratch')
     config.update(trained)
-    schedule = trained['noise_schedule']
     if model.config.vocab_size != meta['vocab_size']:
         raise ValueError(f'{data_dir} is tokenized with {meta.get("tokenizer")} (vocabulary {meta["vocab_size"]}), the '
                          f'model has vocabulary {model.config.vocab_size}: prepare the data with the model tokenizer')
     if model.config.causal != (objective == 'ar'):
         raise ValueError(f'objective={objective} needs a {"causal" if objective == "ar" else "bidirectional"} model')
-    model.to(dev)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    teacher = None
+    return model, ckpt
+
+
+def resume_state(run, ckpt, ckpt_path, master):
+    """Optimiser, EMA, counters and random state of a resumed run."""
+    run.ema.load_state_dict(ckpt['ema'])
+    run.optimizer.load_state_dict(ckpt['optimizer'])
+    for g in run.optimizer.param_groups:  # load_state_dict brought back the saved values: the config's apply
+        g.update(weight_decay=weight_decay, betas=(beta1, beta2))
+    run.step, run.round, run.ema_updates = ckpt['step'], ckpt['round'], ckpt['ema_updates']
+    torch.set_rng_state(ckpt['rng']['torch'])  # (device generators: reseeded by every micro-batch, not saved)
+    if master:
+        print(f'resumed {ckpt_path} at step {run.step}, round {run.round}')
+
+
+# ----------------------------------------------------------------------------------------------------------- plumbing
+def dt_of(r):
+    """The teacher's step size in round r: K teacher steps of round r are one student step."""
+    return (1 - SAMPLE_EPS) / teacher_num_steps * num_distill_steps ** r
+
+
+def run_meta(run, meta):
+    """The meta of the run's checkpoints and round directories: tokenizer, objective, schedule, and for sdtt the round
+    and the steps its student samples with."""
+    m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id')}
+    m.update(objective=objective, step=run.step, noise_schedule=run.schedule)
     if objective == 'sdtt':
-        teacher = DiT(model.config)
-        teacher.load_state_dict(ckpt['teacher'] if ckpt else source.state_dict())
-        teacher = teacher.to(dev).requires_grad_(False).eval()  # not a submodule of the student: no grads, EMA, optim
-    if ckpt:
-        ema.load_state_dict(ckpt['ema'])
-    del source
-    seq_len = min(meta['row_len'], model.config.block_size)
-    if seq_len < meta['row_len'] and master:
-        print(f"note: the rows of {data_dir} have {meta['row_len']} tokens, the model takes {seq_len}: it trains on the "
-              f"first {seq_len} of each row (prepare the data with --row_len={seq_len} to use all of it)")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
-                                  weight_decay=weight_decay, fused=dev.type == 'cuda')
-    step, rnd, ema_updates = 0, 0, 0
-    if ckpt:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        step, rnd, ema_updates = ckpt['step'], ckpt['round'], ckpt['ema_updates']
-        torch.set_rng_state(ckpt['rng']['torch'])  # (device generators: reseeded by every micro-batch, not saved)
-        for g in optimizer.param_groups:  # load_state_dict brought back the saved values: the config's apply
-            g.update(weight_decay=weight_decay, betas=(beta1, beta2))
-        if master:
-            print(f'resumed {ckpt_path} at step {step}, round {rnd}')
-    resumed, ckpt = ckpt is not None, None  # its tensors now live in the model, EMA, teacher and optimiser
-    # the network and its loss compiled as one graph, for a number of masked positions that changes every step
-    # (marked dynamic in training_loss: one compilation)
-    fwd = Objective(model, objective, mask_id, divergence, bf16, schedule)
-    fwd = torch.compile(fwd, mode=compile_mode) if compile else fwd
-    if ddp:
-        fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None)
-    ema_fwd = Objective(ema, objective, mask_id, divergence, bf16, schedule)
-    teacher_fwd = torch.compile(teacher, mode=compile_mode) if compile and teacher is not None else teacher
+        m.update(round=run.round, num_sampling_steps=teacher_num_steps // num_distill_steps ** run.round,
+                 divergence=divergence, num_distill_steps=num_distill_steps)
+    return m
 
-    def dt_of(r):  # teacher step size in round r: K teacher steps of round r are one student step
-        return (1 - SAMPLE_EPS) / teacher_num_steps * K ** r
 
-    def meta_now():
-        m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id')}
-        m.update(objective=objective, step=step, noise_schedule=schedule)
-        if objective == 'sdtt':
-            m.update(round=rnd, num_sampling_steps=steps_after(rnd),
-                     divergence=divergence, num_distill_steps=K)
-        return m
+def write_checkpoint(run, config, meta, path):
+    """ckpt.pt: everything an exact resume needs. Never a non-finite state: the last good checkpoint stays."""
+    if bool(run.finite):
+        save_checkpoint(dict(model_args=asdict(run.model.config), model=run.model.state_dict(), ema=run.ema.state_dict(),
+                             teacher=run.teacher.state_dict() if run.teacher is not None else None,
+                             optimizer=run.optimizer.state_dict(), step=run.step, round=run.round, dt=dt_of(run.round),
+                             ema_updates=run.ema_updates, config=config, meta=run_meta(run, meta),
+                             rng=dict(torch=torch.get_rng_state())), path)
 
-    def checkpoint():
-        if not bool(finite):
-            return  # a NaN/inf step: keep the last good checkpoint (the loop stops at the next log)
-        save_checkpoint(dict(model_args=asdict(model.config), model=model.state_dict(), ema=ema.state_dict(),
-                             teacher=teacher.state_dict() if teacher is not None else None,
-                             optimizer=optimizer.state_dict(), step=step, round=rnd, dt=dt_of(rnd),
-                             ema_updates=ema_updates, config=config, meta=meta_now(),
-                             rng=dict(torch=torch.get_rng_state())), ckpt_path)
 
-    def nonfinite():  # checkpoint() never writes a non-finite state: the last good checkpoint stays
-        kept = f'the last good checkpoint ({ckpt_path}) is kept' if os.path.exists(ckpt_path) else 'no checkpoint yet'
-        return FloatingPointError(f'non-finite loss or gradient before step {step}: stopping; {kept}. Lower '
-                                  'learning_rate or check the data.')
+def nonfinite(step, path):
+    kept = f'the last good checkpoint ({path}) is kept' if os.path.exists(path) else 'no checkpoint yet'
+    return FloatingPointError(f'non-finite loss or gradient before step {step}: stopping; {kept}. Lower learning_rate '
+                              'or check the data.')
 
-    def noised(x0):  # the micro-batch's random draws, made on the host, then sent to the device
-        return to_device(draw_noise(x0, objective, mask_id, eps, dt_of(rnd), K, reference_time_grid, schedule), dev)
 
-    @torch.no_grad()
-    def evaluate():  # EMA weights on fixed validation samples and noise: val NELBO / next-token loss / distill loss
-        # eval_iters batches of batch_size rows, shared out among the processes: the same rows and noise, so the same
-        # value, on any number of GPUs
-        total = torch.zeros((), device=dev)
-        for i in range(rank, eval_iters, world):
-            torch.manual_seed(mix_seed(seed, 1, i))
-            b = noised(get_batch(val_data, i * batch_size, batch_size, seed, seq_len))
-            total += training_loss(ema_fwd, b, teacher_fwd, K, mask_id, bf16, schedule)
-        if ddp:
-            dist.all_reduce(total)
-        return total.item() / eval_iters
+def end_round(run, meta, master, log):
+    """Round run.round ends: its student (EMA weights) is saved, becomes the teacher, and dt grows K-fold."""
+    run.round += 1
+    if master:
+        rdir = os.path.join(out_dir, f'round_{run.round}_steps_{teacher_num_steps // num_distill_steps ** run.round}')
+        run.ema.meta = run_meta(run, meta)
+        save_pretrained(run.ema, rdir)
+        log(dict(step=run.step, round_done=run.round, next_dt=dt_of(run.round)),  # (the plot's round boundaries)
+            f'round {run.round} done at step {run.step}: {rdir}; next dt = {dt_of(run.round):.3e}')
+    if teacher_from_ema:  # as the reference's use_ema_on_growth: student and teacher restart from the EMA
+        run.model.load_state_dict(run.ema.state_dict())
+        run.ema_updates = 0
+    run.teacher.load_state_dict(run.model.state_dict())
+    if reset_optimizer_each_round:
+        run.optimizer.state.clear()
 
-    # ---- logging: stdout, out_dir/log.jsonl (a resumed run first drops the lines of the steps it redoes), wandb
-    log_path = os.path.join(out_dir, 'log.jsonl')
+
+def open_log(config, master, keep_upto):
+    """log(record, text): stdout, out_dir/log.jsonl (a resumed run first drops the lines of the steps it redoes) and
+    wandb; record=None prints only."""
+    path = os.path.join(out_dir, 'log.jsonl')
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        append_log(log_path, None, keep_upto=step if resumed else -1)
+        append_log(path, None, keep_upto=keep_upto)
         if wandb_log:
             import wandb
             wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
-    def log(rec, text):  # rec=None: print only
+    def log(rec, text):
         if master:
             print(text)
             if rec is not None:
-                append_log(log_path, rec)
+                append_log(path, rec)
                 if wandb_log:
                     wandb.log(rec, step=rec['step'])
-    tokens_per_step = global_batch_size * seq_len
-    log(None, f'{objective}: {model.num_params() / 1e6:.1f}M parameters, {world} process(es) x {grad_accum} '
-              f'micro-batch(es) of {batch_size} x {seq_len} tokens, {tokens_per_step:,} tokens/step'
-              + (f', K={K}, {divergence}' if teacher else ''))
+    return log
 
-    stop = []  # Ctrl-C / SIGTERM: finish the current step, save, exit (a second Ctrl-C aborts at once)
+
+@contextmanager
+def stop_on_signals(ckpt_path):
+    """Ctrl-C / SIGTERM append to the list it yields: the run finishes the step, saves and exits (a second Ctrl-C
+    aborts at once). The caller's handlers are back afterwards, however the run ends."""
+    stop = []
+
     def on_signal(signum, frame):
         stop.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print(f'\nsignal {signum}: stopping after this step and saving {ckpt_path}'
               + (' (Ctrl-C again to abort)' if signum == signal.SIGINT else ''))
-    old_handlers = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
+    old = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield stop
+    finally:
+        for sig, handler in zip((signal.SIGINT, signal.SIGTERM), old):
+            signal.signal(sig, handler)
 
-    try:  # (the handlers are put back however the loop ends: a caller of main() keeps its Ctrl-C)
-        finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss since the last check was finite (no sync)
-        loss_sum, flops_done, t_log, step_log = torch.zeros((), device=dev), 0.0, time.time(), step
-        halt, saved_step = False, step  # halt: agreed by all processes (at log steps under DDP)
-        while True:
-            if rounds_over(rnd):
-                log(None, f'done: {rnd} rounds; the next student would sample with {teacher_num_steps / K ** (rnd + 1):g} < '
-                          f'min_num_sampling_steps={min_num_sampling_steps} steps')
-                break
-            if step >= max_iters or halt:
-                break
+
+def agree(stats, stop, ddp, dev):
+    """One sync per log step, all processes agreeing: the summed stats (loss, grad norm, any NaN, any stop request,
+    FLOPs) and which signal stopped the run (the ranks that did not get one report it too: the exit status)."""
+    stats = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=dev) for v in stats])
+    if ddp:
+        dist.all_reduce(stats)
+        if stats[3]:
+            sig = torch.tensor(stop[0] if stop else 0, device=dev)
+            dist.all_reduce(sig, op=dist.ReduceOp.MAX)
+            stop[:] = [int(sig)]
+    return stats.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------- training
+def main(argv=None):
+    config = configure(dict(_DEFAULTS), argv)  # the settings are the config block's names only
+    globals().update(config)  # (from the defaults on every call: main() may run several times in one process)
+    eps, n_rounds = check_settings(config)
+    ddp, rank, world, dev = start_processes()
+    master, K, bf16 = rank == 0, num_distill_steps, dev.type == 'cuda' and dtype == 'bfloat16'
+    if global_batch_size % (world * batch_size):
+        raise ValueError(f'global_batch_size={global_batch_size} is not divisible by world size {world} x '
+                         f'batch_size {batch_size}: change batch_size or global_batch_size')
+    grad_accum = global_batch_size // (world * batch_size)
+    torch.manual_seed(seed)
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    meta = load_meta(data_dir)
+    train_data, val_data, mask_id = open_split(data_dir, 'train'), open_split(data_dir, 'val'), meta['mask_id']
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    model, ckpt = load_models(config, meta, ckpt_path, master)
+    seq_len = min(meta['row_len'], model.config.block_size)
+    if seq_len < meta['row_len'] and master:
+        print(f"note: the rows of {data_dir} have {meta['row_len']} tokens, the model takes {seq_len}: it trains on the "
+              f"first {seq_len} of each row (prepare the data with --row_len={seq_len} to use all of it)")
+    # the student (or the mdlm/ar model), its EMA, and for sdtt the frozen teacher (not a submodule of the student: no
+    # grads, EMA or optimiser state)
+    run = SimpleNamespace(model=model.to(dev), step=0, round=0, ema_updates=0, schedule=config['noise_schedule'],
+                          finite=torch.ones((), dtype=torch.bool, device=dev))  # (finite: no NaN since the last check)
+    run.ema = copy.deepcopy(model).requires_grad_(False).eval()
+    run.teacher = copy.deepcopy(model).requires_grad_(False).eval() if objective == 'sdtt' else None
+    if ckpt and run.teacher is not None:
+        run.teacher.load_state_dict(ckpt['teacher'])
+    run.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
+                                      weight_decay=weight_decay, fused=dev.type == 'cuda')
+    if ckpt:
+        resume_state(run, ckpt, ckpt_path, master)
+    ckpt = None  # its tensors now live in the model, EMA, teacher and optimiser
+    # the network and its loss compiled as one graph, for a number of masked positions that changes every step
+    fwd = Objective(model, objective, mask_id, divergence, bf16, run.schedule)
+    fwd = torch.compile(fwd, mode=compile_mode) if compile else fwd
+    fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None) if ddp else fwd
+    ema_fwd = Objective(run.ema, objective, mask_id, divergence, bf16, run.schedule)
+    teacher = torch.compile(run.teacher, mode=compile_mode) if compile and run.teacher is not None else run.teacher
+    rounds_over = lambda r: objective == 'sdtt' and r >= n_rounds  # (r rounds done)
+
+    def loss_of(net, data, first):  # the loss of rows first.. of data, its noise drawn on the host from the torch seed
+        b = get_batch(data, first, batch_size, seed, seq_len)
+        b = to_device(draw_noise(b, objective, mask_id, eps, dt_of(run.round), K, reference_time_grid, run.schedule), dev)
+        return training_loss(net, b, teacher, K, mask_id, bf16, run.schedule), b
+
+    @torch.no_grad()
+    def evaluate():  # EMA weights on eval_iters fixed validation batches, the same rows and noise on any number of GPUs
+        total = torch.zeros((), device=dev)
+        for i in range(rank, eval_iters, world):
+            torch.manual_seed(mix_seed(seed, 1, i))
+            total += loss_of(ema_fwd, val_data, i * batch_size)[0]
+        if ddp:
+            dist.all_reduce(total)
+        return total.item() / eval_iters
+
+    log = open_log(config, master, keep_upto=run.step if init_from == 'resume' else -1)
+    tokens_per_step = global_batch_size * seq_len
+    log(None, f'{objective}: {model.num_params() / 1e6:.1f}M parameters, {world} process(es) x {grad_accum} '
+              f'micro-batch(es) of {batch_size} x {seq_len} tokens, {tokens_per_step:,} tokens/step'
+              + (f', K={K}, {divergence}' if objective == 'sdtt' else ''))
+    with stop_on_signals(ckpt_path) as stop:
+        loss_sum, flops_done, t_log, step_log = torch.zeros((), device=dev), 0.0, time.time(), run.step
+        halt, saved_step = False, run.step  # halt: agreed by all processes (at log steps under DDP)
+        while not (rounds_over(run.round) or run.step >= max_iters or halt):
+            # ---- the training step
             # a reset optimiser warms up again each round: the reference's reset rebuilds its LR scheduler too
-            since = step % round_every if objective == 'sdtt' and reset_optimizer_each_round else step
+            since = run.step % round_every if objective == 'sdtt' and reset_optimizer_each_round else run.step
             lr = learning_rate * min(1.0, (since + 1) / (warmup_iters + 1))
-            for g in optimizer.param_groups:
+            for g in run.optimizer.param_groups:
                 g['lr'] = lr
             for micro in range(grad_accum):
                 gm = rank * grad_accum + micro  # index of this micro-batch within the global batch
-                torch.manual_seed(mix_seed(seed, 0, step, gm))  # noise, dropout and teacher draws of this micro-batch
-                b = noised(get_batch(train_data, step * global_batch_size + gm * batch_size, batch_size, seed, seq_len))
+                torch.manual_seed(mix_seed(seed, 0, run.step, gm))  # noise, dropout and teacher draws of the micro-batch
                 with fwd.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
-                    loss = training_loss(fwd, b, teacher_fwd, K, mask_id, bf16, schedule) / grad_accum
-                    loss.backward()
-                flops_done += step_flops(model, teacher, b, K)
-                loss_sum += loss.detach()
+                    loss, b = loss_of(fwd, train_data, run.step * global_batch_size + gm * batch_size)
+                    (loss / grad_accum).backward()
+                flops_done += step_flops(model, run.teacher, b, K)
+                loss_sum += loss.detach() / grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-            finite &= torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, ema_updates = step + 1, ema_updates + 1
-            d = min(ema_decay, (1 + ema_updates) / (10 + ema_updates))  # n counts this update, as MDLM's ema.py
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+            run.finite &= torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step, run.ema_updates = run.step + 1, run.ema_updates + 1
+            d = min(ema_decay, (1 + run.ema_updates) / (10 + run.ema_updates))  # n counts this update (MDLM's ema.py)
+            torch._foreach_lerp_(list(run.ema.parameters()), list(model.parameters()), 1 - d)
             halt = halt or (bool(stop) and not ddp)
-
-            boundary = objective == 'sdtt' and step % round_every == 0  # round rnd ends with this step
-            last = step >= max_iters or (boundary and rounds_over(rnd + 1))
-            save = boundary or (ckpt_interval and step % ckpt_interval == 0)
-            # a log window ends at every checkpoint too, so a run resumed from one logs what an uninterrupted run
-            # does; halt and the last step: the steps since the last log line are not lost
-            if step % log_interval == 0 or last or halt or save:
-                stats = torch.stack([loss_sum, grad_norm.float(), (~finite).float(),
-                                     torch.tensor(float(bool(stop)), device=dev), torch.tensor(flops_done, device=dev)])
-                if ddp:
-                    dist.all_reduce(stats)  # one sync per log step: mean loss, any NaN, any stop request, FLOPs
-                loss_val, norm_val, bad, stop_any, flops_val = stats.tolist()
+            boundary = objective == 'sdtt' and run.step % round_every == 0  # round run.round ends with this step
+            last = run.step >= max_iters or (boundary and rounds_over(run.round + 1))
+            save = boundary or (ckpt_interval and run.step % ckpt_interval == 0)
+            # ---- logging, evaluation, round boundaries, checkpoints. A log window also ends at every checkpoint (a
+            # resumed run logs what an uninterrupted one does), at halt and the last step (no steps lost)
+            if run.step % log_interval == 0 or last or halt or save:
+                loss_val, norm_val, bad, stop_any, flops_val = agree(
+                    [loss_sum, grad_norm, ~run.finite, bool(stop), flops_done], stop, ddp, dev)
                 if bad:
-                    raise nonfinite()
+                    raise nonfinite(run.step, ckpt_path)
                 halt = halt or stop_any > 0
-                if ddp and stop_any:  # which signal: the ranks that did not get one report it too (the exit status)
-                    sig = torch.tensor(stop[0] if stop else 0, device=dev)
-                    dist.all_reduce(sig, op=dist.ReduceOp.MAX)
-                    stop[:] = [int(sig)]
-                dt_s = time.time() - t_log
-                n = step - step_log
-                rec = dict(step=step, loss=loss_val / world / n, lr=lr, round=rnd, dt=dt_of(rnd) if teacher else None,
-                           grad_norm=norm_val / world, tokens_per_s=n * tokens_per_step / dt_s,
-                           mfu=flops_val / dt_s / (peak_flops * world), time=time.time())
-                log(rec, f"step {step} | loss {rec['loss']:.4g} | lr {lr:.2e} | round {rnd} | "
-                         f"{rec['tokens_per_s']:,.0f} tok/s | mfu {100 * rec['mfu']:.1f}% | "
-                         f"grad norm {rec['grad_norm']:.3f}")
+                dt_s, n = time.time() - t_log, run.step - step_log
+                rec = dict(step=run.step, loss=loss_val / world / n, lr=lr, round=run.round,
+                           dt=dt_of(run.round) if objective == 'sdtt' else None, grad_norm=norm_val / world,
+                           tokens_per_s=n * tokens_per_step / dt_s, mfu=flops_val / dt_s / (peak_flops * world),
+                           time=time.time())
+                log(rec, f"step {run.step} | loss {rec['loss']:.4g} | lr {lr:.2e} | round {run.round} | "
+                         f"{rec['tokens_per_s']:,.0f} tok/s | mfu {100 * rec['mfu']:.1f}% | grad norm {rec['grad_norm']:.3f}")
                 loss_sum.zero_()
-                flops_done = 0.0
-                t_log, step_log = time.time(), step
+                flops_done, t_log, step_log = 0.0, time.time(), run.step
             t_aside = time.time()  # evaluation, round boundaries and checkpoints are not training: not in tokens/s
-            if eval_interval and eval_iters and (step % eval_interval == 0 or last):
-                name = OBJECTIVES[objective]
+            if eval_interval and eval_iters and (run.step % eval_interval == 0 or last):
                 val = evaluate()
-                rec = {'step': step, name: val, **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
+                rec = {'step': run.step, OBJECTIVES[objective]: val,
+                       **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
                 log(rec, ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
-            if boundary:  # round rnd done: save the student, it becomes the teacher, dt grows K-fold
-                if not bool(finite):
-                    raise nonfinite()
-                rnd += 1
-                if master:
-                    rdir = os.path.join(out_dir, f'round_{rnd}_steps_{steps_after(rnd)}')
-                    ema.meta = meta_now()
-                    save_pretrained(ema, rdir)
-                    log(dict(step=step, round_done=rnd, next_dt=dt_of(rnd)),  # (the plot's round boundaries)
-                        f'round {rnd} done at step {step}: {rdir}; next dt = {dt_of(rnd):.3e}')
-                if teacher_from_ema:  # as the reference's use_ema_on_growth: student and teacher restart from the EMA
-                    model.load_state_dict(ema.state_dict())
-                    ema_updates = 0
-                teacher.load_state_dict(model.state_dict())
-                if reset_optimizer_each_round:
-                    optimizer.state.clear()
+            if boundary:
+                if not bool(run.finite):
+                    raise nonfinite(run.step, ckpt_path)
+                end_round(run, meta, master, log)
             if master and save:
-                checkpoint()
-                saved_step = step
+                write_checkpoint(run, config, meta, ckpt_path)
+                saved_step = run.step
             t_log += time.time() - t_aside
-        if not bool(finite):  # a NaN since the last log step, then a stop: say so (checkpoint() kept the last good one)
-            raise nonfinite()
-        if master and (saved_step != step or not os.path.exists(ckpt_path)):
-            checkpoint()
-        finished = step >= max_iters or rounds_over(rnd)
+        if rounds_over(run.round):
+            log(None, f'done: {run.round} rounds; the next student would sample with '
+                      f'{teacher_num_steps / K ** (run.round + 1):g} < min_num_sampling_steps={min_num_sampling_steps} steps')
+        if not bool(run.finite):  # a NaN since the last log step, then a stop: say so (the last good checkpoint stays)
+            raise nonfinite(run.step, ckpt_path)
+        if master and (saved_step != run.step or not os.path.exists(ckpt_path)):
+            write_checkpoint(run, config, meta, ckpt_path)
+        finished = run.step >= max_iters or rounds_over(run.round)
         if master:
-            print(f'checkpoint: {ckpt_path} (step {step}, round {rnd})'
+            print(f'checkpoint: {ckpt_path} (step {run.step}, round {run.round})'
                   + ('' if finished else f'; stopped before max_iters={max_iters}: continue with --init_from=resume'))
-    finally:
-        for sig, handler in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
-            signal.signal(sig, handler)
     if ddp:
         dist.barrier()  # wait for rank 0's final checkpoint: gloo aborts if a peer leaves the group early
         dist.destroy_process_group()
