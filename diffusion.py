@@ -106,12 +106,9 @@ def to_device(v, device):
 
 
 def draw_categorical(logits, u, chunk_elems=CHUNK_ELEMS, finite=None):
-    """Draw one index per row of logits [N, V] from softmax(logits), by inverse CDF in float64 with uniforms u [N]
-    (float64). Float64 matters: float32 Gumbel/exponential noise truncates low-probability tokens, which lowers the
-    entropy of samples and flatters gen-PPL (Zheng et al. 2024). Rows go in chunks of ~chunk_elems entries, so a step
-    that reveals many positions (few steps, big batch) stays within a few hundred MB.
-    finite: a bool device tensor [] that is and-ed with "every row's logits gave a distribution"; a NaN/inf row draws
-    the last index, and checking this flag once at the end (check_finite) turns that into an error without a sync."""
+    """One index per row of logits [N, V] drawn from softmax(logits) by inverse CDF in float64 with uniforms u [N]
+    (float32 noise starves rare tokens and flatters gen-PPL: Zheng et al. 2024), in chunks of ~chunk_elems entries.
+    finite: a device bool and-ed with "every row gave a distribution" (check_finite tests it once, at the end)."""
     N, V = logits.shape
     out = torch.empty(N, dtype=torch.long, device=logits.device)
     rows = max(1, chunk_elems // V)
@@ -203,29 +200,17 @@ def takes_positions(model):
 def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_bos=True, project_fn=None, cache=False,
            eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None, head_only=None,
            schedule=None):
-    """Ancestral ("DDPM") sampling of masked diffusion (SPEC §4), starting from prior() (all-MASK, BOS first), with
-    project_fn(x) applied to the prior and after every step, e.g. to write a prompt.
-    One step from t to s: a masked position stays masked with probability m(s)/m(t), otherwise takes a token drawn
-    in float64 from the SUBS distribution p_theta(x0 | xt). Positions never change once unmasked. After the last step,
-    positions still masked (rare: probability ~1e-5 each) get the argmax of one more forward pass.
-    cache=True (MDLM's ddpm_cache, per sequence and one step ahead): a step's prediction is used only where it
-    reveals a token, and the host knows where before the forward; so only the sequences that this step changes are
-    run (steps that change nothing in a sequence cost it nothing). Nothing is reused, so it is exact for
-    time-conditioned models too, and it draws the same random numbers as cache=False: the same tokens up to floating
-    point (a forward of a subset of the batch can differ from the full-batch forward in the last bits, which flips a
-    draw only if its uniform falls that close to a CDF boundary). nfe then counts the forwards actually run.
-    Random numbers come from generator, a CPU torch.Generator (default: seeded with seed): the host decides the
-    reveals, so a step needs no host-device sync, and a seed gives the same reveals on every device. project_fn must
-    only write positions that it sets from the prior on (a prompt), as the host tracks which positions are masked.
-    schedule: a name of NOISE_SCHEDULES (default: the model's, schedule_of(model.meta)).
-    step_fn(x, logits, t, s, u, mask_id, schedule) -> new x: another update rule in place of the ancestral one (e.g. the
-    analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position (the host learns the new state:
-    a sync per step).
-    head_only (default: when the model takes positions, see takes_positions, and step_fn is not used): for the same
-    reason the output layer (a V x d matmul and a [B, L, V] write: ~27% of a DiT-small forward's FLOPs) runs at the
-    ~B L / num_steps positions the step reveals only. The same tokens up to floating point. Pass head_only=False for
-    CUDA graphs (compile mode reduce-overhead): the number of positions changes every step.
-    Returns (tokens [n_samples, seq_len] int64, nfe) with nfe the mean number of forward passes per sequence."""
+    """Ancestral sampling (SPEC §4) from prior() (all MASK, BOS first); project_fn(x) (a prompt) is applied to the
+    prior and after every step. A step from t to s keeps a masked position masked w.p. m(s)/m(t) (schedule: default
+    the model's, schedule_of(model.meta)), else draws its token in float64 from SUBS; unmasked tokens never change.
+    Positions still masked at the end get the argmax of one more forward. The host draws every random number
+    (generator: a CPU torch.Generator, default seeded with seed), so it knows the reveals before the forward: no
+    sync per step, and the same reveals on every device.
+    cache=True (MDLM's ddpm_cache, per sequence): only the sequences a step changes are run; the same random numbers,
+    so the same tokens up to floating point (nfe counts the forwards run). head_only (default: when the model takes
+    positions): the output layer only at the revealed positions; pass False for CUDA graphs.
+    step_fn(x, logits, t, s, u, mask_id, schedule) -> new x replaces the ancestral update (u: float64 uniforms [B, L];
+    a sync per step). Returns (tokens [n_samples, seq_len] int64, nfe: forwards per sequence)."""
     if mask_id is None:
         vocab = getattr(getattr(model, 'config', None), 'vocab_size', None)
         if vocab is None:
@@ -252,9 +237,7 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
             return model(x, sigma(torch.full((x.shape[0],), t, device=device), schedule), *positions)
 
     x = prior(model, n_samples, seq_len, mask_id, bos_id, add_bos, project_fn, device)
-    # Which positions a step reveals depends on m(s)/m(t) only, not on the model: the host draws it, and the uniforms,
-    # and keeps track of what is still masked. So a step never waits for the GPU (the host knows how many tokens to
-    # draw and which sequences changed); the only sync is this one, before the loop (a step_fn syncs every step).
+    # the reveals depend on m(s)/m(t) only: the host tracks what is masked, and this is the only sync (step_fn aside)
     masked = (x == mask_id).cpu()
     finite = torch.ones((), dtype=torch.bool, device=device)  # all logits finite so far (checked once, at the end)
     ts, dt = sampling_grid(num_steps, eps)

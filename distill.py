@@ -8,12 +8,10 @@ Training for the three objectives of the project, one nanoGPT-style script:
     torchrun --standalone --nproc_per_node=8 distill.py config/kld_small.py
     python distill.py config/kld_small.py --init_from=resume              # continue out_dir/ckpt.pt exactly
 
-Writes to out_dir: ckpt.pt (latest state, atomic), log.jsonl (one JSON line per log/eval step and, for sdtt, one
-round_done line per round end) and, for sdtt, one
-directory per finished round, round_{r}_steps_{n}/ (EMA weights, save_pretrained layout: the student after r rounds,
-meant to sample with n steps; load_pretrained and sample.py read it).
-Every random draw of a step is seeded from (seed, step, micro-batch index), and the batch of a step is a pure function
-of (seed, step): resuming, or changing the number of GPUs at a fixed global batch, sees the same data and noise.
+Writes to out_dir: ckpt.pt (latest state, atomic), log.jsonl (a JSON line per log/eval step and round end) and, for
+sdtt, round_{r}_steps_{n}/ per round (the EMA student after r rounds, to sample with n steps; save_pretrained layout).
+A step's batch and random draws are functions of (seed, step, micro-batch): a resumed run, or another number of GPUs
+at the same global batch, sees the same data and noise.
 """
 import copy
 import json
@@ -91,15 +89,10 @@ COMPILE_MODES = ('default', 'max-autotune-no-cudagraphs')  # (bench.py's trainin
 
 
 # ----------------------------------------------------------------------------------------------------------- losses
-# A micro-batch goes through three stages:
-#   draw_noise (host): every random number of the loss except dropout and the teacher's token draws, so the host
-#       knows how many positions are masked and revealed: the step never waits for the GPU to report a count;
-#   teacher_targets (device, sdtt only): the teacher's K steps from x_t, its logits at the masked positions;
-#   Objective (device, compiled as one graph with the network): the network at the masked positions and the loss.
+# A micro-batch: draw_noise (host: its random numbers), teacher_targets (sdtt), Objective (the network and loss).
 def real_log_probs(logits, mask_id):
-    """log p(x0 | xt) over the real tokens (the mask column, always the last, has probability 0), fp32 [..., V-1].
-    At masked positions this IS the SUBS distribution; the divergences only look at those, and without the -inf
-    mask column and the one-hot carry-over nothing in them can be inf - inf."""
+    """log p(x0 | xt) over the real tokens, fp32 [..., V-1]: SUBS at the masked positions, the only ones the
+    divergences see (without SUBS's -inf mask column and carry-over, nothing there can be inf - inf)."""
     return F.log_softmax(logits[..., :mask_id].float(), dim=-1)
 
 
@@ -117,14 +110,10 @@ def teacher_times(t, dt, K, reference_grid=False):
 
 
 def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_grid=False, schedule='loglinear'):
-    """The random draws of one micro-batch x0 [B, L] (a CPU tensor; the default CPU generator, seeded by the caller),
-    as a dict of CPU tensors:
-      x0; xt [B, L] = q(x_t | x0) at stratified t [B]; pos [M]: flat indices of the positions masked in xt, the only
-      ones with a loss (unmasked positions carry over under SUBS);
-      sdtt: teacher_t [K, B] the teacher's step times; reveal_k [R_k]: the rows of pos revealed by step k < K-1 (a
-      still-masked position is revealed by a step from t_k to s w.p. 1 - m(s)/m(t_k)) and u_k [R_k] their float64
-      uniforms for the token draw.
-    ar draws nothing."""
+    """Every random draw of one micro-batch x0 [B, L], on the host (the caller seeds the CPU generator): x0, t [B], xt,
+    pos [M] (flat indices of the positions masked in xt: the only ones with a loss); sdtt: teacher_t [K, B], and for
+    each teacher step k < K-1 reveal_k (the rows of pos it reveals, w.p. 1 - m(s)/m(t_k)) and u_k (their float64
+    uniforms). The host thus knows every size: the step never waits for the GPU. ar draws nothing."""
     if objective == 'ar':
         return dict(x0=x0)
     B, L = x0.shape
@@ -148,13 +137,10 @@ def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_gri
 
 @torch.no_grad()
 def teacher_targets(teacher, b, K, mask_id, bf16=False, schedule='loglinear'):
-    """SDTT soft targets (SPEC §5) as the teacher's logits [M, V] at the positions masked in x_t (the student's loss
-    takes their fp32 log-softmax inside its compiled graph: no fp32 [M, V] tensor is written here). The teacher takes
-    K ancestral steps of size dt from x_t, drawing each next state from its own prediction (float64 draws, only at
-    the positions draw_noise revealed). A position revealed at step k gets the teacher's full distribution of step
-    k; positions not revealed before the last step get the last step's. So before the last step the teacher's output
-    layer runs only at the rows that step reveals (a few: about M dt/t), which are then written into the last
-    step's logits."""
+    """SDTT soft targets (SPEC §5): the teacher's logits [M, V] at the positions masked in x_t after K ancestral steps
+    of size dt, each drawing its reveals from the teacher's own prediction (float64). A position revealed at step k
+    gets step k's distribution, the others the last step's: before the last step the output layer runs only at the
+    rows that step reveals (about M dt/t)."""
     x, pos, kept = b['xt'], b['pos'], []
     for k in range(K):
         at = pos if k == K - 1 else pos[b[f'reveal_{k}']]
@@ -190,9 +176,8 @@ def sdtt_divergence(ls, lt, name):
 
 
 class Objective(torch.nn.Module):
-    """The network and its training loss as one module, so that torch.compile fuses the loss's fp32 vocabulary-wide
-    work (log-softmax, divergence and their backward) with the output layer instead of materialising fp32 copies of
-    [M, V], and DDP wraps both. The network runs its output layer at the masked positions only."""
+    """The network and its loss as one module: torch.compile fuses the fp32 vocabulary-wide work (log-softmax,
+    divergence, backward) with the output layer, which runs at the masked positions only; DDP wraps both."""
     def __init__(self, net, objective, mask_id, divergence='kld', bf16=False, schedule='loglinear'):
         super().__init__()
         self.net, self.objective, self.mask_id, self.divergence, self.bf16 = net, objective, mask_id, divergence, bf16
@@ -433,8 +418,19 @@ def load_models(config, meta, ckpt_path, master):
     return model, ckpt
 
 
-def resume_state(run, ckpt, ckpt_path, master):
-    """Optimiser, EMA, counters and random state of a resumed run."""
+def build_run(model, ckpt, ckpt_path, schedule, dev, master):
+    """The state of a run: the student (or mdlm/ar model), its EMA, for sdtt the frozen teacher (not a submodule of the
+    student: no grads, EMA or optimiser state), AdamW, counters; from ckpt when resuming."""
+    run = SimpleNamespace(model=model.to(dev), step=0, round=0, ema_updates=0, schedule=schedule,
+                          finite=torch.ones((), dtype=torch.bool, device=dev))  # (finite: no NaN since the last check)
+    run.ema = copy.deepcopy(model).requires_grad_(False).eval()
+    run.teacher = copy.deepcopy(model).requires_grad_(False).eval() if objective == 'sdtt' else None
+    run.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
+                                      weight_decay=weight_decay, fused=dev.type == 'cuda')
+    if not ckpt:
+        return run
+    if run.teacher is not None:
+        run.teacher.load_state_dict(ckpt['teacher'])
     run.ema.load_state_dict(ckpt['ema'])
     run.optimizer.load_state_dict(ckpt['optimizer'])
     for g in run.optimizer.param_groups:  # load_state_dict brought back the saved values: the config's apply
@@ -443,6 +439,7 @@ def resume_state(run, ckpt, ckpt_path, master):
     torch.set_rng_state(ckpt['rng']['torch'])  # (device generators: reseeded by every micro-batch, not saved)
     if master:
         print(f'resumed {ckpt_path} at step {run.step}, round {run.round}')
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------------- plumbing
@@ -570,18 +567,7 @@ def main(argv=None):
     if seq_len < meta['row_len'] and master:
         print(f"note: the rows of {data_dir} have {meta['row_len']} tokens, the model takes {seq_len}: it trains on the "
               f"first {seq_len} of each row (prepare the data with --row_len={seq_len} to use all of it)")
-    # the student (or the mdlm/ar model), its EMA, and for sdtt the frozen teacher (not a submodule of the student: no
-    # grads, EMA or optimiser state)
-    run = SimpleNamespace(model=model.to(dev), step=0, round=0, ema_updates=0, schedule=config['noise_schedule'],
-                          finite=torch.ones((), dtype=torch.bool, device=dev))  # (finite: no NaN since the last check)
-    run.ema = copy.deepcopy(model).requires_grad_(False).eval()
-    run.teacher = copy.deepcopy(model).requires_grad_(False).eval() if objective == 'sdtt' else None
-    if ckpt and run.teacher is not None:
-        run.teacher.load_state_dict(ckpt['teacher'])
-    run.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
-                                      weight_decay=weight_decay, fused=dev.type == 'cuda')
-    if ckpt:
-        resume_state(run, ckpt, ckpt_path, master)
+    run = build_run(model, ckpt, ckpt_path, config['noise_schedule'], dev, master)
     ckpt = None  # its tensors now live in the model, EMA, teacher and optimiser
     # the network and its loss compiled as one graph, for a number of masked positions that changes every step
     fwd = Objective(model, objective, mask_id, divergence, bf16, run.schedule)
