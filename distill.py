@@ -86,6 +86,12 @@ peak_flops = 989e12         # per device, for MFU (H100 SXM dense bf16)
 _DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
 OBJECTIVES = {'sdtt': 'val_distill_loss', 'mdlm': 'val_nelbo', 'ar': 'val_loss'}  # name -> its validation loss's key
 COMPILE_MODES = ('default', 'max-autotune-no-cudagraphs')  # (bench.py's training steps take the same)
+# what a loaded model keeps (setting one to another value is an error), and the settings that do not change what a
+# run computes: a resumed run with any other setting changed warns that it is no exact continuation
+KEPT = ('n_layer', 'n_head', 'n_embd', 'cond_dim', 'block_size', 'time_conditioning', 'noise_schedule')
+FREE_ON_RESUME = KEPT + ('init_from', 'init_revision', 'out_dir', 'max_iters', 'log_interval', 'eval_interval',
+                         'eval_iters', 'ckpt_interval', 'wandb_log', 'wandb_project', 'wandb_run_name', 'device',
+                         'compile', 'compile_mode', 'peak_flops')
 
 
 # ----------------------------------------------------------------------------------------------------------- losses
@@ -258,8 +264,9 @@ def count_rounds(n, K, lowest):
         D = max(d for d in range(R) if n % K ** d == 0)  # the rounds that divide
         lo = n // K ** R * K ** R
         raise ValueError(f'teacher_num_steps={n} with num_distill_steps={K}: the student of round {D + 1} would sample '
-                         f'with {n / K ** (D + 1):.4g} steps; the {R} round(s) down to min_num_sampling_steps={lowest} need '
-                         f'teacher_num_steps divisible by {K}^{R} = {K ** R} (e.g. {", ".join(map(str, [v for v in (lo, lo + K ** R) if v]))})'
+                         f'with {n / K ** (D + 1):.4g} steps; the {R} round(s) down to min_num_sampling_steps={lowest} '
+                         f'need teacher_num_steps divisible by {K}^{R} = {K ** R} (e.g. '
+                         + ', '.join(str(v) for v in (lo, lo + K ** R) if v) + ')'
                          + (f', or min_num_sampling_steps={n // K ** D} to stop after round {D}' if D else ''))
     return R
 
@@ -372,10 +379,7 @@ def load_models(config, meta, ckpt_path, master):
         if ckpt['config'].get('objective') != objective:
             raise ValueError(f"{ckpt_path} is a run of objective={ckpt['config'].get('objective')!r}, not {objective!r}: "
                              f"resume it with its own config, or start {objective} in another out_dir")
-        changed = [k for k in ('seed', 'global_batch_size', 'data_dir', 'num_distill_steps', 'divergence',
-                               'teacher_num_steps', 'round_every', 'dropout', 'sampling_eps', 'reference_time_grid',
-                               'teacher_from_ema', 'reset_optimizer_each_round', 'min_num_sampling_steps')
-                   if ckpt['config'].get(k) != config[k]]
+        changed = [k for k in config if k not in FREE_ON_RESUME and ckpt['config'].get(k) != config[k]]
         if changed and master:
             print(f'warning: resuming with other {", ".join(changed)} than {ckpt_path}: not an exact continuation')
         model = DiT(replace(DiTConfig(**ckpt['model_args']), dropout=dropout))  # (dropout: as a loaded model's)
@@ -401,8 +405,7 @@ def load_models(config, meta, ckpt_path, master):
                   f'{teacher_num_steps}: round 1 starts at dt = 1/{teacher_num_steps} (--teacher_num_steps={steps} goes '
                   'on from where it stopped)')
     # a setting moved from its default to another value would be ignored without a word: an error
-    trained = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'cond_dim', 'block_size',
-                                                      'time_conditioning')}
+    trained = {k: getattr(model.config, k, None) for k in KEPT}
     trained['noise_schedule'] = schedule_of(ckpt['meta'] if ckpt else source.meta if source else config)
     ignored = [f'{k}={config[k]!r} (the model: {v!r})' for k, v in trained.items()
                if config[k] != _DEFAULTS[k] and config[k] != v]

@@ -607,6 +607,11 @@ def test_loaded_and_resumed_models_keep_their_architecture_and_the_config_says_s
     distill.main(args + ['--init_from=resume', '--max_iters=3', '--dropout=0.2'])  # dropout: as for a loaded model
     assert 'resuming with other dropout' in capsys.readouterr().out
     assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model_args']['dropout'] == 0.2
+    # any setting but those that change only where a run goes or what it reports warns (no hand-kept list to extend)
+    distill.main(args + ['--init_from=resume', '--max_iters=4', '--dropout=0.2', '--log_interval=2', '--eval_iters=2'])
+    assert 'resuming with other' not in capsys.readouterr().out
+    distill.main(args + ['--init_from=resume', '--max_iters=5', '--dropout=0.2', '--ema_decay=0.5'])
+    assert 'resuming with other ema_decay than' in capsys.readouterr().out
     # a student of round r as the teacher of a new run: its meta says how many steps it samples with
     student = load_pretrained(teacher_dir)
     student.meta.update(num_sampling_steps=16, round=2)
