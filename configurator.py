@@ -1,5 +1,6 @@
 """
-nanoGPT-style configuration: a script defines its settings as module-level globals, then calls
+nanoGPT-style configuration: a script defines its settings as lower-case module-level globals (its config block;
+UPPER_CASE names are constants), then calls
 
     from configurator import configure
     config = configure(globals())        # python distill.py config/kld_small.py --batch_size=16 --compile=False
