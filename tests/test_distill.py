@@ -247,7 +247,8 @@ def test_targets_follow_the_spec_on_a_hand_built_teacher(schedule):
         p = 1 - D.move_chance(tk - dt, schedule) / D.move_chance(tk, schedule)
         still = torch.bincount(row, xm[k] == MASK, B)
         frac = torch.bincount(row, revealed, B) / still
-        assert ((frac - p).abs() < 4 * (p * (1 - p) / still).sqrt()).all(), (frac, p)
+        assert ((frac - p).abs() < 5 * (p * (1 - p) / still).sqrt()).all(), (frac, p)  # (a schedule with small m(t)
+        # masks few tokens: at 4 sigma one seed of 300 fails for m = t^2; unbiased, measured)
     still = xm[-1] == MASK  # not revealed before the last step: the last step's distribution
     assert torch.equal(target[still], step_logp[-1][still])
     assert torch.equal(xs[-1][xt != MASK], xt[xt != MASK])  # unmasked tokens never change
