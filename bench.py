@@ -20,8 +20,7 @@ import torch
 from configurator import check_choice, config_keys, configure
 from diffusion import sample
 from evaluate import git_commit
-from model import SIZES as _SIZES  # (private: a module-level dict would become a setting)
-from model import DiT, DiTConfig
+from model import SIZES, DiT, DiTConfig
 
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 size = 'small'              # DiT size on GPU ('small' | 'medium' | 'large'); CPU uses cpu_* below
@@ -42,7 +41,7 @@ train = True
 train_compile_mode = 'default'  # of (b), as distill.py's compile_mode: 'default' | 'max-autotune-no-cudagraphs'
 train_batch = 32            # micro-batch of the training-step benchmark
 sdtt_batch = 16             # sdtt runs K teacher forwards besides the student's (as the first session's table)
-K = 2
+num_distill_steps = 2       # K of the sdtt training step
 peak_flops = 989e12         # H100 SXM dense bf16
 cpu_n_layer, cpu_n_embd, cpu_n_head, cpu_seq_len, cpu_vocab = 4, 128, 4, 128, 258
 out_file = 'bench.jsonl'
@@ -53,7 +52,7 @@ dev = torch.device(device)
 cuda = dev.type == 'cuda'
 if cuda:
     torch.backends.cuda.matmul.allow_tf32 = True
-    arch = dict(_SIZES[size], cond_dim=128)
+    arch = dict(SIZES[size], cond_dim=128)
     L, V = seq_len, vocab_size
 else:  # small shapes: ratios only; the settings left at their GPU defaults switch to CPU ones, those given stay
     arch = dict(n_layer=cpu_n_layer, n_embd=cpu_n_embd, n_head=cpu_n_head, cond_dim=64)
@@ -172,8 +171,8 @@ if train:  # as distill.py runs them: noise drawn on the host, network + loss co
     # instance): start afresh, or the teacher below would fall back to eager past the recompile limit
     torch._dynamo.reset()
     from diffusion import to_device
-    from distill import _COMPILE_MODES, Objective, draw_noise, step_flops, teacher_targets, training_loss
-    check_choice('train_compile_mode', train_compile_mode, _COMPILE_MODES)  # (no CUDA graphs, as distill.py)
+    from distill import COMPILE_MODES, Objective, draw_noise, step_flops, teacher_targets, training_loss
+    check_choice('train_compile_mode', train_compile_mode, COMPILE_MODES)  # (no CUDA graphs, as distill.py)
     student = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.1, **arch)).to(dev).train()
     teacher = DiT(DiTConfig(vocab_size=V, block_size=L, dropout=0.0, **arch)).to(dev).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=cuda)
@@ -182,9 +181,9 @@ if train:  # as distill.py runs them: noise drawn on the host, network + loss co
     objectives = {o: maybe_compile(Objective(student, o, V - 1, 'kld', bf16=cuda)) for o in ('mdlm', 'sdtt')}
 
     def train_step(objective, x0, batches):
-        b = to_device(draw_noise(x0, objective, V - 1, 1e-3, 2 / 1024, K), dev)
+        b = to_device(draw_noise(x0, objective, V - 1, 1e-3, 2 / 1024, num_distill_steps), dev)
         batches.append(b)
-        training_loss(objectives[objective], b, run_t, K, V - 1, bf16=cuda).backward()
+        training_loss(objectives[objective], b, run_t, num_distill_steps, V - 1, bf16=cuda).backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -194,16 +193,16 @@ if train:  # as distill.py runs them: noise drawn on the host, network + loss co
         s = timeit(lambda: train_step(objective, x0, batches), warmup=3, reps=5)
         # MFU counts the matmul FLOPs as run (distill.step_flops: no embedding lookup, the output layers at the
         # positions that need them); mfu_6N is nanoGPT's convention (6 x all parameters, everything everywhere)
-        flops = sum(step_flops(student, teacher, b, K) for b in batches) / len(batches)
+        flops = sum(step_flops(student, teacher, b, num_distill_steps) for b in batches) / len(batches)
         flops_6n = (6 * student.num_params() + 12 * arch['n_layer'] * arch['n_embd'] * L) * B * L
-        flops_6n *= 1 + K / 3 if objective == 'sdtt' else 1
+        flops_6n *= 1 + num_distill_steps / 3 if objective == 'sdtt' else 1
         record(bench='train', objective=objective, batch=B, seq_len=L, ms=s * 1e3, tokens_per_s=B * L / s,
                masked_fraction=sum(len(b['pos']) for b in batches) / len(batches) / (B * L),
                mfu=flops / s / peak_flops if cuda else float('nan'),
                mfu_6N=flops_6n / s / peak_flops if cuda else float('nan'))
         if objective == 'sdtt':  # the parts, timed separately in the same run: the K teacher forwards as the step
             b = batches[-1]      # runs them (teacher_targets) + an mdlm step (the student's forward and backward)
-            parts = timeit(lambda: teacher_targets(run_t, b, K, V - 1, bf16=cuda))
+            parts = timeit(lambda: teacher_targets(run_t, b, num_distill_steps, V - 1, bf16=cuda))
             parts += timeit(lambda: train_step('mdlm', x0, []))
             record(bench='sdtt_parts', batch=B, ms_step=s * 1e3, ms_parts=parts * 1e3, step_over_parts=s / parts)
 

@@ -1,5 +1,6 @@
 """
-nanoGPT-style configuration: a script defines its settings as module-level globals, then calls
+nanoGPT-style configuration: a script defines its settings as lower-case module-level globals (its config block;
+UPPER_CASE names are constants), then calls
 
     from configurator import configure
     config = configure(globals())        # python distill.py config/kld_small.py --batch_size=16 --compile=False
@@ -20,7 +21,8 @@ _TYPES = (int, float, bool, str, type(None), list, tuple, dict)
 
 
 def config_keys(g):
-    return [k for k, v in g.items() if not k.startswith('_') and isinstance(v, _TYPES)]
+    """The settings among a script's globals: lower-case names of plain values (UPPER_CASE names are constants)."""
+    return [k for k, v in g.items() if not k.startswith('_') and not k.isupper() and isinstance(v, _TYPES)]
 
 
 def _check(key, value, default, source):

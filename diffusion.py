@@ -1,40 +1,59 @@
 """
-Masked diffusion (MDLM, Sahoo et al. 2024) in continuous time with the log-linear schedule:
-noise schedule, time sampling, forward masking, the SUBS parameterisation, the NELBO loss and the ancestral sampler.
+Masked diffusion (MDLM, Sahoo et al. 2024) in continuous time: the noise schedules (log-linear, cosine), time sampling, forward masking, the SUBS parameterisation, the NELBO loss and the ancestral sampler.
 
 Conventions: the MASK id is always the last vocabulary id (mask_id = V - 1); every function takes it (or V) as an
 argument, nothing assumes GPT-2's 50257. A "model" here is any callable model(ids [B, L], sigma [B]) -> logits [B, L, V].
 """
 import functools
 import inspect
+import math
 import sys
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-NOISE_EPS = 1e-3   # log-linear schedule: m(1) = 1 - 1e-3, so sigma(1) stays finite
+NOISE_EPS = 1e-3   # every schedule: m(1) = 1 - 1e-3, so sigma(1) stays finite
 SAMPLE_EPS = 1e-5  # the sampling grid ends at t = 1e-5 (MDLM and SDTT)
 CHUNK_ELEMS = 2 ** 25  # a sampler step's [positions, V] float work in chunks of this many entries (~256 MB in fp64)
 
 
 # ---------------------------------------------------------------------------------------------------- schedule
-def sigma(t, eps=NOISE_EPS):
-    """Total noise sigma(t) = -log(1 - (1 - eps) t)."""
-    return -torch.log1p(-(1 - eps) * t)
+# A noise schedule is its move chance m(t), the probability that a token is masked at time t in [0, 1], and m'(t).
+# Everything else derives from m here: sigma = -log(1 - m) (the network's input), the NELBO weight m'/m, the
+# sampler's reveal probability 1 - m(s)/m(t), the SDTT teacher's steps. A new schedule is one more entry.
+NOISE_SCHEDULES = {  # name -> (m, m') on tensors; m(1) = 1 - NOISE_EPS (MDLM)
+    'loglinear': (lambda t: (1 - NOISE_EPS) * t, lambda t: torch.full_like(t, 1 - NOISE_EPS)),  # all published models
+    # m = (1 - eps)(1 - cos(pi t / 2)), written with sin^2 to keep its precision at small t
+    'cosine': (lambda t: (1 - NOISE_EPS) * 2 * torch.sin(math.pi / 4 * t) ** 2,
+               lambda t: (1 - NOISE_EPS) * math.pi / 2 * torch.sin(math.pi / 2 * t)),
+}
 
 
-def move_chance(t, eps=NOISE_EPS):
-    """Masking probability m(t) = 1 - exp(-sigma(t)) = (1 - eps) t."""
-    return (1 - eps) * t
+def schedule_of(meta):
+    """The noise schedule of a checkpoint's meta (model.meta): its noise_schedule, log-linear if it records none."""
+    name = (meta or {}).get('noise_schedule') or 'loglinear'
+    if name not in NOISE_SCHEDULES:
+        raise ValueError(f'the model was trained with noise schedule {name!r}, which this code does not have (one of '
+                         f'{list(NOISE_SCHEDULES)}): add it to diffusion.NOISE_SCHEDULES')
+    return name
 
 
-def nelbo_weight(t, eps=NOISE_EPS):
-    """sigma'(t) / expm1(sigma(t)): the NELBO weight of a masked token. For the log-linear schedule it is exactly 1/t;
-    written in the general form so another schedule only changes sigma() (computed in float64 for small t)."""
+def move_chance(t, schedule='loglinear'):
+    """m(t), the masking probability at time t (a tensor)."""
+    return NOISE_SCHEDULES[schedule][0](t)
+
+
+def sigma(t, schedule='loglinear'):
+    """Total noise sigma(t) = -log(1 - m(t)), the network's time input."""
+    return -torch.log1p(-move_chance(t, schedule))
+
+
+def nelbo_weight(t, schedule='loglinear'):
+    """m'(t) / m(t) (= sigma'/expm1(sigma)): the NELBO weight of a masked token, 1/t for log-linear (float64 inside)."""
+    m, dm = NOISE_SCHEDULES[schedule]
     t64 = t.double()
-    dsigma = (1 - eps) / (1 - (1 - eps) * t64)
-    return (dsigma / torch.expm1(sigma(t64, eps))).to(t.dtype)
+    return (dm(t64) / m(t64)).to(t.dtype)
 
 
 def sample_t(n, device, sampling_eps=1e-3, generator=None):
@@ -65,8 +84,8 @@ def subs_log_probs(logits, xt, mask_id):
     return logp.scatter(-1, xt[..., None], torch.where(unmasked, 0.0, float('-inf')))
 
 
-def mdlm_loss(logits, x0, xt, t, mask_id, positions=None):
-    """MDLM NELBO per token: -log p_theta(x0 | xt) * sigma'(t)/expm1(sigma(t)) summed over masked positions, divided
+def mdlm_loss(logits, x0, xt, t, mask_id, positions=None, schedule='loglinear'):
+    """MDLM NELBO per token: -log p_theta(x0 | xt) * m'(t)/m(t) summed over masked positions, divided
     by the number of tokens. Unmasked positions contribute 0 (SUBS carry-over), so only the masked log-probs are
     computed: a cross-entropy over the real tokens (fp32), without materialising the full SUBS tensor.
     logits: [B, L, V], or [M, V] at positions, the flat indices of the masked positions of xt (training computes the
@@ -75,7 +94,7 @@ def mdlm_loss(logits, x0, xt, t, mask_id, positions=None):
         positions = (xt == mask_id).flatten().nonzero().squeeze(1)
         logits = logits.flatten(0, 1)[positions]
     nll = F.cross_entropy(logits[:, :mask_id].float(), x0.flatten()[positions], reduction='none')
-    return (nll * nelbo_weight(t)[positions // x0.shape[1]]).sum() / x0.numel()
+    return (nll * nelbo_weight(t, schedule)[positions // x0.shape[1]]).sum() / x0.numel()
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -87,12 +106,9 @@ def to_device(v, device):
 
 
 def draw_categorical(logits, u, chunk_elems=CHUNK_ELEMS, finite=None):
-    """Draw one index per row of logits [N, V] from softmax(logits), by inverse CDF in float64 with uniforms u [N]
-    (float64). Float64 matters: float32 Gumbel/exponential noise truncates low-probability tokens, which lowers the
-    entropy of samples and flatters gen-PPL (Zheng et al. 2024). Rows go in chunks of ~chunk_elems entries, so a step
-    that reveals many positions (few steps, big batch) stays within a few hundred MB.
-    finite: a bool device tensor [] that is and-ed with "every row's logits gave a distribution"; a NaN/inf row draws
-    the last index, and checking this flag once at the end (check_finite) turns that into an error without a sync."""
+    """One index per row of logits [N, V] drawn from softmax(logits) by inverse CDF in float64 with uniforms u [N]
+    (float32 noise starves rare tokens and flatters gen-PPL: Zheng et al. 2024), in chunks of ~chunk_elems entries.
+    finite: a device bool and-ed with "every row gave a distribution" (check_finite tests it once, at the end)."""
     N, V = logits.shape
     out = torch.empty(N, dtype=torch.long, device=logits.device)
     rows = max(1, chunk_elems // V)
@@ -184,30 +200,19 @@ def takes_positions(model):
 @torch.no_grad()
 def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_bos=True, project_fn=None, cache=False,
            eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None, head_only=None,
-           final_step='argmax'):
-    """Ancestral ("DDPM") sampling of masked diffusion (SPEC §4), starting from prior() (all-MASK, BOS first), with
-    project_fn(x) applied to the prior and after every step, e.g. to write a prompt.
-    One step from t to s: a masked position stays masked with probability m(s)/m(t), otherwise takes a token drawn
-    in float64 from the SUBS distribution p_theta(x0 | xt). Positions never change once unmasked. After the last step,
-    positions still masked (rare: probability ~1e-5 each) get the argmax of one more forward pass (final_step='argmax',
-    MDLM/SDTT), or a float64 draw from it (final_step='draw': DUO's noise_removal 'ancestral').
-    cache=True (MDLM's ddpm_cache, per sequence and one step ahead): a step's prediction is used only where it
-    reveals a token, and the host knows where before the forward; so only the sequences that this step changes are
-    run (steps that change nothing in a sequence cost it nothing). Nothing is reused, so it is exact for
-    time-conditioned models too, and it draws the same random numbers as cache=False: the same tokens up to floating
-    point (a forward of a subset of the batch can differ from the full-batch forward in the last bits, which flips a
-    draw only if its uniform falls that close to a CDF boundary). nfe then counts the forwards actually run.
-    Random numbers come from generator, a CPU torch.Generator (default: seeded with seed): the host decides the
-    reveals, so a step needs no host-device sync, and a seed gives the same reveals on every device. project_fn must
-    only write positions that it sets from the prior on (a prompt), as the host tracks which positions are masked.
-    step_fn(x, logits, t, s, u, mask_id) -> new x: another update rule in place of the ancestral one (e.g. the
-    analytic sampler of sample.py); u [B, L] are float64 uniforms, one per position (the host learns the new state:
-    a sync per step).
-    head_only (default: when the model takes positions, see takes_positions, and step_fn is not used): for the same
-    reason the output layer (a V x d matmul and a [B, L, V] write: ~27% of a DiT-small forward's FLOPs) runs at the
-    ~B L / num_steps positions the step reveals only. The same tokens up to floating point. Pass head_only=False for
-    CUDA graphs (compile mode reduce-overhead): the number of positions changes every step.
-    Returns (tokens [n_samples, seq_len] int64, nfe) with nfe the mean number of forward passes per sequence."""
+           final_step='argmax', schedule=None):
+    """Ancestral sampling (SPEC §4) from prior() (all MASK, BOS first); project_fn(x) (a prompt) is applied to the
+    prior and after every step. A step from t to s keeps a masked position masked w.p. m(s)/m(t) (schedule: default
+    the model's, schedule_of(model.meta)), else draws its token in float64 from SUBS; unmasked tokens never change.
+    Positions still masked at the end get the argmax of one more forward (final_step='argmax', MDLM/SDTT) or a
+    float64 draw from it ('draw': DUO's noise_removal 'ancestral'). The host draws every random number
+    (generator: a CPU torch.Generator, default seeded with seed), so it knows the reveals before the forward: no
+    sync per step, and the same reveals on every device.
+    cache=True (MDLM's ddpm_cache, per sequence): only the sequences a step changes are run; the same random numbers,
+    so the same tokens up to floating point (nfe counts the forwards run). head_only (default: when the model takes
+    positions): the output layer only at the revealed positions; pass False for CUDA graphs.
+    step_fn(x, logits, t, s, u, mask_id, schedule) -> new x replaces the ancestral update (u: float64 uniforms [B, L];
+    a sync per step). Returns (tokens [n_samples, seq_len] int64, nfe: forwards per sequence)."""
     if mask_id is None:
         vocab = getattr(getattr(model, 'config', None), 'vocab_size', None)
         if vocab is None:
@@ -229,15 +234,14 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
                          'not a step_fn')
     if head_only is None:
         head_only = step_fn is None and takes_positions(model)
+    schedule = schedule or schedule_of(getattr(model, 'meta', None))
 
     def forward(x, t, *positions):
         with autocast:
-            return model(x, sigma(torch.full((x.shape[0],), t, device=device)), *positions)
+            return model(x, sigma(torch.full((x.shape[0],), t, device=device), schedule), *positions)
 
     x = prior(model, n_samples, seq_len, mask_id, bos_id, add_bos, project_fn, device)
-    # Which positions a step reveals depends on m(s)/m(t) only, not on the model: the host draws it, and the uniforms,
-    # and keeps track of what is still masked. So a step never waits for the GPU (the host knows how many tokens to
-    # draw and which sequences changed); the only sync is this one, before the loop (a step_fn syncs every step).
+    # the reveals depend on m(s)/m(t) only: the host tracks what is masked, and this is the only sync (step_fn aside)
     masked = (x == mask_id).cpu()
     finite = torch.ones((), dtype=torch.bool, device=device)  # all logits finite so far (checked once, at the end)
     ts, dt = sampling_grid(num_steps, eps)
@@ -254,11 +258,12 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
         if step_fn is not None:  # decides on the device: the host learns the new state with one sync
             logits = forward(x, t)
             finite &= gives_distribution(logits[..., :mask_id])
-            x_new = step_fn(x, logits, t, s, to_device(u_token, device), mask_id)
+            x_new = step_fn(x, logits, t, s, to_device(u_token, device), mask_id, schedule)
             n_forward += n_samples
             masked = (x_new == mask_id).cpu()
         else:
-            reveal = masked & (u_reveal >= move_chance(s) / move_chance(t))  # P(reveal) = 1 - m(s)/m(t)
+            m_t, m_s = move_chance(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
+            reveal = masked & (u_reveal >= m_s / m_t)  # P(reveal) = 1 - m(s)/m(t)
             b, l = reveal.nonzero(as_tuple=True)  # about L/num_steps per sequence get a float64 draw
             flat = to_device(b * seq_len + l, device)  # flat indices into the B * L positions
             xs, at = x, flat  # the sequences run and the revealed positions among them

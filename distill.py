@@ -2,18 +2,16 @@
 Training for the three objectives of the project, one nanoGPT-style script:
   sdtt  self-distillation through time (SPEC §5): the student matches in one step K ancestral steps of a frozen teacher
   mdlm  masked-diffusion pretraining from scratch with the MDLM NELBO (the teachers)
-  ar    the autoregressive baseline of MDLM/SDTT (model.py, causal=True: plain pre-LN blocks) with next-token loss
+  ar    the autoregressive baseline: the same network with causal attention and next-token loss
 
     python distill.py config/tiny_mdlm.py                                 # CPU, minutes
     torchrun --standalone --nproc_per_node=8 distill.py config/kld_small.py
     python distill.py config/kld_small.py --init_from=resume              # continue out_dir/ckpt.pt exactly
 
-Writes to out_dir: ckpt.pt (latest state, atomic), log.jsonl (one JSON line per log/eval step and, for sdtt, one
-round_done line per round end) and, for sdtt, one
-directory per finished round, round_{r}_steps_{n}/ (EMA weights, save_pretrained layout: the student after r rounds,
-meant to sample with n steps; load_pretrained and sample.py read it).
-Every random draw of a step is seeded from (seed, step, micro-batch index), and the batch of a step is a pure function
-of (seed, step): resuming, or changing the number of GPUs at a fixed global batch, sees the same data and noise.
+Writes to out_dir: ckpt.pt (latest state, atomic), log.jsonl (a JSON line per log/eval step and round end) and, for
+sdtt, round_{r}_steps_{n}/ per round (the EMA student after r rounds, to sample with n steps; save_pretrained layout).
+A step's batch and random draws are functions of (seed, step, micro-batch): a resumed run, or another number of GPUs
+at the same global batch, sees the same data and noise.
 """
 import copy
 import json
@@ -22,20 +20,24 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 from functools import lru_cache
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import check_choice, check_sizes, config_keys, configure
-from diffusion import SAMPLE_EPS as _T_MIN  # private: a module-level number would become a config key
-from diffusion import draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, sigma, to_device
+from diffusion import (NOISE_SCHEDULES, SAMPLE_EPS, draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, schedule_of, sigma,
+                       to_device)
 from fileio import RunLocked, WriteFailed, read_jsonl, release_lock, run_lock, write_failed
 from model import (DiT, DiTConfig, check_device, default_meta, is_ar_state_dict, load_pretrained, load_state_dict_strict,
-                   save_pretrained, strip_prefix, write_atomic)
+                   save_pretrained,
+                   strip_prefix, write_atomic)
 from prepare_data import load_meta, open_split
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -50,6 +52,7 @@ init_revision = None        # hub revision of init_from (e.g. 'teacher_1M_sm' of
 n_layer, n_head, n_embd, cond_dim, block_size = 12, 12, 768, 128, 1024
 dropout = 0.1
 time_conditioning = False
+noise_schedule = 'loglinear' # a name of diffusion.NOISE_SCHEDULES ('loglinear' | 'cosine'); a loaded model keeps its own
 # optimisation (SPEC §3 / §5 reference defaults)
 batch_size = 16             # micro-batch per process
 global_batch_size = 128     # sequences per optimiser step, over all processes and accumulation steps
@@ -61,7 +64,7 @@ ema_decay = 0.9999          # EMA of the weights, warm-up min(decay, (1+n)/(10+n
 sampling_eps = None         # lowest training t; None: 1e-5 for sdtt (SDTT), 1e-3 for mdlm (MDLM)
 # SDTT
 num_distill_steps = 2       # K: teacher steps the student learns to take in one
-divergence = 'kld'          # a name of _DIVERGENCES: 'kld' (reverse KL) | 'kl_fwd' | 'mse' | 'tvd' (reference: L1 of
+divergence = 'kld'          # a name of DIVERGENCES: 'kld' (reverse KL) | 'kl_fwd' | 'mse' | 'tvd' (reference: L1 of
                             # log-probs) | 'tvd_true'
 reference_time_grid = False # True: the reference's buggy teacher times t*space + (1 - t)*t_end (SPEC §5)
 teacher_num_steps = 1024    # sampling steps of the original teacher; round r: dt = (1 - 1e-5)/teacher_num_steps * K^r
@@ -83,19 +86,21 @@ compile_mode = 'default'    # or 'max-autotune-no-cudagraphs' (tunes the matmuls
                             # the teacher's output is written in place (teacher_targets)
 peak_flops = 989e12         # per device, for MFU (H100 SXM dense bf16)
 _DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
-_COMPILE_MODES = ('default', 'max-autotune-no-cudagraphs')  # (bench.py's training steps take the same)
+OBJECTIVES = {'sdtt': 'val_distill_loss', 'mdlm': 'val_nelbo', 'ar': 'val_loss'}  # name -> its validation loss's key
+COMPILE_MODES = ('default', 'max-autotune-no-cudagraphs')  # (bench.py's training steps take the same)
+# what a loaded model keeps (setting one to another value is an error), and the settings that do not change what a
+# run computes: a resumed run with any other setting changed warns that it is no exact continuation
+KEPT = ('n_layer', 'n_head', 'n_embd', 'cond_dim', 'block_size', 'time_conditioning', 'noise_schedule')
+FREE_ON_RESUME = KEPT + ('init_from', 'init_revision', 'out_dir', 'max_iters', 'log_interval', 'eval_interval',
+                         'eval_iters', 'ckpt_interval', 'wandb_log', 'wandb_project', 'wandb_run_name', 'device',
+                         'compile', 'compile_mode', 'peak_flops')
 
 
 # ----------------------------------------------------------------------------------------------------------- losses
-# A micro-batch goes through three stages:
-#   draw_noise (host): every random number of the loss except dropout and the teacher's token draws, so the host
-#       knows how many positions are masked and revealed: the step never waits for the GPU to report a count;
-#   teacher_targets (device, sdtt only): the teacher's K steps from x_t, its logits at the masked positions;
-#   Objective (device, compiled as one graph with the network): the network at the masked positions and the loss.
+# A micro-batch: draw_noise (host: its random numbers), teacher_targets (sdtt), Objective (the network and loss).
 def real_log_probs(logits, mask_id):
-    """log p(x0 | xt) over the real tokens (the mask column, always the last, has probability 0), fp32 [..., V-1].
-    At masked positions this IS the SUBS distribution; the divergences only look at those, and without the -inf
-    mask column and the one-hot carry-over nothing in them can be inf - inf."""
+    """log p(x0 | xt) over the real tokens, fp32 [..., V-1]: SUBS at the masked positions, the only ones the
+    divergences see (without SUBS's -inf mask column and carry-over, nothing there can be inf - inf)."""
     return F.log_softmax(logits[..., :mask_id].float(), dim=-1)
 
 
@@ -109,23 +114,19 @@ def teacher_times(t, dt, K, reference_grid=False):
         ts = t * space + (1 - t) * (t - K * dt)
     else:
         ts = t - dt * torch.arange(K, dtype=t.dtype, device=t.device)[:, None]
-    return ts.clamp(min=_T_MIN)
+    return ts.clamp(min=SAMPLE_EPS)
 
 
-def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_grid=False):
-    """The random draws of one micro-batch x0 [B, L] (a CPU tensor; the default CPU generator, seeded by the caller),
-    as a dict of CPU tensors:
-      x0; xt [B, L] = q(x_t | x0) at stratified t [B]; pos [M]: flat indices of the positions masked in xt, the only
-      ones with a loss (unmasked positions carry over under SUBS);
-      sdtt: teacher_t [K, B] the teacher's step times; reveal_k [R_k]: the rows of pos revealed by step k < K-1 (a
-      still-masked position is revealed by a step from t_k to s w.p. 1 - m(s)/m(t_k)) and u_k [R_k] their float64
-      uniforms for the token draw.
-    ar draws nothing."""
+def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_grid=False, schedule='loglinear'):
+    """Every random draw of one micro-batch x0 [B, L], on the host (the caller seeds the CPU generator): x0, t [B], xt,
+    pos [M] (flat indices of the positions masked in xt: the only ones with a loss); sdtt: teacher_t [K, B], and for
+    each teacher step k < K-1 reveal_k (the rows of pos it reveals, w.p. 1 - m(s)/m(t_k)) and u_k (their float64
+    uniforms). The host thus knows every size: the step never waits for the GPU. ar draws nothing."""
     if objective == 'ar':
         return dict(x0=x0)
     B, L = x0.shape
     t = sample_t(B, 'cpu', sampling_eps)
-    xt = q_xt(x0, move_chance(t), mask_id)
+    xt = q_xt(x0, move_chance(t, schedule), mask_id)
     pos = (xt == mask_id).flatten().nonzero().squeeze(1)
     b = dict(x0=x0, xt=xt, t=t, pos=pos)
     if objective == 'sdtt':
@@ -133,7 +134,7 @@ def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_gri
         row = pos // L  # sequence of each masked position
         pending = torch.ones(len(pos), dtype=torch.bool)
         for k in range(K - 1):  # the last step's draw changes no target: skipped
-            keep = move_chance((times[k] - dt).clamp(min=0)) / move_chance(times[k])  # s <= 0 reveals all
+            keep = move_chance((times[k] - dt).clamp(min=0), schedule) / move_chance(times[k], schedule)  # s <= 0: all
             reveal = pending & (torch.rand(len(pos), dtype=torch.float64) >= keep[row])
             pending &= ~reveal
             b[f'reveal_{k}'] = reveal.nonzero().squeeze(1)
@@ -143,20 +144,17 @@ def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_gri
 
 
 @torch.no_grad()
-def teacher_targets(teacher, b, K, mask_id, bf16=False):
-    """SDTT soft targets (SPEC §5) as the teacher's logits [M, V] at the positions masked in x_t (the student's loss
-    takes their fp32 log-softmax inside its compiled graph: no fp32 [M, V] tensor is written here). The teacher takes
-    K ancestral steps of size dt from x_t, drawing each next state from its own prediction (float64 draws, only at
-    the positions draw_noise revealed). A position revealed at step k gets the teacher's full distribution of step
-    k; positions not revealed before the last step get the last step's. So before the last step the teacher's output
-    layer runs only at the rows that step reveals (a few: about M dt/t), which are then written into the last
-    step's logits."""
+def teacher_targets(teacher, b, K, mask_id, bf16=False, schedule='loglinear'):
+    """SDTT soft targets (SPEC §5): the teacher's logits [M, V] at the positions masked in x_t after K ancestral steps
+    of size dt, each drawing its reveals from the teacher's own prediction (float64). A position revealed at step k
+    gets step k's distribution, the others the last step's: before the last step the output layer runs only at the
+    rows that step reveals (about M dt/t)."""
     x, pos, kept = b['xt'], b['pos'], []
     for k in range(K):
         at = pos if k == K - 1 else pos[b[f'reveal_{k}']]
         torch._dynamo.maybe_mark_dynamic(at, 0)  # M or R_k: one compiled teacher for both sizes
         with torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else nullcontext():
-            logits = teacher(x, sigma(b['teacher_t'][k]), at)
+            logits = teacher(x, sigma(b['teacher_t'][k], schedule), at)
         if k < K - 1:
             kept.append((b[f'reveal_{k}'], logits))
             x = x.flatten().index_put((at,), draw_categorical(logits[:, :mask_id], b[f'u_{k}'])).view_as(x)
@@ -167,7 +165,7 @@ def teacher_targets(teacher, b, K, mask_id, bf16=False):
 
 # the SDTT divergences: name -> per-position divergence of student ls and teacher lt log-probs [M, V-1] (fp32).
 # Names and semantics of the SDTT reference (SPEC §5) plus a true TVD; a new one is one more line here.
-_DIVERGENCES = {  # (private: a module-level dict would become a setting)
+DIVERGENCES = {
     'kld': lambda ls, lt: (ls.exp() * (ls - lt)).sum(-1),          # reverse KL(student || teacher): the paper's best
     'kl_fwd': lambda ls, lt: (lt.exp() * (lt - ls)).sum(-1),       # KL(teacher || student)
     # squared error of LOG-probs, / V as the reference's mean (MASK's column adds nothing)
@@ -178,42 +176,42 @@ _DIVERGENCES = {  # (private: a module-level dict would become a setting)
 
 
 def sdtt_divergence(ls, lt, name):
-    """_DIVERGENCES[name] of student ls and teacher lt log-probs [M, V-1] (fp32), averaged over the M positions."""
-    if name not in _DIVERGENCES:
-        raise ValueError(f'divergence must be one of {list(_DIVERGENCES)}, got {name!r}')
-    d = _DIVERGENCES[name](ls, lt)
+    """DIVERGENCES[name] of student ls and teacher lt log-probs [M, V-1] (fp32), averaged over the M positions."""
+    if name not in DIVERGENCES:
+        raise ValueError(f'divergence must be one of {list(DIVERGENCES)}, got {name!r}')
+    d = DIVERGENCES[name](ls, lt)
     return d.sum() / max(d.shape[0], 1)  # a micro-batch with nothing masked: 0, not NaN
 
 
 class Objective(torch.nn.Module):
-    """The network and its training loss as one module, so that torch.compile fuses the loss's fp32 vocabulary-wide
-    work (log-softmax, divergence and their backward) with the output layer instead of materialising fp32 copies of
-    [M, V], and DDP wraps both. The network runs its output layer at the masked positions only."""
-    def __init__(self, net, objective, mask_id, divergence='kld', bf16=False):
+    """The network and its loss as one module: torch.compile fuses the fp32 vocabulary-wide work (log-softmax,
+    divergence, backward) with the output layer, which runs at the masked positions only; DDP wraps both."""
+    def __init__(self, net, objective, mask_id, divergence='kld', bf16=False, schedule='loglinear'):
         super().__init__()
         self.net, self.objective, self.mask_id, self.divergence, self.bf16 = net, objective, mask_id, divergence, bf16
+        self.schedule = schedule
 
     def forward(self, x0, xt=None, t=None, pos=None, target=None):
         """ar: next-token loss of x0. mdlm: NELBO of x0 from xt (mdlm_loss). sdtt: divergence from the teacher, whose
         logits at pos are target [M, V]."""
         with torch.autocast('cuda', dtype=torch.bfloat16) if self.bf16 else nullcontext():
-            logits = self.net(x0[:, :-1]) if self.objective == 'ar' else self.net(xt, sigma(t), pos)
+            logits = self.net(x0[:, :-1]) if self.objective == 'ar' else self.net(xt, sigma(t, self.schedule), pos)
         if self.objective == 'ar':
             return F.cross_entropy(logits[..., :self.mask_id].float().flatten(0, 1), x0[:, 1:].flatten())
         if self.objective == 'mdlm':
-            return mdlm_loss(logits, x0, xt, t, self.mask_id, positions=pos)
+            return mdlm_loss(logits, x0, xt, t, self.mask_id, positions=pos, schedule=self.schedule)
         return sdtt_divergence(real_log_probs(logits, self.mask_id), real_log_probs(target, self.mask_id),
                                self.divergence)
 
 
-def training_loss(objective_fn, b, teacher=None, K=2, mask_id=None, bf16=False):
+def training_loss(objective_fn, b, teacher=None, K=2, mask_id=None, bf16=False, schedule='loglinear'):
     """The loss of one micro-batch b (draw_noise's tensors, on the device)."""
     if 'xt' not in b:  # ar
         return objective_fn(b['x0'])
     # M, the number of masked positions, changes every micro-batch: compile for a dynamic size from the start (DDP's
     # graph splitting in some torch versions would otherwise recompile for every new M)
     torch._dynamo.maybe_mark_dynamic(b['pos'], 0)
-    target = teacher_targets(teacher, b, K, mask_id, bf16) if 'teacher_t' in b else None
+    target = teacher_targets(teacher, b, K, mask_id, bf16, schedule) if 'teacher_t' in b else None
     if target is not None:
         torch._dynamo.maybe_mark_dynamic(target, 0)
     return objective_fn(b['x0'], b['xt'], b['t'], b['pos'], target)
@@ -254,11 +252,32 @@ def get_batch(data, first, count, seed, seq_len):
     return torch.from_numpy(data[rows, :seq_len].astype(np.int64))
 
 
+def count_rounds(n, K, lowest):
+    """The number of SDTT rounds from a teacher sampling with n steps: round r's student samples with n / K^r steps,
+    and rounds go on while that is >= lowest. A step count K^r does not divide is an error that says what works."""
+    R = 0
+    while n >= lowest * K ** (R + 1):
+        R += 1
+    if R == 0:
+        raise ValueError(f'teacher_num_steps={n} / num_distill_steps={K}: the first student would sample with {n / K:g} '
+                         f'< min_num_sampling_steps={lowest} steps, so there is no round to run; raise '
+                         'teacher_num_steps or lower min_num_sampling_steps')
+    if n % K ** R:
+        D = max(d for d in range(R) if n % K ** d == 0)  # the rounds that divide
+        lo = n // K ** R * K ** R
+        raise ValueError(f'teacher_num_steps={n} with num_distill_steps={K}: the student of round {D + 1} would sample '
+                         f'with {n / K ** (D + 1):.4g} steps; the {R} round(s) down to min_num_sampling_steps={lowest} '
+                         f'need teacher_num_steps divisible by {K}^{R} = {K ** R} (e.g. '
+                         + ', '.join(str(v) for v in (lo, lo + K ** R) if v) + ')'
+                         + (f', or min_num_sampling_steps={n // K ** D} to stop after round {D}' if D else ''))
+    return R
+
+
 # ------------------------------------------------------------------------------------------------------- checkpoints
 # what MDLM Lightning checkpoints pickle besides tensors (their hyper-parameters: an OmegaConf config, a tokenizer)
-_MDLM_GLOBALS = ('omegaconf.', 'transformers.models.', 'tokenizers.', 'pytorch_lightning.', 'lightning.',
-                 'lightning_fabric.', 'typing.Any', 'collections.defaultdict', 'numpy.core.multiarray._reconstruct',
-                 'numpy._core.multiarray._reconstruct', 'numpy.ndarray', 'numpy.dtype')
+MDLM_GLOBALS = ('omegaconf.', 'transformers.models.', 'tokenizers.', 'pytorch_lightning.', 'lightning.',
+                'lightning_fabric.', 'typing.Any', 'collections.defaultdict', 'numpy.core.multiarray._reconstruct',
+                'numpy._core.multiarray._reconstruct', 'numpy.ndarray', 'numpy.dtype')
 
 
 def refused_checkpoint(path, e):
@@ -270,7 +289,7 @@ def refused_checkpoint(path, e):
         return f'{path} is not a torch checkpoint ({str(e2).splitlines()[0] if str(e2) else type(e2).__name__})'
     if not names:
         return f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
-    other = [n for n in names if not n.startswith(_MDLM_GLOBALS)]
+    other = [n for n in names if not n.startswith(MDLM_GLOBALS)]
     if other:
         return (f'{path} pickles {", ".join(other[:5])}, which no MDLM Lightning checkpoint holds: loading it would '
                 'run that code, so it is refused. Do not load it with weights_only=False; get the weights from a '
@@ -333,76 +352,55 @@ def append_log(path, record, keep_upto=None):
             raise write_failed(path, e, kept='the lines before are intact') from e
 
 
-# ----------------------------------------------------------------------------------------------------------- training
-def main(argv=None):
-    globals().update(_DEFAULTS)  # main() may run several times in one process (tests)
-    config = configure(globals(), argv)
-    check_choice('objective', objective, ('sdtt', 'mdlm', 'ar'))
-    check_choice('divergence', divergence, tuple(_DIVERGENCES))
+# ----------------------------------------------------------------------------------------------------------- setup
+# (these read the settings as module globals, as main() leaves them)
+def check_settings(config):
+    """Bad settings fail before anything is loaded or written. Returns the lowest training t and the number of rounds."""
+    check_choice('objective', objective, tuple(OBJECTIVES))
+    check_choice('divergence', divergence, tuple(DIVERGENCES))
     if not init_from:
         raise ValueError("init_from is empty: set it to 'scratch', 'resume' or the teacher (hub id, dir, ckpt.pt, .ckpt)")
     check_choice('dtype', dtype, ('bfloat16', 'float32'))  # (bfloat16: autocast on CUDA)
-    check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=1,
-                teacher_num_steps=1, max_iters=0, eval_iters=0, eval_interval=0, ckpt_interval=0,  # (0: off)
-                n_layer=1, n_head=1, n_embd=1, cond_dim=1, block_size=1)
+    check_choice('noise_schedule', noise_schedule, tuple(NOISE_SCHEDULES))
+    check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=2,
+                teacher_num_steps=1, min_num_sampling_steps=1, max_iters=0, eval_iters=0, eval_interval=0,
+                ckpt_interval=0, n_layer=1, n_head=1, n_embd=1, cond_dim=1, block_size=1)  # (intervals 0: off)
     check_sizes(config, learning_rate=0, weight_decay=0, warmup_iters=0, grad_clip=0, ema_decay=0, beta1=0, beta2=0)
     if beta1 >= 1 or beta2 >= 1 or ema_decay > 1:  # (torch's message from inside AdamW, or an EMA that runs away)
         raise ValueError(f'beta1={beta1}, beta2={beta2}, ema_decay={ema_decay}: the betas must be in [0, 1), ema_decay '
                          'in [0, 1]')
     check_device(device)
-    check_choice('compile_mode', compile_mode, _COMPILE_MODES)
+    check_choice('compile_mode', compile_mode, COMPILE_MODES)
     eps = sampling_eps if sampling_eps is not None else (1e-5 if objective == 'sdtt' else 1e-3)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise ValueError(f'sampling_eps={sampling_eps!r}: the lowest training t must be a number in (0, 1) (MDLM 1e-3, '
                          'SDTT 1e-5), or None for those defaults')
-    K = num_distill_steps
+    return eps, count_rounds(teacher_num_steps, num_distill_steps, min_num_sampling_steps) if objective == 'sdtt' else 0
 
-    def student_steps(r):  # sampling steps of the student trained in round r (0-based; its file is round_{r+1}_...)
-        return round(teacher_num_steps / K ** (r + 1))
-    rounds_over = lambda r: objective == 'sdtt' and student_steps(r) < min_num_sampling_steps  # (after the last round)
-    if rounds_over(0):
-        raise ValueError(f'teacher_num_steps={teacher_num_steps} / num_distill_steps={K}: the first student would sample '
-                         f'with {student_steps(0)} < min_num_sampling_steps={min_num_sampling_steps} steps, so there '
-                         'is no round to run; raise teacher_num_steps or lower min_num_sampling_steps')
 
-    # ---- processes: torchrun sets RANK/WORLD_SIZE; one process otherwise
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    if ddp:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # the communication threads started here inherit this thread's signal mask: with Ctrl-C/SIGTERM blocked in
-        # them, the kernel delivers those to the main thread, whose handler stops the run cleanly (delivered to a gloo
-        # thread, a SIGTERM to one rank aborted it: 'terminate called without an active exception', 3 runs in 32)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        dev = torch.device(f'cuda:{int(os.environ["LOCAL_RANK"])}' if device.startswith('cuda') else device)
-        if dev.type == 'cuda':
-            torch.cuda.set_device(dev)
-    else:
-        rank, world, dev = 0, 1, torch.device(device)
-    master = rank == 0
-    if global_batch_size % (world * batch_size):
-        raise ValueError(f'global_batch_size={global_batch_size} is not divisible by world size {world} x '
-                         f'batch_size {batch_size}: change batch_size or global_batch_size')
-    grad_accum = global_batch_size // (world * batch_size)
-    torch.manual_seed(seed)
-    bf16 = dev.type == 'cuda' and dtype == 'bfloat16'
+def start_processes():
+    """(ddp, rank, world size, device): torchrun sets RANK/WORLD_SIZE; one process otherwise."""
+    if int(os.environ.get('RANK', -1)) == -1:
+        return False, 0, 1, torch.device(device)
+    # the communication threads started here inherit this thread's signal mask: with Ctrl-C/SIGTERM blocked in them,
+    # the kernel delivers those to the main thread, whose handler stops the run cleanly (delivered to a gloo thread, a
+    # SIGTERM to one rank aborted it: 'terminate called without an active exception', 3 runs in 32)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    dev = torch.device(f'cuda:{int(os.environ["LOCAL_RANK"])}' if device.startswith('cuda') else device)
     if dev.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(dev)
+    return True, dist.get_rank(), dist.get_world_size(), dev
 
-    # ---- data
-    meta = load_meta(data_dir)
-    train_data, val_data = open_split(data_dir, 'train'), open_split(data_dir, 'val')
-    mask_id = meta['mask_id']
 
-    # ---- models: the student (or the mdlm/ar model), its EMA copy, and for sdtt the frozen teacher
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+def load_models(config, meta, ckpt_path, master):
+    """The network to train (a run's ckpt.pt to resume, a new one, or trained weights: the teacher of sdtt) and the
+    ckpt dict when resuming. A loaded network keeps its architecture and noise schedule; config records them."""
     if init_from == 'resume' and not os.path.exists(ckpt_path):
         raise FileNotFoundError(f'init_from=resume: no {ckpt_path} (start a run first, or fix out_dir)')
     if master:  # one run per out_dir: only rank 0 writes, so only it takes the lock (a second torchrun's rank 0 fails)
-        run_lock(out_dir)
+        run_lock(out_dir)  # (released at the end of main, or when the process ends)
     ckpt = source = None
     if init_from == 'resume':
         # mmap: the processes of a node share the file's pages instead of each reading its own copy (the large model's
@@ -415,10 +413,7 @@ def main(argv=None):
         if ckpt['config'].get('objective') != objective:
             raise ValueError(f"{ckpt_path} is a run of objective={ckpt['config'].get('objective')!r}, not {objective!r}: "
                              f"resume it with its own config, or start {objective} in another out_dir")
-        changed = [k for k in ('seed', 'global_batch_size', 'data_dir', 'num_distill_steps', 'divergence',
-                               'teacher_num_steps', 'round_every', 'dropout', 'sampling_eps', 'reference_time_grid',
-                               'teacher_from_ema', 'reset_optimizer_each_round', 'min_num_sampling_steps')
-                   if ckpt['config'].get(k) != config[k]]
+        changed = [k for k in config if k not in FREE_ON_RESUME and ckpt['config'].get(k) != config[k]]
         was = {k: ckpt.get('meta', {}).get(k) for k in ('row_len', 'n_train_rows')}  # (None: an older checkpoint)
         changed += [f'{data_dir} re-prepared: {k} {meta.get(k)} (the run: {v})' for k, v in was.items()
                     if v is not None and v != meta.get(k)]
@@ -446,226 +441,274 @@ def main(argv=None):
             print(f'warning: {init_from} was distilled to sample with {steps} steps (its meta), teacher_num_steps='
                   f'{teacher_num_steps}: round 1 starts at dt = 1/{teacher_num_steps} (--teacher_num_steps={steps} goes '
                   'on from where it stopped)')
-    # a loaded or resumed model keeps its architecture: a setting moved from its default to another value would be
-    # ignored without a word; the config saved with the run then records the network it trains
-    arch = ('n_layer', 'n_head', 'n_embd', 'cond_dim', 'block_size', 'time_conditioning')
-    ignored = [f'{k}={config[k]!r} (the model: {getattr(model.config, k)!r})' for k in arch
-               if config[k] != _DEFAULTS[k] and config[k] != getattr(model.config, k)]
+    # a setting moved from its default to another value would be ignored without a word: an error
+    trained = {k: getattr(model.config, k, None) for k in KEPT}
+    trained['noise_schedule'] = schedule_of(ckpt['meta'] if ckpt else source.meta if source else config)
+    ignored = [f'{k}={config[k]!r} (the model: {v!r})' for k, v in trained.items()
+               if config[k] != _DEFAULTS[k] and config[k] != v]
     if ignored:
         raise ValueError(f'init_from={init_from!r}: a loaded model keeps its own architecture, but {", ".join(ignored)} '
                          'asks for another: leave these settings at their defaults, or start from scratch')
-    config.update({k: getattr(model.config, k) for k in arch})
+    config.update(trained)
     if model.config.vocab_size != meta['vocab_size']:
         raise ValueError(f'{data_dir} is tokenized with {meta.get("tokenizer")} (vocabulary {meta["vocab_size"]}), the '
                          f'model has vocabulary {model.config.vocab_size}: prepare the data with the model tokenizer')
     if model.config.causal != (objective == 'ar'):
         raise ValueError(f'objective={objective} needs a {"causal" if objective == "ar" else "bidirectional"} model')
-    model.to(dev)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    teacher = None
+    return model, ckpt
+
+
+def build_run(model, ckpt, ckpt_path, schedule, dev, master):
+    """The state of a run: the student (or mdlm/ar model), its EMA, for sdtt the frozen teacher (not a submodule of the
+    student: no grads, EMA or optimiser state), AdamW, counters; from ckpt when resuming."""
+    run = SimpleNamespace(model=model.to(dev), step=0, round=0, ema_updates=0, schedule=schedule,
+                          finite=torch.ones((), dtype=torch.bool, device=dev))  # (finite: no NaN since the last check)
+    run.ema = copy.deepcopy(model).requires_grad_(False).eval()
+    run.teacher = copy.deepcopy(model).requires_grad_(False).eval() if objective == 'sdtt' else None
+    run.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
+                                      weight_decay=weight_decay, fused=dev.type == 'cuda')
+    if not ckpt:
+        return run
+    if run.teacher is not None:
+        run.teacher.load_state_dict(ckpt['teacher'])
+    run.ema.load_state_dict(ckpt['ema'])
+    run.optimizer.load_state_dict(ckpt['optimizer'])
+    for g in run.optimizer.param_groups:  # load_state_dict brought back the saved values: the config's apply
+        g.update(weight_decay=weight_decay, betas=(beta1, beta2))
+    run.step, run.round, run.ema_updates = ckpt['step'], ckpt['round'], ckpt['ema_updates']
+    torch.set_rng_state(ckpt['rng']['torch'])  # (device generators: reseeded by every micro-batch, not saved)
+    if master:
+        print(f'resumed {ckpt_path} at step {run.step}, round {run.round}')
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------- plumbing
+def dt_of(r):
+    """The teacher's step size in round r: K teacher steps of round r are one student step."""
+    return (1 - SAMPLE_EPS) / teacher_num_steps * num_distill_steps ** r
+
+
+def run_meta(run, meta):
+    """The meta of the run's checkpoints and round directories: tokenizer, objective, schedule, and for sdtt the round
+    and the steps its student samples with."""
+    m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id', 'row_len', 'n_train_rows')}
+    m.update(objective=objective, step=run.step, noise_schedule=run.schedule)
     if objective == 'sdtt':
-        teacher = DiT(model.config)
-        teacher.load_state_dict(ckpt['teacher'] if ckpt else source.state_dict())
-        teacher = teacher.to(dev).requires_grad_(False).eval()  # not a submodule of the student: no grads, EMA, optim
-    if ckpt:
-        ema.load_state_dict(ckpt['ema'])
-    del source
-    seq_len = min(meta['row_len'], model.config.block_size)
-    if seq_len < meta['row_len'] and master:
-        print(f"note: the rows of {data_dir} have {meta['row_len']} tokens, the model takes {seq_len}: it trains on the "
-              f"first {seq_len} of each row (prepare the data with --row_len={seq_len} to use all of it)")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
-                                  weight_decay=weight_decay, fused=dev.type == 'cuda')
-    step, rnd, ema_updates = 0, 0, 0
-    if ckpt:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        step, rnd, ema_updates = ckpt['step'], ckpt['round'], ckpt['ema_updates']
-        torch.set_rng_state(ckpt['rng']['torch'])  # (device generators: reseeded by every micro-batch, not saved)
-        for g in optimizer.param_groups:  # load_state_dict brought back the saved values: the config's apply
-            g.update(weight_decay=weight_decay, betas=(beta1, beta2))
-        if master:
-            print(f'resumed {ckpt_path} at step {step}, round {rnd}')
-    resumed, ckpt = ckpt is not None, None  # its tensors now live in the model, EMA, teacher and optimiser
-    # the network and its loss compiled as one graph, for a number of masked positions that changes every step
-    # (marked dynamic in training_loss: one compilation)
-    fwd = Objective(model, objective, mask_id, divergence, bf16)
-    fwd = torch.compile(fwd, mode=compile_mode) if compile else fwd
-    if ddp:
-        fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None)
-    ema_fwd = Objective(ema, objective, mask_id, divergence, bf16)
-    teacher_fwd = torch.compile(teacher, mode=compile_mode) if compile and teacher is not None else teacher
+        m.update(round=run.round, num_sampling_steps=teacher_num_steps // num_distill_steps ** run.round,
+                 divergence=divergence, num_distill_steps=num_distill_steps)
+    return m
 
-    def dt_of(r):  # teacher step size in round r: K teacher steps of round r are one student step
-        return (1 - _T_MIN) / teacher_num_steps * K ** r
 
-    def meta_now():
-        m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id', 'row_len', 'n_train_rows')}
-        m.update(objective=objective, step=step)
-        if objective == 'sdtt':
-            m.update(round=rnd, num_sampling_steps=teacher_num_steps if rnd == 0 else student_steps(rnd - 1),
-                     divergence=divergence, num_distill_steps=K)
-        return m
+def write_checkpoint(run, config, meta, path):
+    """ckpt.pt: everything an exact resume needs. Never a non-finite state: the last good checkpoint stays."""
+    if bool(run.finite):
+        save_checkpoint(dict(model_args=asdict(run.model.config), model=run.model.state_dict(), ema=run.ema.state_dict(),
+                             teacher=run.teacher.state_dict() if run.teacher is not None else None,
+                             optimizer=run.optimizer.state_dict(), step=run.step, round=run.round, dt=dt_of(run.round),
+                             ema_updates=run.ema_updates, config=config, meta=run_meta(run, meta),
+                             rng=dict(torch=torch.get_rng_state())), path)
 
-    def checkpoint():
-        if not bool(finite):
-            return  # a NaN/inf step: keep the last good checkpoint (the loop stops at the next log)
-        save_checkpoint(dict(model_args=asdict(model.config), model=model.state_dict(), ema=ema.state_dict(),
-                             teacher=teacher.state_dict() if teacher is not None else None,
-                             optimizer=optimizer.state_dict(), step=step, round=rnd, dt=dt_of(rnd),
-                             ema_updates=ema_updates, config=config, meta=meta_now(),
-                             rng=dict(torch=torch.get_rng_state())), ckpt_path)
 
-    def nonfinite():  # checkpoint() never writes a non-finite state: the last good checkpoint stays
-        kept = f'the last good checkpoint ({ckpt_path}) is kept' if os.path.exists(ckpt_path) else 'no checkpoint yet'
-        return FloatingPointError(f'non-finite loss or gradient before step {step}: stopping; {kept}. Lower '
-                                  'learning_rate or check the data.')
+def nonfinite(step, path):
+    kept = f'the last good checkpoint ({path}) is kept' if os.path.exists(path) else 'no checkpoint yet'
+    return FloatingPointError(f'non-finite loss or gradient before step {step}: stopping; {kept}. Lower learning_rate '
+                              'or check the data.')
 
-    def noised(x0):  # the micro-batch's random draws, made on the host, then sent to the device
-        return to_device(draw_noise(x0, objective, mask_id, eps, dt_of(rnd), K, reference_time_grid), dev)
 
-    @torch.no_grad()
-    def evaluate():  # EMA weights on fixed validation samples and noise: val NELBO / next-token loss / distill loss
-        # eval_iters batches of batch_size rows, shared out among the processes: the same rows and noise, so the same
-        # value, on any number of GPUs
-        total = torch.zeros((), device=dev)
-        for i in range(rank, eval_iters, world):
-            torch.manual_seed(mix_seed(seed, 1, i))
-            b = noised(get_batch(val_data, i * batch_size, batch_size, seed, seq_len))
-            total += training_loss(ema_fwd, b, teacher_fwd, K, mask_id, bf16)
-        if ddp:
-            dist.all_reduce(total)
-        return total.item() / eval_iters
+def end_round(run, meta, master, log):
+    """Round run.round ends: its student (EMA weights) is saved, becomes the teacher, and dt grows K-fold."""
+    run.round += 1
+    if master:
+        rdir = os.path.join(out_dir, f'round_{run.round}_steps_{teacher_num_steps // num_distill_steps ** run.round}')
+        run.ema.meta = run_meta(run, meta)
+        save_pretrained(run.ema, rdir)
+        log(dict(step=run.step, round_done=run.round, next_dt=dt_of(run.round)),  # (the plot's round boundaries)
+            f'round {run.round} done at step {run.step}: {rdir}; next dt = {dt_of(run.round):.3e}')
+    if teacher_from_ema:  # as the reference's use_ema_on_growth: student and teacher restart from the EMA
+        run.model.load_state_dict(run.ema.state_dict())
+        run.ema_updates = 0
+    run.teacher.load_state_dict(run.model.state_dict())
+    if reset_optimizer_each_round:
+        run.optimizer.state.clear()
 
-    # ---- logging: stdout, out_dir/log.jsonl (a resumed run first drops the lines of the steps it redoes), wandb
-    log_path = os.path.join(out_dir, 'log.jsonl')
+
+def open_log(config, master, keep_upto):
+    """log(record, text): stdout, out_dir/log.jsonl (a resumed run first drops the lines of the steps it redoes) and
+    wandb; record=None prints only."""
+    path = os.path.join(out_dir, 'log.jsonl')
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        append_log(log_path, None, keep_upto=step if resumed else -1)
+        append_log(path, None, keep_upto=keep_upto)
         if wandb_log:
             import wandb
             wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
-    def log(rec, text):  # rec=None: print only
+    def log(rec, text):
         if master:
             print(text)
             if rec is not None:
-                append_log(log_path, rec)
+                append_log(path, rec)
                 if wandb_log:
                     wandb.log(rec, step=rec['step'])
-    tokens_per_step = global_batch_size * seq_len
-    log(None, f'{objective}: {model.num_params() / 1e6:.1f}M parameters, {world} process(es) x {grad_accum} '
-              f'micro-batch(es) of {batch_size} x {seq_len} tokens, {tokens_per_step:,} tokens/step'
-              + (f', K={K}, {divergence}' if teacher else ''))
+    return log
 
-    stop = []  # Ctrl-C / SIGTERM: finish the current step, save, exit (a second Ctrl-C aborts at once)
+
+@contextmanager
+def stop_on_signals(ckpt_path):
+    """Ctrl-C / SIGTERM append to the list it yields: the run finishes the step, saves and exits (a second Ctrl-C
+    aborts at once). The caller's handlers are back afterwards, however the run ends."""
+    stop = []
+
     def on_signal(signum, frame):
         stop.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print(f'\nsignal {signum}: stopping after this step and saving {ckpt_path}'
               + (' (Ctrl-C again to abort)' if signum == signal.SIGINT else ''))
-    old_handlers = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
+    old = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield stop
+    finally:
+        for sig, handler in zip((signal.SIGINT, signal.SIGTERM), old):
+            signal.signal(sig, handler)
 
-    try:  # (the handlers are put back however the loop ends: a caller of main() keeps its Ctrl-C)
-        finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss since the last check was finite (no sync)
-        loss_sum, flops_done, t_log, step_log = torch.zeros((), device=dev), 0.0, time.time(), step
-        halt, saved_step = False, step  # halt: agreed by all processes (at log steps under DDP)
-        while True:
-            if rounds_over(rnd):
-                log(None, f'done: {rnd} rounds; the next student would sample with {student_steps(rnd)} < '
-                          f'min_num_sampling_steps={min_num_sampling_steps} steps')
-                break
-            if step >= max_iters or halt:
-                break
+
+def agree(stats, stop, ddp, dev):
+    """One sync per log step, all processes agreeing: the summed stats (loss, grad norm, any NaN, any stop request,
+    FLOPs) and which signal stopped the run (the ranks that did not get one report it too: the exit status)."""
+    stats = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=dev) for v in stats])
+    if ddp:
+        dist.all_reduce(stats)
+        if stats[3]:
+            sig = torch.tensor(stop[0] if stop else 0, device=dev)
+            dist.all_reduce(sig, op=dist.ReduceOp.MAX)
+            stop[:] = [int(sig)]
+    return stats.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------- training
+def main(argv=None):
+    config = configure(dict(_DEFAULTS), argv)  # the settings are the config block's names only
+    globals().update(config)  # (from the defaults on every call: main() may run several times in one process)
+    eps, n_rounds = check_settings(config)
+    ddp, rank, world, dev = start_processes()
+    master, K, bf16 = rank == 0, num_distill_steps, dev.type == 'cuda' and dtype == 'bfloat16'
+    if global_batch_size % (world * batch_size):
+        raise ValueError(f'global_batch_size={global_batch_size} is not divisible by world size {world} x '
+                         f'batch_size {batch_size}: change batch_size or global_batch_size')
+    grad_accum = global_batch_size // (world * batch_size)
+    torch.manual_seed(seed)
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    meta = load_meta(data_dir)
+    train_data, val_data, mask_id = open_split(data_dir, 'train'), open_split(data_dir, 'val'), meta['mask_id']
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    model, ckpt = load_models(config, meta, ckpt_path, master)
+    seq_len = min(meta['row_len'], model.config.block_size)
+    if seq_len < meta['row_len'] and master:
+        print(f"note: the rows of {data_dir} have {meta['row_len']} tokens, the model takes {seq_len}: it trains on the "
+              f"first {seq_len} of each row (prepare the data with --row_len={seq_len} to use all of it)")
+    run = build_run(model, ckpt, ckpt_path, config['noise_schedule'], dev, master)
+    ckpt = None  # its tensors now live in the model, EMA, teacher and optimiser
+    # the network and its loss compiled as one graph, for a number of masked positions that changes every step
+    fwd = Objective(model, objective, mask_id, divergence, bf16, run.schedule)
+    fwd = torch.compile(fwd, mode=compile_mode) if compile else fwd
+    fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None) if ddp else fwd
+    ema_fwd = Objective(run.ema, objective, mask_id, divergence, bf16, run.schedule)
+    teacher = torch.compile(run.teacher, mode=compile_mode) if compile and run.teacher is not None else run.teacher
+    rounds_over = lambda r: objective == 'sdtt' and r >= n_rounds  # (r rounds done)
+
+    def loss_of(net, data, first):  # the loss of rows first.. of data, its noise drawn on the host from the torch seed
+        b = get_batch(data, first, batch_size, seed, seq_len)
+        b = to_device(draw_noise(b, objective, mask_id, eps, dt_of(run.round), K, reference_time_grid, run.schedule), dev)
+        return training_loss(net, b, teacher, K, mask_id, bf16, run.schedule), b
+
+    @torch.no_grad()
+    def evaluate():  # EMA weights on eval_iters fixed validation batches, the same rows and noise on any number of GPUs
+        total = torch.zeros((), device=dev)
+        for i in range(rank, eval_iters, world):
+            torch.manual_seed(mix_seed(seed, 1, i))
+            total += loss_of(ema_fwd, val_data, i * batch_size)[0]
+        if ddp:
+            dist.all_reduce(total)
+        return total.item() / eval_iters
+
+    log = open_log(config, master, keep_upto=run.step if init_from == 'resume' else -1)
+    tokens_per_step = global_batch_size * seq_len
+    log(None, f'{objective}: {model.num_params() / 1e6:.1f}M parameters, {world} process(es) x {grad_accum} '
+              f'micro-batch(es) of {batch_size} x {seq_len} tokens, {tokens_per_step:,} tokens/step'
+              + (f', K={K}, {divergence}' if objective == 'sdtt' else ''))
+    with stop_on_signals(ckpt_path) as stop:
+        loss_sum, flops_done, t_log, step_log = torch.zeros((), device=dev), 0.0, time.time(), run.step
+        halt, saved_step = False, run.step  # halt: agreed by all processes (at log steps under DDP)
+        while not (rounds_over(run.round) or run.step >= max_iters or halt):
+            # ---- the training step
             # a reset optimiser warms up again each round: the reference's reset rebuilds its LR scheduler too
-            since = step % round_every if objective == 'sdtt' and reset_optimizer_each_round else step
+            since = run.step % round_every if objective == 'sdtt' and reset_optimizer_each_round else run.step
             lr = learning_rate * min(1.0, (since + 1) / (warmup_iters + 1))
-            for g in optimizer.param_groups:
+            for g in run.optimizer.param_groups:
                 g['lr'] = lr
             for micro in range(grad_accum):
                 gm = rank * grad_accum + micro  # index of this micro-batch within the global batch
-                torch.manual_seed(mix_seed(seed, 0, step, gm))  # noise, dropout and teacher draws of this micro-batch
-                b = noised(get_batch(train_data, step * global_batch_size + gm * batch_size, batch_size, seed, seq_len))
+                torch.manual_seed(mix_seed(seed, 0, run.step, gm))  # noise, dropout and teacher draws of the micro-batch
                 with fwd.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
-                    loss = training_loss(fwd, b, teacher_fwd, K, mask_id, bf16) / grad_accum
-                    loss.backward()
-                flops_done += step_flops(model, teacher, b, K)
-                loss_sum += loss.detach()
+                    loss, b = loss_of(fwd, train_data, run.step * global_batch_size + gm * batch_size)
+                    (loss / grad_accum).backward()
+                flops_done += step_flops(model, run.teacher, b, K)
+                loss_sum += loss.detach() / grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-            finite &= torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, ema_updates = step + 1, ema_updates + 1
-            d = min(ema_decay, (1 + ema_updates) / (10 + ema_updates))  # n counts this update, as MDLM's ema.py
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+            run.finite &= torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step, run.ema_updates = run.step + 1, run.ema_updates + 1
+            d = min(ema_decay, (1 + run.ema_updates) / (10 + run.ema_updates))  # n counts this update (MDLM's ema.py)
+            torch._foreach_lerp_(list(run.ema.parameters()), list(model.parameters()), 1 - d)
             halt = halt or (bool(stop) and not ddp)
-
-            boundary = objective == 'sdtt' and step % round_every == 0  # round rnd ends with this step
-            last = step >= max_iters or (boundary and rounds_over(rnd + 1))
-            save = boundary or (ckpt_interval and step % ckpt_interval == 0)
-            # a log window ends at every checkpoint too, so a run resumed from one logs what an uninterrupted run
-            # does; halt and the last step: the steps since the last log line are not lost
-            if step % log_interval == 0 or last or halt or save:
-                stats = torch.stack([loss_sum, grad_norm.float(), (~finite).float(),
-                                     torch.tensor(float(bool(stop)), device=dev), torch.tensor(flops_done, device=dev)])
-                if ddp:
-                    dist.all_reduce(stats)  # one sync per log step: mean loss, any NaN, any stop request, FLOPs
-                loss_val, norm_val, bad, stop_any, flops_val = stats.tolist()
+            boundary = objective == 'sdtt' and run.step % round_every == 0  # round run.round ends with this step
+            last = run.step >= max_iters or (boundary and rounds_over(run.round + 1))
+            save = boundary or (ckpt_interval and run.step % ckpt_interval == 0)
+            # ---- logging, evaluation, round boundaries, checkpoints. A log window also ends at every checkpoint (a
+            # resumed run logs what an uninterrupted one does), at halt and the last step (no steps lost)
+            if run.step % log_interval == 0 or last or halt or save:
+                loss_val, norm_val, bad, stop_any, flops_val = agree(
+                    [loss_sum, grad_norm, ~run.finite, bool(stop), flops_done], stop, ddp, dev)
                 if bad:
-                    raise nonfinite()
+                    raise nonfinite(run.step, ckpt_path)
                 halt = halt or stop_any > 0
-                if ddp and stop_any:  # which signal: the ranks that did not get one report it too (the exit status)
-                    sig = torch.tensor(stop[0] if stop else 0, device=dev)
-                    dist.all_reduce(sig, op=dist.ReduceOp.MAX)
-                    stop[:] = [int(sig)]
-                dt_s = time.time() - t_log
-                n = step - step_log
-                rec = dict(step=step, loss=loss_val / world / n, lr=lr, round=rnd, dt=dt_of(rnd) if teacher else None,
-                           grad_norm=norm_val / world, tokens_per_s=n * tokens_per_step / dt_s,
-                           mfu=flops_val / dt_s / (peak_flops * world), time=time.time())
-                log(rec, f"step {step} | loss {rec['loss']:.4g} | lr {lr:.2e} | round {rnd} | "
-                         f"{rec['tokens_per_s']:,.0f} tok/s | mfu {100 * rec['mfu']:.1f}% | "
-                         f"grad norm {rec['grad_norm']:.3f}")
+                dt_s, n = time.time() - t_log, run.step - step_log
+                rec = dict(step=run.step, loss=loss_val / world / n, lr=lr, round=run.round,
+                           dt=dt_of(run.round) if objective == 'sdtt' else None, grad_norm=norm_val / world,
+                           tokens_per_s=n * tokens_per_step / dt_s, mfu=flops_val / dt_s / (peak_flops * world),
+                           time=time.time())
+                log(rec, f"step {run.step} | loss {rec['loss']:.4g} | lr {lr:.2e} | round {run.round} | "
+                         f"{rec['tokens_per_s']:,.0f} tok/s | mfu {100 * rec['mfu']:.1f}% | grad norm {rec['grad_norm']:.3f}")
                 loss_sum.zero_()
-                flops_done = 0.0
-                t_log, step_log = time.time(), step
+                flops_done, t_log, step_log = 0.0, time.time(), run.step
             t_aside = time.time()  # evaluation, round boundaries and checkpoints are not training: not in tokens/s
-            if eval_interval and eval_iters and (step % eval_interval == 0 or last):
-                name = {'mdlm': 'val_nelbo', 'ar': 'val_loss', 'sdtt': 'val_distill_loss'}[objective]
+            if eval_interval and eval_iters and (run.step % eval_interval == 0 or last):
                 val = evaluate()
-                rec = {'step': step, name: val, **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
+                rec = {'step': run.step, OBJECTIVES[objective]: val,
+                       **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
                 log(rec, ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
-            if boundary:  # round rnd done: save the student, it becomes the teacher, dt grows K-fold
-                if not bool(finite):
-                    raise nonfinite()
-                rnd += 1
-                if master:
-                    rdir = os.path.join(out_dir, f'round_{rnd}_steps_{student_steps(rnd - 1)}')
-                    ema.meta = meta_now()
-                    save_pretrained(ema, rdir)
-                    log(dict(step=step, round_done=rnd, next_dt=dt_of(rnd)),  # (the plot's round boundaries)
-                        f'round {rnd} done at step {step}: {rdir}; next dt = {dt_of(rnd):.3e}')
-                if teacher_from_ema:  # as the reference's use_ema_on_growth: student and teacher restart from the EMA
-                    model.load_state_dict(ema.state_dict())
-                    ema_updates = 0
-                teacher.load_state_dict(model.state_dict())
-                if reset_optimizer_each_round:
-                    optimizer.state.clear()
+            if boundary:
+                if not bool(run.finite):
+                    raise nonfinite(run.step, ckpt_path)
+                end_round(run, meta, master, log)
             if master and save:
-                checkpoint()
-                saved_step = step
+                write_checkpoint(run, config, meta, ckpt_path)
+                saved_step = run.step
             t_log += time.time() - t_aside
-        if not bool(finite):  # a NaN since the last log step, then a stop: say so (checkpoint() kept the last good one)
-            raise nonfinite()
-        if master and (saved_step != step or not os.path.exists(ckpt_path)):
-            checkpoint()
-        finished = step >= max_iters or rounds_over(rnd)
+        if rounds_over(run.round):
+            log(None, f'done: {run.round} rounds; the next student would sample with '
+                      f'{teacher_num_steps / K ** (run.round + 1):g} < min_num_sampling_steps={min_num_sampling_steps} steps')
+        if not bool(run.finite):  # a NaN since the last log step, then a stop: say so (the last good checkpoint stays)
+            raise nonfinite(run.step, ckpt_path)
+        if master and (saved_step != run.step or not os.path.exists(ckpt_path)):
+            write_checkpoint(run, config, meta, ckpt_path)
+        finished = run.step >= max_iters or rounds_over(run.round)
         if master:
-            print(f'checkpoint: {ckpt_path} (step {step}, round {rnd})'
+            print(f'checkpoint: {ckpt_path} (step {run.step}, round {run.round})'
                   + ('' if finished else f'; stopped before max_iters={max_iters}: continue with --init_from=resume'))
-    finally:
-        for sig, handler in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
-            signal.signal(sig, handler)
-        release_lock(out_dir)
+    release_lock(out_dir)
     if ddp:
         dist.barrier()  # wait for rank 0's final checkpoint: gloo aborts if a peer leaves the group early
         dist.destroy_process_group()

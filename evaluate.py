@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import check_choice, check_sizes, config_keys, configure
-from diffusion import SAMPLE_EPS as _SAMPLE_EPS, move_chance, nelbo_weight, sample_t, sigma
+from diffusion import SAMPLE_EPS, move_chance, nelbo_weight, sample_t, schedule_of, sigma
 from fileio import WriteFailed, local_or_dataset, read_jsonl, write_failed
 from model import check_device, load_pretrained, local_or_hub, write_atomic
 from prepare_data import get_tokenizer, load_meta, open_split
@@ -135,6 +135,7 @@ class LM:
             self.bos, self.eos = self.tok.bos_token_id, self.tok.eos_token_id
             self.bos = self.eos if self.bos is None else self.bos
         self.fwd = torch.compile(self.model, dynamic=True) if compile else self.model
+        self.schedule = schedule_of(getattr(self.model, 'meta', None))  # a DiT's NELBO follows the schedule it was trained with
 
     @torch.no_grad()
     def logits(self, ids, t=None, attn=None, hidden=False, positions=None):
@@ -149,7 +150,7 @@ class LM:
             else:  # the DiT's last hidden state: after its final LayerNorm (as GPT-2's hidden_states[-1] is after ln_f)
                 hook = self.model.output_layer.norm_final.register_forward_hook(lambda m, i, o: h.update(h=o)) if hidden else None
                 # (a hook added after compilation is not in the compiled graph: MAUVE's features run eagerly)
-                lg = (self.model if hidden else self.fwd)(ids, None if t is None else sigma(t),
+                lg = (self.model if hidden else self.fwd)(ids, None if t is None else sigma(t, self.schedule),
                                                           *(() if positions is None else (positions,)))[..., :self.mask]
                 if hook:
                     hook.remove()
@@ -464,14 +465,14 @@ def _draws(keys, n_t, L, seed, eps):
 
 
 def _nelbo(lm, x0, maskable, keys, n_t, seed, eps):
-    """MDLM NELBO (nats) of each row of x0 [B, L]: the 1/t-weighted NLL of the masked tokens (mdlm_loss's sum), only
+    """MDLM NELBO (nats) of each row of x0 [B, L]: the m'/m-weighted NLL of the masked tokens (mdlm_loss's sum), only
     `maskable` ones ever masked (the others clamped), averaged over n_t stratified t draws. Exact savings: rows with
     nothing masked add 0 (no forward) and, without time conditioning, the output depends on x_t only, so each distinct
     (x_t, x0) is forwarded once (a one-token LAMBADA target has a single masked pattern: 1 forward, not n_t)."""
     B, L = x0.shape
     t, u = (v.to(x0.device) for v in _draws(keys, n_t, L, seed, eps))
     x0r = x0.repeat_interleave(n_t, 0)
-    hit = maskable.repeat_interleave(n_t, 0) & (u < move_chance(t)[:, None])
+    hit = maskable.repeat_interleave(n_t, 0) & (u < move_chance(t, lm.schedule)[:, None])
     xt = torch.where(hit, lm.mask, x0r)
     keep = hit.any(1).nonzero().squeeze(1)
     timed = getattr(lm.model.config, 'time_conditioning', False)
@@ -482,7 +483,7 @@ def _nelbo(lm, x0, maskable, keys, n_t, seed, eps):
     nll = F.cross_entropy(lg, pairs[:, L:].flatten()[pos], reduction='none').double()
     per_pattern = torch.zeros(len(pairs), dtype=torch.float64, device=x0.device).index_add_(0, pos // L, nll)
     loss = torch.zeros(B * n_t, dtype=torch.float64, device=x0.device)
-    loss[keep] = per_pattern[inv] * nelbo_weight(t[keep]).double()
+    loss[keep] = per_pattern[inv] * nelbo_weight(t[keep], lm.schedule).double()
     return loss.view(B, n_t).mean(1)
 
 
@@ -519,11 +520,11 @@ def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
                 tgt[r, spans[i][0]:spans[i][1]] = True
             if diffusion:  # the output layer only at the target positions
                 pos = tgt.flatten().nonzero().squeeze(1)
-                lg, _ = lm.logits(x0.masked_fill(tgt, lm.mask), torch.full((len(grp),), _SAMPLE_EPS, device=lm.device),
+                lg, _ = lm.logits(x0.masked_fill(tgt, lm.mask), torch.full((len(grp),), SAMPLE_EPS, device=lm.device),
                                   positions=pos)
                 wrong = (lg.argmax(-1) != x0.flatten()[pos]).double()
                 correct = torch.zeros(len(grp), dtype=torch.float64, device=lm.device).index_add_(0, pos // L, wrong) == 0
-                nll = _nelbo(lm, x0, tgt, grp, n_t, seed, _SAMPLE_EPS)
+                nll = _nelbo(lm, x0, tgt, grp, n_t, seed, SAMPLE_EPS)
             else:  # logits at position p predict token p + 1
                 lg, _ = lm.logits(x0)
                 lg, y, tgt = lg[:, :-1], x0[:, 1:], tgt[:, 1:]

@@ -70,7 +70,10 @@ _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
 
 HUB_MDLM, HUB_SDTT = 'kuleshov-group/mdlm-owt', 'jdeschena/sdtt'
 LOSSES, SCALING_SIZES, ROUNDS = ('kld', 'mse', 'tvd'), ('sm', 'md', 'large'), tuple(range(1, 8))
-SAMPLERS = ('ancestral', 'analytic', 'ancestral_fp32')  # of DiffusionLM.sample; the script adds 'cached'
+# the samplers of DiffusionLM.sample: name -> its diffusion.sample step_fn (None: the ancestral step) from a seeded
+# generator on the model's device. The script adds 'cached' (the ancestral step, only the sequences it changes).
+SAMPLERS = {'ancestral': lambda generator: None, 'analytic': lambda generator: analytic_step,
+            'ancestral_fp32': lambda generator: reference_step(generator)}
 
 
 # -------------------------------------------------------------------- the release API
@@ -115,7 +118,7 @@ class DiffusionLM(torch.nn.Module):
         fills positions still masked after the last step, 'argmax' (MDLM/SDTT) or 'draw' (DUO).
         A causal backbone (the AR baseline) samples autoregressively with a KV cache (sample_ar): num_steps, cache
         and sampler do not apply; project_fn forces the positions it sets."""
-        check_choice('sampler', sampler, SAMPLERS)
+        check_choice('sampler', sampler, tuple(SAMPLERS))
         if add_bos is None:  # (the release's prior; the AR baseline starts from BOS)
             add_bos = self.backbone.config.causal
         if self.backbone.config.causal:
@@ -124,11 +127,7 @@ class DiffusionLM(torch.nn.Module):
             return (tokens, nfe) if return_nfe else tokens
         if seed is None:
             seed = diffusion.fresh_seed()
-        step_fn = None
-        if sampler == 'analytic':
-            step_fn = analytic_step
-        elif sampler == 'ancestral_fp32':  # (the device's noise, from the same seed)
-            step_fn = reference_step(torch.Generator(self.device).manual_seed(seed))
+        step_fn = SAMPLERS[sampler](torch.Generator(self.device).manual_seed(seed))
         tokens, nfe = diffusion.sample(self.backbone, n_samples, num_steps, seq_len, mask_id=self.meta['mask_id'],
                                        bos_id=self.meta.get('bos_id'), add_bos=add_bos, project_fn=project_fn,
                                        cache=cache, seed=seed, verbose=verbose, step_fn=step_fn, final_step=final_step)
@@ -181,13 +180,13 @@ def load_scaling_teacher(size='sm', path=None, device='cpu'):
 
 
 # -------------------------------------------------------------------- the analytic (SEDD) sampler
-def analytic_probs(logits, x, t, s, mask_id):
+def analytic_probs(logits, x, t, s, mask_id, schedule='loglinear'):
     """p(x_s | x_t) [N, V] in float64 for current tokens x [N] and raw logits [N, V], computed as SEDD's Tweedie
     tau-leaping step (MDLM's `_analytic_update`): the concrete score p_t(y)/p_t(x) of the absorbing process,
     'staggered' by exp(dsigma), times the transposed transition exp(-dsigma Q)^T at x.
     For the absorbing process with the SUBS denoiser this is algebraically the ancestral step (real y: p(y)(m_t - m_s)
     /m_t, MASK: m_s/m_t; unmasked tokens stay); the tests check that numerically. Computed here from the score."""
-    sig_t, sig_s = diffusion.sigma(torch.tensor([t, s], dtype=torch.float64)).tolist()
+    sig_t, sig_s = diffusion.sigma(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
     edsig = math.exp(sig_t - sig_s)
     log_k = -math.log(math.expm1(sig_t))  # log(e^-sigma / (1 - e^-sigma)): log-odds of a token being unmasked
     masked = (x == mask_id)[:, None]
@@ -211,12 +210,12 @@ def masked_chunks(x, mask_id, vocab_size):
     return [(b[i:i + rows], l[i:i + rows]) for i in range(0, len(b), rows)]
 
 
-def analytic_step(x, logits, t, s, u, mask_id):
+def analytic_step(x, logits, t, s, u, mask_id, schedule='loglinear'):
     """diffusion.sample step_fn: draws x_s from analytic_probs in float64, by inverse CDF with the uniforms u [B, L].
     Only masked positions are computed: for unmasked ones analytic_probs is the one-hot of x (tested)."""
     x_new = x.clone()
     for bi, li in masked_chunks(x, mask_id, logits.shape[-1]):
-        probs = analytic_probs(logits[bi, li], x[bi, li], t, s, mask_id)
+        probs = analytic_probs(logits[bi, li], x[bi, li], t, s, mask_id, schedule)
         x_new[bi, li] = diffusion.draw_categorical(probs.log(), u[bi, li])
     return x_new
 
@@ -229,9 +228,9 @@ def reference_step(generator):
     generator (on the model's device). U stops at 1 - 2^-24, so E > 6e-8: a token whose weight is below ~6e-8 times
     MASK's is never drawn. The more steps, the smaller m(t) - m(s) and the more rare tokens starve: lower entropy and
     a flattering gen-PPL (Zheng et al. 2024: 31.2 instead of 126.1 at 2048 steps)."""
-    def step(x, logits, t, s, u, mask_id):
+    def step(x, logits, t, s, u, mask_id, schedule='loglinear'):
         x_new = x.clone()
-        m_t, m_s = diffusion.move_chance(t), diffusion.move_chance(s)
+        m_t, m_s = diffusion.move_chance(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
         for bi, li in masked_chunks(x, mask_id, logits.shape[-1]):
             w = torch.softmax(logits[bi, li, :mask_id].float(), dim=-1) * (m_t - m_s)
             w = torch.cat([w, torch.full_like(w[:, :1], m_s)], dim=-1)  # MASK's weight at index mask_id

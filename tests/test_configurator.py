@@ -21,6 +21,20 @@ def test_file_then_overrides(tmp_path):
     assert g['compile'] is False and cfg == {k: g[k] for k in defaults()}
 
 
+def test_settings_are_the_config_blocks_lower_case_names():
+    """UPPER_CASE module values (tables, constants, imported or not) and _private ones are not settings, and each
+    script's settings are exactly its config block: a table defined after it needs no underscore alias."""
+    import distill
+    import diffusion
+    g = dict(defaults(), TABLE={'a': 1}, EPS=1e-5, _private=2)
+    assert configure(g, []) == defaults()
+    with pytest.raises(ValueError, match="unknown config key 'TABLE'"):
+        configure(g, ['--TABLE={}'])
+    assert 'noise_schedule' in distill._DEFAULTS and 'NOISE_SCHEDULES' in vars(distill)
+    assert not {'NOISE_SCHEDULES', 'SAMPLE_EPS', 'DIVERGENCES', 'OBJECTIVES', 'KEPT'} & set(distill._DEFAULTS)
+    assert diffusion.NOISE_SCHEDULES is distill.NOISE_SCHEDULES
+
+
 def test_int_for_float_strings_stay_strings_and_bare_flag():
     g = defaults()
     configure(g, ['--learning_rate=1', '--out_dir=123', '--compile', '--betas=(0.9, 0.99)'])

@@ -6,11 +6,43 @@ import diffusion as D
 from model import DiT, DiTConfig
 
 
-def test_schedule_and_nelbo_weight_is_one_over_t():
+def test_loglinear_schedule_is_mdlms():
     t = torch.tensor([1e-5, 1e-3, 0.1, 0.5, 0.999, 1.0])
-    torch.testing.assert_close(D.move_chance(t), 1 - torch.exp(-D.sigma(t)))
     torch.testing.assert_close(D.move_chance(t), (1 - 1e-3) * t)
     torch.testing.assert_close(D.nelbo_weight(t), 1 / t, rtol=1e-6, atol=0)
+    torch.testing.assert_close(D.move_chance(t, 'cosine'), (1 - 1e-3) * (1 - torch.cos(torch.pi / 2 * t)))  # MDLM's
+
+
+@pytest.mark.parametrize('schedule', list(D.NOISE_SCHEDULES))
+def test_schedule_derivatives_and_nelbo_weight(schedule):
+    """Every schedule: m(0) = 0, m(1) = 1 - 1e-3, m increasing, sigma = -log(1 - m), and the NELBO weight m'(t)/m(t)
+    against a numerical derivative of m (float64 central differences), also as used by mdlm_loss."""
+    t = torch.tensor([1e-4, 1e-3, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99], dtype=torch.float64)
+    m = lambda t: D.move_chance(t, schedule)
+    h = 1e-7 * t
+    dm = (m(t + h) - m(t - h)) / (2 * h)
+    torch.testing.assert_close(D.nelbo_weight(t, schedule), dm / m(t), rtol=1e-6, atol=0)
+    torch.testing.assert_close(D.nelbo_weight(t.float(), schedule), (dm / m(t)).float(), rtol=1e-6, atol=0)
+    ends = m(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert ends[0] == 0 and ends[1] == pytest.approx(1 - 1e-3, abs=1e-12)
+    grid = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    assert (m(grid).diff() > 0).all()
+    torch.testing.assert_close(D.sigma(t, schedule), -torch.log(1 - m(t)))
+    # the loss weights each masked token by m'/m at its t
+    torch.manual_seed(0)
+    logits, x0, tt = torch.randn(3, 9, 13), torch.randint(0, 12, (3, 9)), torch.tensor([0.05, 0.5, 0.95])
+    xt = D.q_xt(x0, m(tt), 12)
+    nll = -D.subs_log_probs(logits, xt, 12).gather(-1, x0[..., None])[..., 0]
+    th = 1e-7 * tt.double()
+    w = ((m(tt.double() + th) - m(tt.double() - th)) / (2 * th) / m(tt.double())).float()
+    direct = (nll * (xt == 12) * w[:, None]).sum() / x0.numel()
+    torch.testing.assert_close(D.mdlm_loss(logits, x0, xt, tt, 12, schedule=schedule), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_schedule_in_a_checkpoint_is_a_clear_error():
+    assert D.schedule_of({}) == D.schedule_of(None) == 'loglinear'  # published checkpoints record none
+    with pytest.raises(ValueError, match='noise schedule .*warped.*NOISE_SCHEDULES'):
+        D.schedule_of({'noise_schedule': 'warped'})
 
 
 def test_sample_t_is_stratified():
@@ -102,6 +134,23 @@ def test_sampler_token_frequencies_match_the_model_at_1024_steps():
     # the rare tokens as a group get their share, 0.02 (+- 4 sigma = 0.0044); measured once in the same setting, the
     # reference's float32 exponential race gives 0.007
     assert abs((x >= 10).float().mean().item() - 0.02) < 0.0044
+
+
+@pytest.mark.parametrize('schedule', list(D.NOISE_SCHEDULES))
+def test_sampler_reveals_follow_the_schedule(schedule):
+    """A step from t to s leaves a masked position masked with probability m(s)/m(t): the masked fraction the model
+    sees at step k is m(t_k)/m(1), for the schedule given and for a model whose meta names it."""
+    m = lambda t: D.move_chance(torch.tensor(t, dtype=torch.float64), schedule).item()
+    ts = torch.linspace(1, 1e-5, 7, dtype=torch.float64)[:-1].tolist()
+    for how in ('argument', 'meta'):
+        model = FixedModel(tail_probs().float())
+        if how == 'meta':
+            model.meta = {'noise_schedule': schedule}
+        D.sample(model, 64, 6, 256, mask_id=1000, seed=0, **({'schedule': schedule} if how == 'argument' else {}))
+        n = 64 * 256
+        for x, t in zip(model.seen, ts):
+            p = m(t) / m(1.0)
+            assert abs((x == 1000).float().mean().item() - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-9, (how, t)
 
 
 def test_cached_sampler_gives_identical_tokens_with_fewer_forwards():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import diffusion
 import evaluate as E
 from model import DiT, DiTConfig, save_pretrained
 from prepare_data import get_tokenizer
@@ -316,20 +317,23 @@ def test_cli_lambada_ppl_record(tmp, dit_dir):
     assert rec['metrics']['lambada_ppl'] == pytest.approx(want['lambada_ppl'], rel=1e-9)
 
 
-def test_nelbo_equals_mdlm_loss_on_the_same_draws(dit_dir):
+@pytest.mark.parametrize('schedule', list(diffusion.NOISE_SCHEDULES))
+def test_nelbo_equals_mdlm_loss_on_the_same_draws(tmp, dit_dir, schedule):
     """The evaluation NELBO (output layer at the masked positions, one forward per distinct x_t) against
-    diffusion.mdlm_loss on full logits with the same t and masks."""
+    diffusion.mdlm_loss on full logits with the same t and masks, under the schedule in the checkpoint's meta."""
     import diffusion as D
-    lm, n_t, L = E.LM(dit_dir[0]), 4, 20
+    n_t, L = 4, 20
+    lm = E.LM(save_pretrained(dit_dir[1], str(tmp / schedule), meta=dict(noise_schedule=schedule)))
+    assert lm.schedule == schedule
     x0 = torch.randint(0, 256, (3, L))
     maskable = torch.ones_like(x0, dtype=torch.bool)
     maskable[1, :10] = False  # clamped context, as LAMBADA's
     got = E._nelbo(lm, x0, maskable, [0, 1, 2], n_t, 0, 1e-3)
     t, u = E._draws([0, 1, 2], n_t, L, 0, 1e-3)
     x0r = x0.repeat_interleave(n_t, 0)
-    xt = torch.where(maskable.repeat_interleave(n_t, 0) & (u < D.move_chance(t)[:, None]), 257, x0r)
+    xt = torch.where(maskable.repeat_interleave(n_t, 0) & (u < D.move_chance(t, schedule)[:, None]), 257, x0r)
     with torch.no_grad():
-        ref = [D.mdlm_loss(lm.model(xt[i:i + 1]), x0r[i:i + 1], xt[i:i + 1], t[i:i + 1], 257).item() * L
+        ref = [D.mdlm_loss(lm.model(xt[i:i + 1]), x0r[i:i + 1], xt[i:i + 1], t[i:i + 1], 257, schedule=schedule).item() * L
                for i in range(len(xt))]
     torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float64).view(3, n_t).mean(1), rtol=1e-5, atol=1e-6)
 

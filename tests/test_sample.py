@@ -167,6 +167,24 @@ def test_analytic_transition_equals_ancestral():
         torch.testing.assert_close(probs, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize('name', list(sample.SAMPLERS))
+def test_every_sampler_follows_the_models_noise_schedule(name):
+    """Each sampler's step from t to s leaves a masked position masked w.p. m(s)/m(t) of the schedule in the model's
+    meta: the masked fraction the model sees at step k is m(t_k)/m(1)."""
+    from test_diffusion import FixedModel, tail_probs
+    ts = torch.linspace(1, 1e-5, 7, dtype=torch.float64)[:-1]
+    for schedule in diffusion.NOISE_SCHEDULES:
+        model = FixedModel(tail_probs().float())
+        model.meta = {'noise_schedule': schedule}
+        step_fn = sample.SAMPLERS[name](torch.Generator().manual_seed(0))
+        x, _ = diffusion.sample(model, 32, 6, 128, mask_id=1000, seed=0, step_fn=step_fn)
+        assert (x != 1000).all()
+        expect = (diffusion.move_chance(ts, schedule) / diffusion.move_chance(ts[:1], schedule)).tolist()
+        for seen, p in zip(model.seen, expect):
+            assert abs((seen == 1000).double().mean().item() - p) < 4 * (p * (1 - p) / seen.numel()) ** 0.5 + 1e-9, \
+                (schedule, p)
+
+
 def test_cache_same_tokens_fewer_nfe(byte_dir):
     lm = sample.load_model(byte_dir)
     a, nfe_a = lm.sample(3, 128, 16, seed=3, return_nfe=True)
