@@ -1,8 +1,8 @@
 """sample.py: the release API (loaders, .sample, tokenizer), the analytic sampler, prompting, the CLI's files and
 multi-process sampling. Tiny models on CPU; the hub is replaced by local directories (only the download is stubbed)."""
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
