@@ -10,7 +10,7 @@ Stages (each one is a plain command of the other scripts, printed and logged to 
  2. distill.py teacher_config: a tiny MDLM teacher              -> work_dir/teacher   (2 and 3 run side by side)
  3. distill.py judge_config: a tiny AR model, the gen-PPL judge -> work_dir/judge
  4. distill.py sdtt_config: SDTT rounds (kld) from the teacher  -> work_dir/sdtt/round_{r}_steps_{n}
- 5. sample.py: the teacher at every 2^k steps, each student at 2^k <= its own step count
+ 5. sample.py: the teacher at every 2^k steps up to 2N, each student at 2^k <= its own step count
  6. evaluate.py: gen-PPL + entropy of every sample file with the judge, val NELBO perplexity of every model, the plots
  7. work_dir/results.md: the tables (also printed)
 A stage that finished leaves work_dir/logs/<stage>.done and is skipped when the command is run again (with other
