@@ -239,7 +239,10 @@ def test_a_stopped_run_leaves_no_temporaries_and_ends(tmp_path, sig, num_proc):
     out = tmp_path / "o"
     p = subprocess.Popen([sys.executable, "prepare_data.py", f"--source={src}", f"--out_dir={out}", "--tokenizer=gpt2",
                           "--row_len=64", f"--num_proc={num_proc}", "--quiet"], cwd=ROOT, start_new_session=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # (a test run started in the background of a script inherits SIGINT ignored: Ctrl-C as a
+                         # terminal sends it needs the default)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while not (out / "train.bin.tmp").exists() and p.poll() is None and time.time() - t0 < 120:
         time.sleep(0.05)
