@@ -151,11 +151,12 @@ def replica(wd, seed):
     stage(logs, 'prepare', [py, 'prepare_data.py', f'--source={corpus}', f'--tokenizer={tokenizer}',
                             f'--row_len={seq_len}', f'--out_dir={data}', '--overwrite'])
     common = [f'--data_dir={data}', f'--device={device}', f'--block_size={seq_len}', f'--seed={seed}']
-    stage(logs, 'teacher+judge', [py, 'distill.py', teacher_config, *common, f'--out_dir={wd}/teacher', *extra(teacher_args)],
+    stage(logs, 'teacher+judge',
+          [py, 'distill.py', teacher_config, *common, f'--out_dir={wd}/teacher', *extra(teacher_args)],
           [py, 'distill.py', judge_config, *common, f'--out_dir={wd}/judge', *extra(judge_args)])
     stage(logs, 'sdtt', [py, 'distill.py', sdtt_config, f'--data_dir={data}', f'--device={device}', f'--seed={seed}',
-                         f'--out_dir={wd}/sdtt', f'--init_from={wd}/teacher', f'--teacher_num_steps={teacher_num_steps}',
-                         *extra(sdtt_args)])
+                         f'--out_dir={wd}/sdtt', f'--init_from={wd}/teacher',
+                         f'--teacher_num_steps={teacher_num_steps}', *extra(sdtt_args)])
     # the models: the teacher (EMA weights of its ckpt.pt) and every round's student
     models = [('teacher', 0, os.path.join(wd, 'teacher'), teacher_num_steps)]
     for d in sorted(os.listdir(os.path.join(wd, 'sdtt'))):
@@ -164,8 +165,8 @@ def replica(wd, seed):
             models.append((d, r, os.path.join(wd, 'sdtt', d), n))
     models.sort(key=lambda m: m[1])
     stage(logs, 'sample', *[[py, 'sample.py', f'--init_from={path}', f'--num_steps={steps}', f'--n_samples={n_samples}',
-                             f'--batch_size={sample_batch}', f'--seq_len={seq_len}', f'--seed={seed}', f'--out_dir={wd}',
-                             f'--device={device}', '--n_print=0', '--overwrite=True']
+                             f'--batch_size={sample_batch}', f'--seq_len={seq_len}', f'--seed={seed}',
+                             f'--out_dir={wd}', f'--device={device}', '--n_print=0', '--overwrite=True']
                             for name, r, path, n in models
                             for steps in steps_upto(2 * n if r == 0 else n)])  # (teacher: to 2N, is N enough?)
     ev = [py, 'evaluate.py', f'--out_dir={wd}', f'--device={device}', f'--batch_size={eval_batch}']
@@ -198,13 +199,14 @@ def replica(wd, seed):
             'and at N/2^r steps (closer = smaller |log gen-PPL - log teacher@N|; margin: how much closer, in standard',
             'errors, paired by sample: every file is sampled with the same seed, so at the same step count sample i of',
             'the teacher and of the student share their random draws; under 2 it is within the sampling noise;',
-            'evaluate.closer; gap closed: (teacher@steps - student@steps) / (teacher@steps - teacher@N) in gen-PPL, when',
-            'that gap is beyond the noise (2 paired s.e.); "no gap" otherwise, as a share of noise means nothing):', '',
+            'evaluate.closer; gap closed: (teacher@steps - student@steps) / (teacher@steps - teacher@N) in gen-PPL,',
+            'when that gap is beyond the noise (2 paired s.e.), "no gap" otherwise: a share of noise means nothing):',
+            '',
             '| round | steps | teacher@N | teacher@steps | student@steps | student closer? | margin (s.e.) | '
             'gap closed | entropy vs teacher@N |', '|---|---|---|---|---|---|---|---|---|']
     ref, rows = gen.get(('teacher', teacher_num_steps)), []
     if not ref:
-        out.append(f'(no gen-PPL of the teacher at N = {teacher_num_steps} steps in eval.jsonl: nothing to compare with)')
+        out.append(f'(no gen-PPL of the teacher at N = {teacher_num_steps} steps in eval.jsonl: nothing to compare)')
     for name, r, _, n in models[1:]:
         t_n, s_n = gen.get(('teacher', n)), gen.get((name, n))
         if ref and t_n and s_n:
@@ -241,7 +243,8 @@ def across_replicas(per_replica):
     R, out = len(per_replica), []
     out += [f'# SDTT end to end, {R} replicas (seeds {seed}..{seed + R - 1}): {tokenizer} tokens, seq {seq_len}, '
             f'teacher N = {teacher_num_steps} steps', '', f'Machine: {machine}; total {time.time() - t_start:.0f} s.',
-            '', 'Per round: the student at N/2^r steps against the teacher at N/2^r steps, as seen from teacher@N. gain: '
+            '', 'Per round: the student at N/2^r steps against the teacher at N/2^r steps, as seen from teacher@N. '
+            'gain: '
             'how much closer to teacher@N in log gen-PPL (paired by sample within a replica); mean +- standard error '
             'across replicas, and that mean in those standard errors; gap closed: (teacher@steps - student@steps) / '
             '(teacher@steps - teacher@N) in gen-PPL, summed over the replicas, then by each ("no gap": its teacher\'s '
