@@ -26,8 +26,7 @@ from tqdm import tqdm
 from configurator import check_choice, check_sizes, config_keys, configure
 from fileio import WriteFailed, local_or_dataset, parse_line, write_failed
 
-# ----------------------------------------------------------------------------- config
-# python prepare_data.py [config.py] --key=value ... (configurator.py: as every script of the project)
+# ----------------------------------------------------------------------------- config (configurator.py)
 source = "openwebtext"  # HF dataset name, or a local .txt/.jsonl file or directory (files or subdirectories named
                         # train and val/valid/validation then a non-letter, e.g. train.jsonl, val-0.txt: its split)
 out_dir = ""            # required: train.bin, val.bin and meta.json go there
