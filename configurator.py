@@ -53,8 +53,7 @@ def check_sizes(config, **lowest):
 
 
 def _print_help(g, keys):
-    """The script's docstring and every setting with its value and the comment beside it (continued on the comment
-    lines below it)."""
+    """--help: the script's docstring, then every setting with its value and the comment beside (and below) it."""
     main = sys.modules['__main__']
     notes, last = {}, []
     try:

@@ -126,16 +126,14 @@ def gives_distribution(logits):
 
 
 def check_finite(finite, what='the model'):
-    """The one sync of a sampler's NaN check (see draw_categorical): a diverged or overflowing model must not pass
-    for one that samples the last token everywhere."""
+    """The one sync of a sampler's NaN check: a diverged model must not pass for one that samples the last token."""
     if not bool(finite):
         raise FloatingPointError(f'{what} gave NaN/inf logits while sampling: the samples are meaningless (a diverged '
                                  'checkpoint, or fp16/bf16 overflow of a model cast whole: sample it in float32)')
 
 
 def in_eval_mode(sampler):
-    """Samplers sample without dropout (MDLM's restore_model_and_sample): a model(first argument) in train mode is
-    put in eval mode for the call and back in train mode after it."""
+    """The sampler with its model (first argument) in eval mode, as MDLM's restore_model_and_sample, then back."""
     @functools.wraps(sampler)
     def run(model, *args, **kwargs):
         training = isinstance(model, torch.nn.Module) and model.training
@@ -186,8 +184,7 @@ def prior(model, n_samples, seq_len, mask_id, bos_id=None, add_bos=True, project
 
 
 def takes_positions(model):
-    """Whether model(ids, sigma, positions) computes logits at those flat positions only (model.DiT does; also
-    through torch.compile's wrapper)."""
+    """Whether model(ids, sigma, positions) computes logits at those flat positions only (a DiT, also compiled)."""
     m = getattr(model, '_orig_mod', model)
     return 'positions' in inspect.signature(m.forward if isinstance(m, torch.nn.Module) else m).parameters
 
@@ -225,8 +222,7 @@ def reveal_tokens(forward, x, reveal, u_token, mask_id, cache, head_only, finite
 
 
 def final_denoise(forward, x, masked, mask_id, final_step, generator, finite):
-    """The positions still masked get the argmax of one more forward (MDLM/SDTT), or a float64 draw from it (DUO's
-    noise_removal 'ancestral'). Returns (x, the sequence-forwards run)."""
+    """Still masked positions: the argmax of one more forward (MDLM/SDTT) or a float64 draw (DUO) -> (x, forwards)."""
     rows = masked.any(dim=1).nonzero().squeeze(1)
     if not len(rows):
         return x, 0

@@ -339,8 +339,7 @@ def append_log(path, record, keep_upto=None):
 # ----------------------------------------------------------------------------------------------------------- setup
 # (these read the settings as module globals, as main() leaves them)
 def check_settings(config):
-    """Bad settings fail before anything is loaded or written. Returns the lowest training t and the number of rounds
-    (inf for mdlm and ar: they stop at max_iters only)."""
+    """Bad settings fail before anything is written. Returns the lowest training t and the rounds (mdlm, ar: inf)."""
     check_choice('objective', objective, tuple(OBJECTIVES))
     check_choice('divergence', divergence, tuple(DIVERGENCES))
     if not init_from:
@@ -369,9 +368,8 @@ def start_processes():
     """(ddp, rank, world size, device): torchrun sets RANK/WORLD_SIZE; one process otherwise."""
     if int(os.environ.get('RANK', -1)) == -1:
         return False, 0, 1, torch.device(device)
-    # the communication threads started here inherit this thread's signal mask: with Ctrl-C/SIGTERM blocked there, the
-    # kernel delivers them to the main thread, whose handler stops cleanly (a SIGTERM delivered to a gloo thread aborted
-    # that rank: 'terminate called without an active exception', 3 runs in 32)
+    # the communication threads inherit this signal mask: Ctrl-C/SIGTERM go to the main thread, which stops cleanly
+    # (a SIGTERM delivered to a gloo thread aborted that rank: 'terminate called without an active exception')
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -470,8 +468,7 @@ def build_run(model, ckpt, dev, **fields):
 
 
 def setup(config):
-    """Everything the training loop reads, as one namespace (build_run's, with the processes, the data and the
-    compiled losses)."""
+    """Everything the training loop reads, as one namespace: build_run's state, processes, data, compiled losses."""
     eps, n_rounds = check_settings(config)
     ddp, rank, world, dev = start_processes()
     if global_batch_size % (world * batch_size):
@@ -508,8 +505,7 @@ def dt_of(r):
 
 
 def run_meta(run):
-    """The meta of the run's checkpoints and round directories: tokenizer, objective, schedule, and for sdtt the round
-    and the steps its student samples with."""
+    """The meta of its checkpoints and round directories (sdtt: the round, the steps its student samples with)."""
     m = {k: run.meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id', 'row_len', 'n_train_rows')}
     m.update(objective=objective, step=run.step, noise_schedule=run.schedule)
     if objective == 'sdtt':

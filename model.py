@@ -140,9 +140,8 @@ class DDiTBlock(nn.Module):
             # SDPA picks flash / memory-efficient kernels on GPU and a fused kernel on CPU; bidirectional unless causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            # decoding with a KV cache: keys/values of positions < start are already in the buffers, written by
-            # earlier calls; add these L positions and attend over all start + L. The mask is the causal one shifted
-            # by start (SDPA's is_causal aligns it top-left, wrong for start > 0); one new token sees everything.
+            # KV cache: positions < start are in the buffers already; add these L and attend over all start + L, with
+            # the causal mask shifted by start (SDPA's is_causal aligns it top-left); one new token sees everything.
             kv[0][:, :, start:start + L], kv[1][:, :, start:start + L] = k, v
             k, v = kv[0][:, :, :start + L], kv[1][:, :, :start + L]
             mask = None if L == 1 else torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
@@ -279,8 +278,7 @@ def check_config(args, names=None):
 
 
 def config_from_json(cfg, vocab_size=None):
-    """Map either published config.json layout (or ours) to a DiTConfig, type-checked (check_config). vocab_size:
-    from the weights if given."""
+    """Either published config.json layout (or ours) -> a checked DiTConfig; vocab_size: from the weights if given."""
     if 'model' in cfg and isinstance(cfg['model'], dict) and 'hidden_size' in cfg['model']:  # SDTT run config
         m, prefix, layout = cfg['model'], 'model.', _SDTT_NAMES
         args = {k: m[name] for k, name in layout.items() if name in m}

@@ -207,8 +207,7 @@ def split_of(rel_path):
 
 
 def local_source(src, args, issues):
-    """(docs, val docs or None, description, files) of a local file or directory; a directory with train and val
-    files (split_of) is split by them."""
+    """(docs, val docs or None, description, files) of a local file or directory (split by its split_of files)."""
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs if f.endswith(_TEXT_FILES)) \
         if os.path.isdir(src) else [src]
     if not files:
@@ -325,8 +324,7 @@ def write_split(docs, split, tmp_path, args, tok, pool):
 
 
 def write_dataset(splits, meta, outputs, existing, args, tok, issues):
-    """Writes the splits' .bin files and meta.json under temporary names, renamed at the end (meta.json last): a
-    crash never leaves a complete-looking but truncated dataset."""
+    """The .bin files and meta.json under temporary names, renamed at the end (meta last): never a truncated dataset."""
     tmp = [o + ".tmp" for o in outputs]
     # spawn, not fork: a forked child of a process whose OpenMP/torch thread pools already ran can deadlock. The
     # workers ignore Ctrl-C (a terminal sends it to them too): one killed while sending a result hung pool.terminate()
