@@ -1,16 +1,10 @@
 """
-nanoGPT-style configuration: a script defines its settings as lower-case module-level globals (its config block;
-UPPER_CASE names are constants), then calls
-
-    from configurator import configure
-    config = configure(globals())        # python distill.py config/kld_small.py --batch_size=16 --compile=False
-
-Each argument is either a config file (plain Python, executed; its top-level names override the defaults) or
---key=value (the value is a Python literal, or a bare string). Unlike nanoGPT's exec'd configurator:
-an unknown key is an error that lists the close matches, keys whose default is None can be set, an int is
-accepted where the default is a float, values may contain '=', a value of the wrong type is an error, and --help
-prints the script's docstring and its settings.
-Returns the resulting {key: value} dict of all settings (for logging and checkpoints).
+nanoGPT-style configuration: a script's settings are its lower-case module-level globals (its config block; UPPER_CASE
+names are constants), and `config = configure(globals())` applies the command line in order:
+a config file (plain Python, executed; its top-level names override the defaults) or --key=value (a Python literal,
+or a bare string). Unlike nanoGPT's exec'd configurator: an unknown key is an error listing the close matches, keys
+whose default is None can be set, an int is accepted for a float, values may contain '=', a value of the wrong type
+is an error, and --help prints the script's docstring and its settings. Returns {key: value} of all settings.
 """
 import ast
 import difflib
@@ -52,20 +46,21 @@ def check_choice(key, value, allowed):
 
 def check_sizes(config, **lowest):
     """One error naming every setting below its lowest sensible value (sizes, counts, intervals)."""
-    bad = [f'{k}={config[k]!r} (must be >= {v})' for k, v in lowest.items()
-           if not (isinstance(config[k], (int, float)) and config[k] >= v)]  # (a setting whose default is None takes any type)
+    bad = [f'{k}={config[k]!r} (must be >= {v})' for k, v in lowest.items()  # (a None default takes any type)
+           if not (isinstance(config[k], (int, float)) and config[k] >= v)]
     if bad:
         raise ValueError(f'impossible sizes: {", ".join(bad)}')
 
 
-def _comments(path):
-    """key -> the comment beside its assignment in a script's source, with the comment lines indented below it."""
+def _print_help(g, keys):
+    """--help: the script's docstring, then every setting with its value and the comment beside (and below) it."""
+    main = sys.modules['__main__']
     notes, last = {}, []
     try:
-        with open(path) as f:
+        with open(getattr(main, '__file__', '')) as f:
             lines = f.read().splitlines()
     except OSError:
-        return notes
+        lines = []
     for line in lines:
         m = re.match(r'([A-Za-z]\w*(?:\s*,\s*[A-Za-z]\w*)*)\s*=[^=#][^#]*(?:#\s?(.*))?$', line)
         if m:
@@ -77,7 +72,28 @@ def _comments(path):
                 notes[k] = (notes[k] + ' ' + line.strip()[1:].strip()).strip()
         else:
             last = []
-    return notes
+    print((main.__doc__ or '').strip() + '\n\nsettings (--key=value):')
+    for k in keys:
+        print(f'  --{k}={g[k]!r}' + (f'  # {notes[k]}' if notes.get(k) else ''))
+    sys.exit(0)
+
+
+def _read_config_file(arg):
+    """The settings a config file sets: its top-level names but imports, functions and private names."""
+    try:
+        with open(arg) as f:
+            code = f.read()
+    except OSError as e:
+        raise FileNotFoundError(f'config file {arg!r} could not be read ({e.strerror})') from e
+    print(f'Overriding config with {arg}')
+    ns = {}
+    try:
+        exec(compile(code, arg, 'exec'), ns)
+    except FileNotFoundError as e:  # a config that includes another (exec(open('config/...'))) elsewhere
+        what = f'{e.strerror}: {e.filename!r}' if e.filename else str(e)
+        raise FileNotFoundError(f'config file {arg!r}: {what} (paths in config files are relative to the '
+                                'working directory: run from the repo root)') from e
+    return {k: v for k, v in ns.items() if not k.startswith('_') and isinstance(v, _TYPES)}
 
 
 def configure(g, argv=None):
@@ -85,49 +101,27 @@ def configure(g, argv=None):
     keys = config_keys(g)
     defaults = {k: g[k] for k in keys}
     for arg in argv:
-        if arg in ('-h', '--help'):  # the script's docstring and every setting with its value and comment
-            main = sys.modules['__main__']
-            notes = _comments(getattr(main, '__file__', ''))
-            print((main.__doc__ or '').strip() + '\n\nsettings (--key=value):')
-            for k in keys:
-                print(f'  --{k}={g[k]!r}' + (f'  # {notes[k]}' if notes.get(k) else ''))
-            sys.exit(0)
+        if arg in ('-h', '--help'):
+            _print_help(g, keys)
         if not arg.startswith('--'):  # a config file
-            try:
-                with open(arg) as f:
-                    code = f.read()
-            except OSError as e:
-                raise FileNotFoundError(f'config file {arg!r} could not be read ({e.strerror})') from e
-            print(f'Overriding config with {arg}')
-            ns = {}
-            try:
-                exec(compile(code, arg, 'exec'), ns)
-            except FileNotFoundError as e:  # a config that includes another (exec(open('config/...'))) elsewhere
-                what = f'{e.strerror}: {e.filename!r}' if e.filename else str(e)
-                raise FileNotFoundError(f'config file {arg!r}: {what} (paths in config files are relative to the '
-                                        'working directory: run from the repo root)') from e
-            for k, v in ns.items():
-                if k.startswith('_') or not isinstance(v, _TYPES):
-                    continue  # imports, helper functions, private names
+            for k, v in _read_config_file(arg).items():
                 if k not in defaults:
                     raise _unknown(k, keys, arg)
                 g[k] = _check(k, v, defaults[k], arg)
+            continue
+        key, sep, val = arg[2:].partition('=')
+        if key not in defaults:
+            raise _unknown(key, keys, arg)
+        if not sep and not isinstance(defaults[key], bool):
+            raise ValueError(f'{arg}: expected --{key}=value')
+        val = val if sep else 'True'  # a bare --flag switches a boolean on
+        if isinstance(defaults[key], str):
+            value = val  # strings are taken as written: --out_dir=123 is the string '123'
         else:
-            key, sep, val = arg[2:].partition('=')
-            if key not in defaults:
-                raise _unknown(key, keys, arg)
-            if not sep:
-                if isinstance(defaults[key], bool):
-                    val = 'True'  # a bare --flag switches a boolean on
-                else:
-                    raise ValueError(f'{arg}: expected --{key}=value')
-            if isinstance(defaults[key], str):
-                value = val  # strings are taken as written: --out_dir=123 is the string '123'
-            else:
-                try:
-                    value = ast.literal_eval(val)
-                except (SyntaxError, ValueError):
-                    value = val
-            g[key] = _check(key, value, defaults[key], arg)
-            print(f'Overriding: {key} = {g[key]!r}')
+            try:
+                value = ast.literal_eval(val)
+            except (SyntaxError, ValueError):
+                value = val
+        g[key] = _check(key, value, defaults[key], arg)
+        print(f'Overriding: {key} = {g[key]!r}')
     return {k: g[k] for k in keys}

@@ -1,8 +1,8 @@
 """
-Masked diffusion (MDLM, Sahoo et al. 2024) in continuous time: the noise schedules (log-linear, cosine), time sampling, forward masking, the SUBS parameterisation, the NELBO loss and the ancestral sampler.
-
-Conventions: the MASK id is always the last vocabulary id (mask_id = V - 1); every function takes it (or V) as an
-argument, nothing assumes GPT-2's 50257. A "model" here is any callable model(ids [B, L], sigma [B]) -> logits [B, L, V].
+Masked diffusion (MDLM, Sahoo et al. 2024) in continuous time: the noise schedules (log-linear, cosine), time sampling,
+forward masking, the SUBS parameterisation, the NELBO loss and the ancestral sampler.
+The MASK id is always the last vocabulary id (mask_id = V - 1), passed as an argument (nothing assumes GPT-2's 50257).
+A "model" here is any callable model(ids [B, L], sigma [B]) -> logits [B, L, V].
 """
 import functools
 import inspect
@@ -85,11 +85,9 @@ def subs_log_probs(logits, xt, mask_id):
 
 
 def mdlm_loss(logits, x0, xt, t, mask_id, positions=None, schedule='loglinear'):
-    """MDLM NELBO per token: -log p_theta(x0 | xt) * m'(t)/m(t) summed over masked positions, divided
-    by the number of tokens. Unmasked positions contribute 0 (SUBS carry-over), so only the masked log-probs are
-    computed: a cross-entropy over the real tokens (fp32), without materialising the full SUBS tensor.
-    logits: [B, L, V], or [M, V] at positions, the flat indices of the masked positions of xt (training computes the
-    output layer only there; without positions they are found here, at the cost of a host sync)."""
+    """MDLM NELBO per token: -log p_theta(x0 | xt) * m'(t)/m(t) summed over the masked positions (the others add 0:
+    SUBS carry-over) / the number of tokens, as an fp32 cross-entropy over the real tokens there. logits: [B, L, V],
+    or [M, V] at positions, the flat indices of xt's masked positions (None: found here, with a host sync)."""
     if positions is None:
         positions = (xt == mask_id).flatten().nonzero().squeeze(1)
         logits = logits.flatten(0, 1)[positions]
@@ -128,23 +126,19 @@ def gives_distribution(logits):
 
 
 def check_finite(finite, what='the model'):
-    """The one sync of a sampler's NaN check (see draw_categorical): a diverged or overflowing model must not pass
-    for one that samples the last token everywhere."""
+    """The one sync of a sampler's NaN check: a diverged model must not pass for one that samples the last token."""
     if not bool(finite):
         raise FloatingPointError(f'{what} gave NaN/inf logits while sampling: the samples are meaningless (a diverged '
                                  'checkpoint, or fp16/bf16 overflow of a model cast whole: sample it in float32)')
 
 
 def in_eval_mode(sampler):
-    """Samplers sample without dropout (MDLM's restore_model_and_sample): a model(first argument) in train mode is
-    put in eval mode for the call and back in train mode after it."""
+    """The sampler with its model (first argument) in eval mode, as MDLM's restore_model_and_sample, then back."""
     @functools.wraps(sampler)
     def run(model, *args, **kwargs):
         training = isinstance(model, torch.nn.Module) and model.training
-        if training:
-            model.eval()
         try:
-            return sampler(model, *args, **kwargs)
+            return sampler(model.eval() if training else model, *args, **kwargs)
         finally:
             if training:
                 model.train()
@@ -190,10 +184,58 @@ def prior(model, n_samples, seq_len, mask_id, bos_id=None, add_bos=True, project
 
 
 def takes_positions(model):
-    """Whether model(ids, sigma, positions) computes logits at those flat positions only (model.DiT does; also
-    through torch.compile's wrapper)."""
+    """Whether model(ids, sigma, positions) computes logits at those flat positions only (a DiT, also compiled)."""
     m = getattr(model, '_orig_mod', model)
     return 'positions' in inspect.signature(m.forward if isinstance(m, torch.nn.Module) else m).parameters
+
+
+def run_model(model, schedule, t, x, *positions):
+    """model's logits for x [B, L] at time t (a float), under bf16 autocast on CUDA."""
+    with torch.autocast('cuda', dtype=torch.bfloat16) if x.device.type == 'cuda' else nullcontext():
+        return model(x, sigma(torch.full((x.shape[0],), t, device=x.device), schedule), *positions)
+
+
+def reveal_tokens(forward, x, reveal, u_token, mask_id, cache, head_only, finite):
+    """The tokens at the positions reveal [B, L] (host bool) drawn in float64 from forward's logits there, the output
+    layer only at those positions if head_only, the forward only for the sequences that change if cache (MDLM's
+    ddpm_cache). Returns (the new x, the sequence-forwards run)."""
+    B, L = x.shape
+    b, l = reveal.nonzero(as_tuple=True)  # about L/num_steps per sequence get a float64 draw
+    flat = to_device(b * L + l, x.device)  # flat indices into the B * L positions
+    xs, at = x, flat  # the sequences run and the revealed positions among them
+    if cache:  # only the sequences this step changes
+        changed = reveal.any(dim=1)
+        rows = changed.nonzero().squeeze(1)
+        if not len(b):  # (without cache every step runs a forward: NFE = steps, as MDLM's sampler)
+            return x, 0
+        if len(rows) < B:
+            xs, at = x[to_device(rows, x.device)], to_device((changed.cumsum(0)[b] - 1) * L + l, x.device)
+    if head_only:  # a new count every step, 0 and 1 included: unbacked, one compiled graph for all
+        if 'torch._dynamo' in sys.modules:  # (a compiled model imported it; importing it costs ~1 s)
+            torch._dynamo.decorators.mark_unbacked(at, 0)
+        picked = forward(xs, at)
+    else:
+        picked = forward(xs)[at // L, at % L]
+    x_new = x.clone()
+    x_new.view(-1)[flat] = draw_categorical(picked[:, :mask_id], to_device(u_token[reveal], x.device), finite=finite)
+    return x_new, len(xs)
+
+
+def final_denoise(forward, x, masked, mask_id, final_step, generator, finite):
+    """Still masked positions: the argmax of one more forward (MDLM/SDTT) or a float64 draw (DUO) -> (x, forwards)."""
+    rows = masked.any(dim=1).nonzero().squeeze(1)
+    if not len(rows):
+        return x, 0
+    rows = to_device(rows, x.device)
+    final = forward(x[rows])[..., :mask_id]
+    finite &= gives_distribution(final)
+    if final_step == 'draw':  # (uniforms for every position of these rows, after all the steps' draws)
+        u = to_device(torch.rand(final.shape[:2], dtype=torch.float64, generator=generator), x.device)
+        fill = draw_categorical(final.flatten(0, 1), u.flatten(), finite=finite).view(final.shape[:2])
+    else:
+        fill = final.argmax(-1)
+    x[rows] = torch.where(x[rows] == mask_id, fill, x[rows])
+    return x, len(rows)
 
 
 @in_eval_mode
@@ -201,106 +243,60 @@ def takes_positions(model):
 def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_bos=True, project_fn=None, cache=False,
            eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None, head_only=None,
            final_step='argmax', schedule=None):
-    """Ancestral sampling (SPEC §4) from prior() (all MASK, BOS first); project_fn(x) (a prompt) is applied to the
-    prior and after every step. A step from t to s keeps a masked position masked w.p. m(s)/m(t) (schedule: default
-    the model's, schedule_of(model.meta)), else draws its token in float64 from SUBS; unmasked tokens never change.
-    Positions still masked at the end get the argmax of one more forward (final_step='argmax', MDLM/SDTT) or a
-    float64 draw from it ('draw': DUO's noise_removal 'ancestral'). The host draws every random number
-    (generator: a CPU torch.Generator, default seeded with seed), so it knows the reveals before the forward: no
-    sync per step, and the same reveals on every device.
-    cache=True (MDLM's ddpm_cache, per sequence): only the sequences a step changes are run; the same random numbers,
-    so the same tokens up to floating point (nfe counts the forwards run). head_only (default: when the model takes
-    positions): the output layer only at the revealed positions; pass False for CUDA graphs.
-    step_fn(x, logits, t, s, u, mask_id, schedule) -> new x replaces the ancestral update (u: float64 uniforms [B, L];
-    a sync per step). Returns (tokens [n_samples, seq_len] int64, nfe: forwards per sequence)."""
-    if mask_id is None:
-        vocab = getattr(getattr(model, 'config', None), 'vocab_size', None)
-        if vocab is None:
-            raise ValueError('mask_id is required for a model without .config.vocab_size')
-        mask_id = vocab - 1
+    """Ancestral sampling (SPEC §4) from prior(), project_fn(x) (a prompt) applied to it and after every step. A step
+    from t to s keeps a masked position masked w.p. m(s)/m(t) (schedule: default the model's), else reveal_tokens
+    draws it; then final_denoise (final_step). The host draws every random number (generator: a CPU torch.Generator,
+    default seeded with seed), so it knows the reveals before the forward: no sync per step, the same reveals on any
+    device. cache, head_only: see reveal_tokens (head_only=False for CUDA graphs). step_fn(x, logits, t, s, u, mask_id,
+    schedule) -> new x replaces the ancestral update (u: float64 uniforms [B, L]; a sync per step).
+    Returns (tokens [n_samples, seq_len] int64, nfe: forwards per sequence)."""
+    vocab = getattr(getattr(model, 'config', None), 'vocab_size', None)
+    if mask_id is None and vocab is None:
+        raise ValueError('mask_id is required for a model without .config.vocab_size')
+    mask_id = vocab - 1 if mask_id is None else mask_id
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
     if final_step not in ('argmax', 'draw'):
         raise ValueError(f"final_step must be 'argmax' (MDLM/SDTT) or 'draw' (DUO), got {final_step!r}")
-    if device is None:
-        p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-        device = p.device if p is not None else torch.device('cpu')
-    device = torch.device(device)
-    if generator is None:  # on the host: see below
-        generator = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
     if step_fn is not None and (cache or head_only):
         raise ValueError('cache and head_only need the ancestral step (its reveals are known before the forward), '
                          'not a step_fn')
-    if head_only is None:
-        head_only = step_fn is None and takes_positions(model)
+    if device is None:
+        p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        device = p.device if p is not None else 'cpu'
+    if generator is None:  # on the host: see above
+        generator = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
+    head_only = step_fn is None and takes_positions(model) if head_only is None else head_only
     schedule = schedule or schedule_of(getattr(model, 'meta', None))
-
-    def forward(x, t, *positions):
-        with autocast:
-            return model(x, sigma(torch.full((x.shape[0],), t, device=device), schedule), *positions)
-
-    x = prior(model, n_samples, seq_len, mask_id, bos_id, add_bos, project_fn, device)
-    # the reveals depend on m(s)/m(t) only: the host tracks what is masked, and this is the only sync (step_fn aside)
-    masked = (x == mask_id).cpu()
-    finite = torch.ones((), dtype=torch.bool, device=device)  # all logits finite so far (checked once, at the end)
+    x = prior(model, n_samples, seq_len, mask_id, bos_id, add_bos, project_fn, torch.device(device))
+    masked = (x == mask_id).cpu()  # the host tracks what is masked: the only sync (step_fn aside)
+    finite = torch.ones((), dtype=torch.bool, device=x.device)  # all logits finite so far (checked once, at the end)
     ts, dt = sampling_grid(num_steps, eps)
     n_forward = 0  # sequence-forwards
-    steps = ts
     if verbose:
         from tqdm import tqdm
-        steps = tqdm(ts, desc=f'sampling {n_samples}x{seq_len}, {num_steps} steps')
-    for t in steps:
+    for t in tqdm(ts, desc=f'sampling {n_samples}x{seq_len}, {num_steps} steps') if verbose else ts:
         s = max(t - dt, 0.0)
         # draws for every position at every step, so caching (which skips forwards) sees the same randomness
         u_reveal = torch.rand(x.shape, dtype=torch.float64, generator=generator)
         u_token = torch.rand(x.shape, dtype=torch.float64, generator=generator)
         if step_fn is not None:  # decides on the device: the host learns the new state with one sync
-            logits = forward(x, t)
+            logits = run_model(model, schedule, t, x)
             finite &= gives_distribution(logits[..., :mask_id])
-            x_new = step_fn(x, logits, t, s, to_device(u_token, device), mask_id, schedule)
+            x_new = step_fn(x, logits, t, s, to_device(u_token, x.device), mask_id, schedule)
             n_forward += n_samples
             masked = (x_new == mask_id).cpu()
         else:
             m_t, m_s = move_chance(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
             reveal = masked & (u_reveal >= m_s / m_t)  # P(reveal) = 1 - m(s)/m(t)
-            b, l = reveal.nonzero(as_tuple=True)  # about L/num_steps per sequence get a float64 draw
-            flat = to_device(b * seq_len + l, device)  # flat indices into the B * L positions
-            xs, at = x, flat  # the sequences run and the revealed positions among them
-            if cache:  # only the sequences this step changes
-                changed = reveal.any(dim=1)
-                rows = changed.nonzero().squeeze(1)
-                if len(rows) < n_samples:
-                    xs, at = x[to_device(rows, device)], to_device((changed.cumsum(0)[b] - 1) * seq_len + l, device)
-            x_new = x
-            if len(b) or not cache:  # (without cache every step runs a forward: NFE = steps, as MDLM's sampler)
-                if head_only:  # a new count every step, 0 and 1 included: unbacked, one compiled graph for all
-                    if 'torch._dynamo' in sys.modules:  # (a compiled model imported it; importing it costs ~1 s)
-                        torch._dynamo.decorators.mark_unbacked(at, 0)
-                    picked = forward(xs, t, at)
-                else:
-                    picked = forward(xs, t)[at // seq_len, at % seq_len]
-                n_forward += len(xs)
-                x_new = x.clone()
-                x_new.view(-1)[flat] = draw_categorical(picked[:, :mask_id], to_device(u_token[reveal], device),
-                                                        finite=finite)
+            forward = functools.partial(run_model, model, schedule, t)
+            x_new, n = reveal_tokens(forward, x, reveal, u_token, mask_id, cache, head_only, finite)
+            n_forward += n
             masked = masked & ~reveal
-        if project_fn is not None:
-            x_new = project(project_fn, x_new)  # (it rewrites the prompt, never masked after the first projection)
-        x = x_new
-    rows = masked.any(dim=1).nonzero().squeeze(1)  # final denoise: fill what is still masked by the argmax
-    if len(rows):
-        rows = to_device(rows, device)
-        final = forward(x[rows], ts[-1] - dt)[..., :mask_id]
-        finite &= gives_distribution(final)
-        n_forward += len(rows)
-        if final_step == 'draw':  # (uniforms for every position of these rows, after all the steps' draws)
-            u = to_device(torch.rand(final.shape[:2], dtype=torch.float64, generator=generator), device)
-            fill = draw_categorical(final.flatten(0, 1), u.flatten(), finite=finite).view(final.shape[:2])
-        else:
-            fill = final.argmax(-1)
-        x[rows] = torch.where(x[rows] == mask_id, fill, x[rows])
-        if project_fn is not None:
-            x = project(project_fn, x)
+        x = x_new if project_fn is None else project(project_fn, x_new)  # (the prompt: never masked after the prior)
+    forward = functools.partial(run_model, model, schedule, ts[-1] - dt)
+    x, n = final_denoise(forward, x, masked, mask_id, final_step, generator, finite)
+    if n and project_fn is not None:
+        x = project(project_fn, x)
     check_finite(finite)
-    return x, n_forward / n_samples
+    return x, (n_forward + n) / n_samples

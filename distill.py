@@ -9,9 +9,8 @@ Training for the three objectives of the project, one nanoGPT-style script:
     python distill.py config/kld_small.py --init_from=resume              # continue out_dir/ckpt.pt exactly
 
 Writes to out_dir: ckpt.pt (latest state, atomic), log.jsonl (a JSON line per log/eval step and round end) and, for
-sdtt, round_{r}_steps_{n}/ per round (the EMA student after r rounds, to sample with n steps; save_pretrained layout).
-A step's batch and random draws are functions of (seed, step, micro-batch): a resumed run, or another number of GPUs
-at the same global batch, sees the same data and noise.
+sdtt, round_{r}_steps_{n}/ (the EMA student after r rounds, to sample with n steps; save_pretrained layout). A step's
+data and random draws are functions of (seed, step, micro-batch): the same on resume, and on any number of GPUs.
 """
 import copy
 import json
@@ -32,12 +31,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import check_choice, check_sizes, config_keys, configure
-from diffusion import (NOISE_SCHEDULES, SAMPLE_EPS, draw_categorical, mdlm_loss, move_chance, q_xt, sample_t, schedule_of, sigma,
-                       to_device)
+from diffusion import (NOISE_SCHEDULES, SAMPLE_EPS, draw_categorical, mdlm_loss, move_chance, q_xt, sample_t,
+                       schedule_of, sigma, to_device)
 from fileio import RunLocked, WriteFailed, read_jsonl, release_lock, run_lock, write_failed
-from model import (DiT, DiTConfig, check_device, default_meta, is_ar_state_dict, load_pretrained, load_state_dict_strict,
-                   save_pretrained,
-                   strip_prefix, write_atomic)
+from model import (DiT, DiTConfig, check_device, default_meta, is_ar_state_dict, load_pretrained,
+                   load_state_dict_strict, read_checkpoint, save_pretrained, strip_prefix, write_atomic)
 from prepare_data import load_meta, open_split
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -47,8 +45,7 @@ data_dir = 'data/owt'       # written by prepare_data.py: train.bin, val.bin, me
 out_dir = 'out/sdtt'
 init_from = 'kuleshov-group/mdlm-owt'  # 'scratch' | 'resume' | hub id | model dir | ckpt.pt or its out_dir | MDLM .ckpt
 init_revision = None        # hub revision of init_from (e.g. 'teacher_1M_sm' of jdeschena/sdtt)
-# model (init_from='scratch'; a loaded or resumed model keeps its own architecture, except dropout: one set here to
-# another value is an error)
+# model (init_from='scratch'; a loaded or resumed model keeps its architecture: another value set here is an error)
 n_layer, n_head, n_embd, cond_dim, block_size = 12, 12, 768, 128, 1024
 dropout = 0.1
 time_conditioning = False
@@ -64,26 +61,21 @@ ema_decay = 0.9999          # EMA of the weights, warm-up min(decay, (1+n)/(10+n
 sampling_eps = None         # lowest training t; None: 1e-5 for sdtt (SDTT), 1e-3 for mdlm (MDLM)
 # SDTT
 num_distill_steps = 2       # K: teacher steps the student learns to take in one
-divergence = 'kld'          # a name of DIVERGENCES: 'kld' (reverse KL) | 'kl_fwd' | 'mse' | 'tvd' (reference: L1 of
-                            # log-probs) | 'tvd_true'
+divergence = 'kld'          # a name of DIVERGENCES: 'kld' (reverse KL) | 'kl_fwd' | 'mse' | 'tvd' | 'tvd_true'
 reference_time_grid = False # True: the reference's buggy teacher times t*space + (1 - t)*t_end (SPEC §5)
 teacher_num_steps = 1024    # sampling steps of the original teacher; round r: dt = (1 - 1e-5)/teacher_num_steps * K^r
 round_every = 10000         # optimiser steps per round
 min_num_sampling_steps = 8  # stop before a round whose student would sample with fewer steps
 teacher_from_ema = False    # at a round boundary the teacher (and student) become the EMA weights, EMA restarts
 reset_optimizer_each_round = False  # at a round boundary AdamW's moments are cleared and the LR warms up again
-# logging, evaluation, checkpoints
+# logging, evaluation (eval_iters batches of batch_size rows in all, shared among the processes), checkpoints
 log_interval, eval_interval, eval_iters, ckpt_interval = 10, 1000, 20, 1000
-# (validation: eval_iters batches of batch_size rows in all, shared among the processes; a loss line is also logged
-# at every checkpoint, so a resumed run logs the same lines as an uninterrupted one)
-wandb_log, wandb_project, wandb_run_name = False, 'sdtt', 'run'
 # system
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16'          # 'bfloat16' (autocast on CUDA; losses always fp32) | 'float32'
 compile = False
-compile_mode = 'default'    # or 'max-autotune-no-cudagraphs' (tunes the matmuls; minutes to build). Not CUDA graphs:
-                            # the teacher's output is written in place (teacher_targets)
+compile_mode = 'default'    # or 'max-autotune-no-cudagraphs' (no CUDA graphs: teacher_targets writes in place)
 peak_flops = 989e12         # per device, for MFU (H100 SXM dense bf16)
 _DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
 OBJECTIVES = {'sdtt': 'val_distill_loss', 'mdlm': 'val_nelbo', 'ar': 'val_loss'}  # name -> its validation loss's key
@@ -92,8 +84,7 @@ COMPILE_MODES = ('default', 'max-autotune-no-cudagraphs')  # (bench.py's trainin
 # run computes: a resumed run with any other setting changed warns that it is no exact continuation
 KEPT = ('n_layer', 'n_head', 'n_embd', 'cond_dim', 'block_size', 'time_conditioning', 'noise_schedule')
 FREE_ON_RESUME = KEPT + ('init_from', 'init_revision', 'out_dir', 'max_iters', 'log_interval', 'eval_interval',
-                         'eval_iters', 'ckpt_interval', 'wandb_log', 'wandb_project', 'wandb_run_name', 'device',
-                         'compile', 'compile_mode', 'peak_flops')
+                         'eval_iters', 'ckpt_interval', 'device', 'compile', 'compile_mode', 'peak_flops')
 
 
 # ----------------------------------------------------------------------------------------------------------- losses
@@ -105,10 +96,9 @@ def real_log_probs(logits, mask_id):
 
 
 def teacher_times(t, dt, K, reference_grid=False):
-    """Start times [K, B] of the K teacher steps from t [B]; each step goes from t_k to t_k - dt.
-    Intended: t_k = t - k dt. Reference (SPEC §5 bug): t*space + (1 - t)*t_end, space = linspace(1, 0, K),
-    t_end = t - K dt; its first step starts near t(2 - t) and reveals a factor 1/(2 - t) fewer tokens.
-    Both are clamped below at 1e-5 (the end of the sampling grid), as in the reference."""
+    """Start times [K, B] of the K teacher steps from t [B], each to t_k - dt: t_k = t - k dt, clamped below at 1e-5
+    as in the reference. The reference's grid (SPEC §5 bug): t*space + (1 - t)*(t - K dt), space = linspace(1, 0, K):
+    its first step starts near t(2 - t) and reveals a factor 1/(2 - t) fewer tokens."""
     if reference_grid:
         space = torch.linspace(1, 0, K, dtype=t.dtype, device=t.device)[:, None]
         ts = t * space + (1 - t) * (t - K * dt)
@@ -118,10 +108,9 @@ def teacher_times(t, dt, K, reference_grid=False):
 
 
 def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_grid=False, schedule='loglinear'):
-    """Every random draw of one micro-batch x0 [B, L], on the host (the caller seeds the CPU generator): x0, t [B], xt,
-    pos [M] (flat indices of the positions masked in xt: the only ones with a loss); sdtt: teacher_t [K, B], and for
-    each teacher step k < K-1 reveal_k (the rows of pos it reveals, w.p. 1 - m(s)/m(t_k)) and u_k (their float64
-    uniforms). The host thus knows every size: the step never waits for the GPU. ar draws nothing."""
+    """Every random draw of one micro-batch x0 [B, L], on the host (the caller seeds it), so the step never waits for
+    the GPU to learn a size: t [B], xt, pos [M] (flat indices of xt's masked positions, the only ones with a loss);
+    sdtt: teacher_t [K, B] and, per teacher step k < K-1, reveal_k (the rows of pos it reveals) and u_k (float64)."""
     if objective == 'ar':
         return dict(x0=x0)
     B, L = x0.shape
@@ -145,10 +134,9 @@ def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_gri
 
 @torch.no_grad()
 def teacher_targets(teacher, b, K, mask_id, bf16=False, schedule='loglinear'):
-    """SDTT soft targets (SPEC §5): the teacher's logits [M, V] at the positions masked in x_t after K ancestral steps
-    of size dt, each drawing its reveals from the teacher's own prediction (float64). A position revealed at step k
-    gets step k's distribution, the others the last step's: before the last step the output layer runs only at the
-    rows that step reveals (about M dt/t)."""
+    """SDTT soft targets (SPEC §5): the teacher's logits [M, V] at x_t's masked positions after K float64 ancestral
+    steps of size dt: a position revealed at step k gets step k's distribution, the others the last step's (before
+    the last step the output layer runs only at the rows that step reveals, about M dt/t)."""
     x, pos, kept = b['xt'], b['pos'], []
     for k in range(K):
         at = pos if k == K - 1 else pos[b[f'reveal_{k}']]
@@ -177,8 +165,6 @@ DIVERGENCES = {
 
 def sdtt_divergence(ls, lt, name):
     """DIVERGENCES[name] of student ls and teacher lt log-probs [M, V-1] (fp32), averaged over the M positions."""
-    if name not in DIVERGENCES:
-        raise ValueError(f'divergence must be one of {list(DIVERGENCES)}, got {name!r}')
     d = DIVERGENCES[name](ls, lt)
     return d.sum() / max(d.shape[0], 1)  # a micro-batch with nothing masked: 0, not NaN
 
@@ -192,8 +178,7 @@ class Objective(torch.nn.Module):
         self.schedule = schedule
 
     def forward(self, x0, xt=None, t=None, pos=None, target=None):
-        """ar: next-token loss of x0. mdlm: NELBO of x0 from xt (mdlm_loss). sdtt: divergence from the teacher, whose
-        logits at pos are target [M, V]."""
+        """ar: next-token loss of x0. mdlm: NELBO of x0 from xt. sdtt: divergence from the teacher's logits target."""
         with torch.autocast('cuda', dtype=torch.bfloat16) if self.bf16 else nullcontext():
             logits = self.net(x0[:, :-1]) if self.objective == 'ar' else self.net(xt, sigma(t, self.schedule), pos)
         if self.objective == 'ar':
@@ -245,8 +230,7 @@ def epoch_permutation(n_rows, seed, epoch):
 
 def get_batch(data, first, count, seed, seq_len):
     """Samples first .. first+count-1 of the stream "every row once per epoch, in a seeded random order", as int64
-    [count, seq_len] on the host (rows cut to seq_len).
-    Sample i of step s is global sample s * global_batch_size + i."""
+    [count, seq_len] on the host (rows cut to seq_len). Sample i of step s is global sample s * global_batch_size + i."""
     n = len(data)
     rows = np.array([epoch_permutation(n, seed, i // n)[i % n] for i in range(first, first + count)])
     return torch.from_numpy(data[rows, :seq_len].astype(np.int64))
@@ -281,8 +265,8 @@ MDLM_GLOBALS = ('omegaconf.', 'transformers.models.', 'tokenizers.', 'pytorch_li
 
 
 def refused_checkpoint(path, e):
-    """Why torch.load(weights_only=True) refused path (e), naming the globals it would have to run: the conversion of
-    an MDLM Lightning checkpoint is advised only when those are all what such a checkpoint holds."""
+    """Why torch.load(weights_only=True) refused path (e): the conversion of an MDLM Lightning checkpoint is advised
+    only when the globals it would have to run are all what such a checkpoint holds."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as e2:  # not a zip nor a pickle: not a torch checkpoint at all
@@ -302,9 +286,9 @@ def refused_checkpoint(path, e):
 
 
 def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
-    """A checkpoint of the original MDLM code ("distill a model you trained yourself"): weights under 'state_dict' with
-    'backbone.' prefixes, EMA under 'ema' -> 'shadow_params' (a list in parameter order), used when present.
-    Its pickled hyper-parameters are not read, so n_head and block_size come from the config."""
+    """A checkpoint of the original MDLM code: weights under 'state_dict' ('backbone.' prefixes), EMA under 'ema' ->
+    'shadow_params' (a list in parameter order), used when present. Its pickled hyper-parameters are not read: n_head
+    and block_size come from the config."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'init_from={path}: no such file')
     try:
@@ -355,7 +339,7 @@ def append_log(path, record, keep_upto=None):
 # ----------------------------------------------------------------------------------------------------------- setup
 # (these read the settings as module globals, as main() leaves them)
 def check_settings(config):
-    """Bad settings fail before anything is loaded or written. Returns the lowest training t and the number of rounds."""
+    """Bad settings fail before anything is written. Returns the lowest training t and the rounds (mdlm, ar: inf)."""
     check_choice('objective', objective, tuple(OBJECTIVES))
     check_choice('divergence', divergence, tuple(DIVERGENCES))
     if not init_from:
@@ -375,16 +359,17 @@ def check_settings(config):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise ValueError(f'sampling_eps={sampling_eps!r}: the lowest training t must be a number in (0, 1) (MDLM 1e-3, '
                          'SDTT 1e-5), or None for those defaults')
-    return eps, count_rounds(teacher_num_steps, num_distill_steps, min_num_sampling_steps) if objective == 'sdtt' else 0
+    if objective != 'sdtt':
+        return eps, math.inf
+    return eps, count_rounds(teacher_num_steps, num_distill_steps, min_num_sampling_steps)
 
 
 def start_processes():
     """(ddp, rank, world size, device): torchrun sets RANK/WORLD_SIZE; one process otherwise."""
     if int(os.environ.get('RANK', -1)) == -1:
         return False, 0, 1, torch.device(device)
-    # the communication threads started here inherit this thread's signal mask: with Ctrl-C/SIGTERM blocked in them,
-    # the kernel delivers those to the main thread, whose handler stops the run cleanly (delivered to a gloo thread, a
-    # SIGTERM to one rank aborted it: 'terminate called without an active exception', 3 runs in 32)
+    # the communication threads inherit this signal mask: Ctrl-C/SIGTERM go to the main thread, which stops cleanly
+    # (a SIGTERM delivered to a gloo thread aborted that rank: 'terminate called without an active exception')
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -394,31 +379,31 @@ def start_processes():
     return True, dist.get_rank(), dist.get_world_size(), dev
 
 
+def read_resume_checkpoint(config, meta, ckpt_path, master):
+    """out_dir's ckpt.pt, with a warning naming the settings and data that differ from the run's."""
+    ckpt = read_checkpoint(ckpt_path, '; restore it or start a new out_dir')
+    if ckpt['config'].get('objective') != objective:
+        raise ValueError(f"{ckpt_path} is a run of objective={ckpt['config'].get('objective')!r}, not {objective!r}: "
+                         f"resume it with its own config, or start {objective} in another out_dir")
+    changed = [k for k in config if k not in FREE_ON_RESUME and ckpt['config'].get(k) != config[k]]
+    was = {k: ckpt.get('meta', {}).get(k) for k in ('row_len', 'n_train_rows')}  # (None: an older checkpoint)
+    changed += [f'{data_dir} re-prepared: {k} {meta.get(k)} (the run: {v})' for k, v in was.items()
+                if v is not None and v != meta.get(k)]
+    if changed and master:
+        print(f'warning: resuming with other {", ".join(changed)} than {ckpt_path}: not an exact continuation')
+    return ckpt
+
+
 def load_models(config, meta, ckpt_path, master):
     """The network to train (a run's ckpt.pt to resume, a new one, or trained weights: the teacher of sdtt) and the
     ckpt dict when resuming. A loaded network keeps its architecture and noise schedule; config records them."""
     if init_from == 'resume' and not os.path.exists(ckpt_path):
         raise FileNotFoundError(f'init_from=resume: no {ckpt_path} (start a run first, or fix out_dir)')
-    if master:  # one run per out_dir: only rank 0 writes, so only it takes the lock (a second torchrun's rank 0 fails)
-        run_lock(out_dir)  # (released at the end of main, or when the process ends)
+    if master:  # one run per out_dir: only rank 0 writes, so only it takes the lock (released at the end of main)
+        run_lock(out_dir)
     ckpt = source = None
     if init_from == 'resume':
-        # mmap: the processes of a node share the file's pages instead of each reading its own copy (the large model's
-        # checkpoint with teacher, EMA and optimiser is ~17 GB: x8 ranks would not fit in many nodes' RAM)
-        try:
-            ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
-        except Exception as e:  # a truncated copy, a file of something else
-            raise ValueError(f'{ckpt_path} is not a readable checkpoint ({type(e).__name__}: {e}); restore it or start '
-                             'a new out_dir') from e
-        if ckpt['config'].get('objective') != objective:
-            raise ValueError(f"{ckpt_path} is a run of objective={ckpt['config'].get('objective')!r}, not {objective!r}: "
-                             f"resume it with its own config, or start {objective} in another out_dir")
-        changed = [k for k in config if k not in FREE_ON_RESUME and ckpt['config'].get(k) != config[k]]
-        was = {k: ckpt.get('meta', {}).get(k) for k in ('row_len', 'n_train_rows')}  # (None: an older checkpoint)
-        changed += [f'{data_dir} re-prepared: {k} {meta.get(k)} (the run: {v})' for k, v in was.items()
-                    if v is not None and v != meta.get(k)]
-        if changed and master:
-            print(f'warning: resuming with other {", ".join(changed)} than {ckpt_path}: not an exact continuation')
+        ckpt = read_resume_checkpoint(config, meta, ckpt_path, master)
         model = DiT(replace(DiTConfig(**ckpt['model_args']), dropout=dropout))  # (dropout: as a loaded model's)
         model.load_state_dict(ckpt['model'])
     elif os.path.exists(ckpt_path):
@@ -458,10 +443,10 @@ def load_models(config, meta, ckpt_path, master):
     return model, ckpt
 
 
-def build_run(model, ckpt, ckpt_path, schedule, dev, master):
+def build_run(model, ckpt, dev, **fields):
     """The state of a run: the student (or mdlm/ar model), its EMA, for sdtt the frozen teacher (not a submodule of the
     student: no grads, EMA or optimiser state), AdamW, counters; from ckpt when resuming."""
-    run = SimpleNamespace(model=model.to(dev), step=0, round=0, ema_updates=0, schedule=schedule,
+    run = SimpleNamespace(model=model.to(dev), step=0, round=0, ema_updates=0, dev=dev, **fields,
                           finite=torch.ones((), dtype=torch.bool, device=dev))  # (finite: no NaN since the last check)
     run.ema = copy.deepcopy(model).requires_grad_(False).eval()
     run.teacher = copy.deepcopy(model).requires_grad_(False).eval() if objective == 'sdtt' else None
@@ -477,8 +462,39 @@ def build_run(model, ckpt, ckpt_path, schedule, dev, master):
         g.update(weight_decay=weight_decay, betas=(beta1, beta2))
     run.step, run.round, run.ema_updates = ckpt['step'], ckpt['round'], ckpt['ema_updates']
     torch.set_rng_state(ckpt['rng']['torch'])  # (device generators: reseeded by every micro-batch, not saved)
-    if master:
-        print(f'resumed {ckpt_path} at step {run.step}, round {run.round}')
+    if run.master:
+        print(f'resumed {run.ckpt_path} at step {run.step}, round {run.round}')
+    return run
+
+
+def setup(config):
+    """Everything the training loop reads, as one namespace: build_run's state, processes, data, compiled losses."""
+    eps, n_rounds = check_settings(config)
+    ddp, rank, world, dev = start_processes()
+    if global_batch_size % (world * batch_size):
+        raise ValueError(f'global_batch_size={global_batch_size} is not divisible by world size {world} x '
+                         f'batch_size {batch_size}: change batch_size or global_batch_size')
+    torch.manual_seed(seed)
+    if dev.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    meta = load_meta(data_dir)
+    train_data, val_data = open_split(data_dir, 'train'), open_split(data_dir, 'val')
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    model, ckpt = load_models(config, meta, ckpt_path, rank == 0)
+    seq_len = min(meta['row_len'], model.config.block_size)
+    if seq_len < meta['row_len'] and rank == 0:
+        print(f"note: the rows of {data_dir} have {meta['row_len']} tokens, the model takes {seq_len}: it trains on the "
+              f"first {seq_len} of each row (prepare the data with --row_len={seq_len} to use all of it)")
+    run = build_run(model, ckpt, dev, eps=eps, n_rounds=n_rounds, ddp=ddp, rank=rank, world=world, master=rank == 0,
+                    grad_accum=global_batch_size // (world * batch_size), meta=meta, mask_id=meta['mask_id'],
+                    schedule=config['noise_schedule'], train_data=train_data, val_data=val_data, ckpt_path=ckpt_path,
+                    seq_len=seq_len, bf16=dev.type == 'cuda' and dtype == 'bfloat16')
+    # the network and its loss compiled as one graph, for a number of masked positions that changes every step
+    fwd = Objective(model, objective, run.mask_id, divergence, run.bf16, run.schedule)
+    fwd = torch.compile(fwd, mode=compile_mode) if compile else fwd
+    run.fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None) if ddp else fwd
+    run.ema_fwd = Objective(run.ema, objective, run.mask_id, divergence, run.bf16, run.schedule)
+    run.teacher_fwd = torch.compile(run.teacher, mode=compile_mode) if compile and objective == 'sdtt' else run.teacher
     return run
 
 
@@ -488,10 +504,9 @@ def dt_of(r):
     return (1 - SAMPLE_EPS) / teacher_num_steps * num_distill_steps ** r
 
 
-def run_meta(run, meta):
-    """The meta of the run's checkpoints and round directories: tokenizer, objective, schedule, and for sdtt the round
-    and the steps its student samples with."""
-    m = {k: meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id', 'row_len', 'n_train_rows')}
+def run_meta(run):
+    """The meta of its checkpoints and round directories (sdtt: the round, the steps its student samples with)."""
+    m = {k: run.meta.get(k) for k in ('tokenizer', 'bos_id', 'eos_id', 'mask_id', 'row_len', 'n_train_rows')}
     m.update(objective=objective, step=run.step, noise_schedule=run.schedule)
     if objective == 'sdtt':
         m.update(round=run.round, num_sampling_steps=teacher_num_steps // num_distill_steps ** run.round,
@@ -499,31 +514,59 @@ def run_meta(run, meta):
     return m
 
 
-def write_checkpoint(run, config, meta, path):
+def write_checkpoint(run, config):
     """ckpt.pt: everything an exact resume needs. Never a non-finite state: the last good checkpoint stays."""
     if bool(run.finite):
         save_checkpoint(dict(model_args=asdict(run.model.config), model=run.model.state_dict(), ema=run.ema.state_dict(),
                              teacher=run.teacher.state_dict() if run.teacher is not None else None,
                              optimizer=run.optimizer.state_dict(), step=run.step, round=run.round, dt=dt_of(run.round),
-                             ema_updates=run.ema_updates, config=config, meta=run_meta(run, meta),
-                             rng=dict(torch=torch.get_rng_state())), path)
+                             ema_updates=run.ema_updates, config=config, meta=run_meta(run),
+                             rng=dict(torch=torch.get_rng_state())), run.ckpt_path)
+    run.saved_step = run.step
 
 
-def nonfinite(step, path):
-    kept = f'the last good checkpoint ({path}) is kept' if os.path.exists(path) else 'no checkpoint yet'
-    return FloatingPointError(f'non-finite loss or gradient before step {step}: stopping; {kept}. Lower learning_rate '
-                              'or check the data.')
+def nonfinite(run):
+    kept = 'no checkpoint yet' if not os.path.exists(run.ckpt_path) else \
+        f'the last good checkpoint ({run.ckpt_path}) is kept'
+    return FloatingPointError(f'non-finite loss or gradient before step {run.step}: stopping; {kept}. Lower '
+                              'learning_rate or check the data.')
 
 
-def end_round(run, meta, master, log):
+def loss_of(run, net, data, first):
+    """The loss of rows first.. of data (and its batch), the noise drawn on the host from the torch seed."""
+    b = get_batch(data, first, batch_size, seed, run.seq_len)
+    b = draw_noise(b, objective, run.mask_id, run.eps, dt_of(run.round), num_distill_steps, reference_time_grid,
+                   run.schedule)
+    b = to_device(b, run.dev)
+    return training_loss(net, b, run.teacher_fwd, num_distill_steps, run.mask_id, run.bf16, run.schedule), b
+
+
+@torch.no_grad()
+def validate(run):
+    """The EMA weights on eval_iters fixed validation batches: the same rows and noise on any number of GPUs."""
+    total = torch.zeros((), device=run.dev)
+    for i in range(run.rank, eval_iters, run.world):
+        torch.manual_seed(mix_seed(seed, 1, i))
+        total += loss_of(run, run.ema_fwd, run.val_data, i * batch_size)[0]
+    if run.ddp:
+        dist.all_reduce(total)
+    val = total.item() / eval_iters
+    rec = {'step': run.step, OBJECTIVES[objective]: val,
+           **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
+    run.log(rec, ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
+
+
+def end_round(run):
     """Round run.round ends: its student (EMA weights) is saved, becomes the teacher, and dt grows K-fold."""
+    if not bool(run.finite):
+        raise nonfinite(run)
     run.round += 1
-    if master:
+    if run.master:
         rdir = os.path.join(out_dir, f'round_{run.round}_steps_{teacher_num_steps // num_distill_steps ** run.round}')
-        run.ema.meta = run_meta(run, meta)
+        run.ema.meta = run_meta(run)
         save_pretrained(run.ema, rdir)
-        log(dict(step=run.step, round_done=run.round, next_dt=dt_of(run.round)),  # (the plot's round boundaries)
-            f'round {run.round} done at step {run.step}: {rdir}; next dt = {dt_of(run.round):.3e}')
+        run.log(dict(step=run.step, round_done=run.round, next_dt=dt_of(run.round)),  # (the plot's round boundaries)
+                f'round {run.round} done at step {run.step}: {rdir}; next dt = {dt_of(run.round):.3e}')
     if teacher_from_ema:  # as the reference's use_ema_on_growth: student and teacher restart from the EMA
         run.model.load_state_dict(run.ema.state_dict())
         run.ema_updates = 0
@@ -532,25 +575,50 @@ def end_round(run, meta, master, log):
         run.optimizer.state.clear()
 
 
-def open_log(config, master, keep_upto):
-    """log(record, text): stdout, out_dir/log.jsonl (a resumed run first drops the lines of the steps it redoes) and
-    wandb; record=None prints only."""
+def open_log(run):
+    """run.log(record, text): stdout and out_dir/log.jsonl (a resumed run first drops the lines of the steps it
+    redoes); record=None prints only. Prints the run's sizes."""
     path = os.path.join(out_dir, 'log.jsonl')
-    if master:
+    if run.master:
         os.makedirs(out_dir, exist_ok=True)
-        append_log(path, None, keep_upto=keep_upto)
-        if wandb_log:
-            import wandb
-            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        append_log(path, None, keep_upto=run.step if init_from == 'resume' else -1)
 
     def log(rec, text):
-        if master:
+        if run.master:
             print(text)
             if rec is not None:
                 append_log(path, rec)
-                if wandb_log:
-                    wandb.log(rec, step=rec['step'])
-    return log
+    run.log = log
+    sdtt = f', K={num_distill_steps}, {divergence}' if objective == 'sdtt' else ''
+    log(None, f'{objective}: {run.model.num_params() / 1e6:.1f}M parameters, {run.world} process(es) x '
+              f'{run.grad_accum} micro-batch(es) of {batch_size} x {run.seq_len} tokens, '
+              f'{global_batch_size * run.seq_len:,} tokens/step{sdtt}')
+
+
+def log_window(run, lr, grad_norm, stop):
+    """Ends a log window with one sync, all processes agreeing: the summed loss, grad norm, NaN, FLOPs and stop
+    requests (the ranks that got no signal learn which one stopped the run: the exit status). Returns any stop."""
+    stats = [run.loss_sum, grad_norm, ~run.finite, bool(stop), run.flops]
+    stats = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=run.dev) for v in stats])
+    if run.ddp:
+        dist.all_reduce(stats)
+        if stats[3]:
+            sig = torch.tensor(stop[0] if stop else 0, device=run.dev)
+            dist.all_reduce(sig, op=dist.ReduceOp.MAX)
+            stop[:] = [int(sig)]
+    loss_val, norm_val, bad, stop_any, flops_val = stats.tolist()
+    if bad:
+        raise nonfinite(run)
+    dt_s, n, world = time.time() - run.t_log, run.step - run.step_log, run.world
+    rec = dict(step=run.step, loss=loss_val / world / n, lr=lr, round=run.round,
+               dt=dt_of(run.round) if objective == 'sdtt' else None, grad_norm=norm_val / world,
+               tokens_per_s=n * global_batch_size * run.seq_len / dt_s, mfu=flops_val / dt_s / (peak_flops * world),
+               time=time.time())
+    run.log(rec, f"step {run.step} | loss {rec['loss']:.4g} | lr {lr:.2e} | round {run.round} | "
+                 f"{rec['tokens_per_s']:,.0f} tok/s | mfu {100 * rec['mfu']:.1f}% | grad norm {rec['grad_norm']:.3f}")
+    run.loss_sum.zero_()
+    run.flops, run.t_log, run.step_log = 0.0, time.time(), run.step
+    return stop_any > 0
 
 
 @contextmanager
@@ -572,148 +640,78 @@ def stop_on_signals(ckpt_path):
             signal.signal(sig, handler)
 
 
-def agree(stats, stop, ddp, dev):
-    """One sync per log step, all processes agreeing: the summed stats (loss, grad norm, any NaN, any stop request,
-    FLOPs) and which signal stopped the run (the ranks that did not get one report it too: the exit status)."""
-    stats = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=dev) for v in stats])
-    if ddp:
-        dist.all_reduce(stats)
-        if stats[3]:
-            sig = torch.tensor(stop[0] if stop else 0, device=dev)
-            dist.all_reduce(sig, op=dist.ReduceOp.MAX)
-            stop[:] = [int(sig)]
-    return stats.tolist()
+def end_run(run, config):
+    """Says why the run ended and writes its final checkpoint (a NaN since the last log step: an error, the last good
+    checkpoint stays). Returns whether it finished (max_iters or the last round)."""
+    if run.round >= run.n_rounds:
+        next_steps = teacher_num_steps / num_distill_steps ** (run.round + 1)
+        run.log(None, f'done: {run.round} rounds; the next student would sample with {next_steps:g} < '
+                      f'min_num_sampling_steps={min_num_sampling_steps} steps')
+    if not bool(run.finite):
+        raise nonfinite(run)
+    if run.master and (run.saved_step != run.step or not os.path.exists(run.ckpt_path)):
+        write_checkpoint(run, config)
+    finished = run.step >= max_iters or run.round >= run.n_rounds
+    if run.master:
+        print(f'checkpoint: {run.ckpt_path} (step {run.step}, round {run.round})'
+              + ('' if finished else f'; stopped before max_iters={max_iters}: continue with --init_from=resume'))
+    return finished
 
 
 # ----------------------------------------------------------------------------------------------------------- training
 def main(argv=None):
     config = configure(dict(_DEFAULTS), argv)  # the settings are the config block's names only
     globals().update(config)  # (from the defaults on every call: main() may run several times in one process)
-    eps, n_rounds = check_settings(config)
-    ddp, rank, world, dev = start_processes()
-    master, K, bf16 = rank == 0, num_distill_steps, dev.type == 'cuda' and dtype == 'bfloat16'
-    if global_batch_size % (world * batch_size):
-        raise ValueError(f'global_batch_size={global_batch_size} is not divisible by world size {world} x '
-                         f'batch_size {batch_size}: change batch_size or global_batch_size')
-    grad_accum = global_batch_size // (world * batch_size)
-    torch.manual_seed(seed)
-    if dev.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    meta = load_meta(data_dir)
-    train_data, val_data, mask_id = open_split(data_dir, 'train'), open_split(data_dir, 'val'), meta['mask_id']
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    model, ckpt = load_models(config, meta, ckpt_path, master)
-    seq_len = min(meta['row_len'], model.config.block_size)
-    if seq_len < meta['row_len'] and master:
-        print(f"note: the rows of {data_dir} have {meta['row_len']} tokens, the model takes {seq_len}: it trains on the "
-              f"first {seq_len} of each row (prepare the data with --row_len={seq_len} to use all of it)")
-    run = build_run(model, ckpt, ckpt_path, config['noise_schedule'], dev, master)
-    ckpt = None  # its tensors now live in the model, EMA, teacher and optimiser
-    # the network and its loss compiled as one graph, for a number of masked positions that changes every step
-    fwd = Objective(model, objective, mask_id, divergence, bf16, run.schedule)
-    fwd = torch.compile(fwd, mode=compile_mode) if compile else fwd
-    fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None) if ddp else fwd
-    ema_fwd = Objective(run.ema, objective, mask_id, divergence, bf16, run.schedule)
-    teacher = torch.compile(run.teacher, mode=compile_mode) if compile and run.teacher is not None else run.teacher
-    rounds_over = lambda r: objective == 'sdtt' and r >= n_rounds  # (r rounds done)
-
-    def loss_of(net, data, first):  # the loss of rows first.. of data, its noise drawn on the host from the torch seed
-        b = get_batch(data, first, batch_size, seed, seq_len)
-        b = to_device(draw_noise(b, objective, mask_id, eps, dt_of(run.round), K, reference_time_grid, run.schedule), dev)
-        return training_loss(net, b, teacher, K, mask_id, bf16, run.schedule), b
-
-    @torch.no_grad()
-    def evaluate():  # EMA weights on eval_iters fixed validation batches, the same rows and noise on any number of GPUs
-        total = torch.zeros((), device=dev)
-        for i in range(rank, eval_iters, world):
-            torch.manual_seed(mix_seed(seed, 1, i))
-            total += loss_of(ema_fwd, val_data, i * batch_size)[0]
-        if ddp:
-            dist.all_reduce(total)
-        return total.item() / eval_iters
-
-    log = open_log(config, master, keep_upto=run.step if init_from == 'resume' else -1)
-    tokens_per_step = global_batch_size * seq_len
-    log(None, f'{objective}: {model.num_params() / 1e6:.1f}M parameters, {world} process(es) x {grad_accum} '
-              f'micro-batch(es) of {batch_size} x {seq_len} tokens, {tokens_per_step:,} tokens/step'
-              + (f', K={K}, {divergence}' if objective == 'sdtt' else ''))
-    with stop_on_signals(ckpt_path) as stop:
-        loss_sum, flops_done, t_log, step_log = torch.zeros((), device=dev), 0.0, time.time(), run.step
-        halt, saved_step = False, run.step  # halt: agreed by all processes (at log steps under DDP)
-        while not (rounds_over(run.round) or run.step >= max_iters or halt):
+    run, K = setup(config), num_distill_steps
+    open_log(run)
+    with stop_on_signals(run.ckpt_path) as stop:
+        run.loss_sum, run.flops, run.t_log, run.step_log = torch.zeros((), device=run.dev), 0.0, time.time(), run.step
+        halt, run.saved_step = False, run.step  # halt: agreed by all processes (at log steps under DDP)
+        while not (run.round >= run.n_rounds or run.step >= max_iters or halt):
             # ---- the training step
             # a reset optimiser warms up again each round: the reference's reset rebuilds its LR scheduler too
             since = run.step % round_every if objective == 'sdtt' and reset_optimizer_each_round else run.step
             lr = learning_rate * min(1.0, (since + 1) / (warmup_iters + 1))
             for g in run.optimizer.param_groups:
                 g['lr'] = lr
-            for micro in range(grad_accum):
-                gm = rank * grad_accum + micro  # index of this micro-batch within the global batch
-                torch.manual_seed(mix_seed(seed, 0, run.step, gm))  # noise, dropout and teacher draws of the micro-batch
-                with fwd.no_sync() if ddp and micro < grad_accum - 1 else nullcontext():
-                    loss, b = loss_of(fwd, train_data, run.step * global_batch_size + gm * batch_size)
-                    (loss / grad_accum).backward()
-                flops_done += step_flops(model, run.teacher, b, K)
-                loss_sum += loss.detach() / grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-            run.finite &= torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+            for micro in range(run.grad_accum):
+                gm = run.rank * run.grad_accum + micro  # index of this micro-batch within the global batch
+                torch.manual_seed(mix_seed(seed, 0, run.step, gm))  # its noise, dropout and teacher draws
+                with run.fwd.no_sync() if run.ddp and micro < run.grad_accum - 1 else nullcontext():
+                    loss, b = loss_of(run, run.fwd, run.train_data, run.step * global_batch_size + gm * batch_size)
+                    (loss / run.grad_accum).backward()
+                run.flops += step_flops(run.model, run.teacher, b, K)
+                run.loss_sum += loss.detach() / run.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+            run.finite &= torch.isfinite(run.loss_sum) & torch.isfinite(grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.step, run.ema_updates = run.step + 1, run.ema_updates + 1
             d = min(ema_decay, (1 + run.ema_updates) / (10 + run.ema_updates))  # n counts this update (MDLM's ema.py)
-            torch._foreach_lerp_(list(run.ema.parameters()), list(model.parameters()), 1 - d)
-            halt = halt or (bool(stop) and not ddp)
+            torch._foreach_lerp_(list(run.ema.parameters()), list(run.model.parameters()), 1 - d)
+            halt = halt or (bool(stop) and not run.ddp)
             boundary = objective == 'sdtt' and run.step % round_every == 0  # round run.round ends with this step
-            last = run.step >= max_iters or (boundary and rounds_over(run.round + 1))
+            last = run.step >= max_iters or (boundary and run.round + 1 >= run.n_rounds)
             save = boundary or (ckpt_interval and run.step % ckpt_interval == 0)
             # ---- logging, evaluation, round boundaries, checkpoints. A log window also ends at every checkpoint (a
             # resumed run logs what an uninterrupted one does), at halt and the last step (no steps lost)
             if run.step % log_interval == 0 or last or halt or save:
-                loss_val, norm_val, bad, stop_any, flops_val = agree(
-                    [loss_sum, grad_norm, ~run.finite, bool(stop), flops_done], stop, ddp, dev)
-                if bad:
-                    raise nonfinite(run.step, ckpt_path)
-                halt = halt or stop_any > 0
-                dt_s, n = time.time() - t_log, run.step - step_log
-                rec = dict(step=run.step, loss=loss_val / world / n, lr=lr, round=run.round,
-                           dt=dt_of(run.round) if objective == 'sdtt' else None, grad_norm=norm_val / world,
-                           tokens_per_s=n * tokens_per_step / dt_s, mfu=flops_val / dt_s / (peak_flops * world),
-                           time=time.time())
-                log(rec, f"step {run.step} | loss {rec['loss']:.4g} | lr {lr:.2e} | round {run.round} | "
-                         f"{rec['tokens_per_s']:,.0f} tok/s | mfu {100 * rec['mfu']:.1f}% | grad norm {rec['grad_norm']:.3f}")
-                loss_sum.zero_()
-                flops_done, t_log, step_log = 0.0, time.time(), run.step
+                halt = log_window(run, lr, grad_norm, stop) or halt
             t_aside = time.time()  # evaluation, round boundaries and checkpoints are not training: not in tokens/s
             if eval_interval and eval_iters and (run.step % eval_interval == 0 or last):
-                val = evaluate()
-                rec = {'step': run.step, OBJECTIVES[objective]: val,
-                       **({'val_ppl': math.exp(min(val, 50))} if objective != 'sdtt' else {})}
-                log(rec, ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
+                validate(run)
             if boundary:
-                if not bool(run.finite):
-                    raise nonfinite(run.step, ckpt_path)
-                end_round(run, meta, master, log)
-            if master and save:
-                write_checkpoint(run, config, meta, ckpt_path)
-                saved_step = run.step
-            t_log += time.time() - t_aside
-        if rounds_over(run.round):
-            log(None, f'done: {run.round} rounds; the next student would sample with '
-                      f'{teacher_num_steps / K ** (run.round + 1):g} < min_num_sampling_steps={min_num_sampling_steps} steps')
-        if not bool(run.finite):  # a NaN since the last log step, then a stop: say so (the last good checkpoint stays)
-            raise nonfinite(run.step, ckpt_path)
-        if master and (saved_step != run.step or not os.path.exists(ckpt_path)):
-            write_checkpoint(run, config, meta, ckpt_path)
-        finished = run.step >= max_iters or rounds_over(run.round)
-        if master:
-            print(f'checkpoint: {ckpt_path} (step {run.step}, round {run.round})'
-                  + ('' if finished else f'; stopped before max_iters={max_iters}: continue with --init_from=resume'))
+                end_round(run)
+            if run.master and save:
+                write_checkpoint(run, config)
+            run.t_log += time.time() - t_aside
+        finished = end_run(run, config)
     release_lock(out_dir)
-    if ddp:
+    if run.ddp:
         dist.barrier()  # wait for rank 0's final checkpoint: gloo aborts if a peer leaves the group early
         dist.destroy_process_group()
-    # the exit status of a run stopped by a signal is the shell's 128 + signal, not success: a pipeline
-    # (`distill.py a && distill.py b`, e2e.py) must not go on with a half-trained model
+    # a run stopped by a signal exits with the shell's 128 + signal, not success: a pipeline (`distill.py a &&
+    # distill.py b`, e2e.py) must not go on with a half-trained model
     return 0 if finished else 128 + (stop[0] if stop else signal.SIGINT)
 
 

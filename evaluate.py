@@ -40,7 +40,7 @@ from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS, move_chance, nelbo_weight, sample_t, schedule_of, sigma
 from fileio import WriteFailed, local_or_dataset, read_jsonl, write_failed
 from model import check_device, load_pretrained, local_or_hub, write_atomic
-from prepare_data import get_tokenizer, load_meta, open_split
+from prepare_data import frame_rows, get_tokenizer, load_meta, open_split
 from sample import load_samples
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -575,11 +575,8 @@ def wrap_rows(texts, tok, L, bos, eos):
     """MDLM's wrap=True framing: each text tokenized with EOS appended, all concatenated and cut into rows
     BOS + (L - 2 tokens) + EOS; the remainder (< L - 2 tokens) is dropped. -> (rows [n, L] int64, tokens dropped).
     (MDLM groups each datasets.map batch of 1000 passages on its own, dropping a remainder per batch: a few rows less.)"""
-    stream = np.fromiter((i for t in texts for i in [*tok.encode(t), eos]), dtype=np.int64)
-    n = len(stream) // (L - 2)
-    body = stream[:n * (L - 2)].reshape(n, L - 2)
-    rows = np.concatenate([np.full((n, 1), bos), body, np.full((n, 1), eos)], 1)
-    return rows, len(stream) - n * (L - 2)
+    rows, rest = frame_rows(np.fromiter((i for t in texts for i in [*tok.encode(t), eos]), dtype=np.int64), L, bos, eos)
+    return rows, len(rest)
 
 
 def lambada_ppl(lm, texts, draws=4, seed=0, batch_size=8, eps=1e-3):

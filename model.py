@@ -1,15 +1,10 @@
 """
-The DiT backbone of MDLM (Sahoo et al. 2024), as used by SDTT (Deschenaux & Gulcehre 2024).
-
-One file: the network, its config, and loading/saving of checkpoints in the published layouts.
-Parameter names are exactly those of the published checkpoints (`kuleshov-group/mdlm-owt`, `jdeschena/sdtt`)
-minus their `backbone.` prefix, so loading them is a strict `load_state_dict`.
-
-The network returns raw logits [B, L, V]; the SUBS parameterisation (mask column excluded, carry-over of
-unmasked tokens, fp32 log-softmax) lives in diffusion.py, as in MDLM.
-With causal=True it is the autoregressive baseline of MDLM (models/autoregressive.py) and SDTT (ar_orig.py): the same
-embedding, rotary attention (causal) and MLPs, but plain pre-LN blocks (residual gates 1, no adaLN, no sigma_map) and
-logits linear(norm_final(x)), under the reference's parameter names (next-token loss in distill.py).
+The DiT backbone of MDLM (Sahoo et al. 2024), as used by SDTT (Deschenaux & Gulcehre 2024), its config, and loading and
+saving of checkpoints in the published layouts. Parameter names are those of the published checkpoints
+(`kuleshov-group/mdlm-owt`, `jdeschena/sdtt`) minus their `backbone.` prefix: loading them is a strict load_state_dict.
+The network returns raw logits [B, L, V]; SUBS lives in diffusion.py, as in MDLM. With causal=True it is the
+autoregressive baseline of MDLM (models/autoregressive.py) and SDTT (ar_orig.py): causal attention and plain pre-LN
+blocks (no adaLN, no sigma_map), logits linear(norm_final(x)), under the reference's parameter names.
 """
 import json
 import math
@@ -145,9 +140,8 @@ class DDiTBlock(nn.Module):
             # SDPA picks flash / memory-efficient kernels on GPU and a fused kernel on CPU; bidirectional unless causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            # decoding with a KV cache: keys/values of positions < start are already in the buffers, written by
-            # earlier calls; add these L positions and attend over all start + L. The mask is the causal one shifted
-            # by start (SDPA's is_causal aligns it top-left, wrong for start > 0); one new token sees everything.
+            # KV cache: positions < start are in the buffers already; add these L and attend over all start + L, with
+            # the causal mask shifted by start (SDPA's is_causal aligns it top-left); one new token sees everything.
             kv[0][:, :, start:start + L], kv[1][:, :, start:start + L] = k, v
             k, v = kv[0][:, :, :start + L], kv[1][:, :, :start + L]
             mask = None if L == 1 else torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
@@ -201,11 +195,9 @@ class DiT(nn.Module):
 
     def forward(self, idx, sigma=None, positions=None, cache=None, start=0):
         """idx [B, L] token ids, sigma [B] noise levels (ignored without time conditioning) -> logits [B, L, V].
-        positions: flat indices into the B * L positions (int64 [M]) -> logits [M, V] of those positions only. Training
-        needs the output layer (a V x n_embd matmul, a quarter of DiT-small's FLOPs) only where the loss looks: the
-        masked positions, about half of them.
-        cache (causal models only): from new_kv_cache; idx are then positions start .. start + L - 1 of the sequences,
-        those before start having been fed in earlier calls, so autoregressive decoding runs one new token per call."""
+        positions: flat indices into the B * L positions (int64 [M]) -> logits [M, V] there only (the output layer is
+        a quarter of DiT-small's FLOPs). cache (causal models): from new_kv_cache; idx are then positions start ..
+        start + L - 1, those before fed in earlier calls (autoregressive decoding: one new token per call)."""
         B, L = idx.shape
         if cache is not None and not self.config.causal:
             raise ValueError('a KV cache needs a causal model: in a bidirectional one every new token changes the '
@@ -223,9 +215,8 @@ class DiT(nn.Module):
         return self.output_layer(x, c, positions)
 
     def new_kv_cache(self, batch_size, dtype=torch.float32):
-        """Per-layer (keys, values) buffers [B, n_head, block_size, head_dim] for forward(..., cache=, start=).
-        Allocated once for the whole sequence, so a decoding step writes one position instead of concatenating.
-        dtype: that of k and v in the forward (bfloat16 under bf16 autocast)."""
+        """Per-layer (keys, values) buffers [B, n_head, block_size, head_dim] for forward(..., cache=, start=), for
+        the whole sequence (a step writes one position). dtype: that of k and v (bfloat16 under bf16 autocast)."""
         cfg = self.config
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
         new = lambda: torch.zeros(shape, dtype=dtype, device=self.vocab_embed.embedding.device)
@@ -247,20 +238,16 @@ class DiT(nn.Module):
         return f if backward else f / 3
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints. Three kinds load through load_pretrained:
-#   1. MDLM layout  (kuleshov-group/mdlm-owt): config.json {hidden_dim, cond_dim, n_blocks, n_heads, model_length,
-#      vocab_size, dropout, time_conditioning} + model.safetensors with keys `backbone.<name>`, fp32.
-#   2. SDTT layout  (jdeschena/sdtt, one git revision per model): config.json is a whole run config with the
-#      architecture under `model: {hidden_size, cond_dim, length, n_blocks, n_heads, dropout}`.
-#   3. this project: directories written by save_pretrained (MDLM layout plus `causal` and a `meta` dict) and
-#      training checkpoints `ckpt.pt` written by distill.py ({'model_args', 'model', 'ema', 'meta', ...}).
-
-# DiTConfig field -> its name in the MDLM hub config.json. The other fields (causal, or one a fork adds to DiTConfig)
-# are written and read under their own names: save_pretrained -> load_pretrained gives back the same DiTConfig.
+# ---------------------------------------------------------------------------------------------------------- checkpoints
+# load_pretrained reads: the MDLM layout (kuleshov-group/mdlm-owt: config.json {hidden_dim, cond_dim, n_blocks, n_heads,
+# model_length, vocab_size, dropout, time_conditioning} + model.safetensors, keys `backbone.<name>`, fp32); the SDTT
+# layout (jdeschena/sdtt, a revision per model: config.json is a run config, the architecture under `model:
+# {hidden_size, cond_dim, length, n_blocks, n_heads, dropout}`); ours: save_pretrained's directories (MDLM layout
+# plus `causal` and `meta`) and distill.py's ckpt.pt ({'model_args', 'model', 'ema', 'meta', ...}).
+# DiTConfig field -> its name in the MDLM config.json; the other fields (causal, one a fork adds) keep their names.
 _HUB_NAMES = dict(n_embd='hidden_dim', n_layer='n_blocks', n_head='n_heads', block_size='model_length')
-
-
+_SDTT_NAMES = dict(n_embd='hidden_size', cond_dim='cond_dim', n_layer='n_blocks', n_head='n_heads', block_size='length',
+                   dropout='dropout')  # (under `model:`)
 MAX_BLOCK_SIZE = 2 ** 20  # rotary tables, KV caches and samples are block_size long: a larger one is a typo
 
 
@@ -291,32 +278,25 @@ def check_config(args, names=None):
 
 
 def config_from_json(cfg, vocab_size=None):
-    """Map either published config.json layout (or ours) to a DiTConfig, type-checked (check_config). vocab_size:
-    from the weights if given."""
+    """Either published config.json layout (or ours) -> a checked DiTConfig; vocab_size: from the weights if given."""
     if 'model' in cfg and isinstance(cfg['model'], dict) and 'hidden_size' in cfg['model']:  # SDTT run config
-        m = cfg['model']
-        missing = [k for k in ('cond_dim', 'n_blocks', 'n_heads', 'length') if k not in m]
-        if missing:
-            raise ValueError(f'config.json (SDTT layout) lacks model.{", model.".join(missing)}')
-        tc = cfg.get('time_conditioning', m.get('time_conditioning', False))
-        args = dict(n_embd=m['hidden_size'], cond_dim=m['cond_dim'], n_layer=m['n_blocks'], n_head=m['n_heads'],
-                    block_size=m['length'], dropout=m.get('dropout', 0.1), time_conditioning=tc)
-        names = dict(n_embd='model.hidden_size', cond_dim='model.cond_dim', n_layer='model.n_blocks',
-                     n_head='model.n_heads', block_size='model.length', dropout='model.dropout')
+        m, prefix, layout = cfg['model'], 'model.', _SDTT_NAMES
+        args = {k: m[name] for k, name in layout.items() if name in m}
+        args['time_conditioning'] = cfg.get('time_conditioning', m.get('time_conditioning', False))
         v = vocab_size or m.get('vocab_size') or cfg.get('vocab_size')
     elif 'hidden_dim' in cfg:  # MDLM hub layout (and ours)
-        missing = [k for k in ('cond_dim', 'n_blocks', 'n_heads', 'model_length') if k not in cfg]
-        if missing:
-            raise ValueError(f'config.json (MDLM layout) lacks {", ".join(missing)}')
-        names = {f.name: _HUB_NAMES.get(f.name, f.name) for f in fields(DiTConfig) if f.name != 'vocab_size'}
-        args = {k: cfg[name] for k, name in names.items() if name in cfg}  # (dropout, time_conditioning: defaults)
+        m, prefix, layout = cfg, '', {f.name: _HUB_NAMES.get(f.name, f.name) for f in fields(DiTConfig)}
+        args = {k: cfg[name] for k, name in layout.items() if name in cfg and k != 'vocab_size'}
         v = vocab_size or cfg.get('vocab_size')
     else:
         raise ValueError('config.json is neither the MDLM layout (hidden_dim, n_blocks, ...) nor the SDTT layout '
                          f'(model: {{hidden_size, ...}}); keys found: {sorted(cfg)[:20]}')
+    missing = [prefix + layout[k] for k in ('cond_dim', 'n_layer', 'n_head', 'block_size') if layout[k] not in m]
+    if missing:
+        raise ValueError(f'config.json ({"SDTT" if prefix else "MDLM"} layout) lacks {", ".join(missing)}')
     if v is None:
         raise ValueError('config.json has no vocab_size and it could not be read from the weights')
-    return check_config(dict(vocab_size=v, **args), names)
+    return check_config(dict(vocab_size=v, **args), {k: prefix + name for k, name in layout.items()})
 
 
 def check_weights(config, sd, source):
@@ -416,6 +396,15 @@ def _resolve(name_or_path, revision):
             f'model.safetensors elsewhere and pass the local directory.') from e
 
 
+def read_checkpoint(path, advice=''):
+    """torch.load of a training checkpoint (weights only), mmap: the processes of a node share its pages (the large
+    model's ckpt.pt with teacher, EMA and optimiser is ~17 GB: 8 copies would not fit in many nodes' RAM)."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:  # a truncated copy, a file of something else
+        raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e}){advice}') from e
+
+
 def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
     """Load a DiT from a local directory, a project checkpoint file (ckpt.pt) or a Hugging Face hub id.
     Never executes remote code: reads config.json and model.safetensors directly. Returns the model in eval mode,
@@ -424,23 +413,27 @@ def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'model.safetensors')) \
             and os.path.exists(os.path.join(path, 'ckpt.pt')):
         path = os.path.join(path, 'ckpt.pt')  # a training out_dir
-    if os.path.isfile(path):  # a project training checkpoint
-        try:
-            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # (ranks share its pages)
-        except Exception as e:
-            raise ValueError(f'{path} is not a readable checkpoint ({type(e).__name__}: {e})') from e
-        if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
-            raise ValueError(f'{path} is not a checkpoint of this project (no model_args/model); for an MDLM Lightning '
-                             f'.ckpt use distill.py init_from, for published models pass the directory')
-        try:
-            model = DiT(check_config(ckpt['model_args']))
-        except TypeError as e:  # a key this version's DiTConfig lacks: a checkpoint of another code
-            raise ValueError(f'{path}: its model_args do not fit this DiTConfig ({e}); it was written by other code') from e
-        except ValueError as e:
-            raise ValueError(f'{path}: model_args: {e}') from e
-        sd = ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model']
-        load_state_dict_strict(model, sd, source=path)
-        return _with_meta(model, ckpt.get('meta', {}), path).to(device).eval()
+    model, meta = (_load_training_checkpoint if os.path.isfile(path) else _load_directory)(path, use_ema)
+    return _with_meta(model, meta, path).to(device).eval()
+
+
+def _load_training_checkpoint(path, use_ema):
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or 'model_args' not in ckpt or 'model' not in ckpt:
+        raise ValueError(f'{path} is not a checkpoint of this project (no model_args/model); for an MDLM Lightning '
+                         f'.ckpt use distill.py init_from, for published models pass the directory')
+    try:
+        model = DiT(check_config(ckpt['model_args']))
+    except TypeError as e:  # a key this version's DiTConfig lacks: a checkpoint of another code
+        raise ValueError(f'{path}: its model_args do not fit this DiTConfig ({e}); it was written by other code') from e
+    except ValueError as e:
+        raise ValueError(f'{path}: model_args: {e}') from e
+    sd = ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model']
+    return load_state_dict_strict(model, sd, source=path), ckpt.get('meta', {})
+
+
+def _load_directory(path, use_ema):
+    """config.json (either published layout, or ours) and model.safetensors."""
     cfg_file, st_file = os.path.join(path, 'config.json'), os.path.join(path, 'model.safetensors')
     for f in (cfg_file, st_file):
         if not os.path.exists(f):
@@ -462,9 +455,7 @@ def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
         raise ValueError(f'{path}: config.json or model.safetensors is not readable ({type(e).__name__}: {e}); '
                          f'download it again') from e
     check_weights(config, sd, path)
-    model = DiT(config)
-    load_state_dict_strict(model, sd, source=st_file)
-    return _with_meta(model, cfg.get('meta', {}), path).to(device).eval()
+    return load_state_dict_strict(DiT(config), sd, source=st_file), cfg.get('meta', {})
 
 
 def _with_meta(model, meta, source):

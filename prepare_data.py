@@ -4,11 +4,9 @@ Tokenize a text corpus into fixed-length rows for masked diffusion LM training (
     python prepare_data.py --out_dir=data/owt                         # HF openwebtext, GPT-2 BPE, 1024
     python prepare_data.py --source=corpus --tokenizer=byte --row_len=128 --out_dir=data/corpus_byte
 
-Framing ("wrap", SPEC 1): every document is tokenized without special tokens and gets an EOS appended;
-all documents are concatenated and cut into (row_len-2)-token pieces, each stored as [BOS] piece [EOS].
-The final incomplete piece of each split is dropped. Output in out_dir: train.bin and val.bin (flat
-uint16, n_rows*row_len, row-major) and meta.json (tokenizer, special ids, counts). Other scripts use
-get_tokenizer(), load_meta() and open_split() from here.
+Framing ("wrap", SPEC 1): every document is tokenized without special tokens and gets an EOS; all are concatenated
+and cut into [BOS] (row_len-2 tokens) [EOS] rows (frame_rows), the last partial piece of each split dropped. Writes
+to out_dir train.bin and val.bin (flat uint16 [n_rows, row_len]) and meta.json (tokenizer, special ids, counts).
 """
 import gzip
 import importlib.util
@@ -28,11 +26,9 @@ from tqdm import tqdm
 from configurator import check_choice, check_sizes, config_keys, configure
 from fileio import WriteFailed, local_or_dataset, parse_line, write_failed
 
-# ----------------------------------------------------------------------------- config
-# python prepare_data.py [config.py] --key=value ... (configurator.py: as every script of the project)
-source = "openwebtext"  # HF dataset name, or a local .txt/.jsonl file or directory (one with files or subdirectories
-                        # named train and val/valid/validation, then a non-letter: train.jsonl, val-0.txt, validation/,
-                        # is split by them)
+# ----------------------------------------------------------------------------- config (configurator.py)
+source = "openwebtext"  # HF dataset name, or a local .txt/.jsonl file or directory (files or subdirectories named
+                        # train and val/valid/validation then a non-letter, e.g. train.jsonl, val-0.txt: its split)
 out_dir = ""            # required: train.bin, val.bin and meta.json go there
 tokenizer = "gpt2"      # 'gpt2' (offline BPE files) | 'byte'
 row_len = 1024
@@ -58,9 +54,7 @@ _GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be3
 _GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 _GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-# -----------------------------------------------------------------------------
-# tokenizers: the mask id is always the LAST id of the model vocabulary (vocab_size - 1)
-
+# ----------------------------------------------------------------------------- tokenizers (MASK: the last id, V - 1)
 def _load_gpt2():
     import tiktoken
     import tiktoken.load
@@ -105,9 +99,7 @@ class Tokenizer:
         return self.enc.encode_ordinary(text) if self.enc else list(text.encode("utf-8"))
 
     def encode_batch(self, texts):
-        if self.enc:
-            return self.enc.encode_ordinary_batch(list(texts))
-        return [list(t.encode("utf-8")) for t in texts]
+        return self.enc.encode_ordinary_batch(list(texts)) if self.enc else [list(t.encode("utf-8")) for t in texts]
 
     def __call__(self, text):  # HF-like: tokenizer(prompt)["input_ids"]
         return {"input_ids": self.encode(text) if isinstance(text, str) else self.encode_batch(text)}
@@ -142,9 +134,7 @@ class Tokenizer:
 def get_tokenizer(name):
     return Tokenizer(name)
 
-# -----------------------------------------------------------------------------
-# reading prepared data (for train/eval scripts)
-
+# ----------------------------------------------------------------------------- prepared data (for the other scripts)
 def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
@@ -168,20 +158,18 @@ def open_split(data_dir, split):
         raise ValueError(f"{path} has {size} bytes, meta.json says {n} rows x {L} uint16 tokens; re-run prepare_data.py")
     return np.memmap(path, dtype=np.uint16, mode="r", shape=(n, L))
 
-# -----------------------------------------------------------------------------
-# reading the source documents
-
+# ----------------------------------------------------------------------------- the source documents
 _TEXT_FILES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")  # what a local source may hold (.gz: read as it is)
 
 
-def read_local(path, text_field, txt_docs, skip_bad_lines, issues):
+def read_local(path, args, issues):
     """Documents (str) of one .txt/.jsonl(.gz) file. Bytes that are not UTF-8 are replaced (and counted)."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         raw = f.read()
     jsonl = path.endswith((".jsonl", ".jsonl.gz"))
-    if jsonl or txt_docs == "lines":  # one document per (non-empty) line
+    if jsonl or args.txt_docs == "lines":  # one document per (non-empty) line
         pieces = raw.split(b"\n")
-    elif txt_docs == "blankline":  # documents separated by one or more blank lines
+    elif args.txt_docs == "blankline":  # documents separated by one or more blank lines
         pieces = re.split(rb"\r?\n(?:[ \t]*\r?\n)+", raw)
     else:  # "file": the whole file is one document
         pieces = [raw]
@@ -196,10 +184,10 @@ def read_local(path, text_field, txt_docs, skip_bad_lines, issues):
             text = piece.decode("utf-8", errors="replace")
             issues["not_utf8"] += 1
         if jsonl:
-            obj, bad = parse_line(text, {text_field: str})  # (the project's one JSON-lines check)
-            text = obj and obj[text_field]
+            obj, bad = parse_line(text, {args.text_field: str})  # (the project's one JSON-lines check)
+            text = obj and obj[args.text_field]
             if bad:
-                if not skip_bad_lines:
+                if not args.skip_bad_lines:
                     raise ValueError(f"{path}:{lineno}: {bad}; fix it or pass --skip_bad_lines")
                 issues["bad_lines"] += 1
                 continue
@@ -218,54 +206,62 @@ def split_of(rel_path):
     return None
 
 
+def local_source(src, args, issues):
+    """(docs, val docs or None, description, files) of a local file or directory (split by its split_of files)."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs if f.endswith(_TEXT_FILES)) \
+        if os.path.isdir(src) else [src]
+    if not files:
+        raise ValueError(f"no .txt or .jsonl files (or their .gz) in {src}")
+    if not files[0].endswith(_TEXT_FILES):  # (.json, .tar.gz ... read as text would be one document)
+        raise ValueError(f"{src}: prepare_data.py reads .txt and .jsonl files, plain or gzipped (one JSON object "
+                         "per line for .jsonl); convert it, or rename a plain-text file to .txt")
+    read = lambda fs: [d for f in fs for d in read_local(f, args, issues)]
+    split = {f: split_of(os.path.relpath(f, src)) for f in files}
+    train_f, val_f = [f for f in files if split[f] == "train"], [f for f in files if split[f] == "val"]
+    if not (os.path.isdir(src) and train_f and val_f):
+        return read(files), None, f"local {src} ({len(files)} files)", files
+    rel = lambda fs: [os.path.relpath(f, src) for f in fs]
+    train, val = read(train_f), read(val_f)
+    if not train or not val:
+        raise ValueError(f"no documents in the {'val' if train else 'train'} files of {src}")
+    return train, val, f"local {src}: train={rel(train_f)} val={rel(val_f)}", files
+
+
+def hf_source(src, args):
+    """(docs, val docs or None, description) of a Hugging Face dataset."""
+    try:
+        import datasets
+        docs = datasets.load_dataset(src, args.hf_config, split=args.hf_split)
+        val = datasets.load_dataset(src, args.hf_config, split=args.hf_val_split) if args.hf_val_split else None
+    except Exception as e:
+        raise RuntimeError(f"could not load Hugging Face dataset {src!r} ({type(e).__name__}: {e}). Offline? Pass a "
+                           "local path instead: --source=<a .txt/.jsonl file or a directory of them>") from e
+    for d in (docs, val):
+        if d is not None and args.text_field not in d.column_names:
+            raise ValueError(f"{src} has no column {args.text_field!r} (columns: {d.column_names}); set --text_field")
+    desc = f"hf {src}" + (f"/{args.hf_config}" if args.hf_config else "") + f" split={args.hf_split}"
+    return docs, val, desc + (f" val_split={args.hf_val_split}" if val is not None else "")
+
+
 def load_source(args):
     """Returns (train_docs, val_docs, description, read_issues); docs are lists or HF Datasets."""
-    issues = {"not_utf8": 0, "bad_lines": 0}
-    src = os.path.expanduser(args.source)
-    looks_local = local_or_dataset(args.source, "--source") is not None
-    if looks_local:
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs if f.endswith(_TEXT_FILES)) \
-            if os.path.isdir(src) else [src]
-        if not files:
-            raise ValueError(f"no .txt or .jsonl files (or their .gz) in {src}")
-        if not files[0].endswith(_TEXT_FILES):  # (.json, .tar.gz ... read as text would be one document)
-            raise ValueError(f"{src}: prepare_data.py reads .txt and .jsonl files, plain or gzipped (one JSON object "
-                             "per line for .jsonl); convert it, or rename a plain-text file to .txt")
-        read = lambda fs: [d for f in fs for d in read_local(f, args.text_field, args.txt_docs, args.skip_bad_lines, issues)]
-        split = {f: split_of(os.path.relpath(f, src)) for f in files}
-        train_f = [f for f in files if split[f] == "train"]
-        val_f = [f for f in files if split[f] == "val"]
-        if os.path.isdir(src) and train_f and val_f:  # the directory already has its own split
-            desc = f"local {src}: train={[os.path.relpath(f, src) for f in train_f]} val={[os.path.relpath(f, src) for f in val_f]}"
-            train, val = read(train_f), read(val_f)
-            if not train or not val:
-                raise ValueError(f"no documents in the {'val' if train else 'train'} files of {src}")
-            return train, val, desc, issues
-        docs, desc = read(files), f"local {src} ({len(files)} files)"
+    issues, src, files = {"not_utf8": 0, "bad_lines": 0}, os.path.expanduser(args.source), []
+    if local_or_dataset(args.source, "--source") is not None:
+        docs, val, desc, files = local_source(src, args, issues)
     else:
-        try:
-            import datasets
-            docs = datasets.load_dataset(src, args.hf_config, split=args.hf_split)
-            val = datasets.load_dataset(src, args.hf_config, split=args.hf_val_split) if args.hf_val_split else None
-        except Exception as e:
-            raise RuntimeError(f"could not load Hugging Face dataset {src!r} ({type(e).__name__}: {e}). "
-                               "Offline? Pass a local path instead: --source=<a .txt/.jsonl file or a directory of them>") from e
-        for d in (docs, val):
-            if d is not None and args.text_field not in d.column_names:
-                raise ValueError(f"{src} has no column {args.text_field!r} (columns: {d.column_names}); set --text_field")
-        desc = f"hf {src}" + (f"/{args.hf_config}" if args.hf_config else "") + f" split={args.hf_split}"
-        if val is not None:
-            return docs, val, desc + f" val_split={args.hf_val_split}", issues
+        docs, val, desc = hf_source(src, args)
+    if val is not None:
+        return docs, val, desc, issues
     # no separate validation data: the LAST documents become val (MDLM's split of openwebtext)
-    n = len(docs)
+    n, n_val = len(docs), args.num_val_docs
     if n == 0:
         raise ValueError(f"no documents in {src}")
-    n_val = args.num_val_docs
     if n_val is None:
-        n_val = _OWT_NUM_VAL_DOCS if src in ("openwebtext", "Skylion007/openwebtext") else max(1, round(args.val_fraction * n))
+        owt = src in ("openwebtext", "Skylion007/openwebtext")
+        n_val = _OWT_NUM_VAL_DOCS if owt else max(1, round(args.val_fraction * n))
     if not 0 < n_val < n:
         one = " (.txt files are one document each by default: --txt_docs=lines or --txt_docs=blankline splits them)" \
-            if looks_local and n < 10 and any(f.endswith(".txt") for f in files) else ""
+            if n < 10 and any(f.endswith(".txt") for f in files) else ""
         fix = f"set --num_val_docs to 1..{n - 1} (or --val_fraction)" if n > 1 else \
             "a split needs at least 2 documents, or a separate val file (a val/ directory or val.* beside train.*)"
         raise ValueError(f"cannot split {n_val} val docs off {n} docs; {fix}{one}")
@@ -273,9 +269,7 @@ def load_source(args):
                  (docs.select(range(n - n_val)), docs.select(range(n - n_val, n)))
     return train, val, desc + f", last {n_val} docs -> val", issues
 
-# -----------------------------------------------------------------------------
-# tokenization and framing
-
+# ----------------------------------------------------------------------------- tokenization and framing
 def tokenize_chunk(job):
     """Worker: a chunk of documents -> (their tokens, each followed by EOS, as one uint16 array; n non-empty docs)."""
     name, texts = job
@@ -291,9 +285,20 @@ def tokenize_chunk(job):
     return flat, len(texts)
 
 
+def frame_rows(tokens, row_len, bos, eos):
+    """The wrap framing: tokens [N] cut into rows [BOS] (row_len - 2 tokens) [EOS] -> (rows [n, row_len], the rest)."""
+    piece = row_len - 2
+    n = len(tokens) // piece
+    rows = np.empty((n, row_len), tokens.dtype)
+    rows[:, 0], rows[:, -1] = bos, eos
+    rows[:, 1:-1] = tokens[: n * piece].reshape(n, piece)
+    return rows, tokens[n * piece:]
+
+
 def write_split(docs, split, tmp_path, args, tok, pool):
     n_docs, starts = len(docs), range(0, len(docs), _CHUNK_DOCS)
-    get = (lambda i: docs[i: i + _CHUNK_DOCS]) if isinstance(docs, list) else (lambda i: docs[i: i + _CHUNK_DOCS][args.text_field])
+    get = (lambda i: docs[i: i + _CHUNK_DOCS]) if isinstance(docs, list) else \
+        (lambda i: docs[i: i + _CHUNK_DOCS][args.text_field])
 
     def results():  # Pool.imap would read the whole source ahead into its queue: feed it a window at a time
         window = 8 * args.num_proc
@@ -301,19 +306,13 @@ def write_split(docs, split, tmp_path, args, tok, pool):
             jobs = [(args.tokenizer, get(i)) for i in starts[w: w + window]]
             yield from pool.imap(tokenize_chunk, jobs) if pool else map(tokenize_chunk, jobs)  # in order
 
-    piece, L = args.row_len - 2, args.row_len
-    buf, n_used, n_doc_tokens, n_rows = np.empty(0, np.uint16), 0, 0, 0
+    L, buf, n_used, n_doc_tokens, n_rows = args.row_len, np.empty(0, np.uint16), 0, 0, 0
     with open(tmp_path, "wb") as f, tqdm(total=n_docs, desc=f"{split} docs", unit="doc", disable=args.quiet) as bar:
         for i, (flat, used) in enumerate(results()):
             n_used, n_doc_tokens = n_used + used, n_doc_tokens + len(flat)
-            buf = np.concatenate([buf, flat])
-            n = len(buf) // piece
-            if n:  # [BOS] piece [EOS]
-                rows = np.empty((n, L), np.uint16)
-                rows[:, 0], rows[:, -1] = tok.bos_token_id, tok.eos_token_id
-                rows[:, 1:-1] = buf[: n * piece].reshape(n, piece)
-                rows.tofile(f)
-                buf, n_rows = buf[n * piece:], n_rows + n
+            rows, buf = frame_rows(np.concatenate([buf, flat]), L, tok.bos_token_id, tok.eos_token_id)
+            rows.tofile(f)
+            n_rows += len(rows)
             bar.update(min(_CHUNK_DOCS, n_docs - i * _CHUNK_DOCS))
     if n_rows == 0:
         raise ValueError(f"{split} split has 0 rows of {L} tokens ({n_doc_tokens} tokens in {n_used} docs); "
@@ -324,43 +323,16 @@ def write_split(docs, split, tmp_path, args, tok, pool):
             f"n_{split}_dropped_tokens": len(buf)}
 
 
-def main(argv=None):
-    args = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
-    if not args.out_dir:
-        raise ValueError("--out_dir is required: the directory that gets train.bin, val.bin and meta.json")
-    check_choice("tokenizer", args.tokenizer, ("gpt2", "byte"))
-    check_choice("txt_docs", args.txt_docs, ("file", "blankline", "lines"))
-    if not (args.num_val_docs is None or isinstance(args.num_val_docs, int)):  # (its default None takes any type)
-        raise ValueError(f"num_val_docs must be an integer (or None), got {args.num_val_docs!r}")
-    check_sizes(vars(args), row_len=3, num_proc=1)  # a row holds BOS, >= 1 token, EOS
-
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise ValueError(f"--out_dir={args.out_dir} is a file, not a directory")
-    outputs = [os.path.join(args.out_dir, n) for n in ("train.bin", "val.bin", "meta.json")]
-    existing = [o for o in outputs if os.path.exists(o)]
-    if existing and not args.overwrite:
-        raise FileExistsError(f"{existing} already exist; pass --overwrite to replace them")
-    tok = get_tokenizer(args.tokenizer)
-    assert tok.vocab_size <= 2 ** 16, "ids must fit in uint16"
-    t0 = time.time()
-    train, val, desc, issues = load_source(args)
-    os.makedirs(args.out_dir, exist_ok=True)
-    # write under temporary names and rename at the end (meta.json last): a crash never leaves a
-    # complete-looking but truncated dataset
+def write_dataset(splits, meta, outputs, existing, args, tok, issues):
+    """The .bin files and meta.json under temporary names, renamed at the end (meta last): never a truncated dataset."""
     tmp = [o + ".tmp" for o in outputs]
-    meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_token_id,
-            "eos_id": tok.eos_token_id, "mask_id": tok.mask_token_id, "row_len": args.row_len,
-            "framing": "wrap", "dtype": "uint16", "source": desc, "text_field": args.text_field}
-    # spawn, not fork: a forked child of a process whose OpenMP/torch thread pools already ran can deadlock.
-    # The workers ignore Ctrl-C (a terminal sends it to them too): one killed while sending a result hung
-    # pool.terminate() for good
-    pool = None
-    if args.num_proc > 1:
-        pool = multiprocessing.get_context("spawn").Pool(args.num_proc, initializer=signal.signal,
-                                                         initargs=(signal.SIGINT, signal.SIG_IGN))
+    # spawn, not fork: a forked child of a process whose OpenMP/torch thread pools already ran can deadlock. The
+    # workers ignore Ctrl-C (a terminal sends it to them too): one killed while sending a result hung pool.terminate()
+    pool = None if args.num_proc == 1 else multiprocessing.get_context("spawn").Pool(
+        args.num_proc, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
     writing = outputs[0]
     try:
-        for split, docs, t, writing in (("train", train, tmp[0], outputs[0]), ("val", val, tmp[1], outputs[1])):
+        for (split, docs), t, writing in zip(splits, tmp, outputs):
             meta.update(write_split(docs, split, t, args, tok, pool))
         meta.update({"n_not_utf8_docs": issues["not_utf8"], "n_bad_lines_skipped": issues["bad_lines"]})
         writing = outputs[2]
@@ -383,8 +355,32 @@ def main(argv=None):
             pool.terminate()  # all results are consumed on success; on error don't wait for the rest
             pool.join()
 
+
+def main(argv=None):
+    args = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
+    if not args.out_dir:
+        raise ValueError("--out_dir is required: the directory that gets train.bin, val.bin and meta.json")
+    check_choice("tokenizer", args.tokenizer, ("gpt2", "byte"))
+    check_choice("txt_docs", args.txt_docs, ("file", "blankline", "lines"))
+    if not (args.num_val_docs is None or isinstance(args.num_val_docs, int)):  # (its default None takes any type)
+        raise ValueError(f"num_val_docs must be an integer (or None), got {args.num_val_docs!r}")
+    check_sizes(vars(args), row_len=3, num_proc=1)  # a row holds BOS, >= 1 token, EOS
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise ValueError(f"--out_dir={args.out_dir} is a file, not a directory")
+    outputs = [os.path.join(args.out_dir, n) for n in ("train.bin", "val.bin", "meta.json")]
+    existing = [o for o in outputs if os.path.exists(o)]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{existing} already exist; pass --overwrite to replace them")
+    tok = get_tokenizer(args.tokenizer)
+    assert tok.vocab_size <= 2 ** 16, "ids must fit in uint16"
+    t0 = time.time()
+    train, val, desc, issues = load_source(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_token_id,
+            "eos_id": tok.eos_token_id, "mask_id": tok.mask_token_id, "row_len": args.row_len,
+            "framing": "wrap", "dtype": "uint16", "source": desc, "text_field": args.text_field}
+    write_dataset((("train", train), ("val", val)), meta, outputs, existing, args, tok, issues)
     dt = time.time() - t0
-    n_tok = meta["n_train_doc_tokens"] + meta["n_val_doc_tokens"]
     print(f"{desc} -> {args.out_dir} ({tok.name}, V={tok.vocab_size}, rows of {args.row_len})")
     for s in ("train", "val"):
         print(f"  {s:5s}: {meta[f'n_{s}_docs']:,} docs ({meta[f'n_{s}_empty_docs_skipped']:,} empty skipped), "
@@ -393,7 +389,7 @@ def main(argv=None):
     if issues["not_utf8"] or issues["bad_lines"]:
         print(f"  warning: {issues['not_utf8']} docs had invalid UTF-8 (replaced with U+FFFD), "
               f"{issues['bad_lines']} bad .jsonl lines skipped")
-    print(f"  {dt:.1f}s, {n_tok / dt:,.0f} tokens/s")
+    print(f"  {dt:.1f}s, {(meta['n_train_doc_tokens'] + meta['n_val_doc_tokens']) / dt:,.0f} tokens/s")
     return meta
 
 
