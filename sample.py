@@ -425,12 +425,10 @@ def main(argv=None):
     if tok is None and (c.mode == 'cond_prefix' or c.prompt):
         raise ValueError(f'{lm.name}: the checkpoint names no tokenizer (meta.tokenizer): text prompts need one')
     block, causal = lm.backbone.config.block_size, lm.backbone.config.causal
-    c.seq_len = c.seq_len or block
     c.num_steps = c.num_steps or lm.meta.get('num_sampling_steps') or 32
-    config.update(seq_len=c.seq_len, num_steps=c.num_steps)
-    if causal:  # the AR baseline samples autoregressively (sample_ar): no steps, no diffusion sampler
-        config.update(num_steps=None, sampler='ar')
-    L = c.cond_len if c.mode == 'cond_prefix' else c.seq_len
+    # (the AR baseline samples autoregressively, sample_ar: no steps, no diffusion sampler; seq_len: L, in stats)
+    config.update(dict(num_steps=None, sampler='ar') if causal else dict(num_steps=c.num_steps))
+    L = c.cond_len if c.mode == 'cond_prefix' else c.seq_len or block
     if L > block:
         raise ValueError(f'{"cond_len" if c.mode == "cond_prefix" else "seq_len"}={L} exceeds the model block size {block}')
     if L == 1 and c.add_bos:
