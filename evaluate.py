@@ -35,9 +35,9 @@ from tqdm import tqdm
 from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS, move_chance, nelbo_weight, sample_t, schedule_of, sigma
 from fileio import WriteFailed, read_jsonl, write_failed
-from model import load_pretrained, local_or_hub, write_atomic
+from model import local_or_hub, write_atomic
 from prepare_data import get_tokenizer, load_meta, open_split
-from sample import end_dist, init_dist, load_samples, read_texts
+from sample import end_dist, init_dist, load_model, load_samples, read_texts
 
 # ----------------------------------------------------------------------------------------------------- config
 eval = 'genppl'         # comma list of genppl, mauve, lambada (SDTT: accuracy, last-word ppl), lambada_ppl (MDLM's
@@ -104,12 +104,10 @@ class LM:
         self.autocast = torch.autocast('cuda', dtype=amp) if self.device.type == 'cuda' and amp != torch.float32 \
             else nullcontext()
         if _is_dit(name):
-            self.model = load_pretrained(name, revision=revision or None, device=device)
-            m, cfg = self.model.meta, self.model.config
-            if not m.get('tokenizer'):
-                raise ValueError(f'{name}: its meta records no tokenizer (gpt2 or byte); re-save it with meta')
+            dit = load_model(name, revision, device)
+            self.model, self.tok, m, cfg = dit.backbone, dit.tokenizer, dit.meta, dit.backbone.config
             self.kind = 'causal' if cfg.causal else 'diffusion'
-            self.tok, self.tok_name, self.n_ctx = get_tokenizer(m['tokenizer']), m['tokenizer'], cfg.block_size
+            self.tok_name, self.n_ctx = m['tokenizer'], cfg.block_size
             self.bos, self.eos, self.mask, self.n_real = m['bos_id'], m['eos_id'], m['mask_id'], m['mask_id']
         else:
             try:
