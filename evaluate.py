@@ -678,6 +678,9 @@ def plot_training(log_path, png=None):
     ax_speed.set(xlabel='step', ylabel='tokens/s', title=f'throughput (median MFU {100 * mfu:.1f}%)', ylim=(0, None))
     ax_speed.grid(True, alpha=0.3)
     ends = [(r['step'], r['round_done']) for r in recs if 'round_done' in r]
+    if not ends:  # a log written before distill.py logged its round ends: the last step logged with the old round
+        ends = [(p['step'], r['round']) for p, r in zip(train, train[1:])
+                if (r.get('round') or 0) > (p.get('round') or 0)]
     for step, rnd in ends:
         for a in (ax, ax_speed):
             a.axvline(step, color='gray', ls=':', lw=1)
