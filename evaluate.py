@@ -12,13 +12,9 @@ Evaluation of masked diffusion LMs (SPEC §6): generative perplexity with unigra
     python evaluate.py --eval= --train_log=out/kld_small  # a run's loss and tokens/s -> out/kld_small/train.png
     torchrun --nproc_per_node=8 evaluate.py ...      # the work is sharded across ranks and gathered
 
-Prompted samples (sample.py --prompt, --mode=cond_prefix) get a conditional gen-PPL: only the generated tokens are
-scored (and counted in the entropy), given the prompt. Samples longer than the judge's context (retokenized for a
-judge with another tokenizer) are scored in overlapping windows, each token once (n_windowed in the record).
-Every evaluation appends one JSON line to out_dir/eval.jsonl (gen-PPL records carry each sample's NLL, for paired
-comparisons of files sampled with the same seed: closer). The metric functions (gen_ppl, closer, unigram_entropy,
-judge_pass, mauve_score, lambada, lambada_ppl, val_ppl, read_records, plot_genppl, plot_training) are importable; the
-script only runs under __main__.
+Prompted samples get a conditional gen-PPL: only the generated tokens are scored (and in the entropy). Samples longer
+than the judge's context are scored in overlapping windows, each token once. Every evaluation appends one JSON line
+to out_dir/eval.jsonl (gen-PPL records carry each sample's NLL, for paired comparisons: closer).
 """
 import glob
 import json
@@ -38,10 +34,10 @@ from tqdm import tqdm
 
 from configurator import check_choice, check_sizes, config_keys, configure
 from diffusion import SAMPLE_EPS, move_chance, nelbo_weight, sample_t, schedule_of, sigma
-from fileio import WriteFailed, local_or_dataset, read_jsonl, write_failed
-from model import check_device, load_pretrained, local_or_hub, write_atomic
+from fileio import WriteFailed, read_jsonl, write_failed
+from model import local_or_hub, write_atomic
 from prepare_data import frame_rows, get_tokenizer, load_meta, open_split
-from sample import load_samples
+from sample import end_dist, init_dist, load_model, load_samples, read_texts
 
 # ----------------------------------------------------------------------------------------------------- config
 eval = 'genppl'         # comma list of genppl, mauve, lambada (SDTT: accuracy, last-word ppl), lambada_ppl (MDLM's
@@ -97,26 +93,22 @@ def _is_dit(name):
 
 
 class LM:
-    """A model to score text with: a project DiT (kind 'diffusion', or 'causal' for the AR baseline) or a transformers
-    causal LM ('causal'). .tok encodes text; .logits() returns fp32 logits over the real tokens only: a DiT's MASK
-    column is dropped (SUBS gives it probability 0). .bos is put in front of every scored sequence."""
+    """A model to score text with: a project DiT (kind 'diffusion'; 'causal': the AR baseline) or a transformers causal
+    LM. .logits(): fp32 over the real tokens (SUBS gives MASK 0). .bos goes in front of every scored sequence."""
 
     def __init__(self, name, device='cpu', dtype='float32', revision='', compile=False):
         if not name:
             raise ValueError('no model given: set --judge (genppl/mauve) or --init_from (lambada/valppl)')
         name = local_or_hub(name) or name  # a missing local path fails here, not as a hub download
-        self.name, self.device = name, torch.device(device)
-        amp = getattr(torch, dtype)
+        self.name, self.device, amp = name, torch.device(device), getattr(torch, dtype)
         self.autocast = torch.autocast('cuda', dtype=amp) if self.device.type == 'cuda' and amp != torch.float32 \
             else nullcontext()
         if _is_dit(name):
-            self.model = load_pretrained(name, revision=revision or None, device=device)
-            m, cfg = self.model.meta, self.model.config
-            if not m.get('tokenizer'):
-                raise ValueError(f'{name}: its meta records no tokenizer (gpt2 or byte); re-save it with meta')
+            dit = load_model(name, revision, device)
+            self.model, self.tok, m, cfg = dit.backbone, dit.tokenizer, dit.meta, dit.backbone.config
             self.kind = 'causal' if cfg.causal else 'diffusion'
-            self.tok, self.tok_name = get_tokenizer(m['tokenizer']), m['tokenizer']
-            self.bos, self.eos, self.mask, self.n_real, self.n_ctx = m['bos_id'], m['eos_id'], m['mask_id'], m['mask_id'], cfg.block_size
+            self.tok_name, self.n_ctx = m['tokenizer'], cfg.block_size
+            self.bos, self.eos, self.mask, self.n_real = m['bos_id'], m['eos_id'], m['mask_id'], m['mask_id']
         else:
             try:
                 from transformers import AutoModelForCausalLM
@@ -135,21 +127,21 @@ class LM:
             self.bos, self.eos = self.tok.bos_token_id, self.tok.eos_token_id
             self.bos = self.eos if self.bos is None else self.bos
         self.fwd = torch.compile(self.model, dynamic=True) if compile else self.model
-        self.schedule = schedule_of(getattr(self.model, 'meta', None))  # a DiT's NELBO follows the schedule it was trained with
+        self.schedule = schedule_of(getattr(self.model, 'meta', None))  # a DiT's NELBO: the schedule it was trained on
 
     @torch.no_grad()
     def logits(self, ids, t=None, attn=None, hidden=False, positions=None):
         """ids [B, L] -> (fp32 logits [B, L, n_real], fp32 last hidden state [B, L, d] if hidden else None).
-        positions (a DiT): flat indices into the B * L positions -> logits [M, n_real] of those only (the output layer
-        and the fp32 logits are the bulk of the work and memory where few positions are scored: LAMBADA)."""
+        positions (a DiT): flat indices into B * L -> logits [M, n_real] of those only (LAMBADA: saves the bulk)."""
         h = {}
         with self.autocast:
             if self.mask is None:
                 out = self.fwd(input_ids=ids, attention_mask=attn, output_hidden_states=hidden)
                 lg, h['h'] = out.logits, out.hidden_states[-1] if hidden else None
             else:  # the DiT's last hidden state: after its final LayerNorm (as GPT-2's hidden_states[-1] is after ln_f)
-                hook = self.model.output_layer.norm_final.register_forward_hook(lambda m, i, o: h.update(h=o)) if hidden else None
                 # (a hook added after compilation is not in the compiled graph: MAUVE's features run eagerly)
+                norm = self.model.output_layer.norm_final
+                hook = norm.register_forward_hook(lambda m, i, o: h.update(h=o)) if hidden else None
                 lg = (self.model if hidden else self.fwd)(ids, None if t is None else sigma(t, self.schedule),
                                                           *(() if positions is None else (positions,)))[..., :self.mask]
                 if hook:
@@ -169,14 +161,10 @@ def _rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _host(parts):
-    """Per-batch result tensors, kept on the device during the loop (no sync per batch) -> one numpy array."""
-    return torch.cat(parts).double().cpu().numpy() if parts else np.empty(0)
-
-
-def _gather(idx, vals):
-    """This rank's per-item results (items idx) -> all items in order, on every rank."""
-    vals = np.asarray(vals, dtype=np.float64)
+def _gather(idx, parts):
+    """This rank's per-batch result tensors (items idx; kept on the device in the loop: no sync per batch) -> all
+    items' results in order, a numpy array on every rank."""
+    vals = torch.cat(parts).double().cpu().numpy() if parts else np.empty(0)
     if not dist.is_initialized():
         return vals
     parts = [None] * dist.get_world_size()
@@ -216,12 +204,8 @@ def sample_files(spec):
     return sorted(paths)
 
 
-def judge_inputs(judge, tokens, tok_name, n_prompt=0):
-    """Sample ids -> (the judge's inputs, a list of 1-D LongTensors; first[i], the first position of input i that is
-    scored: 1, position 0 never is). Same tokenizer: the ids as they are (SDTT). Otherwise the text (BOS/EOS dropped, as
-    SDTT's llama path) is retokenized behind the judge's BOS.
-    n_prompt: the first n_prompt ids of every sample were forced (BOS + a prompt): only what follows is scored,
-    conditioned on them (retokenized: prompt and continuation are encoded apart, so the boundary stays exact)."""
+def _sample_ids(judge, tokens, tok_name):
+    """-> (the tokenizer the samples' settings name, their ids as int64), checked against it; the judge is causal."""
     if judge.kind != 'causal':
         raise ValueError(f'the judge {judge.name} is a bidirectional diffusion model; use a causal LM or an AR checkpoint')
     tok, tokens = get_tokenizer(tok_name), np.asarray(tokens, dtype=np.int64)
@@ -232,6 +216,15 @@ def judge_inputs(judge, tokens, tok_name, n_prompt=0):
         else:  # (GPT-2 ids labelled byte hold byte MASK ids too: this is the message that helps)
             what = f'ids outside [0, {tok.mask_token_id}), so they were not written with it (another tokenizer?)'
         raise ValueError(f'samples contain {what} of the {tok_name!r} tokenizer their settings name: {sorted(set(bad.tolist()))[:5]}')
+    return tok, tokens
+
+
+def judge_inputs(judge, tokens, tok_name, n_prompt=0):
+    """Sample ids -> (the judge's inputs, 1-D LongTensors; first[i], the first position of input i scored: >= 1).
+    Same tokenizer: the ids as they are (SDTT); else the text (BOS/EOS dropped, as SDTT's llama path) retokenized
+    behind the judge's BOS. Only what follows the first n_prompt (forced) ids is scored, given them (retokenized:
+    prompt and continuation are encoded apart, so the boundary stays exact)."""
+    tok, tokens = _sample_ids(judge, tokens, tok_name)
     if tok_name == judge.tok_name:
         if tokens.max() >= judge.n_real:
             raise ValueError(f'sample ids up to {tokens.max()} but the judge {judge.name} has {judge.n_real} tokens')
@@ -251,12 +244,9 @@ def judge_inputs(judge, tokens, tok_name, n_prompt=0):
 
 
 def windows(seq, first, n_ctx, bos):
-    """A judge input longer than the judge's context -> [(window, first scored position in it)]: windows of at most
-    n_ctx tokens that score each position from `first` on once. A window that does not start where the sequence does
-    gets BOS in front (as the rows the project's judges were trained on: BOS, then text from the middle of the
-    stream), then at least n_ctx - n_ctx // 2 - 1 tokens of context before the positions it scores (a strided pass;
-    the first window's first positions have less, as in one pass over a short sequence). The reference truncates
-    retokenized samples to their length in the sampler's ids instead, dropping the tail's tokens."""
+    """A judge input longer than its context -> [(window, first scored position in it)]: windows of at most n_ctx
+    tokens scoring each position from `first` on once, each after BOS (as the judges' training rows) and at least
+    n_ctx - n_ctx // 2 - 1 tokens of context (a strided pass). (The reference truncates: the tail goes unscored.)"""
     if len(seq) <= n_ctx:
         return [(seq, first)]
     if n_ctx < 2:
@@ -273,20 +263,21 @@ def windows(seq, first, n_ctx, bos):
     return out
 
 
-def _batches(n, bs, desc, tokens_of):
-    """This rank's items (rank::world) in batches, with a tokens/s progress bar."""
+def _sharded(items, bs, desc, tokens_of, fn):
+    """fn(batch) -> a tensor of results, one per item, over this rank's share of items (rank::world) in batches of
+    bs, with a tokens/s progress bar -> every item's results, in item order (_gather), on every rank."""
     rank, world = _rank_world()
-    idx = list(range(rank, n, world))
+    idx, parts = list(items)[rank::world], []
     bar = tqdm(total=sum(tokens_of(i) for i in idx), desc=desc, unit='tok', unit_scale=True, disable=rank != 0)
     for b in range(0, len(idx), bs):
-        yield idx[b: b + bs]
+        parts.append(fn(idx[b: b + bs]))
         bar.update(sum(tokens_of(i) for i in idx[b: b + bs]))
     bar.close()
+    return _gather(idx, parts)
 
 
 def unigram_entropy(tokens):
-    """Entropy (nats) of the empirical distribution of token ids within each sample: [N, L] -> [N]. Vectorised: sort
-    each row, count the runs of equal ids."""
+    """Entropy (nats) of the token ids within each sample: [N, L] -> [N] (sorted rows: counts of the runs of ids)."""
     s = np.sort(np.asarray(tokens), axis=1)
     N, L = s.shape
     start = np.ones_like(s, dtype=bool)
@@ -304,43 +295,33 @@ def judge_pass(judge, seqs, batch_size=8, hidden=False, first=None, valid=None):
     if longest > judge.n_ctx:  # gen_ppl splits them (windows); the MAUVE features of a truncated text would be another's
         raise ValueError(f'a judge input is {longest} tokens long, more than the context of {judge.name} ({judge.n_ctx}); '
                          'use a judge with a longer context or shorter texts')
-    idx_all, out = [], []
-    for idx in _batches(len(seqs), batch_size, f'judge {judge.name}', lambda i: len(seqs[i])):
+
+    def batch(idx):
         ids, attn = _pad([seqs[i] for i in idx], judge.device)
         lg, h = judge.logits(ids, attn=attn, hidden=hidden)
         if hidden:
-            out.append(h[torch.arange(len(idx)), attn.sum(1) - 1])
+            return h[torch.arange(len(idx)), attn.sum(1) - 1]
+        nll = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction='none').view(len(idx), -1)
+        if valid is None:  # positions first.. of each (position j + 1 is predicted at j)
+            start = torch.tensor([1 if first is None else first[i] for i in idx], device=judge.device)
+            w = (attn[:, 1:] * (torch.arange(1, ids.shape[1], device=judge.device)[None] >= start[:, None])).double()
         else:
-            nll = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction='none').view(len(idx), -1)
-            if valid is not None:
-                w = _pad([valid[i] for i in idx], judge.device)[0].double()  # [B, longest - 1], as nll
-                out.append(torch.stack([(nll.double() * w).sum(1), w.sum(1)], 1))
-                idx_all += idx
-                continue
-            w = attn[:, 1:].double()
-            if first is not None:  # position j + 1 is predicted at j
-                start = torch.tensor([first[i] for i in idx], device=w.device)
-                w *= torch.arange(1, ids.shape[1], device=w.device)[None] >= start[:, None]
-            out.append((nll.double() * w).sum(1) / w.sum(1))
-        idx_all += idx
-    return _gather(idx_all, _host(out))
+            w = _pad([valid[i] for i in idx], judge.device)[0].double()  # [B, longest - 1], as nll
+        sums = torch.stack([(nll.double() * w).sum(1), w.sum(1)], 1)
+        return sums if valid is not None else sums[:, 0] / sums[:, 1]
+    return _sharded(range(len(seqs)), batch_size, f'judge {judge.name}', lambda i: len(seqs[i]), batch)
 
 
 GENPPL_PROTOCOLS = ('sdtt', 'duo')
 
 
 def duo_judge_inputs(judge, tokens, tok_name, group):
-    """DUO's gen-PPL inputs (its metrics.py, record_generative_perplexity): each sample decoded with its special tokens
-    kept and retokenized with the judge's tokenizer (the text between BOS/EOS ids encoded, each BOS/EOS becoming the
-    judge's EOS: GPT-2 parses '<|endoftext|>' so), truncated to the sample length and padded with EOS to the longest
-    of its group of `group` samples (DUO tokenizes one sampling batch with padding=True), cut into rows of the judge's
-    context. Returns (rows, valid, owner): per row, positions 1.. scored except EOS tokens after the row's first one
-    (DUO: valid = (cumsum(ids == eos) == 1) | (ids != eos), position 0 never), and the sample it belongs to."""
-    if judge.kind != 'causal':
-        raise ValueError(f'the judge {judge.name} is a bidirectional diffusion model; use a causal LM or an AR checkpoint')
-    tok, tokens = get_tokenizer(tok_name), np.asarray(tokens, dtype=np.int64)
-    if ((tokens < 0) | (tokens >= tok.mask_token_id)).any():
-        raise ValueError(f'samples contain MASK ids or ids outside the {tok_name!r} tokenizer their settings name')
+    """DUO's gen-PPL inputs (metrics.py, record_generative_perplexity): each sample retokenized with the judge's
+    tokenizer (the text between BOS/EOS ids; each BOS/EOS becomes the judge's EOS, as GPT-2 parses '<|endoftext|>'),
+    truncated to the sample length, padded with EOS to the longest of its group of `group` samples (DUO's padding=True
+    over a sampling batch), cut into rows of the judge's context. -> (rows, valid: per row, positions 1.. scored but
+    the EOS after the row's first (DUO: (cumsum(ids == eos) == 1) | (ids != eos)), owner: each row's sample)."""
+    tok, tokens = _sample_ids(judge, tokens, tok_name)
     L, eos, seqs = tokens.shape[1], judge.eos, []
     for row in tokens:
         ids, start = [], 0
@@ -363,14 +344,11 @@ def duo_judge_inputs(judge, tokens, tok_name, group):
 
 
 def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0, protocol='sdtt'):
-    """Generative perplexity with the mean per-sample unigram entropy next to it, under one of two protocols.
-    'sdtt' (SPEC §6, the default): exp of the mean over samples of each sample's mean NLL under the judge, the ids
-    fed as they are (retokenized only for a judge with another tokenizer), positions 1.. all scored, EOS included.
-    Every sample is scored (none dropped). n_prompt > 0 (prompted samples): the NLL and the entropy of the generated
-    tokens only, after the n_prompt forced ids (scoring the forced text would flatter the samples).
-    'duo' (DUO's Table 7 numbers): retokenized, EOS after the first excluded (duo_judge_inputs, padding groups of
-    batch_size samples), and exp(total NLL / total scored tokens): per token, not per sample. Lower than 'sdtt' on the
-    same samples: retokenizing merges non-canonical token splits and the repeated EOS are high-NLL positions."""
+    """Generative perplexity and the mean per-sample unigram entropy. 'sdtt' (SPEC §6): exp of the mean over samples
+    of each sample's mean NLL under the judge, ids as sampled, positions 1.. all scored (EOS too); with n_prompt > 0
+    only the tokens after the n_prompt forced ids (scoring the prompt would flatter the samples). 'duo' (DUO's Table
+    7): duo_judge_inputs and exp(total NLL / scored tokens), per token; lower than 'sdtt' on the same samples
+    (retokenizing merges non-canonical splits, and the repeated EOS are high-NLL positions)."""
     check_choice('protocol', protocol, GENPPL_PROTOCOLS)
     if protocol == 'duo':
         if n_prompt:
@@ -381,34 +359,29 @@ def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0, protocol='sdtt'):
         sums, counts = (np.bincount(owner, weights=per_row[:, k], minlength=len(tokens)) for k in (0, 1))
         if count == 0:
             raise ValueError('no token to score under the DUO protocol (samples of EOS only?)')
-        ent = unigram_entropy(tokens)
-        return dict(gen_ppl=math.exp(total / count), nll_mean=total / count, n_scored=int(count), entropy=ent.mean(),
-                    entropy_std=ent.std(), n_samples=len(tokens), seq_len=tokens.shape[1], n_prompt=0,
-                    retokenized=True, protocol='duo',
-                    nll_per_sample=[round(float(a / b), 6) if b else None for a, b in zip(sums, counts)])
-    seqs, first = judge_inputs(judge, tokens, tok_name, n_prompt)
-    parts = [(i, *w) for i, (s, f) in enumerate(zip(seqs, first)) for w in windows(s, f, judge.n_ctx, judge.bos)]
-    owner, count = np.array([p[0] for p in parts]), np.array([len(p[1]) - p[2] for p in parts])
-    mean = judge_pass(judge, [p[1] for p in parts], batch_size, first=[p[2] for p in parts])
-    nll = np.bincount(owner, weights=mean * count) / np.bincount(owner, weights=count)  # windows -> each sample's mean
+        nll_mean, per_sample = total / count, [round(float(a / b), 6) if b else None for a, b in zip(sums, counts)]
+        extra = dict(n_scored=int(count))
+    else:
+        seqs, first = judge_inputs(judge, tokens, tok_name, n_prompt)
+        parts = [(i, *w) for i, (s, f) in enumerate(zip(seqs, first)) for w in windows(s, f, judge.n_ctx, judge.bos)]
+        owner, count = np.array([p[0] for p in parts]), np.array([len(p[1]) - p[2] for p in parts])
+        mean = judge_pass(judge, [p[1] for p in parts], batch_size, first=[p[2] for p in parts])
+        nll = np.bincount(owner, weights=mean * count) / np.bincount(owner, weights=count)  # each sample's mean
+        nll_mean, per_sample = nll.mean(), [round(float(x), 6) for x in nll]
+        extra = dict(nll_std=nll.std(), n_windowed=int(sum(len(s) > judge.n_ctx for s in seqs)))
     ent = unigram_entropy(np.asarray(tokens)[:, n_prompt:])
-    return dict(gen_ppl=math.exp(nll.mean()), nll_mean=nll.mean(), nll_std=nll.std(), entropy=ent.mean(),
-                entropy_std=ent.std(), n_samples=len(nll), seq_len=tokens.shape[1], n_prompt=n_prompt,
-                retokenized=tok_name != judge.tok_name, n_windowed=int(sum(len(s) > judge.n_ctx for s in seqs)),
-                protocol='sdtt',
-                nll_per_sample=[round(float(x), 6) for x in nll])  # in sample order: for paired comparisons
+    return dict(gen_ppl=math.exp(nll_mean), nll_mean=nll_mean, **extra, entropy=ent.mean(), entropy_std=ent.std(),
+                n_samples=len(tokens), seq_len=tokens.shape[1], n_prompt=n_prompt, protocol=protocol,
+                retokenized=protocol == 'duo' or tok_name != judge.tok_name,
+                nll_per_sample=per_sample)  # in sample order: for paired comparisons
 
 
 def closer(ref, a, b):
-    """Is b closer than a to ref in log gen-PPL, and by how many standard errors? ref, a, b: the per-sample NLLs
-    (gen_ppl's nll_per_sample) of three sample files with the same number of samples, e.g. the teacher at N steps, the
-    teacher at n and the student at n. Returns (gain, margin): gain = |d_a| - |d_b| with d = log gen-PPL - log gen-PPL
-    of ref (> 0: b is closer), margin = gain / its standard error.
-    The error is paired: sample i of the three files is one draw of a triple, so gain is the mean of the per-sample
-    g_i = sign(d_a) (a_i - ref_i) - sign(d_b) (b_i - ref_i) and its s.e. is std(g) / sqrt(n). That holds for any
-    three independent runs; when they sample with the same seed (sample.py's draws of sample i are then shared) the
-    three NLLs of a triple are positively correlated and the paired error is smaller than the unpaired one, which
-    would count the shared noise twice."""
+    """Is b closer than a to ref in log gen-PPL, and by how many standard errors? ref, a, b: gen_ppl's nll_per_sample
+    of three files of as many samples (e.g. teacher at N steps, teacher at n, student at n). -> (gain, margin): gain =
+    |d_a| - |d_b|, d = log gen-PPL - that of ref (> 0: b closer), margin = gain / s.e. The error is paired (sample i of
+    the three is one triple: g_i = sign(d_a) (a_i - ref_i) - sign(d_b) (b_i - ref_i), s.e. = std(g) / sqrt(n)); with a
+    shared seed the triples are correlated and the unpaired error would count the shared noise twice."""
     ref, a, b = (np.asarray(x, dtype=np.float64) for x in (ref, a, b))
     if not len(ref) == len(a) == len(b) > 1:
         raise ValueError(f'closer: paired comparison needs files with the same number of samples (> 1), got '
@@ -422,8 +395,8 @@ def closer(ref, a, b):
 
 # ----------------------------------------------------------------------------------------------------- MAUVE
 def mauve_score(p_features, q_features, seeds=5, scaling=5.0):
-    """MAUVE (mauve-text) over k-means seeds 1..seeds, as SDTT: p = references, q = model samples, scaling factor 5.
-    Returns mean, std (population, np.std) and the per-seed scores."""
+    """MAUVE (mauve-text) of p = references, q = samples over k-means seeds 1..seeds, scaling 5, as SDTT: mean,
+    population std and per-seed scores."""
     try:
         import mauve
     except ImportError as e:
@@ -437,16 +410,7 @@ def mauve_score(p_features, q_features, seeds=5, scaling=5.0):
 # ----------------------------------------------------------------------------------------------------- LAMBADA, val
 def read_lambada(path):
     """Passages from a local jsonl ({"text": ...} per line, the OpenAI file) or an HF dataset id (test split)."""
-    if local_or_dataset(path, 'lambada_path'):
-        what = 'one JSON object {"text": "..."} (the OpenAI lambada_test.jsonl)'
-        texts = [r['text'] for _, r in read_jsonl(path, {'text': str}, strict=True, what=what)]
-    else:
-        try:
-            import datasets
-            texts = datasets.load_dataset(path, split='test')['text']
-        except Exception as e:
-            raise RuntimeError(f'could not load LAMBADA {path!r} as a local file or HF dataset ({type(e).__name__}: {e}); '
-                               'offline? pass --lambada_path=<lambada_openai_test.jsonl>') from e
+    texts = [t for _, t in read_texts(path, 'lambada_path')]
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or ' ' not in t.strip()]
     if not texts or bad:
         raise ValueError(f'{path}: {len(texts)} passages, {len(bad)} without a last word to predict (first: {bad[:3]})')
@@ -454,8 +418,8 @@ def read_lambada(path):
 
 
 def _draws(keys, n_t, L, seed, eps):
-    """Per item: n_t stratified times and [n_t, L] uniforms from a generator seeded by (seed, item index), so the
-    numbers do not depend on the batch size or the number of ranks."""
+    """Per item: n_t stratified times and [n_t, L] uniforms seeded by (seed, item index): the same numbers whatever
+    the batch size or the number of ranks."""
     g, ts, us = torch.Generator(), [], []
     for k in keys:
         g.manual_seed(seed * 1_000_003 + int(k))
@@ -465,10 +429,9 @@ def _draws(keys, n_t, L, seed, eps):
 
 
 def _nelbo(lm, x0, maskable, keys, n_t, seed, eps):
-    """MDLM NELBO (nats) of each row of x0 [B, L]: the m'/m-weighted NLL of the masked tokens (mdlm_loss's sum), only
-    `maskable` ones ever masked (the others clamped), averaged over n_t stratified t draws. Exact savings: rows with
-    nothing masked add 0 (no forward) and, without time conditioning, the output depends on x_t only, so each distinct
-    (x_t, x0) is forwarded once (a one-token LAMBADA target has a single masked pattern: 1 forward, not n_t)."""
+    """MDLM NELBO (nats) of each row of x0 [B, L] over n_t stratified t draws: the m'/m-weighted NLL of the masked
+    tokens, only `maskable` ones masked. Exact savings: a row with nothing masked adds 0 unforwarded and, without time
+    conditioning, each distinct (x_t, x0) is forwarded once (a one-token LAMBADA target: 1 forward, not n_t)."""
     B, L = x0.shape
     t, u = (v.to(x0.device) for v in _draws(keys, n_t, L, seed, eps))
     x0r = x0.repeat_interleave(n_t, 0)
@@ -487,18 +450,13 @@ def _nelbo(lm, x0, maskable, keys, n_t, seed, eps):
     return loss.view(B, n_t).mean(1)
 
 
-def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
-    """LAMBADA (SPEC §6), SDTT's protocol: accuracy and the last-word perplexity lastword_ppl (not MDLM's LAMBADA
-    perplexity, a per-token one over whole passages: lambada_ppl below). Target = the last word with its leading space. DiT: input BOS + context + MASK per target
-    token + EOS; accuracy from one forward (argmax over real tokens; all target tokens right); NLL = the NELBO of the
-    target tokens with the context clamped, averaged over n_t t draws. Causal LM: BOS + context + target,
-    teacher-forced greedy (accuracy) and the exact NLL. ppl = exp(sum of per-word NLLs / n_words). Contexts longer
-    than the model fit lose tokens on the left (counted in n_truncated)."""
-    tok, diffusion = lm.tok, lm.kind == 'diffusion'
-    seqs, spans, n_trunc = [], [], 0
+def lambada_inputs(lm, texts):
+    """Each passage as BOS + context + its last word (+ EOS for a DiT), the context cut on the left to fit the model
+    -> (id lists, the span of each last word, the number of contexts cut)."""
+    seqs, spans, n_trunc, diffusion = [], [], 0, lm.kind == 'diffusion'
     for text in texts:
         ctx, word = text.rsplit(' ', 1)
-        c, w = tok.encode(ctx), tok.encode(' ' + word)
+        c, w = lm.tok.encode(ctx), lm.tok.encode(' ' + word)
         keep = lm.n_ctx - len(w) - 1 - diffusion  # room for BOS (+ EOS)
         if keep < 0:
             raise ValueError(f'a LAMBADA target of {len(w)} tokens does not fit the context of {lm.name} ({lm.n_ctx})')
@@ -506,12 +464,22 @@ def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
         c = c[len(c) - keep:] if len(c) > keep else c
         seqs.append([lm.bos] + c + w + ([lm.eos] if diffusion else []))
         spans.append((1 + len(c), 1 + len(c) + len(w)))
+    return seqs, spans, n_trunc
+
+
+def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
+    """LAMBADA (SPEC §6), SDTT's protocol: accuracy and last-word perplexity (not MDLM's per-token one: lambada_ppl) of
+    the last word with its leading space. DiT: BOS + context + MASK per target token + EOS, accuracy from one forward
+    (every target token the argmax), NLL the NELBO of the target with the context clamped, over n_t t draws. Causal
+    LM: BOS + context + target, greedy accuracy and exact NLL. ppl = exp(mean NLL per word). Contexts too long for the
+    model lose tokens on the left (n_truncated)."""
+    diffusion = lm.kind == 'diffusion'
+    seqs, spans, n_trunc = lambada_inputs(lm, texts)
     # a bidirectional model sees padding, so batches hold passages of one length (sorted by length, then index)
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
-    per_fwd = max(1, batch_size // n_t) if diffusion else batch_size
-    idx_all, res = [], []
-    for pos in _batches(len(order), per_fwd, f'LAMBADA {lm.name}', lambda j: len(seqs[order[j]])):
-        items = [order[j] for j in pos]
+
+    def batch(items):  # (in length order: the groups of one length, concatenated, are items)
+        res = []
         for L in sorted({len(seqs[i]) for i in items}):
             grp = [i for i in items if len(seqs[i]) == L]
             x0 = torch.tensor([seqs[i] for i in grp], device=lm.device)
@@ -531,31 +499,31 @@ def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
                 correct = ((lg.argmax(-1) == y) | ~tgt).all(1)
                 nll = (F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction='none').view_as(y) * tgt).sum(1).double()
             res.append(torch.stack([correct.double(), nll, tgt.sum(1).double()], 1))
-            idx_all += grp
-    res = _gather(idx_all, _host(res))
+        return torch.cat(res)
+    res = _sharded(order, max(1, batch_size // n_t) if diffusion else batch_size, f'LAMBADA {lm.name}',
+                   lambda i: len(seqs[i]), batch)
     return dict(lambada_acc=res[:, 0].mean(), lastword_ppl=math.exp(res[:, 1].mean()), nll_per_word=res[:, 1].mean(),
                 nll_per_token=res[:, 1].sum() / res[:, 2].sum(), n_words=len(res), n_target_tokens=int(res[:, 2].sum()),
                 n_truncated=n_trunc, n_t=n_t if diffusion else None, kind=lm.kind)
 
 
 def _rows_nelbo(lm, rows, draws, seed, batch_size, eps, desc):
-    """Mean per-token NELBO of a DiT over rows [n, L] (all positions maskable, as MDLM), `draws` stratified t >= eps
-    per row, seeded per row."""
+    """Mean per-token NELBO of a DiT over rows [n, L] (all positions maskable, as MDLM), `draws` t >= eps a row."""
     if lm.kind != 'diffusion':
         raise ValueError(f'{desc} needs a diffusion DiT; {lm.name} is {lm.kind}')
     if rows.shape[1] > lm.n_ctx:
         raise ValueError(f'{desc}: rows of {rows.shape[1]} tokens, more than the block size of {lm.name} ({lm.n_ctx})')
-    idx_all, res = [], []
-    for idx in _batches(len(rows), max(1, batch_size // draws), f'{desc} {lm.name}', lambda i: rows.shape[1]):
+
+    def batch(idx):
         x0 = torch.from_numpy(np.asarray(rows[idx], dtype=np.int64)).to(lm.device)
-        res.append(_nelbo(lm, x0, torch.ones_like(x0, dtype=torch.bool), idx, draws, seed, eps))
-        idx_all += idx
-    return _gather(idx_all, _host(res)).sum() / rows.size
+        return _nelbo(lm, x0, torch.ones_like(x0, dtype=torch.bool), idx, draws, seed, eps)
+    return _sharded(range(len(rows)), max(1, batch_size // draws), f'{desc} {lm.name}', lambda i: rows.shape[1],
+                    batch).sum() / rows.size
 
 
 def val_ppl(lm, data_dir, n_rows=0, draws=4, seed=0, batch_size=8, eps=1e-3):
-    """exp(mean per-token NELBO) of a DiT on the first n_rows (0: all) rows of data_dir/val.bin: all positions maskable
-    (as MDLM), `draws` stratified t >= eps per row (MDLM's sampling_eps 1e-3), fixed seeds."""
+    """exp(mean per-token NELBO) of a DiT on the first n_rows (0: all) rows of data_dir/val.bin (_rows_nelbo; eps:
+    MDLM's sampling_eps)."""
     meta = load_meta(data_dir)
     if lm.kind != 'diffusion' or meta['tokenizer'] != lm.tok_name or meta['vocab_size'] != lm.mask + 1:
         raise ValueError(f"valppl needs a diffusion DiT of the data's vocabulary ({meta['tokenizer']}, V={meta['vocab_size']}); "
@@ -572,17 +540,15 @@ def lambada_detokenize(text):
 
 
 def wrap_rows(texts, tok, L, bos, eos):
-    """MDLM's wrap=True framing: each text tokenized with EOS appended, all concatenated and cut into rows
-    BOS + (L - 2 tokens) + EOS; the remainder (< L - 2 tokens) is dropped. -> (rows [n, L] int64, tokens dropped).
-    (MDLM groups each datasets.map batch of 1000 passages on its own, dropping a remainder per batch: a few rows less.)"""
+    """MDLM's wrap=True: the texts, each + EOS, concatenated and cut into rows BOS + (L - 2 tokens) + EOS, the
+    remainder dropped -> (rows [n, L] int64, tokens dropped). (MDLM drops a remainder per 1000 passages: fewer rows.)"""
     rows, rest = frame_rows(np.fromiter((i for t in texts for i in [*tok.encode(t), eos]), dtype=np.int64), L, bos, eos)
     return rows, len(rest)
 
 
 def lambada_ppl(lm, texts, draws=4, seed=0, batch_size=8, eps=1e-3):
-    """MDLM's LAMBADA perplexity (mode=ppl_eval, data=lambada, wrap=True; the anchor 47.52): the whole passages through
-    lambada_detokenize, wrapped into rows of the model length (wrap_rows), exp of the per-token NELBO over every token
-    (as val_ppl). Not SDTT's last-word perplexity (lambada)."""
+    """MDLM's LAMBADA perplexity (ppl_eval, wrap=True; the anchor 47.52): exp of the per-token NELBO of the whole
+    passages, detokenized and wrapped into rows of the model length. Not SDTT's last-word perplexity (lambada)."""
     rows, dropped = wrap_rows([lambada_detokenize(t) for t in texts], lm.tok, lm.n_ctx, lm.bos, lm.eos)
     if not len(rows):
         raise ValueError(f'{len(texts)} passages make less than one row of {lm.n_ctx} tokens')
@@ -623,9 +589,8 @@ GENPPL_RECORD = {**RECORD, 'metrics': dict(gen_ppl=(int, float), entropy=(int, f
 
 
 def read_records(jsonl, need=RECORD, keep=None):
-    """The records of a JSON-lines file (eval.jsonl; distill's log.jsonl with need={'step': int}) that are objects
-    with the fields of need (fileio.read_jsonl); another line (cut short by a kill mid-write, a hand edit) is left out
-    with a warning naming it."""
+    """The records of eval.jsonl (or distill's log.jsonl: need={'step': int}) with the fields of need; another line
+    (cut short by a kill, a hand edit) is left out with a warning (fileio.read_jsonl)."""
     return [rec for _, rec in read_jsonl(jsonl, need, keep=keep)]
 
 
@@ -643,9 +608,8 @@ def _save_figure(fig, png):
 
 
 def plot_genppl(jsonl, png):
-    """The SDTT figure from eval.jsonl: gen-PPL and entropy of unconditional samples against sampling steps (log2
-    axis), one line per model/round (and judge, sample length or sampler, where those vary). Prompted/cond_prefix
-    samples are left out. A point evaluated twice shows its last record."""
+    """The SDTT figure: gen-PPL and entropy of the unconditional samples of eval.jsonl against sampling steps, a line
+    per model/round (and judge, length or sampler where those vary); a point evaluated twice shows its last record."""
     if not os.path.exists(jsonl):
         raise FileNotFoundError(f'no {jsonl} to plot: run --eval=genppl (with the same --out_dir) first')
     recs = [r for r in read_records(jsonl, GENPPL_RECORD, keep=lambda r: r.get('eval') == 'genppl') if r['num_steps']
@@ -665,32 +629,29 @@ def plot_genppl(jsonl, png):
     from matplotlib.ticker import FuncFormatter, NullLocator
     fig, axes = _pyplot().subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for (model, rnd, jdg, L, sampler), pts in sorted(lines.items()):
-        label = model + ('' if rnd < 0 else f' round {rnd}') + (f' [{jdg}]' if jdg else '') + (f' L={L}' if L else '') \
-            + (f' {sampler}' if sampler else '')
+        label = ' '.join(filter(None, (model, rnd >= 0 and f'round {rnd}', jdg and f'[{jdg}]', L and f'L={L}', sampler)))
         steps = sorted(pts)
         for k, ax in enumerate(axes):
             ax.plot(steps, [pts[s][k] for s in steps], marker='o', label=label)
     plain = FuncFormatter(lambda v, _: f'{v:g}')
-    for ax, name in zip(axes, ('generative perplexity', 'unigram entropy (nats)')):
+    titles = ('gen-PPL' + ('' if varies[0] else f" (judge: {recs[-1]['config'].get('judge')})"), 'entropy of the samples')
+    for ax, name, title in zip(axes, ('generative perplexity', 'unigram entropy (nats)'), titles):
         ax.set_xscale('log', base=2)
         ax.set_xticks(sorted({s for pts in lines.values() for s in pts}))
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.set(xlabel='sampling steps', ylabel=name)
+        ax.set(xlabel='sampling steps', ylabel=name, title=title)
         ax.grid(True, which='both', alpha=0.3)
     axes[0].set_yscale('log')
     axes[0].yaxis.set_major_formatter(plain)
     axes[0].yaxis.set_minor_formatter(plain)
-    axes[0].set_title('gen-PPL' + ('' if varies[0] else f" (judge: {recs[-1]['config'].get('judge')})"))
-    axes[1].set_title('entropy of the samples')
     axes[1].legend(fontsize=8, loc='best')
     return _save_figure(fig, png)
 
 
 def plot_training(log_path, png=None):
-    """A distill.py run's curves from its log.jsonl: training and validation loss (left) and tokens/s (right) against
-    the optimiser step, with the SDTT round boundaries (where the teacher is replaced and dt doubles) marked.
-    Writes png (default: train.png beside the log) and returns its path."""
+    """A distill.py run's log.jsonl: loss (training, validation) and tokens/s against steps, SDTT's round ends marked,
+    -> png (default: train.png beside the log)."""
     if os.path.isdir(log_path):
         log_path = os.path.join(log_path, 'log.jsonl')
     if not os.path.exists(log_path):
@@ -729,79 +690,79 @@ def plot_training(log_path, png=None):
 
 
 # ----------------------------------------------------------------------------------------------------- script
+EVALS = ('genppl', 'mauve', 'lambada', 'lambada_ppl', 'valppl')
+
+
+def report(c, what, metrics, settings, source):
+    """Rank 0: append the record to out_dir/eval.jsonl and print its metrics (but the per-sample lists)."""
+    if _rank_world()[0] == 0:
+        write_record(os.path.join(c.out_dir, 'eval.jsonl'), what, metrics, vars(c), settings, source)
+        print(f'{what} {source}: ' + json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)},
+                                                default=float))
+
+
+def eval_samples(c, evals, dev):
+    """--eval=genppl and/or mauve: every sample file at --samples, scored by --judge."""
+    paths = sample_files(c.samples)  # (before the judge: a typo should not cost a gpt2-large load first)
+    judge_lm, n_cond = LM(c.judge, dev, c.judge_dtype, compile=c.compile), 0
+    for path in paths:
+        s = read_samples(path)
+        settings, tok_name = s['settings'], s['settings']['meta']['tokenizer']
+        n_prompt = s['prompt_ids'].shape[1] if 'prompt_ids' in s else 0  # forced ids: BOS + the prompt
+        if 'genppl' in evals:
+            try:
+                report(c, 'genppl', gen_ppl(judge_lm, s['tokens'], tok_name, c.batch_size, n_prompt,
+                                            c.genppl_protocol), settings, path)
+            except ValueError as e:  # which of the files
+                raise ValueError(f'{path}: {e}') from e
+        if 'mauve' in evals and settings.get('mode') == 'cond_prefix':
+            n_cond += 1
+            if 'ref_tokens' not in s:
+                raise ValueError(f'{path} holds no ref_tokens (the documents of its prompts): write it with sample.py')
+            q, p = (judge_pass(judge_lm, judge_inputs(judge_lm, s[k].astype(np.int64), tok_name)[0], c.batch_size,
+                               hidden=True) for k in ('tokens', 'ref_tokens'))
+            if _rank_world()[0] == 0:
+                report(c, 'mauve', {**mauve_score(p, q, c.mauve_seeds), 'n_samples': len(q), 'n_refs': len(p)},
+                       settings, path)
+    if 'mauve' in evals and not n_cond:
+        raise ValueError(f'--eval=mauve needs cond_prefix sample files (sample.py --mode=cond_prefix); none in {paths[:3]}')
+
+
 def main(argv=None):
     c = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
     evals = [e.strip() for e in c.eval.split(',') if e.strip()]
-    unknown = sorted(set(evals) - {'genppl', 'mauve', 'lambada', 'lambada_ppl', 'valppl'})
-    if unknown or not (evals or c.plot or c.train_log):
-        raise ValueError('--eval must be a comma list of genppl, mauve, lambada, lambada_ppl, valppl (or empty with '
-                         f'--plot or --train_log), got {c.eval!r}')
+    if set(evals) - set(EVALS) or not (evals or c.plot or c.train_log):
+        raise ValueError(f'--eval must be a comma list of {", ".join(EVALS)} (or empty with --plot or --train_log), '
+                         f'got {c.eval!r}')
     if 'valppl' in evals and not c.data_dir:
         raise ValueError('--eval=valppl needs --data_dir: a prepare_data.py output directory (val.bin, meta.json)')
     check_sizes(vars(c), val_rows=0, n_t=1, val_draws=1, batch_size=1, mauve_seeds=1)  # (val_rows 0: all rows)
     for key in ('dtype', 'judge_dtype'):
         check_choice(key, getattr(c, key), ('float32', 'bfloat16', 'float16'))
     check_choice('genppl_protocol', c.genppl_protocol, GENPPL_PROTOCOLS)
-    dev = c.device
-    check_device(dev)
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:  # torchrun: every rank scores its share, results are gathered
-        if dev.startswith('cuda'):
-            dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-            torch.cuda.set_device(dev)
-        dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
-    rank, jsonl = _rank_world()[0], os.path.join(c.out_dir, 'eval.jsonl')
-
-    def report(what, metrics, settings, source):
-        if rank == 0:
-            write_record(jsonl, what, metrics, vars(c), settings, source)
-            print(f'{what} {source}: ' + json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, default=float))
-
+    rank, _, dev = init_dist(c.device)  # torchrun: every rank scores its share, results are gathered
     if 'genppl' in evals or 'mauve' in evals:
-        paths = sample_files(c.samples)  # (before the judge: a typo should not cost a gpt2-large load first)
-        judge_lm = LM(c.judge, dev, c.judge_dtype, compile=c.compile)
-        n_cond = 0
-        for path in paths:
-            s = read_samples(path)
-            settings, tok_name = s['settings'], s['settings']['meta']['tokenizer']
-            n_prompt = s['prompt_ids'].shape[1] if 'prompt_ids' in s else 0  # forced ids: BOS + the prompt
-            if 'genppl' in evals:
-                try:
-                    report('genppl', gen_ppl(judge_lm, s['tokens'], tok_name, c.batch_size, n_prompt,
-                                             c.genppl_protocol), settings, path)
-                except ValueError as e:  # which of the files
-                    raise ValueError(f'{path}: {e}') from e
-            if 'mauve' in evals and settings.get('mode') == 'cond_prefix':
-                n_cond += 1
-                if 'ref_tokens' not in s:
-                    raise ValueError(f'{path} holds no ref_tokens (the documents of its prompts): write it with sample.py')
-                q = judge_pass(judge_lm, judge_inputs(judge_lm, s['tokens'], tok_name)[0], c.batch_size, hidden=True)
-                p = judge_pass(judge_lm, judge_inputs(judge_lm, s['ref_tokens'].astype(np.int64), tok_name)[0],
-                               c.batch_size, hidden=True)
-                if rank == 0:
-                    report('mauve', {**mauve_score(p, q, c.mauve_seeds), 'n_samples': len(q), 'n_refs': len(p)}, settings, path)
-        if 'mauve' in evals and not n_cond:
-            raise ValueError(f'--eval=mauve needs cond_prefix sample files (sample.py --mode=cond_prefix); none in {paths[:3]}')
+        eval_samples(c, evals, dev)
     if {'lambada', 'lambada_ppl', 'valppl'} & set(evals):
         lm = LM(c.init_from, dev, c.dtype, c.revision, c.compile)
         settings = dict(model=c.init_from + (f'@{c.revision}' if c.revision else ''), meta=getattr(lm.model, 'meta', {}))
         if 'lambada' in evals:
             r = lambada(lm, read_lambada(c.lambada_path), c.n_t, c.seed, c.batch_size)
-            report('lambada', r, settings, c.lambada_path)
+            report(c, 'lambada', r, settings, c.lambada_path)
             if r['n_truncated'] and rank == 0:  # (a tiny model's 128-token block cuts nearly every passage)
                 print(f"warning: {r['n_truncated']} of {r['n_words']} LAMBADA contexts were cut on the left to fit the "
                       f'{lm.n_ctx}-token context of {lm.name}: not comparable with a full-context evaluation')
         if 'lambada_ppl' in evals:
-            report('lambada_ppl', lambada_ppl(lm, read_lambada(c.lambada_path), c.val_draws, c.seed, c.batch_size),
+            report(c, 'lambada_ppl', lambada_ppl(lm, read_lambada(c.lambada_path), c.val_draws, c.seed, c.batch_size),
                    settings, c.lambada_path)
         if 'valppl' in evals:
-            report('valppl', val_ppl(lm, c.data_dir, c.val_rows, c.val_draws, c.seed, c.batch_size), settings, c.data_dir)
+            report(c, 'valppl', val_ppl(lm, c.data_dir, c.val_rows, c.val_draws, c.seed, c.batch_size), settings,
+                   c.data_dir)
     if c.plot and rank == 0:
-        print(f"plot -> {plot_genppl(jsonl, os.path.join(c.out_dir, 'genppl.png'))}")
+        print(f"plot -> {plot_genppl(os.path.join(c.out_dir, 'eval.jsonl'), os.path.join(c.out_dir, 'genppl.png'))}")
     for run in filter(None, map(str.strip, c.train_log.split(',') if rank == 0 else [])):
         print(f'plot -> {plot_training(run)}')
-    if dist.is_initialized():
-        dist.barrier()  # rank 0 may still be writing: gloo aborts ("terminate called ...") if a peer leaves early
-        dist.destroy_process_group()
+    end_dist()
 
 
 if __name__ == '__main__':

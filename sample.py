@@ -1,7 +1,6 @@
 """
-Sample from a masked diffusion LM (MDLM / SDTT student or teacher) or the causal AR baseline (autoregressively, with
-a KV cache), as a script or as the Python API of the original SDTT release (implemented here; sdtt.py re-exports it,
-so the release's `from sdtt import load_small_student` works as it is).
+Sample from a masked diffusion LM (MDLM, SDTT student or teacher) or the causal AR baseline (with a KV cache), as a
+script or as the Python API of the SDTT release (sdtt.py re-exports it: `from sdtt import load_small_student` works).
 
     python sample.py --init_from=jdeschena/sdtt --revision=baselines_kld_step_70000 --num_steps=32 --n_samples=8
     python sample.py --init_from=out/kld_small --prompt="Today is a great day." --n_samples=4 --seq_len=128
@@ -9,10 +8,9 @@ so the release's `from sdtt import load_small_student` works as it is).
     torchrun --standalone --nproc_per_node=8 sample.py --init_from=out/kld_small --n_samples=1024 --batch_size=16
     python sample.py --init_from=out/ar_small --n_samples=1024   # a causal checkpoint: AR sampling, KV cache
 
-Output: out_dir/samples/{uncond,cond}/<settings>.npz (token ids + settings, read back with load_samples) and a
-.jsonl of the decoded text next to it. Samples are drawn in batches; batch i always uses the seed
-batch_seed(seed, i), whichever process draws it, so any number of processes gives the same samples (for the same
-seed and batch_size: the file name does not carry batch_size, its settings do).
+Output: out_dir/samples/{uncond,cond}/<settings>.npz (token ids + settings: load_samples) and the decoded .jsonl
+beside it. Batch i always draws with seed batch_seed(seed, i), whichever process draws it: any number of processes
+gives the same samples (for the same seed and batch_size; batch_size is in the settings, not in the file name).
 """
 import hashlib
 import json
@@ -25,6 +23,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import diffusion
@@ -36,8 +35,7 @@ from prepare_data import get_tokenizer
 # -------------------------------------------------------------------- settings (config file or --key=value)
 init_from = 'kuleshov-group/mdlm-owt'  # a checkpoint file, a directory (ours, MDLM or SDTT layout) or a hub id
 revision = ''             # hub revision, e.g. baselines_kld_step_70000 for jdeschena/sdtt
-num_steps = None          # None: the checkpoint's meta num_sampling_steps (a round directory's: its student's;
-                          # a run's ckpt.pt: its current teacher's), else 32 (published models carry none)
+num_steps = None          # None: the checkpoint's meta num_sampling_steps (a round's student's, a run's teacher's), else 32
 n_samples = 8             # uncond mode: number of samples
 batch_size = 8            # samples per forward batch (per process)
 seq_len = None            # None: the model's block size (1024 for the published models)
@@ -46,10 +44,8 @@ sampler = 'ancestral'     # 'ancestral' | 'cached' (ancestral, runs only the seq
 final_step = 'argmax'     # positions still masked after the last step: 'argmax' (MDLM/SDTT) | 'draw' (DUO's
                           # noise_removal 'ancestral': a float64 draw from the model's distribution)
 seed = 1
-prompt = ''               # uncond mode: every sample starts with BOS + this text ...
-prompt_file = ''          # ... or with the text of this file
-add_bos = True            # uncond mode: BOS at position 0, as every training row (this script's choice; False: the
-                          # model generates it from an all-MASK prior, as MDLM, SDTT's release and DUO sample)
+prompt = ''               # uncond mode: every sample starts with BOS + this text
+add_bos = True            # uncond mode: BOS at position 0, as training rows (False: all-MASK prior, as MDLM/SDTT/DUO)
 mode = 'uncond'           # 'uncond' | 'cond_prefix' (SPEC §6 MAUVE protocol)
 cond_data = ''            # cond_prefix: a .jsonl(.gz) file (field "text") or a Hugging Face dataset name
 cond_split = 'test'       # split of the HF dataset
@@ -70,16 +66,15 @@ _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
 
 HUB_MDLM, HUB_SDTT = 'kuleshov-group/mdlm-owt', 'jdeschena/sdtt'
 LOSSES, SCALING_SIZES, ROUNDS = ('kld', 'mse', 'tvd'), ('sm', 'md', 'large'), tuple(range(1, 8))
-# the samplers of DiffusionLM.sample: name -> its diffusion.sample step_fn (None: the ancestral step) from a seeded
-# generator on the model's device. The script adds 'cached' (the ancestral step, only the sequences it changes).
+# DiffusionLM.sample's samplers: name -> its diffusion.sample step_fn (None: ancestral) from a seeded generator on
+# the model's device. The script adds 'cached' (the ancestral step, only the sequences it changes).
 SAMPLERS = {'ancestral': lambda generator: None, 'analytic': lambda generator: analytic_step,
             'ancestral_fp32': lambda generator: reference_step(generator)}
 
 
 # -------------------------------------------------------------------- the release API
 class DiffusionLM(torch.nn.Module):
-    """A DiT plus what sampling needs: tokenizer, special ids (model.meta) and a name. The backbone is registered as
-    `backbone`, so state_dict() has the keys of the published checkpoints."""
+    """A DiT with its tokenizer, special ids (meta) and name; as `backbone`, state_dict() has the published keys."""
 
     def __init__(self, backbone, name='model'):
         super().__init__()
@@ -109,44 +104,37 @@ class DiffusionLM(torch.nn.Module):
     @torch.no_grad()
     def sample(self, n_samples, num_steps, seq_len=1024, verbose=False, project_fn=None, cache=False, seed=None,
                sampler='ancestral', add_bos=None, return_nfe=False, final_step='argmax'):
-        """Token ids [n_samples, seq_len] (on the model's device); project_fn(x) is applied to the prior and after
-        every step (prompting). sampler: 'ancestral', 'analytic' or 'ancestral_fp32' (reference_step: the
-        reference's float32 draws, biased, only to compare with numbers sampled that way); cache: run only the
-        sequences a step changes (ancestral only); add_bos: write BOS at position 0 (True: as every training row
-        starts; the default None is the release's: an all-MASK prior, the model generates position 0, SPEC §4; a causal
-        backbone needs a first token: BOS). return_nfe: also return the forward passes per sequence. final_step: what
-        fills positions still masked after the last step, 'argmax' (MDLM/SDTT) or 'draw' (DUO).
-        A causal backbone (the AR baseline) samples autoregressively with a KV cache (sample_ar): num_steps, cache
-        and sampler do not apply; project_fn forces the positions it sets."""
+        """Token ids [n_samples, seq_len] on the model's device (return_nfe: and the forward passes per sequence).
+        project_fn(x) is applied to the prior and after every step (prompts). sampler: a SAMPLERS name; cache: run
+        only the sequences a step changes (ancestral only). add_bos: BOS at position 0, as training rows start (None:
+        the release's all-MASK prior, SPEC §4). final_step: see the script's setting. A causal backbone (the AR
+        baseline) samples autoregressively from BOS (sample_ar): num_steps, cache and sampler do not apply."""
         check_choice('sampler', sampler, tuple(SAMPLERS))
-        if add_bos is None:  # (the release's prior; the AR baseline starts from BOS)
-            add_bos = self.backbone.config.causal
-        if self.backbone.config.causal:
-            tokens, nfe = sample_ar(self.backbone, n_samples, seq_len, bos_id=self.meta.get('bos_id'), add_bos=add_bos,
-                                    project_fn=project_fn, seed=seed, verbose=verbose)
-            return (tokens, nfe) if return_nfe else tokens
-        if seed is None:
-            seed = diffusion.fresh_seed()
-        step_fn = SAMPLERS[sampler](torch.Generator(self.device).manual_seed(seed))
-        tokens, nfe = diffusion.sample(self.backbone, n_samples, num_steps, seq_len, mask_id=self.meta['mask_id'],
-                                       bos_id=self.meta.get('bos_id'), add_bos=add_bos, project_fn=project_fn,
-                                       cache=cache, seed=seed, verbose=verbose, step_fn=step_fn, final_step=final_step)
-        return (tokens, nfe) if return_nfe else tokens
+        causal = self.backbone.config.causal
+        add_bos = causal if add_bos is None else add_bos
+        if causal:
+            out = sample_ar(self.backbone, n_samples, seq_len, bos_id=self.meta.get('bos_id'), add_bos=add_bos,
+                            project_fn=project_fn, seed=seed, verbose=verbose)
+        else:
+            seed = diffusion.fresh_seed() if seed is None else seed
+            step_fn = SAMPLERS[sampler](torch.Generator(self.device).manual_seed(seed))
+            out = diffusion.sample(self.backbone, n_samples, num_steps, seq_len, mask_id=self.meta['mask_id'],
+                                   bos_id=self.meta.get('bos_id'), add_bos=add_bos, project_fn=project_fn,
+                                   cache=cache, seed=seed, verbose=verbose, step_fn=step_fn, final_step=final_step)
+        return out if return_nfe else out[0]
 
 
 def load_model(name_or_path, revision=None, device='cpu'):
     """Any checkpoint load_pretrained reads (a project ckpt.pt or out_dir, a saved or published directory, a hub id)."""
     backbone = load_pretrained(name_or_path, revision=revision or None, device=device)
-    if os.path.exists(name_or_path):  # 'run/round_1_steps_32' (a ckpt.pt: its out_dir): the parent tells two runs apart
-        path = os.path.abspath(name_or_path)
-        path = os.path.dirname(path) if os.path.isfile(path) else path
-        name = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
-    else:
-        name = name_or_path + (f'@{revision}' if revision else '')
-    return DiffusionLM(backbone, name)
+    if not os.path.exists(name_or_path):
+        return DiffusionLM(backbone, name_or_path + (f'@{revision}' if revision else ''))
+    path = os.path.abspath(name_or_path)  # 'run/round_1_steps_32' (a ckpt.pt: its out_dir): the parent tells runs apart
+    path = os.path.dirname(path) if os.path.isfile(path) else path
+    return DiffusionLM(backbone, os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path)))
 
 
-def _load_release(repo, rev, path, device, round):
+def _load_release(repo, rev, path, device, round):  # (path: a local copy of the model)
     lm = load_model(path, device=device) if path else load_model(repo, revision=rev, device=device)
     lm.meta.setdefault('round', round)
     lm.meta.setdefault('source', path or (f'{repo}@{rev}' if rev else repo))
@@ -154,8 +142,8 @@ def _load_release(repo, rev, path, device, round):
 
 
 def load_mdlm_small(path=None, device='cpu', revision='teacher_1M_sm'):
-    """MDLM small (1M steps) as the release loads it: jdeschena/sdtt@teacher_1M_sm. revision=None loads the same
-    model from kuleshov-group/mdlm-owt instead. Or from a local directory holding either."""
+    """MDLM small (1M steps): jdeschena/sdtt@teacher_1M_sm as the release, or with revision=None the same model from
+    kuleshov-group/mdlm-owt."""
     return _load_release(HUB_SDTT if revision else HUB_MDLM, revision, path, device, round=0)
 
 
@@ -174,18 +162,16 @@ def load_scaling_student(size='sm', round=7, path=None, device='cpu'):
 
 
 def load_scaling_teacher(size='sm', path=None, device='cpu'):
-    """The teachers of the scaling experiments (400k steps, before distillation), size sm/md/large."""
+    """The teachers of the scaling experiments (400k steps, not distilled), size sm/md/large."""
     check_choice('size', size, SCALING_SIZES)
     return _load_release(HUB_SDTT, f'teacher_400k_{size}_step_400000', path, device, round=0)
 
 
-# -------------------------------------------------------------------- the analytic (SEDD) sampler
+# -------------------------------------------------------------------- the analytic (SEDD) and reference samplers
 def analytic_probs(logits, x, t, s, mask_id, schedule='loglinear'):
-    """p(x_s | x_t) [N, V] in float64 for current tokens x [N] and raw logits [N, V], computed as SEDD's Tweedie
-    tau-leaping step (MDLM's `_analytic_update`): the concrete score p_t(y)/p_t(x) of the absorbing process,
-    'staggered' by exp(dsigma), times the transposed transition exp(-dsigma Q)^T at x.
-    For the absorbing process with the SUBS denoiser this is algebraically the ancestral step (real y: p(y)(m_t - m_s)
-    /m_t, MASK: m_s/m_t; unmasked tokens stay); the tests check that numerically. Computed here from the score."""
+    """p(x_s | x_t) [N, V] in float64 for tokens x [N] and raw logits [N, V] by SEDD's Tweedie tau-leaping step
+    (MDLM's `_analytic_update`): the concrete score p_t(y)/p_t(x), staggered by exp(dsigma), times exp(-dsigma Q)^T at
+    x. With SUBS this equals the ancestral step (real y: p(y)(m_t - m_s)/m_t, MASK: m_s/m_t); the tests check it."""
     sig_t, sig_s = diffusion.sigma(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
     edsig = math.exp(sig_t - sig_s)
     log_k = -math.log(math.expm1(sig_t))  # log(e^-sigma / (1 - e^-sigma)): log-odds of a token being unmasked
@@ -202,63 +188,54 @@ def analytic_probs(logits, x, t, s, mask_id, schedule='loglinear'):
     return stag * edge
 
 
-def masked_chunks(x, mask_id, vocab_size):
-    """The masked positions of x [B, L] as (batch, position) index pairs, in chunks of diffusion.CHUNK_ELEMS /
-    vocab_size positions: a step_fn's [chunk, V] float work stays within a few hundred MB whatever the batch."""
-    b, l = (x == mask_id).nonzero(as_tuple=True)
-    rows = max(1, diffusion.CHUNK_ELEMS // vocab_size)
-    return [(b[i:i + rows], l[i:i + rows]) for i in range(0, len(b), rows)]
-
-
-def analytic_step(x, logits, t, s, u, mask_id, schedule='loglinear'):
-    """diffusion.sample step_fn: draws x_s from analytic_probs in float64, by inverse CDF with the uniforms u [B, L].
-    Only masked positions are computed: for unmasked ones analytic_probs is the one-hot of x (tested)."""
-    x_new = x.clone()
-    for bi, li in masked_chunks(x, mask_id, logits.shape[-1]):
-        probs = analytic_probs(logits[bi, li], x[bi, li], t, s, mask_id, schedule)
-        x_new[bi, li] = diffusion.draw_categorical(probs.log(), u[bi, li])
+def fill_masked(x, logits, mask_id, draw):
+    """x with draw(batch indices, positions) written at its masked positions, in chunks of CHUNK_ELEMS / V positions:
+    a step_fn's [chunk, V] float work stays within a few hundred MB whatever the batch."""
+    x_new, (b, l) = x.clone(), (x == mask_id).nonzero(as_tuple=True)
+    rows = max(1, diffusion.CHUNK_ELEMS // logits.shape[-1])
+    for i in range(0, len(b), rows):
+        x_new[b[i:i + rows], l[i:i + rows]] = draw(b[i:i + rows], l[i:i + rows])
     return x_new
 
 
-# -------------------------------------------------------------------- the reference's float32 sampler
+def analytic_step(x, logits, t, s, u, mask_id, schedule='loglinear'):
+    """diffusion.sample step_fn: x_s drawn from analytic_probs by float64 inverse CDF with the uniforms u [B, L], at
+    the masked positions only (at unmasked ones analytic_probs is the one-hot of x: tested)."""
+    return fill_masked(x, logits, mask_id, lambda bi, li: diffusion.draw_categorical(
+        analytic_probs(logits[bi, li], x[bi, li], t, s, mask_id, schedule).log(), u[bi, li]))
+
+
 def reference_step(generator):
-    """A diffusion.sample step_fn that samples as the MDLM/SDTT reference does, kept only to compare with numbers
-    sampled that way (SPEC §4): one joint draw per masked position over the real tokens (weights p (m(t) - m(s))) and
-    MASK (weight m(s)), the argmax of weight / E with E = 1e-10 - log(U + 1e-10) and U float32 uniforms from
-    generator (on the model's device). U stops at 1 - 2^-24, so E > 6e-8: a token whose weight is below ~6e-8 times
-    MASK's is never drawn. The more steps, the smaller m(t) - m(s) and the more rare tokens starve: lower entropy and
-    a flattering gen-PPL (Zheng et al. 2024: 31.2 instead of 126.1 at 2048 steps)."""
+    """A diffusion.sample step_fn drawing as the MDLM/SDTT reference does (SPEC §4), only to compare with numbers
+    sampled so: per masked position the argmax over real tokens (weight p (m(t) - m(s))) and MASK (m(s)) of weight / E,
+    E = 1e-10 - log(U + 1e-10) with float32 U < 1 - 2^-24: a token weighing under ~6e-8 of MASK is never drawn, so
+    more steps starve rare tokens (Zheng et al. 2024: gen-PPL 31.2 instead of 126.1 at 2048 steps)."""
     def step(x, logits, t, s, u, mask_id, schedule='loglinear'):
-        x_new = x.clone()
         m_t, m_s = diffusion.move_chance(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
-        for bi, li in masked_chunks(x, mask_id, logits.shape[-1]):
+
+        def draw(bi, li):
             w = torch.softmax(logits[bi, li, :mask_id].float(), dim=-1) * (m_t - m_s)
             w = torch.cat([w, torch.full_like(w[:, :1], m_s)], dim=-1)  # MASK's weight at index mask_id
-            e = 1e-10 - (torch.rand(w.shape, generator=generator, device=w.device) + 1e-10).log()
-            x_new[bi, li] = (w / e).argmax(dim=-1)
-        return x_new
+            return (w / (1e-10 - (torch.rand(w.shape, generator=generator, device=w.device) + 1e-10).log())).argmax(-1)
+        return fill_masked(x, logits, mask_id, draw)
     return step
 
 
 # -------------------------------------------------------------------- the autoregressive baseline
 @diffusion.in_eval_mode
 @torch.no_grad()
-def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=None, seed=None, generator=None,
-              device=None, verbose=False):
-    """Ancestral sampling of the AR baseline (model.py causal=True, objective 'ar' of distill.py) with a KV cache, for
-    comparing gen-PPL and latency with the diffusion samplers. Position 0 holds BOS (add_bos; bos_id defaults to
-    model.meta['bos_id']); project_fn(x) is applied once to the all-MASK prior, and every position it sets is forced
-    (a prompt). Position t is drawn from the logits of position t - 1 at temperature 1, over the real tokens only
-    (the MASK column, the last id, is excluded), by float64 inverse CDF with one uniform per position, drawn upfront.
-    The forced prefix common to the batch is fed in one forward; then one forward of the batch per position, each
-    feeding only the newest token (earlier keys and values are in the cache).
-    Returns (tokens [n_samples, seq_len] int64, nfe) with nfe the forward calls (the prefix one + one per token)."""
+def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=None, seed=None, device=None,
+              verbose=False):
+    """Ancestral sampling of the AR baseline (causal=True) with a KV cache, to compare with the diffusion samplers.
+    Position 0 holds BOS (add_bos); the positions project_fn sets in the all-MASK prior are forced (a prompt). Token t
+    is drawn at temperature 1 from position t - 1's logits over the real tokens, by float64 inverse CDF with uniforms
+    drawn upfront. One forward feeds the prefix forced in every row, then one per position only the newest token.
+    -> (tokens [n_samples, seq_len] int64, nfe: the forward calls)."""
     cfg = model.config
     if not cfg.causal:
         raise ValueError('sample_ar needs a causal model (the AR baseline); diffusion models use diffusion.sample')
     device = torch.device(device or next(model.parameters()).device)
-    if generator is None:
-        generator = torch.Generator(device=device).manual_seed(seed if seed is not None else diffusion.fresh_seed())
+    generator = torch.Generator(device=device).manual_seed(seed if seed is not None else diffusion.fresh_seed())
     cuda = device.type == 'cuda'
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
     mask_id = cfg.vocab_size - 1
@@ -286,22 +263,25 @@ def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=N
 
 
 # -------------------------------------------------------------------- prompts, seeds, sample files
+def read_texts(source, what, split='test'):
+    """(index, text) of the documents of a local .jsonl(.gz) (field "text", index: 0-based line) or of a Hugging Face
+    dataset's split (index: row); `what` is the setting that named the source."""
+    if local_or_dataset(source, what):
+        return ((n - 1, r['text']) for n, r in read_jsonl(source, {'text': str}, strict=True,
+                                                         what='a JSON object with a string field "text"'))
+    try:
+        import datasets
+        return enumerate(ex['text'] for ex in datasets.load_dataset(source, split=split))
+    except Exception as e:
+        raise RuntimeError(f'{what} {source!r} is not a local .jsonl file and could not be loaded as a Hugging Face '
+                           f'dataset ({type(e).__name__}: {e}); offline, pass a .jsonl file') from e
+
+
 def load_prefixes(source, tok, n_prompts, prefix_len, cond_len, min_doc_len, split='test', bos=True):
     """SPEC §6: the first n_prompts documents of `source` with at least min_doc_len tokens, framed as [BOS] + tokens
-    (bos=True) or as they are. Returns (prompts [n, prefix_len], references [n, cond_len], document indices: 0-based
-    line of the .jsonl or row of the dataset)."""
-    if local_or_dataset(source, 'cond_data'):
-        docs = ((n - 1, r['text']) for n, r in read_jsonl(source, {'text': str}, strict=True,
-                                                         what='a JSON object with a string field "text"'))
-    else:
-        try:
-            import datasets
-            docs = enumerate(ex['text'] for ex in datasets.load_dataset(source, split=split))
-        except Exception as e:
-            raise RuntimeError(f'cond_data {source!r} is not a local .jsonl file and could not be loaded as a Hugging '
-                               f'Face dataset ({type(e).__name__}: {e}); offline, pass a .jsonl file') from e
+    (bos=True) or as they are. -> (prompts [n, prefix_len], references [n, cond_len], document indices)."""
     refs, idx = [], []
-    for i, text in docs:
+    for i, text in read_texts(source, 'cond_data', split):
         ids = tok.encode(text)
         if len(ids) >= min_doc_len:
             refs.append(([tok.bos_token_id] * bos + ids)[:cond_len])
@@ -330,9 +310,8 @@ def batch_seed(seed, i):
 
 def save_samples(path, tokens, settings, texts, **arrays):
     """path.npz: tokens [n, L] int32, settings (JSON string) and any extra arrays; path.jsonl: one {"i", "text"} per
-    sample. The new .npz (what evaluate.py reads, and what marks the output as there) is complete on disk as .npz.new
-    before anything is replaced; then the old .npz goes, the .jsonl is replaced (atomically) and the .npz.new renamed:
-    a crash never leaves an .npz beside a .jsonl of other samples, nor loses the new samples."""
+    sample. The new .npz is complete as .npz.new before the old .npz goes and the .jsonl is replaced: a crash never
+    leaves an .npz (what evaluate.py reads) beside a .jsonl of other samples, nor loses the new samples."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     write_atomic(path + '.npz.new', lambda f: np.savez(f, tokens=np.asarray(tokens, dtype=np.int32),
@@ -354,47 +333,40 @@ def load_samples(path):
 
 
 # -------------------------------------------------------------------- CLI
-def main(argv=None):
-    c = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
-    config = dict(vars(c))
+def init_dist(dev):
+    """check_device; under torchrun (WORLD_SIZE > 1) also this rank's CUDA device and the process group.
+    -> (rank, world size, device)."""
+    check_device(dev)
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1:
+        if dev.startswith('cuda'):
+            dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+            torch.cuda.set_device(dev)
+        dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
+    return int(os.environ.get('RANK', 0)), world, dev
+
+
+def end_dist():
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be writing files: gloo aborts ("terminate called ...") if a peer leaves early
+        dist.destroy_process_group()
+
+
+def check_settings(c):
+    """The checks that need no model."""
     check_choice('sampler', c.sampler, ('cached', *SAMPLERS))
     check_choice('mode', c.mode, ('uncond', 'cond_prefix'))
     check_choice('final_step', c.final_step, ('argmax', 'draw'))
-    check_sizes(config, batch_size=1, n_samples=1, n_prompts=1, n_continuations=1,
-                **{k: 1 for k in ('num_steps', 'seq_len') if config[k] is not None})
+    check_sizes(vars(c), batch_size=1, n_samples=1, n_prompts=1, n_continuations=1,
+                **{k: 1 for k in ('num_steps', 'seq_len') if getattr(c, k) is not None})
     if c.mode == 'cond_prefix' and (not c.cond_data or not 0 < c.prefix_len < c.cond_len <= c.min_doc_len):
         raise ValueError(f'mode=cond_prefix needs cond_data (a .jsonl file with a "text" field or an HF dataset name, '
                          f'got {c.cond_data!r}) and 0 < prefix_len < cond_len <= min_doc_len (every reference is '
                          f'cond_len tokens of a document; got {c.prefix_len}, {c.cond_len}, {c.min_doc_len})')
-    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    dev = c.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    check_device(dev)
-    if world > 1:
-        import torch.distributed as dist
-        if dev == 'cuda':
-            dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-            torch.cuda.set_device(dev)
-        dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo')
-    lm = load_model(c.init_from, c.revision, device=dev)
-    tok = lm.tokenizer if lm.meta.get('tokenizer') else None  # checked now, not after sampling: a mismatch says so first
-    if tok is None and (c.mode == 'cond_prefix' or c.prompt or c.prompt_file):
-        raise ValueError(f'{lm.name}: the checkpoint names no tokenizer (meta.tokenizer): text prompts need one')
-    block, causal = lm.backbone.config.block_size, lm.backbone.config.causal
-    c.seq_len = c.seq_len or block
-    c.num_steps = c.num_steps or lm.meta.get('num_sampling_steps') or 32
-    config.update(seq_len=c.seq_len, num_steps=c.num_steps)
-    if causal:  # the AR baseline samples autoregressively (sample_ar): no steps, no diffusion sampler
-        config.update(num_steps=None, sampler='ar')
-    L = c.cond_len if c.mode == 'cond_prefix' else c.seq_len
-    if L > block:
-        raise ValueError(f'{"cond_len" if c.mode == "cond_prefix" else "seq_len"}={L} exceeds the model block size {block}')
-    if L == 1 and c.add_bos:
-        raise ValueError('seq_len=1 leaves no position to sample after BOS: use seq_len >= 2 (or add_bos=False)')
-    if not causal and c.num_steps > L and rank == 0:  # (allowed: gen-PPL against steps goes past L)
-        print(f'warning: num_steps={c.num_steps} > {L} positions: most steps reveal nothing, and each still runs the '
-              'model on the whole batch (--sampler=cached runs only the sequences a step changes)')
 
-    n, prompts, extra, tag = c.n_samples, None, {}, ''
+
+def prompts_of(c, tok, L, rank):
+    """-> (n samples, prompt ids [n, P] or None, the extra arrays of the sample file, the file name's tag)."""
     if c.mode == 'cond_prefix':
         prefix, refs, idx = load_prefixes(c.cond_data, tok, c.n_prompts, c.prefix_len, c.cond_len,
                                           c.min_doc_len, c.cond_split, c.prefix_bos)
@@ -402,40 +374,24 @@ def main(argv=None):
         if rank == 0:
             print(f'cond_prefix: {c.n_prompts} prompts x {c.n_continuations} continuations = {n} samples of {L} tokens '
                   '(n_samples and seq_len are for uncond mode)')
-        prompts = prefix.repeat_interleave(c.n_continuations, dim=0)  # prompt-major: rows j*K .. j*K+K-1
         extra = dict(prompt_ids=prefix, ref_tokens=refs, doc_idx=idx,
                      prompt_index=np.repeat(np.arange(c.n_prompts), c.n_continuations))
         source = json.dumps([c.cond_data, c.cond_split, c.min_doc_len, c.prefix_bos])  # which prompts: in the name
         tag = f'_p{c.prefix_len}x{c.n_continuations}_' + hashlib.sha1(source.encode()).hexdigest()[:6]
-    elif c.prompt or c.prompt_file:
-        if c.prompt:
-            text = c.prompt
-        else:
-            with open(c.prompt_file) as f:
-                text = f.read()
-        ids = [tok.bos_token_id] + tok.encode(text)
-        if len(ids) >= L:
-            raise ValueError(f'the prompt has {len(ids)} tokens (with BOS), seq_len={L} leaves no room to generate')
-        prompts, extra = torch.tensor([ids]).expand(n, -1), dict(prompt_ids=np.array([ids]))
-        tag = '_prompt' + hashlib.sha1(text.encode()).hexdigest()[:8]
-    kind = 'uncond' if c.mode == 'uncond' and prompts is None else 'cond'
-    tag += '_nobos' if kind == 'uncond' and not c.add_bos else ''
-    tag += '_drawlast' if c.final_step == 'draw' and not causal else ''
-    name = re.sub(r'[^A-Za-z0-9._@-]+', '-', lm.name).strip('-') + \
-        (f"_r{lm.meta['round']}" if lm.meta.get('round') is not None else '')
-    how = 'ar' if causal else f'{c.sampler}_T{c.num_steps}'
-    path = os.path.join(c.out_dir, 'samples', kind, f'{name}_{how}_L{L}_n{n}_s{c.seed}{tag}')
-    lock = (os.path.dirname(path), f'.{os.path.basename(path)}.lock')  # one writer per sample file (rank 0 writes)
-    if rank == 0:
-        run_lock(*lock)
-    if os.path.exists(path + '.npz') and not c.overwrite:
-        raise FileExistsError(f'{path}.npz exists; pass --overwrite=True to replace it')
-    if c.compile:
-        lm.backbone.compile()
+        return n, prefix.repeat_interleave(c.n_continuations, dim=0), extra, tag  # prompt-major: rows j*K .. j*K+K-1
+    if not c.prompt:
+        return c.n_samples, None, {}, '_nobos' if not c.add_bos else ''
+    ids = [tok.bos_token_id] + tok.encode(c.prompt)
+    if len(ids) >= L:
+        raise ValueError(f'the prompt has {len(ids)} tokens (with BOS), seq_len={L} leaves no room to generate')
+    tag = '_prompt' + hashlib.sha1(c.prompt.encode()).hexdigest()[:8]
+    return c.n_samples, torch.tensor([ids]).expand(c.n_samples, -1), dict(prompt_ids=np.array([ids])), tag
 
-    # each process draws batches rank, rank + world, ...; batch i = rows [i*bs, (i+1)*bs) with seed batch_seed(seed, i)
-    t0, mine, nfe, t_first = time.time(), [], 0.0, None
-    n_batches = math.ceil(n / c.batch_size)
+
+def draw(lm, c, n, L, prompts, rank, world):
+    """Process `rank` draws batches rank, rank + world, ...: batch i holds rows [i*bs, (i+1)*bs), with seed
+    batch_seed(seed, i). -> on rank 0 (tokens [n, L], mean NFE per sequence, seconds of its first batch), else None."""
+    mine, nfe, t_first, n_batches = [], 0.0, None, math.ceil(n / c.batch_size)
     for i in range(rank, n_batches, world):
         rows = slice(i * c.batch_size, min(n, (i + 1) * c.batch_size))
         b = rows.stop - rows.start
@@ -454,27 +410,64 @@ def main(argv=None):
     if world > 1:
         parts = [None] * world if rank == 0 else None
         dist.gather_object((mine, nfe), parts, dst=0)
-    dt = time.time() - t0
     if rank == 0:
         batches = sorted((batch for p in parts for batch in p[0]), key=lambda batch: batch[0])
-        tokens = np.concatenate([x for _, x in batches])
-        nfe = sum(p[1] for p in parts) / n
+        return np.concatenate([x for _, x in batches]), sum(p[1] for p in parts) / n, t_first or 0
+
+
+def main(argv=None):
+    c = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
+    config = dict(vars(c))
+    check_settings(c)
+    rank, world, dev = init_dist(c.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    lm = load_model(c.init_from, c.revision, device=dev)
+    tok = lm.tokenizer if lm.meta.get('tokenizer') else None  # checked now, not after sampling: a mismatch says so first
+    if tok is None and (c.mode == 'cond_prefix' or c.prompt):
+        raise ValueError(f'{lm.name}: the checkpoint names no tokenizer (meta.tokenizer): text prompts need one')
+    block, causal = lm.backbone.config.block_size, lm.backbone.config.causal
+    c.num_steps = c.num_steps or lm.meta.get('num_sampling_steps') or 32
+    # (the AR baseline samples autoregressively, sample_ar: no steps, no diffusion sampler; seq_len: L, in stats)
+    config.update(dict(num_steps=None, sampler='ar') if causal else dict(num_steps=c.num_steps))
+    L = c.cond_len if c.mode == 'cond_prefix' else c.seq_len or block
+    if L > block:
+        raise ValueError(f'{"cond_len" if c.mode == "cond_prefix" else "seq_len"}={L} exceeds the model block size {block}')
+    if L == 1 and c.add_bos:
+        raise ValueError('seq_len=1 leaves no position to sample after BOS: use seq_len >= 2 (or add_bos=False)')
+    if not causal and c.num_steps > L and rank == 0:  # (allowed: gen-PPL against steps goes past L)
+        print(f'warning: num_steps={c.num_steps} > {L} positions: most steps reveal nothing, and each still runs the '
+              'model on the whole batch (--sampler=cached runs only the sequences a step changes)')
+    n, prompts, extra, tag = prompts_of(c, tok, L, rank)
+    tag += '_drawlast' if c.final_step == 'draw' and not causal else ''
+    name = re.sub(r'[^A-Za-z0-9._@-]+', '-', lm.name).strip('-') + \
+        (f"_r{lm.meta['round']}" if lm.meta.get('round') is not None else '')
+    how = 'ar' if causal else f'{c.sampler}_T{c.num_steps}'
+    path = os.path.join(c.out_dir, 'samples', 'uncond' if c.mode == 'uncond' and prompts is None else 'cond',
+                        f'{name}_{how}_L{L}_n{n}_s{c.seed}{tag}')
+    lock = (os.path.dirname(path), f'.{os.path.basename(path)}.lock')  # one writer per sample file (rank 0 writes)
+    if rank == 0:
+        run_lock(*lock)
+    if os.path.exists(path + '.npz') and not c.overwrite:
+        raise FileExistsError(f'{path}.npz exists; pass --overwrite=True to replace it')
+    if c.compile:
+        lm.backbone.compile()
+    t0 = time.time()
+    out = draw(lm, c, n, L, prompts, rank, world)
+    dt = time.time() - t0
+    if rank == 0:
+        tokens, nfe, t_first = out
         stats = dict(n_samples=n, seq_len=L, nfe=nfe, seconds=round(dt, 3), tokens_per_s=round(n * L / dt, 1),
-                     seconds_per_batch=round(dt * world / n_batches, 3), seconds_first_batch=round(t_first or 0, 3),
-                     world_size=world, device=str(lm.device))
-        settings = {**config, **stats, 'model': lm.name, 'meta': lm.meta}
+                     seconds_per_batch=round(dt * world / math.ceil(n / c.batch_size), 3),
+                     seconds_first_batch=round(t_first, 3), world_size=world, device=str(lm.device))
         texts = tok.batch_decode(tokens) if tok else [' '.join(map(str, r)) for r in tokens]
-        save_samples(path, tokens, settings, texts, **extra)
+        save_samples(path, tokens, {**config, **stats, 'model': lm.name, 'meta': lm.meta}, texts, **extra)
         for i, t in enumerate(texts[:c.n_print]):
             print(f'---------- sample {i}\n{t}')
         print(f'{n} samples x {L} tokens in {dt:.2f}s ({n * L / dt:,.0f} tokens/s; the first batch, with the one-off '
-              f'start-up, took {t_first or 0:.2f}s), NFE {nfe:.1f} per sequence '
+              f'start-up, took {t_first:.2f}s), NFE {nfe:.1f} per sequence '
               f'({"autoregressive, KV cache" if causal else f"{c.num_steps} steps, {c.sampler}"}) -> {path}.npz')
         print(json.dumps(stats))
         release_lock(*lock)
-    if world > 1:
-        dist.barrier()  # rank 0 is still writing the files: gloo aborts ("terminate called ...") if a peer leaves early
-        dist.destroy_process_group()
+    end_dist()
     return path
 
 
