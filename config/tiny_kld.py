@@ -1,4 +1,5 @@
-# SDTT on CPU in ~10-16 minutes (2 cores): distil the tiny MDLM of config/tiny_mdlm.py (run that first) with the reverse KL.
+# SDTT on CPU (16 min on 2 cores shared with other jobs): distil the tiny MDLM of config/tiny_mdlm.py (run that first)
+# with the reverse KL.
 # The teacher samples with 32 steps (teacher_num_steps); 3 rounds of 400 steps give students of 16, 8 and 4 steps:
 # out/tiny_kld/round_1_steps_16, round_2_steps_8, round_3_steps_4 (then a round-4 student would need 2 < 4: stop).
 # N = 32, not 64: this tiny teacher's gen-PPL is flat between 32 and 64 steps (within noise in every e2e run so far),
