@@ -110,7 +110,7 @@ def teacher_times(t, dt, K, reference_grid=False):
 def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_grid=False, schedule='loglinear'):
     """Every random draw of one micro-batch x0 [B, L], on the host (the caller seeds it), so the step never waits for
     the GPU to learn a size: t [B], xt, pos [M] (flat indices of xt's masked positions, the only ones with a loss);
-    sdtt: teacher_t [K, B] and, per teacher step k < K-1, reveal_k (the rows of pos it reveals) and u_k (float64)."""
+    sdtt: and teacher_draws'."""
     if objective == 'ar':
         return dict(x0=x0)
     B, L = x0.shape
@@ -119,16 +119,23 @@ def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_gri
     pos = (xt == mask_id).flatten().nonzero().squeeze(1)
     b = dict(x0=x0, xt=xt, t=t, pos=pos)
     if objective == 'sdtt':
-        times = teacher_times(t, dt, K, reference_grid)
-        row = pos // L  # sequence of each masked position
-        pending = torch.ones(len(pos), dtype=torch.bool)
-        for k in range(K - 1):  # the last step's draw changes no target: skipped
-            keep = move_chance((times[k] - dt).clamp(min=0), schedule) / move_chance(times[k], schedule)  # s <= 0: all
-            reveal = pending & (torch.rand(len(pos), dtype=torch.float64) >= keep[row])
-            pending &= ~reveal
-            b[f'reveal_{k}'] = reveal.nonzero().squeeze(1)
-            b[f'u_{k}'] = torch.rand(len(b[f'reveal_{k}']), dtype=torch.float64)
-        b['teacher_t'] = times
+        b.update(teacher_draws(t, pos, L, dt, K, schedule, reference_grid=reference_grid))
+    return b
+
+
+def teacher_draws(t, pos, L, dt, K, schedule='loglinear', generator=None, reference_grid=False):
+    """The random draws of the teacher's K steps from x_t [B, L] (pos: its masked flat positions, on the host):
+    teacher_t [K, B] and, per step k < K-1, reveal_k (the rows of pos it reveals) and u_k (float64)."""
+    times, b = teacher_times(t, dt, K, reference_grid), {}
+    row = pos // L  # sequence of each masked position
+    pending = torch.ones(len(pos), dtype=torch.bool)
+    for k in range(K - 1):  # the last step's draw changes no target: skipped
+        keep = move_chance((times[k] - dt).clamp(min=0), schedule) / move_chance(times[k], schedule)  # s <= 0: all
+        reveal = pending & (torch.rand(len(pos), dtype=torch.float64, generator=generator) >= keep[row])
+        pending &= ~reveal
+        b[f'reveal_{k}'] = reveal.nonzero().squeeze(1)
+        b[f'u_{k}'] = torch.rand(len(b[f'reveal_{k}']), dtype=torch.float64, generator=generator)
+    b['teacher_t'] = times
     return b
 
 
