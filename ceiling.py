@@ -19,21 +19,22 @@ import numpy as np
 import torch
 
 from configurator import config_keys, configure
-from diffusion import SAMPLE_EPS, move_chance, sample, schedule_of
-from distill import real_log_probs, teacher_draws, teacher_targets
+from diffusion import SAMPLE_EPS, draw_categorical, move_chance, sample, schedule_of, sigma
+from distill import real_log_probs, teacher_draws
 from sample import batch_seed, load_model, save_samples
 
 teacher = 'out/e2e/teacher'   # the round's teacher: any checkpoint sample.py loads (a round directory too)
 num_steps = 16                # n, the student's sampling steps: the teacher takes K steps of 1/(K n) for each
 num_distill_steps = 2         # K
-draws = 4                     # teacher draws averaged per sampling step (each costs K teacher forwards)
+draws = 8                     # draws of the teacher's steps per sampling step (each: K - 1 teacher forwards)
 divergence = 'kld'            # 'kld' (geometric mean) | 'kl_fwd' (arithmetic mean): the minimiser over the draws
 n_samples, batch_size, seq_len, seed = 512, 64, 128, 1   # as sample.py's: the same batches, paired
 out_dir = 'out/e2e'
 device = 'cpu'
 _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
-MINIMISERS = {'kld': lambda lp: torch.log_softmax(lp.mean(0), -1),  # argmin_s E KL(s || t) = normalised exp E log t
-              'kl_fwd': lambda lp: torch.logsumexp(lp, 0) - np.log(len(lp))}  # argmin_s E KL(t || s) = E t
+# divergence -> (f, finish): its minimiser over random targets t is finish(E f(log t)), E the weighted mean
+MINIMISERS = {'kld': (lambda lp: lp, lambda s: torch.log_softmax(s, -1)),  # argmin_s E KL(s || t) = normalised exp E log t
+              'kl_fwd': (torch.exp, torch.log)}                           # argmin_s E KL(t || s) = E t
 
 
 def time_of(sig, schedule, iters=60):
@@ -46,29 +47,53 @@ def time_of(sig, schedule, iters=60):
 
 
 class IdealStudent(torch.nn.Module):
-    """model(x, sigma) -> logits: at x's masked positions, the minimiser of the divergence over `draws` draws of the
-    teacher's K steps from t to the student's next time (distill.teacher_targets' SDTT targets, its own generator)."""
+    """model(x, sigma) -> logits: at x's masked positions, the minimiser of the divergence over the SDTT targets of
+    the teacher's K steps from t to the student's next time (distill.teacher_targets), estimated from `draws` draws.
+    Rao-Blackwellised: a position's own reveal is averaged out exactly (it is revealed at step k with a probability
+    the schedule gives; step k's distribution is averaged over the draws that left it masked until k)."""
 
     def __init__(self, net, mask_id, num_steps, K, draws, divergence, schedule, generator):
         super().__init__()
-        self.net, self.K, self.draws, self.schedule, self.gen = net, K, draws, schedule, generator
+        self.net, self.mask_id, self.K, self.draws, self.schedule, self.gen = net, mask_id, K, draws, schedule, generator
         self.dt = (1 - SAMPLE_EPS) / (K * num_steps)  # the teacher's step at K n steps (diffusion.sampling_grid)
-        self.minimiser, self.mask_id = MINIMISERS[divergence], mask_id
+        self.f, self.finish = MINIMISERS[divergence]
 
     def forward(self, x, sig):
         B, L = x.shape
         t = torch.full((B,), time_of(sig[0].item(), self.schedule))  # fp32, as in training
         pos = (x == self.mask_id).flatten().nonzero().squeeze(1).cpu()
-        lp = [real_log_probs(teacher_targets(self.net, {'xt': x, 'pos': pos.to(x.device), **teacher_draws(
-            t, pos, L, self.dt, self.K, self.schedule, self.gen)}, self.K, self.mask_id, schedule=self.schedule),
-            self.mask_id) for _ in range(self.draws)]
+        at = pos.to(x.device)
+        S, N, first = [0.0] * self.K, [0.0] * self.K, None  # per step: sum of f(log p) and count over pending draws
+        for _ in range(self.draws):
+            d = teacher_draws(t, pos, L, self.dt, self.K, self.schedule, self.gen)
+            xk, pending = x, torch.ones(len(pos), dtype=torch.bool, device=x.device)
+            for k in range(self.K):
+                if k == 0 and first is not None:  # step 0 starts from x_t in every draw: one forward for all
+                    lp = first
+                else:
+                    lp = real_log_probs(self.net(xk, sigma(d['teacher_t'][k], self.schedule), at), self.mask_id)
+                    first = lp if k == 0 else first
+                    S[k] = S[k] + pending[:, None] * self.f(lp)
+                    N[k] = N[k] + pending
+                if k < self.K - 1:
+                    rows = d[f'reveal_{k}'].to(x.device)
+                    xk = xk.flatten().index_put((at[rows],), draw_categorical(lp[rows], d[f'u_{k}'])).view_as(x)
+                    pending[rows] = False
+        ts = d['teacher_t'][:, 0].double()
+        keep = move_chance((ts - self.dt).clamp(min=0), self.schedule) / move_chance(ts, self.schedule)
+        keep[-1] = 0  # the last step takes every position still masked
+        prob = torch.cumprod(torch.cat([torch.ones(1, dtype=keep.dtype), keep[:-1]]), 0) * (1 - keep)  # revealed at k
+        w = [prob[k].item() * (N[k] > 0) for k in range(self.K)]  # a step no draw reached: its share goes to the rest
+        mean = sum((w[k] / sum(w))[:, None] * S[k] / N[k].clamp(min=1)[:, None] for k in range(self.K))
         out = torch.zeros(B * L, self.mask_id + 1, device=x.device)
-        out[pos.to(x.device), :self.mask_id] = self.minimiser(torch.stack(lp))
+        out[at, :self.mask_id] = self.finish(mean)
         return out.view(B, L, -1)
 
 
 def main(argv=None):
     c = configure({k: globals()[k] for k in _CONFIG_KEYS}, argv)
+    if c['draws'] < 1:
+        raise ValueError(f"draws must be >= 1, got {c['draws']}")
     if c['divergence'] not in MINIMISERS:
         raise ValueError(f"divergence must be one of {list(MINIMISERS)} (the minimiser is known in closed form), "
                          f"got {c['divergence']!r}")

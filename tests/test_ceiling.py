@@ -12,24 +12,80 @@ sys.path.insert(0, str(ROOT))
 import ceiling  # noqa: E402
 import sample  # noqa: E402
 from diffusion import NOISE_SCHEDULES, SAMPLE_EPS, sampling_grid, sigma  # noqa: E402
-from distill import DIVERGENCES, teacher_times  # noqa: E402
+from distill import DIVERGENCES, real_log_probs, teacher_times  # noqa: E402
 from test_sample import tiny_dir  # noqa: E402
 
 
 @pytest.mark.parametrize('name', list(ceiling.MINIMISERS))
 def test_minimiser_minimises_its_divergence(name):
-    """The closed form is the minimiser over the draws of the mean of DIVERGENCES[name] (the training loss): its
-    gradient there is zero and any nearby distribution does worse."""
+    """finish(E f(log t)) minimises the weighted mean over the targets t of DIVERGENCES[name] (the training loss):
+    its gradient there is zero and any nearby distribution does worse."""
     torch.manual_seed(0)
-    lp = torch.log_softmax(2 * torch.randn(5, 3, 11, dtype=torch.float64), -1)  # 5 draws, 3 positions, 11 tokens
+    lp = torch.log_softmax(2 * torch.randn(5, 3, 11, dtype=torch.float64), -1)  # 5 targets, 3 positions, 11 tokens
+    w = torch.rand(5, 3, dtype=torch.float64)
+    w = w / w.sum(0)
+    f, finish = ceiling.MINIMISERS[name]
 
     def loss(z):
-        return torch.stack([DIVERGENCES[name](torch.log_softmax(z, -1), d) for d in lp]).mean(0).sum()
-    best = ceiling.MINIMISERS[name](lp).clone().requires_grad_()
+        return (w * torch.stack([DIVERGENCES[name](torch.log_softmax(z, -1), d) for d in lp])).sum()
+    best = finish((w[..., None] * f(lp)).sum(0)).clone().requires_grad_()
     grad, = torch.autograd.grad(loss(best), best)
     assert grad.abs().max() < 1e-10
     for _ in range(20):
         assert loss(best.detach() + 0.05 * torch.randn_like(best)) > loss(best.detach())
+
+
+@pytest.fixture(scope='module')
+def net(tmp_path_factory):
+    return sample.load_model(tiny_dir(tmp_path_factory.mktemp('ideal') / 'teacher', 258, block_size=8)).backbone
+
+
+def ideal_of(net, x, t, K, draws, name):
+    ideal = ceiling.IdealStudent(net, net.meta['mask_id'], 4, K, draws, name, 'loglinear', torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return torch.log_softmax(ideal(x, sigma(torch.full((len(x),), t)))[..., :-1], -1), ideal.dt
+
+
+def lp_at(net, x, t):
+    with torch.no_grad():
+        return real_log_probs(net(x, sigma(torch.full((len(x),), t))), net.meta['mask_id'])
+
+
+@pytest.mark.parametrize('name', list(ceiling.MINIMISERS))
+@pytest.mark.parametrize('K', [1, 2, 3])
+def test_one_masked_position_mixes_the_teacher_steps(net, name, K):
+    """One masked position: nothing else changes during the teacher's steps, so its SDTT target is the teacher at
+    the k-th time t - k dt with the probability that the schedule reveals it at step k, exactly, for any draws."""
+    mask, t = net.meta['mask_id'], 0.5
+    x = torch.tensor([[net.meta['bos_id'], 70, mask, 71]])
+    got, dt = ideal_of(net, x, t, K, 3, name)
+    ts = torch.tensor([t - k * dt for k in range(K)], dtype=torch.float64)
+    keep = ((ts - dt) / ts).tolist()  # log-linear: m(s) / m(t) = s / t
+    f, finish = ceiling.MINIMISERS[name]
+    still, want = 1.0, 0
+    for k in range(K):
+        p = still * (1 - keep[k]) if k < K - 1 else still
+        want = want + p * f(lp_at(net, x, ts[k].item())[0, 2])
+        still *= keep[k]
+    assert torch.allclose(got[0, 2], torch.log_softmax(finish(want), -1), atol=1e-5)
+
+
+@pytest.mark.parametrize('name', list(ceiling.MINIMISERS))
+def test_two_masked_positions_against_the_exact_expectation(net, name):
+    """Two masked positions, K = 2: position i's target is the teacher at t if the first step reveals i, else the
+    teacher at t - dt given the other position j, itself revealed (with each token v) or not. Enumerated exactly
+    over j's 257 tokens, against the estimate from 3000 draws."""
+    mask, t, (i, j) = net.meta['mask_id'], 0.5, (2, 3)
+    x = torch.tensor([[net.meta['bos_id'], 70, mask, mask]])
+    got, dt = ideal_of(net, x, t, 2, 3000, name)
+    f, finish = ceiling.MINIMISERS[name]
+    p = 1 - (t - dt) / t  # the first step reveals a masked position (log-linear)
+    xs = x.repeat(258, 1)
+    xs[1:, j] = torch.arange(257)  # row 0: j still masked; row 1 + v: j revealed as v
+    p_j = lp_at(net, x, t)[0, j].exp()
+    after = f(lp_at(net, xs, t - dt)[:, i])
+    want = p * f(lp_at(net, x, t)[0, i]) + (1 - p) * ((1 - p) * after[0] + p * (p_j[:, None] * after[1:]).sum(0))
+    assert (got[0, i].exp() - torch.log_softmax(finish(want), -1).exp()).abs().max() < 0.005
 
 
 @pytest.mark.parametrize('schedule', list(NOISE_SCHEDULES))
