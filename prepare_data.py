@@ -126,7 +126,8 @@ def open_split(data_dir, split):
     meta = load_meta(data_dir)
     path, n, L = os.path.join(data_dir, f"{split}.bin"), meta[f"n_{split}_rows"], meta["row_len"]
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: re-run prepare_data.py --out_dir={data_dir} --overwrite=True")
+        raise FileNotFoundError(f"{path} is missing (meta.json is there): re-run prepare_data.py --out_dir={data_dir} "
+                                "--overwrite=True")
     if (size := os.path.getsize(path)) != n * L * 2:
         raise ValueError(f"{path} has {size} bytes, not {n} rows x {L} uint16 (meta.json): re-run prepare_data.py")
     return np.memmap(path, dtype=np.uint16, mode="r", shape=(n, L))
