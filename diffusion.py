@@ -1,9 +1,5 @@
-"""
-Masked diffusion (MDLM, Sahoo et al. 2024) in continuous time: the noise schedules (log-linear, cosine), time sampling,
-forward masking, the SUBS parameterisation, the NELBO loss and the ancestral sampler.
-The MASK id is always the last vocabulary id (mask_id = V - 1), passed as an argument (nothing assumes GPT-2's 50257).
-A "model" here is any callable model(ids [B, L], sigma [B]) -> logits [B, L, V].
-"""
+"""Masked diffusion (MDLM, Sahoo et al. 2024) in continuous time: noise schedules, masking, SUBS, NELBO, sampler.
+MASK is the last vocabulary id (V - 1); a model is any callable model(ids [B, L], sigma [B]) -> logits [B, L, V]."""
 import functools
 import inspect
 import math
@@ -12,6 +8,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 NOISE_EPS = 1e-3   # every schedule: m(1) = 1 - 1e-3, so sigma(1) stays finite
 SAMPLE_EPS = 1e-5  # the sampling grid ends at t = 1e-5 (MDLM and SDTT)
@@ -52,13 +49,11 @@ def sigma(t, schedule='loglinear'):
 def nelbo_weight(t, schedule='loglinear'):
     """m'(t) / m(t) (= sigma'/expm1(sigma)): the NELBO weight of a masked token, 1/t for log-linear (float64 inside)."""
     m, dm = NOISE_SCHEDULES[schedule]
-    t64 = t.double()
-    return (dm(t64) / m(t64)).to(t.dtype)
+    return (dm(t.double()) / m(t.double())).to(t.dtype)
 
 
 def sample_t(n, device, sampling_eps=1e-3, generator=None):
-    """Stratified (antithetic) times: one uniform draw in each of the n strata [i/n, (i+1)/n), then mapped to
-    [sampling_eps, 1]. Lowers the variance of the loss versus n iid draws (MDLM)."""
+    """Stratified times (MDLM's antithetic sampling): one draw in each stratum [i/n, (i+1)/n), mapped to [eps, 1]."""
     u = torch.rand(n, device=device, generator=generator)
     t = (u + torch.arange(n, device=device)) / n
     return (1 - sampling_eps) * t + sampling_eps
@@ -72,22 +67,19 @@ def q_xt(x0, p_mask, mask_id, generator=None):
 
 # ---------------------------------------------------------------------------------------------------- SUBS + loss
 def subs_log_probs(logits, xt, mask_id):
-    """SUBS parameterisation: log p_theta(x0 | xt) [B, L, V] in fp32.
-    1. the MASK column gets probability 0 (-inf); 2. log-softmax over the real tokens in fp32 (not on bf16 logits);
-    3. carry-over: where xt is not MASK the distribution is the one-hot of xt."""
+    """SUBS: log p_theta(x0 | xt) [B, L, V] in fp32: MASK gets probability 0, an fp32 log-softmax over the real
+    tokens, and where xt is not MASK the one-hot of xt (carry-over; at masked positions the MASK column stays -inf)."""
     V = logits.shape[-1]
     assert mask_id == V - 1, f'the mask id must be the last vocabulary id ({V - 1}), got {mask_id}'
     logp = F.pad(F.log_softmax(logits[..., :mask_id].float(), dim=-1), (0, 1), value=float('-inf'))
     unmasked = (xt != mask_id)[..., None]
     logp = logp.masked_fill(unmasked, float('-inf'))
-    # at unmasked positions put log 1 = 0 on xt; at masked ones xt is the mask column, which stays -inf
     return logp.scatter(-1, xt[..., None], torch.where(unmasked, 0.0, float('-inf')))
 
 
 def mdlm_loss(logits, x0, xt, t, mask_id, positions=None, schedule='loglinear'):
-    """MDLM NELBO per token: -log p_theta(x0 | xt) * m'(t)/m(t) summed over the masked positions (the others add 0:
-    SUBS carry-over) / the number of tokens, as an fp32 cross-entropy over the real tokens there. logits: [B, L, V],
-    or [M, V] at positions, the flat indices of xt's masked positions (None: found here, with a host sync)."""
+    """MDLM NELBO per token: sum over masked positions of -log p_theta(x0 | xt) m'(t)/m(t) / B L (fp32). logits:
+    [B, L, V], or [M, V] at positions, the flat indices of xt's masked positions (None: found here, a host sync)."""
     if positions is None:
         positions = (xt == mask_id).flatten().nonzero().squeeze(1)
         logits = logits.flatten(0, 1)[positions]
@@ -104,9 +96,8 @@ def to_device(v, device):
 
 
 def draw_categorical(logits, u, chunk_elems=CHUNK_ELEMS, finite=None):
-    """One index per row of logits [N, V] drawn from softmax(logits) by inverse CDF in float64 with uniforms u [N]
-    (float32 noise starves rare tokens and flatters gen-PPL: Zheng et al. 2024), in chunks of ~chunk_elems entries.
-    finite: a device bool and-ed with "every row gave a distribution" (check_finite tests it once, at the end)."""
+    """One index per row of logits [N, V] from softmax(logits), by inverse CDF in float64 with uniforms u [N] (float32
+    starves rare tokens, flattering gen-PPL: Zheng et al. 2024). finite: a device bool and-ed with "rows finite"."""
     N, V = logits.shape
     out = torch.empty(N, dtype=torch.long, device=logits.device)
     rows = max(1, chunk_elems // V)
@@ -120,16 +111,15 @@ def draw_categorical(logits, u, chunk_elems=CHUNK_ELEMS, finite=None):
 
 
 def gives_distribution(logits):
-    """Whether softmax of every row of logits [..., V] is a distribution (no NaN, no +inf, not all -inf): a device
-    bool, no sync. (amax propagates NaN; unlike a logsumexp it needs no fp32 copy of the logits.)"""
+    """Whether every row's softmax is a distribution, as a device bool (amax propagates NaN and needs no fp32 copy)."""
     return logits.amax(dim=-1).isfinite().all()
 
 
-def check_finite(finite, what='the model'):
+def check_finite(finite):
     """The one sync of a sampler's NaN check: a diverged model must not pass for one that samples the last token."""
     if not bool(finite):
-        raise FloatingPointError(f'{what} gave NaN/inf logits while sampling: the samples are meaningless (a diverged '
-                                 'checkpoint, or fp16/bf16 overflow of a model cast whole: sample it in float32)')
+        raise FloatingPointError('the model gave NaN/inf logits while sampling: the samples are meaningless (a diverged'
+                                 ' checkpoint, or fp16/bf16 overflow of a model cast whole: sample it in float32)')
 
 
 def in_eval_mode(sampler):
@@ -150,14 +140,12 @@ def project(project_fn, x):
     y = project_fn(x)
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         got = f'a tensor of shape {list(y.shape)}' if isinstance(y, torch.Tensor) else type(y).__name__
-        raise TypeError(f'project_fn must return the token tensor of shape {list(x.shape)} it was given (a missing '
-                        f'`return x`?), not {got}')
+        raise TypeError(f'project_fn must return the token tensor of shape {list(x.shape)} (`return x`?), not {got}')
     return y
 
 
 def fresh_seed():
-    """A seed for a sampler called without one, drawn from the global CPU generator: torch.manual_seed before the
-    call makes it reproducible (torch.seed() would instead reseed the caller's generator at random)."""
+    """A seed from the global CPU generator, so torch.manual_seed before the call makes it reproducible."""
     return int(torch.randint(2 ** 62, (1,)))
 
 
@@ -167,17 +155,15 @@ def sampling_grid(num_steps, eps=SAMPLE_EPS):
 
 
 def prior(model, n_samples, seq_len, mask_id, bos_id=None, add_bos=True, project_fn=None, device='cpu'):
-    """The starting state of a sampler: all-MASK [n_samples, seq_len] (MDLM's _sample_prior), with BOS at position 0
-    if add_bos (bos_id defaults to model.meta['bos_id'] where the model has one), then project_fn(x) (a prompt).
-    Checks the sizes."""
+    """All-MASK [n_samples, seq_len] (MDLM's _sample_prior), BOS first if add_bos (default model.meta['bos_id']),
+    then project_fn(x) (a prompt)."""
     block_size = getattr(getattr(model, 'config', None), 'block_size', None)
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f'n_samples must be an integer >= 1, got {n_samples!r}')
     if not isinstance(seq_len, int) or seq_len < 1 or (block_size is not None and seq_len > block_size):
         raise ValueError(f'seq_len must be an integer in [1, {block_size}] (the model block size), got {seq_len!r}')
     x = torch.full((n_samples, seq_len), mask_id, dtype=torch.long, device=device)
-    if bos_id is None:
-        bos_id = getattr(model, 'meta', {}).get('bos_id')
+    bos_id = getattr(model, 'meta', {}).get('bos_id') if bos_id is None else bos_id
     if add_bos and bos_id is not None:
         x[:, 0] = bos_id  # as every training row starts (this project's scripts); MDLM/SDTT/DUO: add_bos=False
     return x if project_fn is None else project(project_fn, x)
@@ -196,20 +182,18 @@ def run_model(model, schedule, t, x, *positions):
 
 
 def reveal_tokens(forward, x, reveal, u_token, mask_id, cache, head_only, finite):
-    """The tokens at the positions reveal [B, L] (host bool) drawn in float64 from forward's logits there, the output
-    layer only at those positions if head_only, the forward only for the sequences that change if cache (MDLM's
-    ddpm_cache). Returns (the new x, the sequence-forwards run)."""
+    """Draws the tokens at reveal [B, L] (host bool) -> (new x, sequence-forwards run). head_only: the output layer
+    only at those positions; cache: the forward only for the sequences that change (MDLM's ddpm_cache)."""
     B, L = x.shape
     b, l = reveal.nonzero(as_tuple=True)  # about L/num_steps per sequence get a float64 draw
     flat = to_device(b * L + l, x.device)  # flat indices into the B * L positions
     xs, at = x, flat  # the sequences run and the revealed positions among them
-    if cache:  # only the sequences this step changes
-        changed = reveal.any(dim=1)
-        rows = changed.nonzero().squeeze(1)
-        if not len(b):  # (without cache every step runs a forward: NFE = steps, as MDLM's sampler)
-            return x, 0
-        if len(rows) < B:
-            xs, at = x[to_device(rows, x.device)], to_device((changed.cumsum(0)[b] - 1) * L + l, x.device)
+    if cache and not len(b):  # (without cache every step runs a forward: NFE = steps, as MDLM's sampler)
+        return x, 0
+    changed = reveal.any(dim=1)
+    if cache and not changed.all():  # only the sequences this step changes
+        rows = to_device(changed.nonzero().squeeze(1), x.device)
+        xs, at = x[rows], to_device((changed.cumsum(0)[b] - 1) * L + l, x.device)
     if head_only:  # a new count every step, 0 and 1 included: unbacked, one compiled graph for all
         if 'torch._dynamo' in sys.modules:  # (a compiled model imported it; importing it costs ~1 s)
             torch._dynamo.decorators.mark_unbacked(at, 0)
@@ -243,29 +227,22 @@ def final_denoise(forward, x, masked, mask_id, final_step, generator, finite):
 def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_bos=True, project_fn=None, cache=False,
            eps=SAMPLE_EPS, seed=None, generator=None, device=None, verbose=False, step_fn=None, head_only=None,
            final_step='argmax', schedule=None):
-    """Ancestral sampling (SPEC §4) from prior(), project_fn(x) (a prompt) applied to it and after every step. A step
-    from t to s keeps a masked position masked w.p. m(s)/m(t) (schedule: default the model's), else reveal_tokens
-    draws it; then final_denoise (final_step). The host draws every random number (generator: a CPU torch.Generator,
-    default seeded with seed), so it knows the reveals before the forward: no sync per step, the same reveals on any
-    device. cache, head_only: see reveal_tokens (head_only=False for CUDA graphs). step_fn(x, logits, t, s, u, mask_id,
-    schedule) -> new x replaces the ancestral update (u: float64 uniforms [B, L]; a sync per step).
-    Returns (tokens [n_samples, seq_len] int64, nfe: forwards per sequence)."""
-    vocab = getattr(getattr(model, 'config', None), 'vocab_size', None)
-    if mask_id is None and vocab is None:
-        raise ValueError('mask_id is required for a model without .config.vocab_size')
-    mask_id = vocab - 1 if mask_id is None else mask_id
+    """Ancestral sampling (SPEC §4) -> (tokens [n_samples, seq_len], forwards per sequence). A step from t to s keeps a
+    masked position masked w.p. m(s)/m(t) (schedule: default the model's). The host (generator, on the CPU) draws all
+    randomness, so it knows the reveals before the forward: no sync per step, the same tokens on any device.
+    project_fn(x) (a prompt) runs after the prior and every step. step_fn(x, logits, t, s, u, mask_id, schedule) -> x
+    replaces the ancestral update (u: float64 uniforms [B, L]; a sync per step). head_only=False for CUDA graphs."""
+    mask_id = model.config.vocab_size - 1 if mask_id is None else mask_id
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
     if final_step not in ('argmax', 'draw'):
         raise ValueError(f"final_step must be 'argmax' (MDLM/SDTT) or 'draw' (DUO), got {final_step!r}")
     if step_fn is not None and (cache or head_only):
-        raise ValueError('cache and head_only need the ancestral step (its reveals are known before the forward), '
-                         'not a step_fn')
+        raise ValueError('cache and head_only need the ancestral step (its reveals are known first), not a step_fn')
     if device is None:
         p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         device = p.device if p is not None else 'cpu'
-    if generator is None:  # on the host: see above
-        generator = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
+    generator = generator or torch.Generator().manual_seed(seed if seed is not None else fresh_seed())  # (host)
     head_only = step_fn is None and takes_positions(model) if head_only is None else head_only
     schedule = schedule or schedule_of(getattr(model, 'meta', None))
     x = prior(model, n_samples, seq_len, mask_id, bos_id, add_bos, project_fn, torch.device(device))
@@ -273,9 +250,7 @@ def sample(model, n_samples, num_steps, seq_len, mask_id=None, bos_id=None, add_
     finite = torch.ones((), dtype=torch.bool, device=x.device)  # all logits finite so far (checked once, at the end)
     ts, dt = sampling_grid(num_steps, eps)
     n_forward = 0  # sequence-forwards
-    if verbose:
-        from tqdm import tqdm
-    for t in tqdm(ts, desc=f'sampling {n_samples}x{seq_len}, {num_steps} steps') if verbose else ts:
+    for t in tqdm(ts, desc=f'sampling {n_samples}x{seq_len}, {num_steps} steps', disable=not verbose):
         s = max(t - dt, 0.0)
         # draws for every position at every step, so caching (which skips forwards) sees the same randomness
         u_reveal = torch.rand(x.shape, dtype=torch.float64, generator=generator)

