@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from fileio import _umask, clean_leftovers, temp_prefix, write_atomic, write_failed  # (others import write_atomic here)
 
@@ -48,10 +49,6 @@ class LayerNorm(nn.Module):
             return F.layer_norm(x.float(), self.weight.shape) * self.weight
 
 
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
 class EmbeddingLayer(nn.Module):
     # a raw parameter rather than nn.Embedding: the published checkpoints call it `vocab_embed.embedding`
     def __init__(self, dim, vocab_size):
@@ -82,8 +79,7 @@ class Rotary(nn.Module):
     def __init__(self, head_dim, base=10000):
         super().__init__()
         self.head_dim, self.base = head_dim, base
-        # persistent: the published checkpoints carry `rotary_emb.inv_freq`
-        self.register_buffer('inv_freq', self.frequencies('cpu'))
+        self.register_buffer('inv_freq', self.frequencies('cpu'))  # persistent: the published checkpoints carry it
 
     def frequencies(self, device):
         return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
@@ -117,8 +113,6 @@ class DDiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate='tanh'), nn.Linear(4 * d, d))
         if not cfg.causal:  # the AR baseline's blocks are plain pre-LN: no modulation, gates fixed at 1
             self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
-            nn.init.zeros_(self.adaLN_modulation.weight)
-            nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x, cos, sin, c, kv=None, start=0):
         B, L, d = x.shape
@@ -126,23 +120,20 @@ class DDiTBlock(nn.Module):
         if c is not None:  # (c None: the AR baseline's plain pre-LN block, x + attn(LN1(x)), x + mlp(LN2(x)))
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
                 self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-            h = modulate(h, shift_msa, scale_msa)
+            h = h * (1 + scale_msa) + shift_msa
         q, k, v = self.attn_qkv(h).view(B, L, 3, self.n_head, d // self.n_head).unbind(dim=2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, hd]
         if kv is None:
-            # SDPA picks flash / memory-efficient kernels on GPU and a fused kernel on CPU; bidirectional unless causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        else:
-            # KV cache: positions < start are in the buffers already; add these L and attend over all start + L, with
-            # the causal mask shifted by start (SDPA's is_causal aligns it top-left); one new token sees everything.
+        else:  # KV cache: add these L positions after the start cached ones; SDPA's is_causal mask is top-left
             kv[0][:, :, start:start + L], kv[1][:, :, start:start + L] = k, v
             k, v = kv[0][:, :, :start + L], kv[1][:, :, :start + L]
             mask = None if L == 1 else torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.dropout(self.attn_out(y.transpose(1, 2).reshape(B, L, d)))
         x = x + (y if c is None else gate_msa * y)
-        h = self.norm2(x) if c is None else modulate(self.norm2(x), shift_mlp, scale_mlp)
+        h = self.norm2(x) if c is None else self.norm2(x) * (1 + scale_mlp) + shift_mlp
         y = self.dropout(self.mlp(h))
         return x + (y if c is None else gate_mlp * y)
 
@@ -152,18 +143,14 @@ class DDitFinalLayer(nn.Module):
         super().__init__()
         self.norm_final = LayerNorm(cfg.n_embd)
         self.linear = nn.Linear(cfg.n_embd, cfg.vocab_size)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
         if not cfg.causal:  # (the AR baseline: linear(norm_final(x)))
             self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.n_embd)
-            nn.init.zeros_(self.adaLN_modulation.weight)
-            nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x, c, positions=None):
         x = self.norm_final(x)
         if c is not None:
             shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-            x = modulate(x, shift, scale)
+            x = x * (1 + scale) + shift
         if positions is not None:  # only these rows of the flattened [B * L] positions: [M, V]
             x = x.flatten(0, 1).index_select(0, positions)
         return self.linear(x)
@@ -184,6 +171,9 @@ class DiT(nn.Module):
         self.rotary_emb = Rotary(cfg.n_embd // cfg.n_head)
         self.blocks = nn.ModuleList([DDiTBlock(cfg) for _ in range(cfg.n_layer)])
         self.output_layer = DDitFinalLayer(cfg)
+        for name, p in self.named_parameters():  # adaLN and the output layer start at zero (DiT's adaLN-Zero)
+            if 'adaLN' in name or name.startswith('output_layer.linear'):
+                nn.init.zeros_(p)
         self.meta = {}  # tokenizer and provenance of a loaded checkpoint (see load_pretrained)
 
     def forward(self, idx, sigma=None, positions=None, cache=None, start=0):
@@ -216,14 +206,13 @@ class DiT(nn.Module):
         return n - self.vocab_embed.embedding.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len, backward=True, head_fraction=1.0):
-        """Matmul FLOPs per token (PaLM appendix B style): 6N (fwd+bwd) + attention 12*l*d*L; a forward is 1/3.
-        head_fraction: the share of positions that go through the output layer (training: the masked ones)."""
-        cfg = self.config
+        """Matmul FLOPs per token, PaLM appendix B: 6N + 12 l d L (a forward: 1/3); head_fraction: the share of
+        positions that go through the output layer (training: the masked ones)."""
         n = self.num_params(non_embedding=True)  # the embedding is a lookup, the output layer is a matmul
         n -= (1 - head_fraction) * self.output_layer.linear.weight.numel()
         # the conditioning MLP and the adaLN layers run once per sequence, not per token
         n -= sum(p.numel() for name, p in self.named_parameters() if 'adaLN' in name or name.startswith('sigma_map'))
-        f = 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        f = 6 * n + 12 * self.config.n_layer * self.config.n_embd * seq_len
         return f if backward else f / 3
 
 
@@ -267,17 +256,16 @@ def config_from_json(cfg, vocab_size=None):
         m, prefix, layout = cfg['model'], 'model.', _SDTT_NAMES
         args = {k: m[name] for k, name in layout.items() if name in m}
         args['time_conditioning'] = cfg.get('time_conditioning', m.get('time_conditioning', False))
-        v = vocab_size or m.get('vocab_size') or cfg.get('vocab_size')
     elif 'hidden_dim' in cfg:  # MDLM hub layout (and ours)
         m, prefix, layout = cfg, '', {f.name: _HUB_NAMES.get(f.name, f.name) for f in fields(DiTConfig)}
         args = {k: cfg[name] for k, name in layout.items() if name in cfg and k != 'vocab_size'}
-        v = vocab_size or cfg.get('vocab_size')
     else:
         raise ValueError('config.json is neither the MDLM layout (hidden_dim, n_blocks, ...) nor the SDTT layout '
                          f'(model: {{hidden_size, ...}}); keys found: {sorted(cfg)[:20]}')
     missing = [prefix + layout[k] for k in ('cond_dim', 'n_layer', 'n_head', 'block_size') if layout[k] not in m]
     if missing:
         raise ValueError(f'config.json ({"SDTT" if prefix else "MDLM"} layout) lacks {", ".join(missing)}')
+    v = vocab_size or m.get('vocab_size') or cfg.get('vocab_size')
     if v is None:
         raise ValueError('config.json has no vocab_size and it could not be read from the weights')
     return check_config(dict(vocab_size=v, **args), {k: prefix + name for k, name in layout.items()})
@@ -307,8 +295,7 @@ def is_ar_state_dict(sd):
     return 'blocks.0.attn_qkv.weight' in sd and not any(k.startswith('sigma_map.') or 'adaLN' in k for k in sd)
 
 
-def load_state_dict_strict(model, state_dict, source='checkpoint'):
-    """A strict load whose error names every missing, unexpected or mis-shaped tensor."""
+def load_state_dict_strict(model, state_dict, source='checkpoint'):  # an error naming every tensor that differs
     state_dict = strip_prefix(state_dict)
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -359,8 +346,7 @@ def local_or_hub(name_or_path):
 def _download(name_or_path, revision):
     """config.json and model.safetensors of a hub id (owner/name: gpt2-large is a transformers id, not a DiT)."""
     if '/' not in name_or_path:
-        raise FileNotFoundError(f'no checkpoint at {name_or_path!r} (not a local file or directory, nor a hub id '
-                                'owner/name of a DiT)')
+        raise FileNotFoundError(f'no checkpoint at {name_or_path!r}: not a local path, nor the owner/name of a DiT')
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(name_or_path, revision=revision, allow_patterns=['config.json', 'model.safetensors'])
@@ -411,12 +397,10 @@ def _load_training_checkpoint(path, use_ema):
 
 
 def _load_directory(path, use_ema):
-    """config.json (either published layout, or ours) and model.safetensors."""
     cfg_file, st_file = os.path.join(path, 'config.json'), os.path.join(path, 'model.safetensors')
     for f in (cfg_file, st_file):
         if not os.path.exists(f):
             raise FileNotFoundError(f'{f} is missing: a checkpoint directory holds config.json and model.safetensors')
-    from safetensors.torch import load_file
     try:  # a damaged download or a hand-edited config: say which file, not a bare KeyError
         with open(cfg_file) as f:
             cfg = json.load(f)
@@ -439,7 +423,6 @@ def _load_directory(path, use_ema):
 def save_pretrained(model, out_dir, meta=None):
     """config.json + model.safetensors in the MDLM hub layout (+ `causal`, `meta`), in a temporary directory that
     replaces out_dir only when complete (a crash between the two renames leaves the old copy in .tmp_*_old)."""
-    from safetensors.torch import save_file
     config = dict(model_type='mdlm', **{_HUB_NAMES.get(k, k): v for k, v in asdict(model.config).items()},
                   meta={**model.meta, **(meta or {})})
     parent = os.path.dirname(os.path.abspath(out_dir))
