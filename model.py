@@ -1,8 +1,7 @@
 """
-The DiT of MDLM (Sahoo et al. 2024) as SDTT uses it, and MDLM/SDTT's autoregressive baseline (causal=True: causal
-attention, plain pre-LN blocks, no sigma_map or adaLN), with checkpoint loading and saving. Parameter names are those of
-the published checkpoints (`kuleshov-group/mdlm-owt`, `jdeschena/sdtt`) minus `backbone.`: loading is a strict
-load_state_dict. The network returns raw logits [B, L, V]; SUBS lives in diffusion.py, as in MDLM.
+The DiT of MDLM (Sahoo et al. 2024) as SDTT uses it, and MDLM/SDTT's AR baseline (causal=True: causal attention, plain
+pre-LN blocks), with checkpoint loading and saving. Parameter names are those of the published checkpoints minus
+`backbone.` (a strict load_state_dict). The network returns raw logits [B, L, V]; SUBS is in diffusion.py, as in MDLM.
 """
 import json
 import math
@@ -85,16 +84,14 @@ class Rotary(nn.Module):
         return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
 
     def forward(self, seq_len, device):
-        t = torch.arange(seq_len, device=device, dtype=torch.float32)
         # a model cast whole to bf16: bf16 frequencies would put the angles of far positions off by up to 0.4 rad
         inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self.frequencies(device)
-        freqs = torch.outer(t, inv_freq)
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)  # [L, head_dim]
         return emb.cos(), emb.sin()
 
 
-def apply_rotary(x, cos, sin):
-    # x: [B, L, H, D]; cos/sin: [L, D]. Done in x's dtype (bf16 under autocast), as in MDLM.
+def apply_rotary(x, cos, sin):  # x [B, L, H, D], cos/sin [L, D]; in x's dtype (bf16 under autocast), as MDLM
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -219,8 +216,7 @@ class DiT(nn.Module):
 # ---------------------------------------------------------------------------------------------------------- checkpoints
 # load_pretrained reads the MDLM layout (kuleshov-group/mdlm-owt: config.json {hidden_dim, n_blocks, ...} and
 # model.safetensors, keys `backbone.<name>`), the SDTT layout (jdeschena/sdtt, a revision per model: a run config, the
-# architecture under `model:`), save_pretrained's directories (MDLM layout + `causal`, `meta`) and distill.py's ckpt.pt.
-# DiTConfig field -> its name in the MDLM config.json (others keep theirs), and under the SDTT `model:`.
+# architecture under `model:`), ours (MDLM layout + `causal`, `meta`) and distill.py's ckpt.pt. DiTConfig field -> name:
 _HUB_NAMES = dict(n_embd='hidden_dim', n_layer='n_blocks', n_head='n_heads', block_size='model_length')
 _SDTT_NAMES = dict(n_embd='hidden_size', cond_dim='cond_dim', n_layer='n_blocks', n_head='n_heads', block_size='length',
                    dropout='dropout')
@@ -405,8 +401,7 @@ def _load_directory(path, use_ema):
         with open(cfg_file) as f:
             cfg = json.load(f)
         sd = strip_prefix(load_file(st_file))
-        vocab = sd['vocab_embed.embedding'].shape[0] if 'vocab_embed.embedding' in sd else None
-        config = config_from_json(cfg, vocab_size=vocab)
+        config = config_from_json(cfg, sd['vocab_embed.embedding'].shape[0] if 'vocab_embed.embedding' in sd else None)
         if is_ar_state_dict(sd):  # MDLM/SDTT's AR checkpoints need not say causal in their config
             config = replace(config, causal=True, time_conditioning=False)
     except ValueError as e:

@@ -72,7 +72,6 @@ SAMPLERS = {'ancestral': lambda generator: None, 'analytic': lambda generator: a
 # -------------------------------------------------------------------- the release API
 class DiffusionLM(torch.nn.Module):
     """A DiT with its tokenizer, special ids (meta) and name; as `backbone`, state_dict() has the published keys."""
-
     def __init__(self, backbone, name='model'):
         super().__init__()
         self.backbone, self.name = backbone, name
@@ -218,14 +217,13 @@ def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=N
               verbose=False):
     """The AR baseline's ancestral sampling with a KV cache, at temperature 1 by float64 inverse CDF -> (tokens, nfe).
     Position 0 holds BOS (add_bos); the positions project_fn sets in the all-MASK prior are forced (a prompt)."""
-    cfg = model.config
-    if not cfg.causal:
+    if not model.config.causal:
         raise ValueError('sample_ar needs a causal model (the AR baseline); diffusion models use diffusion.sample')
     device = torch.device(device or next(model.parameters()).device)
     generator = torch.Generator(device=device).manual_seed(seed if seed is not None else diffusion.fresh_seed())
     cuda = device.type == 'cuda'
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
-    mask_id = cfg.vocab_size - 1
+    mask_id = model.config.vocab_size - 1
     x = diffusion.prior(model, n_samples, seq_len, mask_id, bos_id, add_bos, project_fn, device)
     forced = x != mask_id
     if not forced[:, 0].all():
@@ -306,9 +304,7 @@ def load_samples(path):
     """{'tokens': int64 [n, L], 'settings': dict, + the extra arrays (prompt_ids, ref_tokens, doc_idx, ...)}."""
     with np.load(path if path.endswith('.npz') else path + '.npz', allow_pickle=False) as z:
         out = {k: z[k] for k in z.files}
-    out['tokens'] = out['tokens'].astype(np.int64)
-    out['settings'] = json.loads(str(out['settings']))
-    return out
+    return {**out, 'tokens': out['tokens'].astype(np.int64), 'settings': json.loads(str(out['settings']))}
 
 
 # -------------------------------------------------------------------- CLI
@@ -338,9 +334,8 @@ def check_settings(c):
     check_sizes(vars(c), batch_size=1, n_samples=1, n_prompts=1, n_continuations=1,
                 **{k: 1 for k in ('num_steps', 'seq_len') if getattr(c, k) is not None})
     if c.mode == 'cond_prefix' and (not c.cond_data or not 0 < c.prefix_len < c.cond_len <= c.min_doc_len):
-        raise ValueError(f'mode=cond_prefix needs cond_data (a .jsonl file or an HF dataset, got {c.cond_data!r}) '
-                         f'and 0 < prefix_len < cond_len <= min_doc_len (got {c.prefix_len}, {c.cond_len}, '
-                         f'{c.min_doc_len})')
+        raise ValueError(f'mode=cond_prefix needs cond_data (a .jsonl file or HF dataset; got {c.cond_data!r}) and 0 < '
+                         f'prefix_len < cond_len <= min_doc_len (got {c.prefix_len}, {c.cond_len}, {c.min_doc_len})')
 
 
 def prompts_of(c, tok, L, rank):
@@ -406,8 +401,7 @@ def main(argv=None):
     config.update(dict(num_steps=None, sampler='ar') if causal else dict(num_steps=c.num_steps))  # AR: no steps
     L = c.cond_len if c.mode == 'cond_prefix' else c.seq_len or block
     if L > block:
-        raise ValueError(f'{"cond_len" if c.mode == "cond_prefix" else "seq_len"}={L} exceeds the model block size '
-                         f'{block}')
+        raise ValueError(f'{"seq_len" if c.mode == "uncond" else "cond_len"}={L} exceeds the model block size {block}')
     if L == 1 and c.add_bos:
         raise ValueError('seq_len=1 leaves no position to sample after BOS: use seq_len >= 2 (or add_bos=False)')
     if not causal and c.num_steps > L and rank == 0:  # (allowed: gen-PPL against steps goes past L)
