@@ -30,11 +30,8 @@ class DiTConfig:
     time_conditioning: bool = False  # MDLM-OWT and all SDTT models: off (sigma is zeroed)
     causal: bool = False             # True: the reference AR baseline (causal attention, no sigma_map/adaLN)
 
-SIZES = {  # the MDLM/SDTT model sizes (SPEC §2)
-    'small': dict(n_layer=12, n_head=12, n_embd=768),
-    'medium': dict(n_layer=24, n_head=16, n_embd=1024),
-    'large': dict(n_layer=24, n_head=16, n_embd=1536),
-}
+SIZES = {'small': dict(n_layer=12, n_head=12, n_embd=768), 'medium': dict(n_layer=24, n_head=16, n_embd=1024),
+         'large': dict(n_layer=24, n_head=16, n_embd=1536)}  # the MDLM/SDTT model sizes (SPEC §2)
 
 
 class LayerNorm(nn.Module):
@@ -121,13 +118,11 @@ class DDiTBlock(nn.Module):
         q, k, v = self.attn_qkv(h).view(B, L, 3, self.n_head, d // self.n_head).unbind(dim=2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, hd]
-        if kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        else:  # KV cache: add these L positions after the start cached ones; SDPA's is_causal mask is top-left
+        if kv is not None:  # KV cache: append these L positions; SDPA's is_causal is top-left: a mask shifted by start
             kv[0][:, :, start:start + L], kv[1][:, :, start:start + L] = k, v
             k, v = kv[0][:, :, :start + L], kv[1][:, :, :start + L]
-            mask = None if L == 1 else torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        mask = None if kv is None or L == 1 else torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and kv is None)
         y = self.dropout(self.attn_out(y.transpose(1, 2).reshape(B, L, d)))
         x = x + (y if c is None else gate_msa * y)
         h = self.norm2(x) if c is None else self.norm2(x) * (1 + scale_mlp) + shift_mlp
@@ -181,8 +176,7 @@ class DiT(nn.Module):
             raise ValueError('a KV cache needs a causal model (in a bidirectional one every token changes all keys)')
         if start + L > self.config.block_size:
             raise ValueError(f'sequence length {start + L} exceeds the model block size {self.config.block_size}')
-        if sigma is None or not self.config.time_conditioning:
-            # the published models were trained with sigma = 0: c is a learned constant, still applied by adaLN
+        if sigma is None or not self.config.time_conditioning:  # as the published models: c is a learned constant
             sigma = torch.zeros(B, device=idx.device)
         x = self.vocab_embed(idx)
         c = None if self.config.causal else F.silu(self.sigma_map(sigma))
@@ -203,8 +197,7 @@ class DiT(nn.Module):
         return n - self.vocab_embed.embedding.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len, backward=True, head_fraction=1.0):
-        """Matmul FLOPs per token, PaLM appendix B: 6N + 12 l d L (a forward: 1/3); head_fraction: the share of
-        positions that go through the output layer (training: the masked ones)."""
+        """Matmul FLOPs per token (PaLM app. B): 6N + 12 l d L, forward 1/3; head_fraction: positions in the head."""
         n = self.num_params(non_embedding=True)  # the embedding is a lookup, the output layer is a matmul
         n -= (1 - head_fraction) * self.output_layer.linear.weight.numel()
         # the conditioning MLP and the adaLN layers run once per sequence, not per token
@@ -224,8 +217,7 @@ MAX_BLOCK_SIZE = 2 ** 20  # rotary tables, KV caches and samples are block_size 
 
 
 def check_config(args, names=None):
-    """DiTConfig(**args), one error naming each bad value (as names[field], its name in the file): bool() made "false"
-    True; a size is an integer >= 1, dropout in [0, 1), another float finite."""
+    """DiTConfig(**args) or one error naming each bad value as names[field] (bool() had made "false" True)."""
     names, bad = names or {}, []
     for f in fields(DiTConfig):
         v, t = args.get(f.name), type(f.default)
@@ -300,11 +292,9 @@ def load_state_dict_strict(model, state_dict, source='checkpoint'):  # an error 
               for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         msg = [f'{source} does not match the model:'] + [f'  {what} tensors ({len(ks)}): {ks[:10]}' for what, ks in
-                                                         [('missing', missing), ('unexpected', unexpected),
-                                                          ('mis-shaped', shapes)] if ks]
+               (('missing', missing), ('unexpected', unexpected), ('mis-shaped', shapes)) if ks]
         if model.config.causal and any('adaLN' in k for k in unexpected):
-            msg.append('  (a causal DiT with adaLN: the AR baseline of an earlier version of this project; train it '
-                       'again with objective=ar)')
+            msg.append('  (a causal DiT with adaLN: an AR baseline of an older version; train it again, objective=ar)')
         raise ValueError('\n'.join(msg))
     model.load_state_dict(state_dict, strict=True)
     return model
@@ -326,8 +316,7 @@ def default_meta(vocab_size):
 
 
 def local_or_hub(name_or_path):
-    """The local path (~ expanded) if it exists, else None for a hub id; a name that can only be a local path (a .pt
-    file, ./x, out/run/x, a typo of a local directory) is a FileNotFoundError here, not a failed download later."""
+    """The local path (~ expanded), else None for a hub id; a name only a local path can be fails here, not later."""
     path = os.path.expanduser(name_or_path)
     if os.path.exists(path):
         return path

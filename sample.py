@@ -100,9 +100,8 @@ class DiffusionLM(torch.nn.Module):
     @torch.no_grad()
     def sample(self, n_samples, num_steps, seq_len=1024, verbose=False, project_fn=None, cache=False, seed=None,
                sampler='ancestral', add_bos=None, return_nfe=False, final_step='argmax'):
-        """Token ids [n_samples, seq_len] (return_nfe: and the forward passes per sequence). project_fn(x): applied to
-        the prior and after every step (prompts). add_bos None: the release's all-MASK prior (SPEC §4), BOS for the
-        AR baseline, which samples autoregressively (sample_ar: num_steps, cache and sampler do not apply)."""
+        """Token ids [n_samples, seq_len] (return_nfe: and forwards per sequence); project_fn(x) runs on the prior and
+        after each step. add_bos None: the release's all-MASK prior (SPEC §4), BOS for a causal backbone (AR)."""
         check_choice('sampler', sampler, tuple(SAMPLERS))
         causal = self.backbone.config.causal
         add_bos = causal if add_bos is None else add_bos
@@ -326,8 +325,7 @@ def end_dist():
         dist.destroy_process_group()
 
 
-def check_settings(c):
-    """The checks that need no model."""
+def check_settings(c):  # the checks that need no model
     check_choice('sampler', c.sampler, ('cached', *SAMPLERS))
     check_choice('mode', c.mode, ('uncond', 'cond_prefix'))
     check_choice('final_step', c.final_step, ('argmax', 'draw'))
@@ -362,8 +360,7 @@ def prompts_of(c, tok, L, rank):
 
 
 def draw(lm, c, n, L, prompts, rank, world):
-    """Batches rank, rank + world, ... (batch i: rows [i*bs, (i+1)*bs), seed batch_seed(seed, i)) -> on rank 0
-    (tokens [n, L], mean NFE per sequence, seconds of its first batch), else None."""
+    """Batches rank, rank + world, ... (batch i: seed batch_seed(seed, i)) -> on rank 0 (tokens, mean NFE, t_first)."""
     mine, nfe, t_first, n_batches = [], 0.0, None, math.ceil(n / c.batch_size)
     for i in range(rank, n_batches, world):
         rows = slice(i * c.batch_size, min(n, (i + 1) * c.batch_size))
