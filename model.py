@@ -1,21 +1,19 @@
 """
-The DiT backbone of MDLM (Sahoo et al. 2024), as used by SDTT (Deschenaux & Gulcehre 2024), its config, and loading and
-saving of checkpoints in the published layouts. Parameter names are those of the published checkpoints
-(`kuleshov-group/mdlm-owt`, `jdeschena/sdtt`) minus their `backbone.` prefix: loading them is a strict load_state_dict.
-The network returns raw logits [B, L, V]; SUBS lives in diffusion.py, as in MDLM. With causal=True it is the
-autoregressive baseline of MDLM (models/autoregressive.py) and SDTT (ar_orig.py): causal attention and plain pre-LN
-blocks (no adaLN, no sigma_map), logits linear(norm_final(x)), under the reference's parameter names.
+The DiT of MDLM (Sahoo et al. 2024) as SDTT uses it, and MDLM/SDTT's AR baseline (causal=True: causal attention, plain
+pre-LN blocks), with checkpoint loading and saving. Parameter names are those of the published checkpoints minus
+`backbone.` (a strict load_state_dict). The network returns raw logits [B, L, V]; SUBS is in diffusion.py, as in MDLM.
 """
 import json
 import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from fileio import _umask, clean_leftovers, temp_prefix, write_atomic, write_failed  # (others import write_atomic here)
 
@@ -32,11 +30,8 @@ class DiTConfig:
     time_conditioning: bool = False  # MDLM-OWT and all SDTT models: off (sigma is zeroed)
     causal: bool = False             # True: the reference AR baseline (causal attention, no sigma_map/adaLN)
 
-SIZES = {  # the MDLM/SDTT model sizes (SPEC §2)
-    'small': dict(n_layer=12, n_head=12, n_embd=768),
-    'medium': dict(n_layer=24, n_head=16, n_embd=1024),
-    'large': dict(n_layer=24, n_head=16, n_embd=1536),
-}
+SIZES = {'small': dict(n_layer=12, n_head=12, n_embd=768), 'medium': dict(n_layer=24, n_head=16, n_embd=1024),
+         'large': dict(n_layer=24, n_head=16, n_embd=1536)}  # the MDLM/SDTT model sizes (SPEC §2)
 
 
 class LayerNorm(nn.Module):
@@ -50,10 +45,6 @@ class LayerNorm(nn.Module):
             return F.layer_norm(x.float(), self.weight.shape) * self.weight
 
 
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
 class EmbeddingLayer(nn.Module):
     # a raw parameter rather than nn.Embedding: the published checkpoints call it `vocab_embed.embedding`
     def __init__(self, dim, vocab_size):
@@ -61,9 +52,7 @@ class EmbeddingLayer(nn.Module):
         self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
         nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
 
-    def forward(self, idx):
-        # F.embedding, not self.embedding[idx]: the same values, but the backward of indexing (an accumulating
-        # index_put) adds rows in a thread-dependent order, so multi-threaded CPU training was not reproducible
+    def forward(self, idx):  # not self.embedding[idx]: its backward adds rows in a thread-dependent order
         return F.embedding(idx, self.embedding)
 
 
@@ -86,24 +75,20 @@ class Rotary(nn.Module):
     def __init__(self, head_dim, base=10000):
         super().__init__()
         self.head_dim, self.base = head_dim, base
-        # persistent: the published checkpoints carry `rotary_emb.inv_freq`
-        self.register_buffer('inv_freq', self.frequencies('cpu'))
+        self.register_buffer('inv_freq', self.frequencies('cpu'))  # persistent: the published checkpoints carry it
 
     def frequencies(self, device):
         return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
 
     def forward(self, seq_len, device):
-        t = torch.arange(seq_len, device=device, dtype=torch.float32)
-        inv_freq = self.inv_freq
-        if inv_freq.dtype != torch.float32:  # a model cast whole (.to(torch.bfloat16)): bf16 frequencies would put
-            inv_freq = self.frequencies(device)  # the angles of far positions off by up to 0.4 rad
-        freqs = torch.outer(t, inv_freq)
+        # a model cast whole to bf16: bf16 frequencies would put the angles of far positions off by up to 0.4 rad
+        inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self.frequencies(device)
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)  # [L, head_dim]
         return emb.cos(), emb.sin()
 
 
-def apply_rotary(x, cos, sin):
-    # x: [B, L, H, D]; cos/sin: [L, D]. Done in x's dtype (bf16 under autocast), as in MDLM.
+def apply_rotary(x, cos, sin):  # x [B, L, H, D], cos/sin [L, D]; in x's dtype (bf16 under autocast), as MDLM
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -122,8 +107,6 @@ class DDiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate='tanh'), nn.Linear(4 * d, d))
         if not cfg.causal:  # the AR baseline's blocks are plain pre-LN: no modulation, gates fixed at 1
             self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
-            nn.init.zeros_(self.adaLN_modulation.weight)
-            nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x, cos, sin, c, kv=None, start=0):
         B, L, d = x.shape
@@ -131,25 +114,18 @@ class DDiTBlock(nn.Module):
         if c is not None:  # (c None: the AR baseline's plain pre-LN block, x + attn(LN1(x)), x + mlp(LN2(x)))
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
                 self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
-            h = modulate(h, shift_msa, scale_msa)
-        qkv = self.attn_qkv(h).view(B, L, 3, self.n_head, d // self.n_head)
-        q, k, v = qkv.unbind(dim=2)
+            h = h * (1 + scale_msa) + shift_msa
+        q, k, v = self.attn_qkv(h).view(B, L, 3, self.n_head, d // self.n_head).unbind(dim=2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, hd]
-        if kv is None:
-            # SDPA picks flash / memory-efficient kernels on GPU and a fused kernel on CPU; bidirectional unless causal
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        else:
-            # KV cache: positions < start are in the buffers already; add these L and attend over all start + L, with
-            # the causal mask shifted by start (SDPA's is_causal aligns it top-left); one new token sees everything.
+        if kv is not None:  # KV cache: append these L positions; SDPA's is_causal is top-left: a mask shifted by start
             kv[0][:, :, start:start + L], kv[1][:, :, start:start + L] = k, v
             k, v = kv[0][:, :, :start + L], kv[1][:, :, :start + L]
-            mask = None if L == 1 else torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, L, d)
-        y = self.dropout(self.attn_out(y))
+        mask = None if kv is None or L == 1 else torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and kv is None)
+        y = self.dropout(self.attn_out(y.transpose(1, 2).reshape(B, L, d)))
         x = x + (y if c is None else gate_msa * y)
-        h = self.norm2(x) if c is None else modulate(self.norm2(x), shift_mlp, scale_mlp)
+        h = self.norm2(x) if c is None else self.norm2(x) * (1 + scale_mlp) + shift_mlp
         y = self.dropout(self.mlp(h))
         return x + (y if c is None else gate_mlp * y)
 
@@ -159,18 +135,14 @@ class DDitFinalLayer(nn.Module):
         super().__init__()
         self.norm_final = LayerNorm(cfg.n_embd)
         self.linear = nn.Linear(cfg.n_embd, cfg.vocab_size)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
         if not cfg.causal:  # (the AR baseline: linear(norm_final(x)))
             self.adaLN_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.n_embd)
-            nn.init.zeros_(self.adaLN_modulation.weight)
-            nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x, c, positions=None):
         x = self.norm_final(x)
         if c is not None:
             shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-            x = modulate(x, shift, scale)
+            x = x * (1 + scale) + shift
         if positions is not None:  # only these rows of the flattened [B * L] positions: [M, V]
             x = x.flatten(0, 1).index_select(0, positions)
         return self.linear(x)
@@ -191,21 +163,20 @@ class DiT(nn.Module):
         self.rotary_emb = Rotary(cfg.n_embd // cfg.n_head)
         self.blocks = nn.ModuleList([DDiTBlock(cfg) for _ in range(cfg.n_layer)])
         self.output_layer = DDitFinalLayer(cfg)
+        for name, p in self.named_parameters():  # adaLN and the output layer start at zero (DiT's adaLN-Zero)
+            if 'adaLN' in name or name.startswith('output_layer.linear'):
+                nn.init.zeros_(p)
         self.meta = {}  # tokenizer and provenance of a loaded checkpoint (see load_pretrained)
 
     def forward(self, idx, sigma=None, positions=None, cache=None, start=0):
-        """idx [B, L] token ids, sigma [B] noise levels (ignored without time conditioning) -> logits [B, L, V].
-        positions: flat indices into the B * L positions (int64 [M]) -> logits [M, V] there only (the output layer is
-        a quarter of DiT-small's FLOPs). cache (causal models): from new_kv_cache; idx are then positions start ..
-        start + L - 1, those before fed in earlier calls (autoregressive decoding: one new token per call)."""
+        """idx [B, L], sigma [B] -> logits [B, L, V], or [M, V] at the flat positions [M] only (the output layer is a
+        quarter of DiT-small's FLOPs). cache (new_kv_cache): idx are positions start .. start + L - 1."""
         B, L = idx.shape
         if cache is not None and not self.config.causal:
-            raise ValueError('a KV cache needs a causal model: in a bidirectional one every new token changes the '
-                             'keys and values of all the earlier positions')
+            raise ValueError('a KV cache needs a causal model (in a bidirectional one every token changes all keys)')
         if start + L > self.config.block_size:
             raise ValueError(f'sequence length {start + L} exceeds the model block size {self.config.block_size}')
-        if sigma is None or not self.config.time_conditioning:
-            # the published models were trained with sigma = 0: c is a learned constant, still applied by adaLN
+        if sigma is None or not self.config.time_conditioning:  # as the published models: c is a learned constant
             sigma = torch.zeros(B, device=idx.device)
         x = self.vocab_embed(idx)
         c = None if self.config.causal else F.silu(self.sigma_map(sigma))
@@ -215,8 +186,7 @@ class DiT(nn.Module):
         return self.output_layer(x, c, positions)
 
     def new_kv_cache(self, batch_size, dtype=torch.float32):
-        """Per-layer (keys, values) buffers [B, n_head, block_size, head_dim] for forward(..., cache=, start=), for
-        the whole sequence (a step writes one position). dtype: that of k and v (bfloat16 under bf16 autocast)."""
+        """(keys, values) per layer, [B, n_head, block_size, head_dim], for forward(cache=); bf16 under autocast."""
         cfg = self.config
         shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
         new = lambda: torch.zeros(shape, dtype=dtype, device=self.vocab_embed.embedding.device)
@@ -227,49 +197,40 @@ class DiT(nn.Module):
         return n - self.vocab_embed.embedding.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len, backward=True, head_fraction=1.0):
-        """Matmul FLOPs per token (PaLM appendix B style): 6N (fwd+bwd) + attention 12*l*d*L; a forward is 1/3.
-        head_fraction: the share of positions that go through the output layer (training: the masked ones)."""
-        cfg = self.config
+        """Matmul FLOPs per token (PaLM app. B): 6N + 12 l d L, forward 1/3; head_fraction: positions in the head."""
         n = self.num_params(non_embedding=True)  # the embedding is a lookup, the output layer is a matmul
         n -= (1 - head_fraction) * self.output_layer.linear.weight.numel()
         # the conditioning MLP and the adaLN layers run once per sequence, not per token
         n -= sum(p.numel() for name, p in self.named_parameters() if 'adaLN' in name or name.startswith('sigma_map'))
-        f = 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        f = 6 * n + 12 * self.config.n_layer * self.config.n_embd * seq_len
         return f if backward else f / 3
 
 
 # ---------------------------------------------------------------------------------------------------------- checkpoints
-# load_pretrained reads: the MDLM layout (kuleshov-group/mdlm-owt: config.json {hidden_dim, cond_dim, n_blocks, n_heads,
-# model_length, vocab_size, dropout, time_conditioning} + model.safetensors, keys `backbone.<name>`, fp32); the SDTT
-# layout (jdeschena/sdtt, a revision per model: config.json is a run config, the architecture under `model:
-# {hidden_size, cond_dim, length, n_blocks, n_heads, dropout}`); ours: save_pretrained's directories (MDLM layout
-# plus `causal` and `meta`) and distill.py's ckpt.pt ({'model_args', 'model', 'ema', 'meta', ...}).
-# DiTConfig field -> its name in the MDLM config.json; the other fields (causal, one a fork adds) keep their names.
+# load_pretrained reads the MDLM layout (kuleshov-group/mdlm-owt: config.json {hidden_dim, n_blocks, ...} and
+# model.safetensors, keys `backbone.<name>`), the SDTT layout (jdeschena/sdtt, a revision per model: a run config, the
+# architecture under `model:`), ours (MDLM layout + `causal`, `meta`) and distill.py's ckpt.pt. DiTConfig field -> name:
 _HUB_NAMES = dict(n_embd='hidden_dim', n_layer='n_blocks', n_head='n_heads', block_size='model_length')
 _SDTT_NAMES = dict(n_embd='hidden_size', cond_dim='cond_dim', n_layer='n_blocks', n_head='n_heads', block_size='length',
-                   dropout='dropout')  # (under `model:`)
+                   dropout='dropout')
 MAX_BLOCK_SIZE = 2 ** 20  # rotary tables, KV caches and samples are block_size long: a larger one is a typo
 
 
 def check_config(args, names=None):
-    """DiTConfig(**args) with every field checked, one error naming each bad one (as names[field], its name in the
-    file): a flag is true or false (not "yes", nor "false": bool() made that True), a size an integer >= 1 (block_size
-    <= MAX_BLOCK_SIZE), dropout a number in [0, 1), another float a finite number."""
+    """DiTConfig(**args) or one error naming each bad value as names[field] (bool() had made "false" True)."""
     names, bad = names or {}, []
     for f in fields(DiTConfig):
-        if f.name not in args:
+        v, t = args.get(f.name), type(f.default)
+        if f.name not in args or t not in (bool, int, float):
             continue
-        v, t = args[f.name], type(f.default)
         if t is bool:
             ok, want = isinstance(v, bool), 'true or false'
         elif t is int:
             top = MAX_BLOCK_SIZE if f.name == 'block_size' else float('inf')
             ok, want = type(v) is int and 1 <= v <= top, 'an integer >= 1' + (f' and <= {top}' if top < 1e9 else '')
-        elif t is float:  # (dropout; a float a fork adds: any finite number)
+        else:  # (dropout; a float a fork adds: any finite number)
             ok = type(v) in (int, float) and math.isfinite(v) and (f.name != 'dropout' or 0 <= v < 1)
             want = 'a number in [0, 1)' if f.name == 'dropout' else 'a finite number'
-        else:
-            continue
         if not ok:
             bad.append(f'{names.get(f.name, f.name)}={v!r} (must be {want})')
     if bad:
@@ -283,25 +244,23 @@ def config_from_json(cfg, vocab_size=None):
         m, prefix, layout = cfg['model'], 'model.', _SDTT_NAMES
         args = {k: m[name] for k, name in layout.items() if name in m}
         args['time_conditioning'] = cfg.get('time_conditioning', m.get('time_conditioning', False))
-        v = vocab_size or m.get('vocab_size') or cfg.get('vocab_size')
     elif 'hidden_dim' in cfg:  # MDLM hub layout (and ours)
         m, prefix, layout = cfg, '', {f.name: _HUB_NAMES.get(f.name, f.name) for f in fields(DiTConfig)}
         args = {k: cfg[name] for k, name in layout.items() if name in cfg and k != 'vocab_size'}
-        v = vocab_size or cfg.get('vocab_size')
     else:
         raise ValueError('config.json is neither the MDLM layout (hidden_dim, n_blocks, ...) nor the SDTT layout '
                          f'(model: {{hidden_size, ...}}); keys found: {sorted(cfg)[:20]}')
     missing = [prefix + layout[k] for k in ('cond_dim', 'n_layer', 'n_head', 'block_size') if layout[k] not in m]
     if missing:
         raise ValueError(f'config.json ({"SDTT" if prefix else "MDLM"} layout) lacks {", ".join(missing)}')
+    v = vocab_size or m.get('vocab_size') or cfg.get('vocab_size')
     if v is None:
         raise ValueError('config.json has no vocab_size and it could not be read from the weights')
     return check_config(dict(vocab_size=v, **args), {k: prefix + name for k, name in layout.items()})
 
 
 def check_weights(config, sd, source):
-    """The sizes of config against those of the weights sd, before a network of config is allocated (a config.json
-    saying n_embd=10**6 would first ask for terabytes): an error naming each size that differs."""
+    """config's sizes against the weights', before a network is allocated (n_embd=10**6 would ask for terabytes)."""
     emb, sig = sd.get('vocab_embed.embedding'), sd.get('sigma_map.mlp.0.weight')
     have = dict(n_layer=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}),
                 n_embd=emb.shape[1] if emb is not None and emb.dim() == 2 else None,
@@ -313,8 +272,7 @@ def check_weights(config, sd, source):
 
 
 def strip_prefix(state_dict, prefix='backbone.'):
-    """Published checkpoints and MDLM Lightning checkpoints prefix the backbone's keys with `backbone.`; SDTT's
-    `teacher_1M_sm` (pushed from a wrapped hub model) likely has it twice: strip every level."""
+    """Strip every level of `backbone.` (SDTT's teacher_1M_sm, pushed from a wrapped hub model, likely has two)."""
     while any(k.startswith(prefix) for k in state_dict):
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     return state_dict
@@ -325,8 +283,7 @@ def is_ar_state_dict(sd):
     return 'blocks.0.attn_qkv.weight' in sd and not any(k.startswith('sigma_map.') or 'adaLN' in k for k in sd)
 
 
-def load_state_dict_strict(model, state_dict, source='checkpoint'):
-    """A strict load whose error names every missing, unexpected or mis-shaped tensor."""
+def load_state_dict_strict(model, state_dict, source='checkpoint'):  # an error naming every tensor that differs
     state_dict = strip_prefix(state_dict)
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -334,13 +291,10 @@ def load_state_dict_strict(model, state_dict, source='checkpoint'):
     shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
               for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        msg = [f'{source} does not match the model:']
-        if missing: msg.append(f'  missing tensors ({len(missing)}): {missing[:10]}')
-        if unexpected: msg.append(f'  unexpected tensors ({len(unexpected)}): {unexpected[:10]}')
-        if shapes: msg.append(f'  mis-shaped tensors ({len(shapes)}): {shapes[:10]}')
+        msg = [f'{source} does not match the model:'] + [f'  {what} tensors ({len(ks)}): {ks[:10]}' for what, ks in
+               (('missing', missing), ('unexpected', unexpected), ('mis-shaped', shapes)) if ks]
         if model.config.causal and any('adaLN' in k for k in unexpected):
-            msg.append('  (a causal DiT with adaLN: the AR baseline of an earlier version of this project; the AR '
-                       'baseline is now the reference network without adaLN: train it again with objective=ar)')
+            msg.append('  (a causal DiT with adaLN: an AR baseline of an older version; train it again, objective=ar)')
         raise ValueError('\n'.join(msg))
     model.load_state_dict(state_dict, strict=True)
     return model
@@ -362,9 +316,7 @@ def default_meta(vocab_size):
 
 
 def local_or_hub(name_or_path):
-    """A model name -> the local path (~ expanded) if it exists, else None for a hub id (owner/name, or gpt2-large);
-    a name that can only be a local path (out/kld_small/ckpt.pt, ./x, a file name) and does not exist is a
-    FileNotFoundError here, not a failed download later."""
+    """The local path (~ expanded), else None for a hub id; a name only a local path can be fails here, not later."""
     path = os.path.expanduser(name_or_path)
     if os.path.exists(path):
         return path
@@ -376,29 +328,23 @@ def local_or_hub(name_or_path):
     return None
 
 
-def _resolve(name_or_path, revision):
-    """A local path stays as it is; anything else is a hub repo id, downloaded (config + safetensors only)."""
-    path = local_or_hub(name_or_path)
-    if path is not None:
-        return path
-    if '/' not in name_or_path:  # (gpt2-large is a hub id of transformers, not of a DiT: those are owner/name)
-        raise FileNotFoundError(f'no checkpoint at {name_or_path!r} (not a local file or directory, nor a hub id '
-                                'owner/name of a DiT)')
+def _download(name_or_path, revision):
+    """config.json and model.safetensors of a hub id (owner/name: gpt2-large is a transformers id, not a DiT)."""
+    if '/' not in name_or_path:
+        raise FileNotFoundError(f'no checkpoint at {name_or_path!r}: not a local path, nor the owner/name of a DiT')
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(name_or_path, revision=revision, allow_patterns=['config.json', 'model.safetensors'])
-    except Exception as e:  # offline, unknown repo/revision, no huggingface_hub ...
-        # (FileNotFoundError: the checkpoint is neither here nor reachable; every script reports it in one line)
+    except Exception as e:  # offline, unknown repo/revision, no huggingface_hub: every script reports it in one line
         raise FileNotFoundError(
-            f'{name_or_path!r} is not a local file or directory, and downloading it as a Hugging Face hub id (revision '
-            f'{revision!r}) failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). A local run: '
-            f'train it first, or fix the path. A hub model without network: download config.json and '
-            f'model.safetensors elsewhere and pass the local directory.') from e
+            f'{name_or_path!r} is not a local path, and downloading it from the Hugging Face hub (revision '
+            f'{revision!r}) failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}): train it first '
+            'or fix the path; without network, download config.json and model.safetensors and pass the local directory'
+        ) from e
 
 
 def read_checkpoint(path, advice=''):
-    """torch.load of a training checkpoint (weights only), mmap: the processes of a node share its pages (the large
-    model's ckpt.pt with teacher, EMA and optimiser is ~17 GB: 8 copies would not fit in many nodes' RAM)."""
+    """torch.load, weights only, mmap: a node's processes share its pages (a large model's ckpt.pt is ~17 GB)."""
     try:
         return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:  # a truncated copy, a file of something else
@@ -406,15 +352,18 @@ def read_checkpoint(path, advice=''):
 
 
 def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
-    """Load a DiT from a local directory, a project checkpoint file (ckpt.pt) or a Hugging Face hub id.
-    Never executes remote code: reads config.json and model.safetensors directly. Returns the model in eval mode,
-    with model.meta holding the tokenizer name and special ids (and the round/steps of SDTT students)."""
-    path = _resolve(name_or_path, revision)
+    """A DiT in eval mode from a directory, a ckpt.pt (or its out_dir) or a hub id (config and weights: never remote
+    code); model.meta: its tokenizer and special ids (and an SDTT student's round and steps)."""
+    path = local_or_hub(name_or_path) or _download(name_or_path, revision)
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'model.safetensors')) \
             and os.path.exists(os.path.join(path, 'ckpt.pt')):
         path = os.path.join(path, 'ckpt.pt')  # a training out_dir
     model, meta = (_load_training_checkpoint if os.path.isfile(path) else _load_directory)(path, use_ema)
-    return _with_meta(model, meta, path).to(device).eval()
+    model.meta = {**default_meta(model.config.vocab_size), **meta}
+    if model.meta.get('mask_id') != model.config.vocab_size - 1:  # every sampler and loss takes the last id as MASK
+        raise ValueError(f"{path}: meta mask_id {model.meta.get('mask_id')} is not the last id of the vocabulary "
+                         f'({model.config.vocab_size - 1}); this code (as MDLM) needs MASK = vocab_size - 1')
+    return model.to(device).eval()
 
 
 def _load_training_checkpoint(path, use_ema):
@@ -433,18 +382,15 @@ def _load_training_checkpoint(path, use_ema):
 
 
 def _load_directory(path, use_ema):
-    """config.json (either published layout, or ours) and model.safetensors."""
     cfg_file, st_file = os.path.join(path, 'config.json'), os.path.join(path, 'model.safetensors')
     for f in (cfg_file, st_file):
         if not os.path.exists(f):
             raise FileNotFoundError(f'{f} is missing: a checkpoint directory holds config.json and model.safetensors')
-    from safetensors.torch import load_file
     try:  # a damaged download or a hand-edited config: say which file, not a bare KeyError
         with open(cfg_file) as f:
             cfg = json.load(f)
         sd = strip_prefix(load_file(st_file))
-        vocab = sd['vocab_embed.embedding'].shape[0] if 'vocab_embed.embedding' in sd else None
-        config = config_from_json(cfg, vocab_size=vocab)
+        config = config_from_json(cfg, sd['vocab_embed.embedding'].shape[0] if 'vocab_embed.embedding' in sd else None)
         if is_ar_state_dict(sd):  # MDLM/SDTT's AR checkpoints need not say causal in their config
             config = replace(config, causal=True, time_conditioning=False)
     except ValueError as e:
@@ -458,23 +404,10 @@ def _load_directory(path, use_ema):
     return load_state_dict_strict(DiT(config), sd, source=st_file), cfg.get('meta', {})
 
 
-def _with_meta(model, meta, source):
-    """model.meta: the checkpoint's tokenizer and special ids over the defaults of its vocabulary. Every sampler and
-    loss takes the last id as MASK (SUBS): a checkpoint saying otherwise is refused, not sampled wrongly."""
-    model.meta = {**default_meta(model.config.vocab_size), **meta}
-    if model.meta.get('mask_id') != model.config.vocab_size - 1:
-        raise ValueError(f"{source}: meta mask_id {model.meta.get('mask_id')} is not the last id of the vocabulary "
-                         f'({model.config.vocab_size - 1}); this code (as MDLM) needs MASK = vocab_size - 1')
-    return model
-
-
 def save_pretrained(model, out_dir, meta=None):
-    """Write config.json + model.safetensors in the MDLM hub layout (+ `causal`, `meta`): the files go to a temporary
-    directory that replaces out_dir only when complete, so out_dir is never a partial one (a crash between the two
-    renames of a replacement leaves the old copy in a hidden .tmp_*_old beside it)."""
-    from safetensors.torch import save_file
-    cfg = model.config
-    config = dict(model_type='mdlm', **{_HUB_NAMES.get(f.name, f.name): getattr(cfg, f.name) for f in fields(cfg)},
+    """config.json + model.safetensors in the MDLM hub layout (+ `causal`, `meta`), in a temporary directory that
+    replaces out_dir only when complete (a crash between the two renames leaves the old copy in .tmp_*_old)."""
+    config = dict(model_type='mdlm', **{_HUB_NAMES.get(k, k): v for k, v in asdict(model.config).items()},
                   meta={**model.meta, **(meta or {})})
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -488,18 +421,13 @@ def save_pretrained(model, out_dir, meta=None):
                 json.dump(config, f, indent=2)
         except Exception as e:  # a full disk (safetensors raises its own error type)
             raise write_failed(out_dir, e) from e
-        os.chmod(tmp, 0o777 & ~_umask())  # the permissions mkdir and open() would give (mkdtemp, safetensors: owner only)
+        os.chmod(tmp, 0o777 & ~_umask())  # the permissions mkdir and open() give (mkdtemp, safetensors: owner only)
         for name in ('model.safetensors', 'config.json'):
             os.chmod(os.path.join(tmp, name), 0o666 & ~_umask())
-        if os.path.exists(out_dir):  # replace: move the old one aside first so a crash never leaves neither
-            old = tmp + '_old'
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
+        if os.path.exists(out_dir):  # moved aside first, so that a crash never leaves neither
+            os.replace(out_dir, tmp + '_old')
+        os.replace(tmp, out_dir)
+        shutil.rmtree(tmp + '_old', ignore_errors=True)
     finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-

@@ -1,6 +1,6 @@
 """
-Sample from a masked diffusion LM (MDLM, SDTT student or teacher) or the causal AR baseline (with a KV cache), as a
-script or as the Python API of the SDTT release (sdtt.py re-exports it: `from sdtt import load_small_student` works).
+Sample from a masked diffusion LM (MDLM, SDTT student or teacher) or the causal AR baseline (KV cache); also the Python
+API of the SDTT release (sdtt.py re-exports it).
 
     python sample.py --init_from=jdeschena/sdtt --revision=baselines_kld_step_70000 --num_steps=32 --n_samples=8
     python sample.py --init_from=out/kld_small --prompt="Today is a great day." --n_samples=4 --seq_len=128
@@ -8,9 +8,8 @@ script or as the Python API of the SDTT release (sdtt.py re-exports it: `from sd
     torchrun --standalone --nproc_per_node=8 sample.py --init_from=out/kld_small --n_samples=1024 --batch_size=16
     python sample.py --init_from=out/ar_small --n_samples=1024   # a causal checkpoint: AR sampling, KV cache
 
-Output: out_dir/samples/{uncond,cond}/<settings>.npz (token ids + settings: load_samples) and the decoded .jsonl
-beside it. Batch i always draws with seed batch_seed(seed, i), whichever process draws it: any number of processes
-gives the same samples (for the same seed and batch_size; batch_size is in the settings, not in the file name).
+Output: out_dir/samples/{uncond,cond}/<settings>.npz (load_samples) and the decoded .jsonl. Batch i draws with seed
+batch_seed(seed, i) whichever process draws it: any number of processes gives the same samples (for one batch_size).
 """
 import hashlib
 import json
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import diffusion
 from configurator import check_choice, check_sizes, config_keys, configure
@@ -35,14 +35,13 @@ from prepare_data import get_tokenizer
 # -------------------------------------------------------------------- settings (config file or --key=value)
 init_from = 'kuleshov-group/mdlm-owt'  # a checkpoint file, a directory (ours, MDLM or SDTT layout) or a hub id
 revision = ''             # hub revision, e.g. baselines_kld_step_70000 for jdeschena/sdtt
-num_steps = None          # None: the checkpoint's meta num_sampling_steps (a round's student's, a run's teacher's), else 32
+num_steps = None          # None: the checkpoint's meta num_sampling_steps (a student's or teacher's), else 32
 n_samples = 8             # uncond mode: number of samples
 batch_size = 8            # samples per forward batch (per process)
 seq_len = None            # None: the model's block size (1024 for the published models)
 sampler = 'ancestral'     # 'ancestral' | 'cached' (ancestral, runs only the sequences a step changes) | 'analytic'
                           # | 'ancestral_fp32' (the reference's float32 draws: flatters gen-PPL; for comparisons only)
-final_step = 'argmax'     # positions still masked after the last step: 'argmax' (MDLM/SDTT) | 'draw' (DUO's
-                          # noise_removal 'ancestral': a float64 draw from the model's distribution)
+final_step = 'argmax'     # still masked after the last step: 'argmax' (MDLM/SDTT) | 'draw' (DUO: a float64 draw)
 seed = 1
 prompt = ''               # uncond mode: every sample starts with BOS + this text
 add_bos = True            # uncond mode: BOS at position 0, as training rows (False: all-MASK prior, as MDLM/SDTT/DUO)
@@ -51,8 +50,7 @@ cond_data = ''            # cond_prefix: a .jsonl(.gz) file (field "text") or a 
 cond_split = 'test'       # split of the HF dataset
 n_prompts = 8             # cond_prefix: number of documents (SPEC §6: 1024)
 min_doc_len = 1024        # cond_prefix: only documents with at least this many tokens
-prefix_bos = False        # cond_prefix: True frames documents as [BOS] + tokens (as training rows); False is SPEC §6:
-                          # the prompt is the first prefix_len document tokens, the reference its first cond_len
+prefix_bos = False        # cond_prefix: True frames documents as [BOS] + tokens (as training rows); False: SPEC §6
 prefix_len = 50           # cond_prefix: prompt = the first prefix_len tokens of the framed document
 n_continuations = 5       # cond_prefix: samples per prompt
 cond_len = 100            # cond_prefix: total length of prefix + continuation (also the reference length)
@@ -66,8 +64,7 @@ _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
 
 HUB_MDLM, HUB_SDTT = 'kuleshov-group/mdlm-owt', 'jdeschena/sdtt'
 LOSSES, SCALING_SIZES, ROUNDS = ('kld', 'mse', 'tvd'), ('sm', 'md', 'large'), tuple(range(1, 8))
-# DiffusionLM.sample's samplers: name -> its diffusion.sample step_fn (None: ancestral) from a seeded generator on
-# the model's device. The script adds 'cached' (the ancestral step, only the sequences it changes).
+# name -> diffusion.sample's step_fn (None: ancestral) from a seeded generator; the script adds 'cached' (ancestral)
 SAMPLERS = {'ancestral': lambda generator: None, 'analytic': lambda generator: analytic_step,
             'ancestral_fp32': lambda generator: reference_step(generator)}
 
@@ -75,7 +72,6 @@ SAMPLERS = {'ancestral': lambda generator: None, 'analytic': lambda generator: a
 # -------------------------------------------------------------------- the release API
 class DiffusionLM(torch.nn.Module):
     """A DiT with its tokenizer, special ids (meta) and name; as `backbone`, state_dict() has the published keys."""
-
     def __init__(self, backbone, name='model'):
         super().__init__()
         self.backbone, self.name = backbone, name
@@ -90,12 +86,12 @@ class DiffusionLM(torch.nn.Module):
 
     @property
     def tokenizer(self):
-        name = self.meta.get('tokenizer')
+        name, vocab = self.meta.get('tokenizer'), self.backbone.config.vocab_size
         if name is None:
-            raise ValueError(f'{self.name}: the checkpoint names no tokenizer (meta.tokenizer); only token ids are available')
+            raise ValueError(f'{self.name}: the checkpoint names no tokenizer (meta.tokenizer): text needs one')
         tok = get_tokenizer(name)
-        if tok.vocab_size != self.backbone.config.vocab_size:
-            raise ValueError(f'{self.name}: tokenizer {name} has {tok.vocab_size} ids, the model {self.backbone.config.vocab_size}')
+        if tok.vocab_size != vocab:
+            raise ValueError(f'{self.name}: tokenizer {name} has {tok.vocab_size} ids, the model {vocab}')
         return tok
 
     def forward(self, idx, sigma=None):
@@ -104,11 +100,8 @@ class DiffusionLM(torch.nn.Module):
     @torch.no_grad()
     def sample(self, n_samples, num_steps, seq_len=1024, verbose=False, project_fn=None, cache=False, seed=None,
                sampler='ancestral', add_bos=None, return_nfe=False, final_step='argmax'):
-        """Token ids [n_samples, seq_len] on the model's device (return_nfe: and the forward passes per sequence).
-        project_fn(x) is applied to the prior and after every step (prompts). sampler: a SAMPLERS name; cache: run
-        only the sequences a step changes (ancestral only). add_bos: BOS at position 0, as training rows start (None:
-        the release's all-MASK prior, SPEC §4). final_step: see the script's setting. A causal backbone (the AR
-        baseline) samples autoregressively from BOS (sample_ar): num_steps, cache and sampler do not apply."""
+        """Token ids [n_samples, seq_len] (return_nfe: and forwards per sequence); project_fn(x) runs on the prior and
+        after each step. add_bos None: the release's all-MASK prior (SPEC §4), BOS for a causal backbone (AR)."""
         check_choice('sampler', sampler, tuple(SAMPLERS))
         causal = self.backbone.config.causal
         add_bos = causal if add_bos is None else add_bos
@@ -142,8 +135,7 @@ def _load_release(repo, rev, path, device, round):  # (path: a local copy of the
 
 
 def load_mdlm_small(path=None, device='cpu', revision='teacher_1M_sm'):
-    """MDLM small (1M steps): jdeschena/sdtt@teacher_1M_sm as the release, or with revision=None the same model from
-    kuleshov-group/mdlm-owt."""
+    """MDLM small (1M steps): jdeschena/sdtt@teacher_1M_sm, or with revision=None the same model from mdlm-owt."""
     return _load_release(HUB_SDTT if revision else HUB_MDLM, revision, path, device, round=0)
 
 
@@ -169,9 +161,8 @@ def load_scaling_teacher(size='sm', path=None, device='cpu'):
 
 # -------------------------------------------------------------------- the analytic (SEDD) and reference samplers
 def analytic_probs(logits, x, t, s, mask_id, schedule='loglinear'):
-    """p(x_s | x_t) [N, V] in float64 for tokens x [N] and raw logits [N, V] by SEDD's Tweedie tau-leaping step
-    (MDLM's `_analytic_update`): the concrete score p_t(y)/p_t(x), staggered by exp(dsigma), times exp(-dsigma Q)^T at
-    x. With SUBS this equals the ancestral step (real y: p(y)(m_t - m_s)/m_t, MASK: m_s/m_t); the tests check it."""
+    """float64 p(x_s | x_t) [N, V] by SEDD's Tweedie tau-leaping step (MDLM's `_analytic_update`): the concrete score,
+    staggered by exp(dsigma), times exp(-dsigma Q)^T at x. With SUBS it equals the ancestral step (tested)."""
     sig_t, sig_s = diffusion.sigma(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
     edsig = math.exp(sig_t - sig_s)
     log_k = -math.log(math.expm1(sig_t))  # log(e^-sigma / (1 - e^-sigma)): log-odds of a token being unmasked
@@ -189,8 +180,7 @@ def analytic_probs(logits, x, t, s, mask_id, schedule='loglinear'):
 
 
 def fill_masked(x, logits, mask_id, draw):
-    """x with draw(batch indices, positions) written at its masked positions, in chunks of CHUNK_ELEMS / V positions:
-    a step_fn's [chunk, V] float work stays within a few hundred MB whatever the batch."""
+    """x with draw(batch indices, positions) at its masked positions, CHUNK_ELEMS / V positions at a time (memory)."""
     x_new, (b, l) = x.clone(), (x == mask_id).nonzero(as_tuple=True)
     rows = max(1, diffusion.CHUNK_ELEMS // logits.shape[-1])
     for i in range(0, len(b), rows):
@@ -199,17 +189,15 @@ def fill_masked(x, logits, mask_id, draw):
 
 
 def analytic_step(x, logits, t, s, u, mask_id, schedule='loglinear'):
-    """diffusion.sample step_fn: x_s drawn from analytic_probs by float64 inverse CDF with the uniforms u [B, L], at
-    the masked positions only (at unmasked ones analytic_probs is the one-hot of x: tested)."""
+    """step_fn: x_s from analytic_probs by inverse CDF at the masked positions (at the others it is x's one-hot)."""
     return fill_masked(x, logits, mask_id, lambda bi, li: diffusion.draw_categorical(
         analytic_probs(logits[bi, li], x[bi, li], t, s, mask_id, schedule).log(), u[bi, li]))
 
 
 def reference_step(generator):
-    """A diffusion.sample step_fn drawing as the MDLM/SDTT reference does (SPEC §4), only to compare with numbers
-    sampled so: per masked position the argmax over real tokens (weight p (m(t) - m(s))) and MASK (m(s)) of weight / E,
-    E = 1e-10 - log(U + 1e-10) with float32 U < 1 - 2^-24: a token weighing under ~6e-8 of MASK is never drawn, so
-    more steps starve rare tokens (Zheng et al. 2024: gen-PPL 31.2 instead of 126.1 at 2048 steps)."""
+    """A step_fn drawing as the MDLM/SDTT reference (SPEC §4): argmax of weight / E, E = 1e-10 - log(U + 1e-10) with
+    float32 U < 1 - 2^-24: a token under ~6e-8 of MASK's weight is never drawn, so more steps starve rare tokens
+    (Zheng et al. 2024: gen-PPL 31.2 instead of 126.1 at 2048 steps). Only to compare with numbers sampled so."""
     def step(x, logits, t, s, u, mask_id, schedule='loglinear'):
         m_t, m_s = diffusion.move_chance(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
 
@@ -226,19 +214,15 @@ def reference_step(generator):
 @torch.no_grad()
 def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=None, seed=None, device=None,
               verbose=False):
-    """Ancestral sampling of the AR baseline (causal=True) with a KV cache, to compare with the diffusion samplers.
-    Position 0 holds BOS (add_bos); the positions project_fn sets in the all-MASK prior are forced (a prompt). Token t
-    is drawn at temperature 1 from position t - 1's logits over the real tokens, by float64 inverse CDF with uniforms
-    drawn upfront. One forward feeds the prefix forced in every row, then one per position only the newest token.
-    -> (tokens [n_samples, seq_len] int64, nfe: the forward calls)."""
-    cfg = model.config
-    if not cfg.causal:
+    """The AR baseline's ancestral sampling with a KV cache, at temperature 1 by float64 inverse CDF -> (tokens, nfe).
+    Position 0 holds BOS (add_bos); the positions project_fn sets in the all-MASK prior are forced (a prompt)."""
+    if not model.config.causal:
         raise ValueError('sample_ar needs a causal model (the AR baseline); diffusion models use diffusion.sample')
     device = torch.device(device or next(model.parameters()).device)
     generator = torch.Generator(device=device).manual_seed(seed if seed is not None else diffusion.fresh_seed())
     cuda = device.type == 'cuda'
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
-    mask_id = cfg.vocab_size - 1
+    mask_id = model.config.vocab_size - 1
     x = diffusion.prior(model, n_samples, seq_len, mask_id, bos_id, add_bos, project_fn, device)
     forced = x != mask_id
     if not forced[:, 0].all():
@@ -246,26 +230,20 @@ def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=N
     P = int(forced.all(0).long().cumprod(0).sum())  # length of the prefix forced in every row
     u = torch.rand(x.shape, dtype=torch.float64, device=device, generator=generator)
     cache = model.new_kv_cache(n_samples, dtype=torch.bfloat16 if cuda else next(model.parameters()).dtype)
-    positions = range(P, seq_len)
-    if verbose:
-        from tqdm import tqdm
-        positions = tqdm(positions, desc=f'sampling {n_samples}x{seq_len} autoregressively')
-    nfe, start, new = 0, 0, x[:, :P]
+    start, new = 0, x[:, :P]
     finite = torch.ones((), dtype=torch.bool, device=device)  # (checked once, at the end: no sync per token)
-    for t in positions:  # feed positions start .. t - 1, draw position t
-        with autocast:
+    for t in tqdm(range(P, seq_len), f'sampling {n_samples}x{seq_len} autoregressively', disable=not verbose):
+        with autocast:  # feed positions start .. t - 1, draw position t
             logits = model(new, cache=cache, start=start)[:, -1, :mask_id]
-        nfe += 1
         x[:, t] = torch.where(forced[:, t], x[:, t], diffusion.draw_categorical(logits, u[:, t], finite=finite))
         start, new = t, x[:, t:t + 1]
     diffusion.check_finite(finite)
-    return x, nfe
+    return x, seq_len - P  # one forward per drawn position
 
 
 # -------------------------------------------------------------------- prompts, seeds, sample files
 def read_texts(source, what, split='test'):
-    """(index, text) of the documents of a local .jsonl(.gz) (field "text", index: 0-based line) or of a Hugging Face
-    dataset's split (index: row); `what` is the setting that named the source."""
+    """(index, text) of a .jsonl(.gz)'s lines (field "text") or an HF dataset split's rows; what: the setting's name."""
     if local_or_dataset(source, what):
         return ((n - 1, r['text']) for n, r in read_jsonl(source, {'text': str}, strict=True,
                                                          what='a JSON object with a string field "text"'))
@@ -289,8 +267,8 @@ def load_prefixes(source, tok, n_prompts, prefix_len, cond_len, min_doc_len, spl
             if len(refs) == n_prompts:
                 break
     if len(refs) < n_prompts:
-        raise ValueError(f'{source}: only {len(refs)} documents have >= {min_doc_len} tokens, but n_prompts={n_prompts}; '
-                         'lower n_prompts or min_doc_len')
+        raise ValueError(f'{source}: only {len(refs)} documents have >= {min_doc_len} tokens, but '
+                         f'n_prompts={n_prompts}; lower n_prompts or min_doc_len')
     refs = torch.tensor(refs)
     return refs[:, :prefix_len], refs, idx
 
@@ -309,11 +287,9 @@ def batch_seed(seed, i):
 
 
 def save_samples(path, tokens, settings, texts, **arrays):
-    """path.npz: tokens [n, L] int32, settings (JSON string) and any extra arrays; path.jsonl: one {"i", "text"} per
-    sample. The new .npz is complete as .npz.new before the old .npz goes and the .jsonl is replaced: a crash never
-    leaves an .npz (what evaluate.py reads) beside a .jsonl of other samples, nor loses the new samples."""
+    """path.npz: tokens [n, L] int32, settings (JSON) and the extra arrays; path.jsonl: {"i", "text"} per sample. The
+    old .npz goes only once the new one is complete: a crash never pairs an .npz with another run's .jsonl."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
     write_atomic(path + '.npz.new', lambda f: np.savez(f, tokens=np.asarray(tokens, dtype=np.int32),
                                                         settings=np.array(json.dumps(settings, default=str)), **arrays))
     if os.path.exists(path + '.npz'):
@@ -327,15 +303,12 @@ def load_samples(path):
     """{'tokens': int64 [n, L], 'settings': dict, + the extra arrays (prompt_ids, ref_tokens, doc_idx, ...)}."""
     with np.load(path if path.endswith('.npz') else path + '.npz', allow_pickle=False) as z:
         out = {k: z[k] for k in z.files}
-    out['tokens'] = out['tokens'].astype(np.int64)
-    out['settings'] = json.loads(str(out['settings']))
-    return out
+    return {**out, 'tokens': out['tokens'].astype(np.int64), 'settings': json.loads(str(out['settings']))}
 
 
 # -------------------------------------------------------------------- CLI
 def init_dist(dev):
-    """check_device; under torchrun (WORLD_SIZE > 1) also this rank's CUDA device and the process group.
-    -> (rank, world size, device)."""
+    """check_device; under torchrun also this rank's CUDA device and the process group -> (rank, world, device)."""
     check_device(dev)
     world = int(os.environ.get('WORLD_SIZE', 1))
     if world > 1:
@@ -352,17 +325,15 @@ def end_dist():
         dist.destroy_process_group()
 
 
-def check_settings(c):
-    """The checks that need no model."""
+def check_settings(c):  # the checks that need no model
     check_choice('sampler', c.sampler, ('cached', *SAMPLERS))
     check_choice('mode', c.mode, ('uncond', 'cond_prefix'))
     check_choice('final_step', c.final_step, ('argmax', 'draw'))
     check_sizes(vars(c), batch_size=1, n_samples=1, n_prompts=1, n_continuations=1,
                 **{k: 1 for k in ('num_steps', 'seq_len') if getattr(c, k) is not None})
     if c.mode == 'cond_prefix' and (not c.cond_data or not 0 < c.prefix_len < c.cond_len <= c.min_doc_len):
-        raise ValueError(f'mode=cond_prefix needs cond_data (a .jsonl file with a "text" field or an HF dataset name, '
-                         f'got {c.cond_data!r}) and 0 < prefix_len < cond_len <= min_doc_len (every reference is '
-                         f'cond_len tokens of a document; got {c.prefix_len}, {c.cond_len}, {c.min_doc_len})')
+        raise ValueError(f'mode=cond_prefix needs cond_data (a .jsonl file or HF dataset; got {c.cond_data!r}) and 0 < '
+                         f'prefix_len < cond_len <= min_doc_len (got {c.prefix_len}, {c.cond_len}, {c.min_doc_len})')
 
 
 def prompts_of(c, tok, L, rank):
@@ -389,8 +360,7 @@ def prompts_of(c, tok, L, rank):
 
 
 def draw(lm, c, n, L, prompts, rank, world):
-    """Process `rank` draws batches rank, rank + world, ...: batch i holds rows [i*bs, (i+1)*bs), with seed
-    batch_seed(seed, i). -> on rank 0 (tokens [n, L], mean NFE per sequence, seconds of its first batch), else None."""
+    """Batches rank, rank + world, ... (batch i: seed batch_seed(seed, i)) -> on rank 0 (tokens, mean NFE, t_first)."""
     mine, nfe, t_first, n_batches = [], 0.0, None, math.ceil(n / c.batch_size)
     for i in range(rank, n_batches, world):
         rows = slice(i * c.batch_size, min(n, (i + 1) * c.batch_size))
@@ -421,16 +391,14 @@ def main(argv=None):
     check_settings(c)
     rank, world, dev = init_dist(c.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     lm = load_model(c.init_from, c.revision, device=dev)
-    tok = lm.tokenizer if lm.meta.get('tokenizer') else None  # checked now, not after sampling: a mismatch says so first
-    if tok is None and (c.mode == 'cond_prefix' or c.prompt):
-        raise ValueError(f'{lm.name}: the checkpoint names no tokenizer (meta.tokenizer): text prompts need one')
+    # checked now, not after sampling; without a tokenizer the samples are written as token ids
+    tok = lm.tokenizer if lm.meta.get('tokenizer') or c.mode == 'cond_prefix' or c.prompt else None
     block, causal = lm.backbone.config.block_size, lm.backbone.config.causal
     c.num_steps = c.num_steps or lm.meta.get('num_sampling_steps') or 32
-    # (the AR baseline samples autoregressively, sample_ar: no steps, no diffusion sampler; seq_len: L, in stats)
-    config.update(dict(num_steps=None, sampler='ar') if causal else dict(num_steps=c.num_steps))
+    config.update(dict(num_steps=None, sampler='ar') if causal else dict(num_steps=c.num_steps))  # AR: no steps
     L = c.cond_len if c.mode == 'cond_prefix' else c.seq_len or block
     if L > block:
-        raise ValueError(f'{"cond_len" if c.mode == "cond_prefix" else "seq_len"}={L} exceeds the model block size {block}')
+        raise ValueError(f'{"seq_len" if c.mode == "uncond" else "cond_len"}={L} exceeds the model block size {block}')
     if L == 1 and c.add_bos:
         raise ValueError('seq_len=1 leaves no position to sample after BOS: use seq_len >= 2 (or add_bos=False)')
     if not causal and c.num_steps > L and rank == 0:  # (allowed: gen-PPL against steps goes past L)
