@@ -219,8 +219,6 @@ def judge_inputs(judge, tokens, tok_name, n_prompt=0):
     tokenizer: the text without BOS/EOS (SDTT's llama path) retokenized, prompt and continuation apart."""
     tok, tokens = _sample_ids(judge, tokens, tok_name)
     if tok_name == judge.tok_name:
-        if tokens.max() >= judge.n_real:
-            raise ValueError(f'sample ids up to {tokens.max()} but the judge {judge.name} has {judge.n_real} tokens')
         seqs, first = list(torch.from_numpy(tokens)), [max(1, n_prompt)] * len(tokens)
     else:
         text = lambda ids: tok.decode([i for i in ids if i not in (tok.bos_token_id, tok.eos_token_id)])
@@ -264,9 +262,9 @@ def unigram_entropy(tokens):
     return -np.bincount(np.repeat(np.arange(N), start.sum(1)), weights=p * np.log(p), minlength=N)
 
 
-def judge_pass(judge, seqs, batch_size=8, hidden=False, first=None, valid=None):
-    """Per sequence: the mean NLL of positions first..n-1 (default 1); hidden: the last hidden state at its final
-    token (MAUVE's features); valid (per sequence a bool tensor over positions 1..n-1): [NLL sum, count]."""
+def judge_pass(judge, seqs, batch_size=8, hidden=False, valid=None):
+    """Per sequence: [NLL sum, count] of the positions valid marks (a bool tensor over positions 1..n-1), or with
+    hidden=True the last hidden state at its final token (MAUVE's features)."""
     longest = max(len(s) for s in seqs)
     if longest > judge.n_ctx:  # (gen_ppl cuts windows; MAUVE's features of a truncated text would be another's)
         raise ValueError(f'a judge input is {longest} tokens long, more than the context of {judge.name} '
@@ -278,13 +276,8 @@ def judge_pass(judge, seqs, batch_size=8, hidden=False, first=None, valid=None):
         if hidden:
             return h[torch.arange(len(idx)), attn.sum(1) - 1]
         nll = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction='none').view(len(idx), -1)
-        if valid is None:  # positions first.. of each (position j + 1 is predicted at j)
-            start = torch.tensor([1 if first is None else first[i] for i in idx], device=judge.device)
-            w = (attn[:, 1:] * (torch.arange(1, ids.shape[1], device=judge.device)[None] >= start[:, None])).double()
-        else:
-            w = _pad([valid[i] for i in idx], judge.device)[0].double()  # [B, longest - 1], as nll
-        sums = torch.stack([(nll.double() * w).sum(1), w.sum(1)], 1)
-        return sums if valid is not None else sums[:, 0] / sums[:, 1]
+        w = _pad([valid[i] for i in idx], judge.device)[0].double()  # [B, longest - 1], as nll (j + 1 predicted at j)
+        return torch.stack([(nll.double() * w).sum(1), w.sum(1)], 1)
     return _sharded(range(len(seqs)), batch_size, f'judge {judge.name}', lambda i: len(seqs[i]), batch)
 
 
@@ -329,8 +322,9 @@ def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0, protocol='sdtt'):
     else:
         seqs, first = judge_inputs(judge, tokens, tok_name, n_prompt)
         parts = [(i, *w) for i, (s, f) in enumerate(zip(seqs, first)) for w in windows(s, f, judge.n_ctx, judge.bos)]
-        owner, count = np.array([p[0] for p in parts]), np.array([len(p[1]) - p[2] for p in parts])
-        mean = judge_pass(judge, [p[1] for p in parts], batch_size, first=[p[2] for p in parts])
+        scored = [torch.arange(1, len(w)) >= f for _, w, f in parts]  # positions f.. of each window
+        per_row = judge_pass(judge, [p[1] for p in parts], batch_size, valid=scored)
+        owner, mean, count = np.array([p[0] for p in parts]), per_row[:, 0] / per_row[:, 1], per_row[:, 1]
         nll = np.bincount(owner, weights=mean * count) / np.bincount(owner, weights=count)  # each sample's mean
         nll_mean, per_sample = nll.mean(), [round(float(x), 6) for x in nll]
         extra = dict(nll_std=nll.std(), n_windowed=int(sum(len(s) > judge.n_ctx for s in seqs)))
@@ -485,21 +479,17 @@ def val_ppl(lm, data_dir, n_rows=0, draws=4, seed=0, batch_size=8):
     return dict(val_nelbo=nelbo, val_ppl=math.exp(nelbo), n_rows=len(rows), n_tokens=rows.size, draws=draws)
 
 
-def lambada_detokenize(text):
-    """MDLM's lambada_detokenizer: curly double quotes made straight, the passage stripped, behind a newline."""
-    return '\n' + text.replace('\u201c', '"').replace('\u201d', '"').strip()
-
-
-def wrap_rows(texts, tok, L, bos, eos):
-    """MDLM's wrap=True: texts + EOS each, cut into rows BOS + L - 2 + EOS -> (rows, tokens dropped at the end).
-    (MDLM drops a remainder per 1000 passages: fewer rows.)"""
-    rows, rest = frame_rows(np.fromiter((i for t in texts for i in [*tok.encode(t), eos]), dtype=np.int64), L, bos, eos)
+def lambada_rows(texts, tok, L, bos, eos):
+    """MDLM's LAMBADA rows: its lambada_detokenizer ('\\n' + stripped, curly double quotes straight), + EOS each, then
+    wrap=True: rows BOS + L - 2 + EOS -> (rows, tokens dropped; MDLM drops a rest per 1000 passages: fewer rows)."""
+    ids = [i for t in texts for i in [*tok.encode('\n' + t.replace('\u201c', '"').replace('\u201d', '"').strip()), eos]]
+    rows, rest = frame_rows(np.array(ids, dtype=np.int64), L, bos, eos)
     return rows, len(rest)
 
 
 def lambada_ppl(lm, texts, draws=4, seed=0, batch_size=8):
     """MDLM's LAMBADA perplexity (ppl_eval, wrap=True; anchor 47.52): exp(per-token NELBO) of the wrapped passages."""
-    rows, dropped = wrap_rows([lambada_detokenize(t) for t in texts], lm.tok, lm.n_ctx, lm.bos, lm.eos)
+    rows, dropped = lambada_rows(texts, lm.tok, lm.n_ctx, lm.bos, lm.eos)
     if not len(rows):
         raise ValueError(f'{len(texts)} passages make less than one row of {lm.n_ctx} tokens')
     nelbo = _rows_nelbo(lm, rows, draws, seed, batch_size, 'LAMBADA NELBO')
