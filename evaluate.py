@@ -164,14 +164,9 @@ def _sharded(items, bs, desc, tokens_of, fn):
     vals = torch.cat(parts).double().cpu().numpy() if parts else np.empty(0)
     if not dist.is_initialized():
         return vals
-    parts = [None] * world
-    dist.all_gather_object(parts, (idx, vals))
-    shape = next((v.shape[1:] for _, v in parts if len(v)), ())
-    out = np.empty((sum(len(i) for i, _ in parts),) + shape)
-    for i, v in parts:
-        if len(i):  # (a rank with no items sends np.empty(0), of the wrong shape for more than one column)
-            out[i] = v
-    return out
+    shares = [None] * world
+    dist.all_gather_object(shares, list(zip(idx, vals)))
+    return np.array([v for _, v in sorted((p for share in shares for p in share), key=lambda p: p[0])])
 
 
 def read_samples(path):
@@ -430,9 +425,7 @@ def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
         for L in sorted({len(seqs[i]) for i in items}):
             grp = [i for i in items if len(seqs[i]) == L]
             x0 = torch.tensor([seqs[i] for i in grp], device=lm.device)
-            tgt = torch.zeros_like(x0, dtype=torch.bool)
-            for r, i in enumerate(grp):
-                tgt[r, spans[i][0]:spans[i][1]] = True
+            tgt = torch.tensor([[spans[i][0] <= j < spans[i][1] for j in range(L)] for i in grp], device=lm.device)
             if diffusion:  # the output layer only at the target positions
                 pos = tgt.flatten().nonzero().squeeze(1)
                 t = torch.full((len(grp),), SAMPLE_EPS, device=lm.device)
@@ -587,8 +580,8 @@ def plot_genppl(jsonl, png):
     return _save_figure(fig, png)
 
 
-def plot_training(log_path, png=None):
-    """A distill.py log.jsonl: loss and tokens/s against steps, round ends marked -> png (default: beside the log)."""
+def plot_training(log_path):
+    """A distill.py log.jsonl: loss and tokens/s against steps, round ends marked -> train.png beside the log."""
     if os.path.isdir(log_path):
         log_path = os.path.join(log_path, 'log.jsonl')
     if not os.path.exists(log_path):
@@ -623,7 +616,7 @@ def plot_training(log_path, png=None):
     ax.set(xlabel='step', ylabel='loss', title=os.path.basename(os.path.dirname(os.path.abspath(log_path))))
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8, loc='lower right' if ends else 'best')  # (SDTT's loss grows round by round; labels on top)
-    return _save_figure(fig, png or os.path.join(os.path.dirname(log_path), 'train.png'))
+    return _save_figure(fig, os.path.join(os.path.dirname(log_path), 'train.png'))
 
 
 def report(c, what, metrics, settings, source):
