@@ -1,20 +1,15 @@
 """
-Evaluation of masked diffusion LMs (SPEC §6): generative perplexity with unigram entropy (SDTT's protocol, or DUO's:
---genppl_protocol=duo), MAUVE, LAMBADA (SDTT's accuracy and last-word perplexity; MDLM's whole-passage perplexity:
---eval=lambada_ppl), validation NELBO perplexity, and the SDTT figure (gen-PPL and entropy against sampling steps).
+Evaluation of masked diffusion LMs (SPEC §6): gen-PPL with unigram entropy, MAUVE, LAMBADA, validation NELBO, plots.
 
     python evaluate.py --eval=genppl --samples=out/samples/uncond --judge=gpt2-large --plot
     python evaluate.py --eval=genppl --genppl_protocol=duo ...   # DUO's protocol (its Table 7), see gen_ppl
-    python evaluate.py --eval=mauve --samples=out/samples/cond   # sample.py --mode=cond_prefix files (+ their references)
-    python evaluate.py --eval=lambada,valppl --init_from=out/ckpt.pt --lambada_path=../shared/data/lambada_openai_test.jsonl --data_dir=data/owt
+    python evaluate.py --eval=mauve --samples=out/samples/cond   # sample.py --mode=cond_prefix files
+    python evaluate.py --eval=lambada,valppl --init_from=out/ckpt.pt --lambada_path=lambada.jsonl --data_dir=data/owt
     python evaluate.py --eval=lambada_ppl --init_from=kuleshov-group/mdlm-owt   # MDLM's LAMBADA perplexity (47.52)
     python evaluate.py --eval= --plot                  # only redraw out_dir/genppl.png from out_dir/eval.jsonl
     python evaluate.py --eval= --train_log=out/kld_small  # a run's loss and tokens/s -> out/kld_small/train.png
     torchrun --nproc_per_node=8 evaluate.py ...      # the work is sharded across ranks and gathered
-
-Prompted samples get a conditional gen-PPL: only the generated tokens are scored (and in the entropy). Samples longer
-than the judge's context are scored in overlapping windows, each token once. Every evaluation appends one JSON line
-to out_dir/eval.jsonl (gen-PPL records carry each sample's NLL, for paired comparisons: closer).
+Every evaluation appends one JSON line to out_dir/eval.jsonl.
 """
 import glob
 import json
@@ -40,14 +35,12 @@ from prepare_data import frame_rows, get_tokenizer, load_meta, open_split
 from sample import end_dist, init_dist, load_model, load_samples, read_texts
 
 # ----------------------------------------------------------------------------------------------------- config
-eval = 'genppl'         # comma list of genppl, mauve, lambada (SDTT: accuracy, last-word ppl), lambada_ppl (MDLM's
-                        # whole-passage per-token ppl), valppl ('' with --plot: only redraw the figure)
-samples = ''            # genppl/mauve: a sample .npz written by sample.py, a glob, or a directory (searched recursively)
+eval = 'genppl'         # comma list of genppl, mauve, lambada, lambada_ppl, valppl ('' with --plot: only the figure)
+samples = ''            # genppl/mauve: a sample .npz of sample.py, a glob, or a directory (searched recursively)
 judge = 'gpt2-large'    # genppl/mauve: HF causal LM id or local dir, or a project AR checkpoint (ckpt.pt / its dir)
 judge_dtype = 'float32' # the judge's dtype (SDTT: fp32)
-genppl_protocol = 'sdtt'  # genppl: 'sdtt' (per-sample mean NLL, ids as sampled) | 'duo' (DUO Table 7: retokenized, EOS
-                          # after the first excluded, per-token mean; padding groups of batch_size samples)
-init_from = ''          # lambada/lambada_ppl/valppl: the model evaluated (a DiT checkpoint, directory or hub id; or a causal LM)
+genppl_protocol = 'sdtt'  # genppl: 'sdtt' (per-sample mean NLL, ids as sampled) | 'duo' (DUO Table 7, see gen_ppl)
+init_from = ''          # lambada/lambada_ppl/valppl: the model (a DiT checkpoint, directory or hub id; or a causal LM)
 revision = ''           # hub revision of init_from (jdeschena/sdtt keeps one model per revision)
 dtype = 'bfloat16'      # autocast dtype of init_from on CUDA ('float32': no autocast)
 lambada_path = 'EleutherAI/lambada_openai'  # a jsonl with one {"text": ...} per line, or the HF dataset (test split)
@@ -64,9 +57,10 @@ train_log = ''          # comma list of distill.py runs (out_dir or log.jsonl): 
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
 _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
+EVALS = ('genppl', 'mauve', 'lambada', 'lambada_ppl', 'valppl')
+GENPPL_PROTOCOLS = ('sdtt', 'duo')
 
 
-# ----------------------------------------------------------------------------------------------------- models
 class _HFTokenizer:
     """A transformers tokenizer with the project tokenizer's interface (encode without special tokens)."""
     def __init__(self, name):
@@ -93,16 +87,15 @@ def _is_dit(name):
 
 
 class LM:
-    """A model to score text with: a project DiT (kind 'diffusion'; 'causal': the AR baseline) or a transformers causal
-    LM. .logits(): fp32 over the real tokens (SUBS gives MASK 0). .bos goes in front of every scored sequence."""
+    """A project DiT (kind 'diffusion'; 'causal': the AR baseline) or a transformers causal LM, to score text with."""
 
     def __init__(self, name, device='cpu', dtype='float32', revision='', compile=False):
         if not name:
             raise ValueError('no model given: set --judge (genppl/mauve) or --init_from (lambada/valppl)')
         name = local_or_hub(name) or name  # a missing local path fails here, not as a hub download
         self.name, self.device, amp = name, torch.device(device), getattr(torch, dtype)
-        self.autocast = torch.autocast('cuda', dtype=amp) if self.device.type == 'cuda' and amp != torch.float32 \
-            else nullcontext()
+        cuda_amp = self.device.type == 'cuda' and amp != torch.float32
+        self.autocast = torch.autocast('cuda', dtype=amp) if cuda_amp else nullcontext()
         if _is_dit(name):
             dit = load_model(name, revision, device)
             self.model, self.tok, m, cfg = dit.backbone, dit.tokenizer, dit.meta, dit.backbone.config
@@ -112,34 +105,33 @@ class LM:
         else:
             try:
                 from transformers import AutoModelForCausalLM
-                self.model = AutoModelForCausalLM.from_pretrained(name, dtype=amp, trust_remote_code=False).to(device).eval()
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=amp, trust_remote_code=False)
             except Exception as e:
+                first_line = str(e).splitlines()[0] if str(e) else ''
                 raise RuntimeError(f'could not load the causal LM {name!r} with transformers ({type(e).__name__}: '
-                                   f'{str(e).splitlines()[0] if str(e) else ""}). Offline? Pass a local directory '
-                                   '(save_pretrained) or a project AR checkpoint.') from e
-            self.autocast, cfg = nullcontext(), self.model.config
+                                   f'{first_line}). Offline? Pass a local directory or a project AR checkpoint.') from e
+            self.model, self.autocast, cfg = model.to(device).eval(), nullcontext(), model.config
             self.kind, self.mask, self.n_real = 'causal', None, cfg.vocab_size
             self.n_ctx = getattr(cfg, 'n_positions', None) or getattr(cfg, 'max_position_embeddings', None) or 10**9
             if cfg.model_type == 'gpt2' and cfg.vocab_size == 50257:  # GPT-2's own ids: our offline tokenizer
                 self.tok, self.tok_name = get_tokenizer('gpt2'), 'gpt2'
             else:
                 self.tok, self.tok_name = _HFTokenizer(name), name
-            self.bos, self.eos = self.tok.bos_token_id, self.tok.eos_token_id
-            self.bos = self.eos if self.bos is None else self.bos
+            self.eos = self.tok.eos_token_id
+            self.bos = self.eos if self.tok.bos_token_id is None else self.tok.bos_token_id
         self.fwd = torch.compile(self.model, dynamic=True) if compile else self.model
         self.schedule = schedule_of(getattr(self.model, 'meta', None))  # a DiT's NELBO: the schedule it was trained on
 
     @torch.no_grad()
     def logits(self, ids, t=None, attn=None, hidden=False, positions=None):
-        """ids [B, L] -> (fp32 logits [B, L, n_real], fp32 last hidden state [B, L, d] if hidden else None).
+        """ids [B, L] -> (fp32 logits [B, L, n_real] over the real tokens, last hidden state [B, L, d] or None).
         positions (a DiT): flat indices into B * L -> logits [M, n_real] of those only (LAMBADA: saves the bulk)."""
         h = {}
         with self.autocast:
             if self.mask is None:
                 out = self.fwd(input_ids=ids, attention_mask=attn, output_hidden_states=hidden)
                 lg, h['h'] = out.logits, out.hidden_states[-1] if hidden else None
-            else:  # the DiT's last hidden state: after its final LayerNorm (as GPT-2's hidden_states[-1] is after ln_f)
-                # (a hook added after compilation is not in the compiled graph: MAUVE's features run eagerly)
+            else:  # hidden: after the final LayerNorm, as GPT-2's; a hook is not in a compiled graph, so eager
                 norm = self.model.output_layer.norm_final
                 hook = norm.register_forward_hook(lambda m, i, o: h.update(h=o)) if hidden else None
                 lg = (self.model if hidden else self.fwd)(ids, None if t is None else sigma(t, self.schedule),
@@ -152,32 +144,31 @@ class LM:
 def _pad(seqs, device):
     """Right-pad 1-D id tensors with 0: causal models never see the padding from real positions."""
     ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device)
-    attn = (torch.arange(ids.shape[1], device=device)[None] < torch.tensor([len(s) for s in seqs], device=device)[:, None])
-    return ids, attn.long()
+    lengths = torch.tensor([len(s) for s in seqs], device=device)
+    return ids, (torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]).long()
 
 
-# ----------------------------------------------------------------------------------------------------- torchrun
 def _rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _gather(idx, parts):
-    """This rank's per-batch result tensors (items idx; kept on the device in the loop: no sync per batch) -> all
-    items' results in order, a numpy array on every rank."""
+def _sharded(items, bs, desc, tokens_of, fn):
+    """fn(batch) -> a result per item (on the device: no sync per batch), over this rank's share -> all, in order."""
+    rank, world = _rank_world()
+    idx, parts = list(items)[rank::world], []
+    bar = tqdm(total=sum(tokens_of(i) for i in idx), desc=desc, unit='tok', unit_scale=True, disable=rank != 0)
+    for b in range(0, len(idx), bs):
+        parts.append(fn(idx[b: b + bs]))
+        bar.update(sum(tokens_of(i) for i in idx[b: b + bs]))
+    bar.close()
     vals = torch.cat(parts).double().cpu().numpy() if parts else np.empty(0)
     if not dist.is_initialized():
         return vals
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (list(idx), vals))
-    shape = next((v.shape[1:] for _, v in parts if len(v)), ())  # a rank may have had no items
-    out = np.empty((sum(len(i) for i, _ in parts),) + shape)
-    for i, v in parts:
-        if len(i):  # (a rank with no items sends np.empty(0), of the wrong shape for more than one column)
-            out[i] = v
-    return out
+    shares = [None] * world
+    dist.all_gather_object(shares, list(zip(idx, vals)))
+    return np.array([v for _, v in sorted((p for share in shares for p in share), key=lambda p: p[0])])
 
 
-# ----------------------------------------------------------------------------------------------------- samples
 def read_samples(path):
     """sample.load_samples plus the checks: a non-empty integer [n_samples, seq_len] array and a known tokenizer."""
     try:
@@ -188,7 +179,7 @@ def read_samples(path):
     if t.ndim != 2 or t.size == 0:
         raise ValueError(f'{path}: expected a non-empty array "tokens" [n_samples, seq_len], got shape {t.shape}')
     if not s['settings'].get('meta', {}).get('tokenizer'):
-        raise ValueError(f'{path}: its settings name no tokenizer (settings.meta.tokenizer); cannot check or decode the ids')
+        raise ValueError(f'{path}: its settings name no tokenizer (settings.meta.tokenizer) to check or decode the ids')
     return s
 
 
@@ -200,34 +191,29 @@ def sample_files(spec):
         paths = [p for p in glob.glob(spec) if os.path.isfile(p)]
         paths = [p for p in paths if p.endswith('.npz')] or paths  # (a glob also catches the .jsonl beside each .npz)
     if not paths:
-        raise FileNotFoundError(f'no sample files at --samples={spec!r} (a .npz from sample.py, a glob, or a directory)')
+        raise FileNotFoundError(f'no sample files at --samples={spec!r} (a .npz of sample.py, a glob, or a directory)')
     return sorted(paths)
 
 
 def _sample_ids(judge, tokens, tok_name):
     """-> (the tokenizer the samples' settings name, their ids as int64), checked against it; the judge is causal."""
     if judge.kind != 'causal':
-        raise ValueError(f'the judge {judge.name} is a bidirectional diffusion model; use a causal LM or an AR checkpoint')
+        raise ValueError(f'the judge {judge.name} is a bidirectional diffusion model; use a causal LM or AR checkpoint')
     tok, tokens = get_tokenizer(tok_name), np.asarray(tokens, dtype=np.int64)
     bad = tokens[(tokens < 0) | (tokens >= tok.mask_token_id)]
-    if len(bad):
-        if (bad == tok.mask_token_id).all():
-            what = 'MASK ids (unfinished samples)'
-        else:  # (GPT-2 ids labelled byte hold byte MASK ids too: this is the message that helps)
-            what = f'ids outside [0, {tok.mask_token_id}), so they were not written with it (another tokenizer?)'
-        raise ValueError(f'samples contain {what} of the {tok_name!r} tokenizer their settings name: {sorted(set(bad.tolist()))[:5]}')
+    if len(bad):  # (GPT-2 ids labelled byte hold byte MASK ids too: the second message is the one that helps)
+        what = 'MASK ids (unfinished samples)' if (bad == tok.mask_token_id).all() else \
+            f'ids outside [0, {tok.mask_token_id}), so they were not written with it (another tokenizer?)'
+        raise ValueError(f'samples contain {what} of the {tok_name!r} tokenizer their settings name: '
+                         f'{sorted(set(bad.tolist()))[:5]}')
     return tok, tokens
 
 
 def judge_inputs(judge, tokens, tok_name, n_prompt=0):
-    """Sample ids -> (the judge's inputs, 1-D LongTensors; first[i], the first position of input i scored: >= 1).
-    Same tokenizer: the ids as they are (SDTT); else the text (BOS/EOS dropped, as SDTT's llama path) retokenized
-    behind the judge's BOS. Only what follows the first n_prompt (forced) ids is scored, given them (retokenized:
-    prompt and continuation are encoded apart, so the boundary stays exact)."""
+    """Sample ids -> (judge inputs, first[i] >= 1: the first position scored, after n_prompt forced ids). Another
+    tokenizer: the text without BOS/EOS (SDTT's llama path) retokenized, prompt and continuation apart."""
     tok, tokens = _sample_ids(judge, tokens, tok_name)
     if tok_name == judge.tok_name:
-        if tokens.max() >= judge.n_real:
-            raise ValueError(f'sample ids up to {tokens.max()} but the judge {judge.name} has {judge.n_real} tokens')
         seqs, first = list(torch.from_numpy(tokens)), [max(1, n_prompt)] * len(tokens)
     else:
         text = lambda ids: tok.decode([i for i in ids if i not in (tok.bos_token_id, tok.eos_token_id)])
@@ -237,16 +223,14 @@ def judge_inputs(judge, tokens, tok_name, n_prompt=0):
         first = [1 + len(h) for h in head]
     short = sum(len(s) <= f for s, f in zip(seqs, first))
     if short:  # nothing to score: its mean NLL would be 0/0 and gen-PPL NaN
-        raise ValueError(f'{short} of {len(seqs)} samples have no judge token to score (after position 0'
-                         + (f' and the {n_prompt} prompt ids' if n_prompt else '') + ', dropping BOS/EOS and retokenizing): '
-                         'gen-PPL is undefined for them. Are the samples only BOS/EOS?')
+        raise ValueError(f'{short} of {len(seqs)} samples have no judge token to score after position 0 and '
+                         f'{n_prompt} prompt ids: are they only BOS/EOS?')
     return seqs, first
 
 
 def windows(seq, first, n_ctx, bos):
-    """A judge input longer than its context -> [(window, first scored position in it)]: windows of at most n_ctx
-    tokens scoring each position from `first` on once, each after BOS (as the judges' training rows) and at least
-    n_ctx - n_ctx // 2 - 1 tokens of context (a strided pass). (The reference truncates: the tail goes unscored.)"""
+    """A judge input -> [(window, first scored position in it)]: a strided pass, each position from `first` scored
+    once, after BOS and >= n_ctx - n_ctx // 2 - 1 tokens of context. (The reference truncates: the tail unscored.)"""
     if len(seq) <= n_ctx:
         return [(seq, first)]
     if n_ctx < 2:
@@ -263,19 +247,6 @@ def windows(seq, first, n_ctx, bos):
     return out
 
 
-def _sharded(items, bs, desc, tokens_of, fn):
-    """fn(batch) -> a tensor of results, one per item, over this rank's share of items (rank::world) in batches of
-    bs, with a tokens/s progress bar -> every item's results, in item order (_gather), on every rank."""
-    rank, world = _rank_world()
-    idx, parts = list(items)[rank::world], []
-    bar = tqdm(total=sum(tokens_of(i) for i in idx), desc=desc, unit='tok', unit_scale=True, disable=rank != 0)
-    for b in range(0, len(idx), bs):
-        parts.append(fn(idx[b: b + bs]))
-        bar.update(sum(tokens_of(i) for i in idx[b: b + bs]))
-    bar.close()
-    return _gather(idx, parts)
-
-
 def unigram_entropy(tokens):
     """Entropy (nats) of the token ids within each sample: [N, L] -> [N] (sorted rows: counts of the runs of ids)."""
     s = np.sort(np.asarray(tokens), axis=1)
@@ -286,15 +257,13 @@ def unigram_entropy(tokens):
     return -np.bincount(np.repeat(np.arange(N), start.sum(1)), weights=p * np.log(p), minlength=N)
 
 
-def judge_pass(judge, seqs, batch_size=8, hidden=False, first=None, valid=None):
-    """One batched pass of the judge over its input sequences. Per sequence: the mean NLL of positions first..n-1
-    (default 1; token i predicted from tokens < i), or with hidden=True the last hidden state at its final token
-    (MAUVE's features), or with valid (per sequence a bool tensor over its positions 1..n-1: those scored) the sum of
-    their NLLs and their count [N, 2]."""
+def judge_pass(judge, seqs, batch_size=8, hidden=False, valid=None):
+    """Per sequence: [NLL sum, count] of the positions valid marks (a bool tensor over positions 1..n-1), or with
+    hidden=True the last hidden state at its final token (MAUVE's features)."""
     longest = max(len(s) for s in seqs)
-    if longest > judge.n_ctx:  # gen_ppl splits them (windows); the MAUVE features of a truncated text would be another's
-        raise ValueError(f'a judge input is {longest} tokens long, more than the context of {judge.name} ({judge.n_ctx}); '
-                         'use a judge with a longer context or shorter texts')
+    if longest > judge.n_ctx:  # (gen_ppl cuts windows; MAUVE's features of a truncated text would be another's)
+        raise ValueError(f'a judge input is {longest} tokens long, more than the context of {judge.name} '
+                         f'({judge.n_ctx}); use a judge with a longer context or shorter texts')
 
     def batch(idx):
         ids, attn = _pad([seqs[i] for i in idx], judge.device)
@@ -302,25 +271,14 @@ def judge_pass(judge, seqs, batch_size=8, hidden=False, first=None, valid=None):
         if hidden:
             return h[torch.arange(len(idx)), attn.sum(1) - 1]
         nll = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction='none').view(len(idx), -1)
-        if valid is None:  # positions first.. of each (position j + 1 is predicted at j)
-            start = torch.tensor([1 if first is None else first[i] for i in idx], device=judge.device)
-            w = (attn[:, 1:] * (torch.arange(1, ids.shape[1], device=judge.device)[None] >= start[:, None])).double()
-        else:
-            w = _pad([valid[i] for i in idx], judge.device)[0].double()  # [B, longest - 1], as nll
-        sums = torch.stack([(nll.double() * w).sum(1), w.sum(1)], 1)
-        return sums if valid is not None else sums[:, 0] / sums[:, 1]
+        w = _pad([valid[i] for i in idx], judge.device)[0].double()  # [B, longest - 1], as nll (j + 1 predicted at j)
+        return torch.stack([(nll.double() * w).sum(1), w.sum(1)], 1)
     return _sharded(range(len(seqs)), batch_size, f'judge {judge.name}', lambda i: len(seqs[i]), batch)
 
 
-GENPPL_PROTOCOLS = ('sdtt', 'duo')
-
-
 def duo_judge_inputs(judge, tokens, tok_name, group):
-    """DUO's gen-PPL inputs (metrics.py, record_generative_perplexity): each sample retokenized with the judge's
-    tokenizer (the text between BOS/EOS ids; each BOS/EOS becomes the judge's EOS, as GPT-2 parses '<|endoftext|>'),
-    truncated to the sample length, padded with EOS to the longest of its group of `group` samples (DUO's padding=True
-    over a sampling batch), cut into rows of the judge's context. -> (rows, valid: per row, positions 1.. scored but
-    the EOS after the row's first (DUO: (cumsum(ids == eos) == 1) | (ids != eos)), owner: each row's sample)."""
+    """DUO's record_generative_perplexity: retokenized (BOS/EOS: the judge's EOS), cut to the sample length, EOS-padded
+    per group (a sampling batch), in judge-context rows -> (rows, valid: 1.. but EOS after the first, owner)."""
     tok, tokens = _sample_ids(judge, tokens, tok_name)
     L, eos, seqs = tokens.shape[1], judge.eos, []
     for row in tokens:
@@ -334,8 +292,7 @@ def duo_judge_inputs(judge, tokens, tok_name, group):
     for g in range(0, len(seqs), group):
         longest = max(len(s) for s in seqs[g:g + group])
         for i, s in enumerate(seqs[g:g + group], g):
-            s = torch.tensor(s + [eos] * (longest - len(s)), dtype=torch.long)
-            for r in s.split(judge.n_ctx):  # (DUO: chunks of the judge's context, each scored on its own)
+            for r in torch.tensor(s + [eos] * (longest - len(s)), dtype=torch.long).split(judge.n_ctx):
                 is_eos = r == eos
                 rows.append(r)
                 valid.append(((is_eos.cumsum(0) == 1) | ~is_eos)[1:])
@@ -344,12 +301,8 @@ def duo_judge_inputs(judge, tokens, tok_name, group):
 
 
 def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0, protocol='sdtt'):
-    """Generative perplexity and the mean per-sample unigram entropy. 'sdtt' (SPEC §6): exp of the mean over samples
-    of each sample's mean NLL under the judge, ids as sampled, positions 1.. all scored (EOS too); with n_prompt > 0
-    only the tokens after the n_prompt forced ids (scoring the prompt would flatter the samples). 'duo' (DUO's Table
-    7): duo_judge_inputs and exp(total NLL / scored tokens), per token; lower than 'sdtt' on the same samples
-    (retokenizing merges non-canonical splits, and the repeated EOS are high-NLL positions)."""
-    check_choice('protocol', protocol, GENPPL_PROTOCOLS)
+    """Gen-PPL and mean unigram entropy (SPEC §6). 'sdtt': exp(mean over samples of each one's mean NLL), positions
+    after the n_prompt forced ids; 'duo' (DUO Table 7): exp(total NLL / scored tokens), lower on the same samples."""
     if protocol == 'duo':
         if n_prompt:
             raise ValueError("protocol='duo' scores unconditional samples only (DUO's protocol has no prompts)")
@@ -364,8 +317,9 @@ def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0, protocol='sdtt'):
     else:
         seqs, first = judge_inputs(judge, tokens, tok_name, n_prompt)
         parts = [(i, *w) for i, (s, f) in enumerate(zip(seqs, first)) for w in windows(s, f, judge.n_ctx, judge.bos)]
-        owner, count = np.array([p[0] for p in parts]), np.array([len(p[1]) - p[2] for p in parts])
-        mean = judge_pass(judge, [p[1] for p in parts], batch_size, first=[p[2] for p in parts])
+        scored = [torch.arange(1, len(w)) >= f for _, w, f in parts]  # positions f.. of each window
+        per_row = judge_pass(judge, [p[1] for p in parts], batch_size, valid=scored)
+        owner, mean, count = np.array([p[0] for p in parts]), per_row[:, 0] / per_row[:, 1], per_row[:, 1]
         nll = np.bincount(owner, weights=mean * count) / np.bincount(owner, weights=count)  # each sample's mean
         nll_mean, per_sample = nll.mean(), [round(float(x), 6) for x in nll]
         extra = dict(nll_std=nll.std(), n_windowed=int(sum(len(s) > judge.n_ctx for s in seqs)))
@@ -377,11 +331,9 @@ def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0, protocol='sdtt'):
 
 
 def closer(ref, a, b):
-    """Is b closer than a to ref in log gen-PPL, and by how many standard errors? ref, a, b: gen_ppl's nll_per_sample
-    of three files of as many samples (e.g. teacher at N steps, teacher at n, student at n). -> (gain, margin): gain =
-    |d_a| - |d_b|, d = log gen-PPL - that of ref (> 0: b closer), margin = gain / s.e. The error is paired (sample i of
-    the three is one triple: g_i = sign(d_a) (a_i - ref_i) - sign(d_b) (b_i - ref_i), s.e. = std(g) / sqrt(n)); with a
-    shared seed the triples are correlated and the unpaired error would count the shared noise twice."""
+    """nll_per_sample of three files (e.g. teacher@N, teacher@n, student@n) -> (gain = |d_a| - |d_b|, gain / s.e.),
+    d = log gen-PPL - ref's (> 0: b closer). Paired s.e. of g_i = sign(d_a) (a_i - ref_i) - sign(d_b) (b_i - ref_i):
+    a shared seed correlates the triples, and an unpaired error would count the shared noise twice."""
     ref, a, b = (np.asarray(x, dtype=np.float64) for x in (ref, a, b))
     if not len(ref) == len(a) == len(b) > 1:
         raise ValueError(f'closer: paired comparison needs files with the same number of samples (> 1), got '
@@ -393,10 +345,8 @@ def closer(ref, a, b):
     return gain, float(gain / se)
 
 
-# ----------------------------------------------------------------------------------------------------- MAUVE
 def mauve_score(p_features, q_features, seeds=5, scaling=5.0):
-    """MAUVE (mauve-text) of p = references, q = samples over k-means seeds 1..seeds, scaling 5, as SDTT: mean,
-    population std and per-seed scores."""
+    """MAUVE (mauve-text) of p = references, q = samples over k-means seeds 1..seeds, scaling 5, as SDTT."""
     try:
         import mauve
     except ImportError as e:
@@ -407,7 +357,6 @@ def mauve_score(p_features, q_features, seeds=5, scaling=5.0):
     return dict(mauve=float(np.mean(scores)), mauve_std=float(np.std(scores)), mauve_per_seed=scores)
 
 
-# ----------------------------------------------------------------------------------------------------- LAMBADA, val
 def read_lambada(path):
     """Passages from a local jsonl ({"text": ...} per line, the OpenAI file) or an HF dataset id (test split)."""
     texts = [t for _, t in read_texts(path, 'lambada_path')]
@@ -418,8 +367,7 @@ def read_lambada(path):
 
 
 def _draws(keys, n_t, L, seed, eps):
-    """Per item: n_t stratified times and [n_t, L] uniforms seeded by (seed, item index): the same numbers whatever
-    the batch size or the number of ranks."""
+    """Per item: n_t stratified times and [n_t, L] uniforms seeded by (seed, item): the same for any batching."""
     g, ts, us = torch.Generator(), [], []
     for k in keys:
         g.manual_seed(seed * 1_000_003 + int(k))
@@ -429,18 +377,17 @@ def _draws(keys, n_t, L, seed, eps):
 
 
 def _nelbo(lm, x0, maskable, keys, n_t, seed, eps):
-    """MDLM NELBO (nats) of each row of x0 [B, L] over n_t stratified t draws: the m'/m-weighted NLL of the masked
-    tokens, only `maskable` ones masked. Exact savings: a row with nothing masked adds 0 unforwarded and, without time
-    conditioning, each distinct (x_t, x0) is forwarded once (a one-token LAMBADA target: 1 forward, not n_t)."""
+    """MDLM NELBO (nats) of each row of x0 [B, L] over n_t t draws, only `maskable` tokens masked. Exact savings: no
+    forward for nothing masked, and without time conditioning one per distinct (x_t, x0) (LAMBADA: 1, not n_t)."""
     B, L = x0.shape
     t, u = (v.to(x0.device) for v in _draws(keys, n_t, L, seed, eps))
     x0r = x0.repeat_interleave(n_t, 0)
     hit = maskable.repeat_interleave(n_t, 0) & (u < move_chance(t, lm.schedule)[:, None])
-    xt = torch.where(hit, lm.mask, x0r)
     keep = hit.any(1).nonzero().squeeze(1)
+    pairs = torch.cat([torch.where(hit, lm.mask, x0r)[keep], x0r[keep]], 1)  # (x_t, x0) of each row with a mask
     timed = getattr(lm.model.config, 'time_conditioning', False)
-    pairs, inv = (torch.cat([xt[keep], x0r[keep]], 1), torch.arange(len(keep), device=x0.device)) if timed else \
-        torch.unique(torch.cat([xt[keep], x0r[keep]], 1), dim=0, return_inverse=True)
+    pairs, inv = (pairs, torch.arange(len(keep), device=x0.device)) if timed else \
+        torch.unique(pairs, dim=0, return_inverse=True)
     pos = (pairs[:, :L] == lm.mask).flatten().nonzero().squeeze(1)  # the masked positions: the only ones with a loss
     lg, _ = lm.logits(pairs[:, :L], t[keep] if timed else None, positions=pos)
     nll = F.cross_entropy(lg, pairs[:, L:].flatten()[pos], reduction='none').double()
@@ -451,8 +398,7 @@ def _nelbo(lm, x0, maskable, keys, n_t, seed, eps):
 
 
 def lambada_inputs(lm, texts):
-    """Each passage as BOS + context + its last word (+ EOS for a DiT), the context cut on the left to fit the model
-    -> (id lists, the span of each last word, the number of contexts cut)."""
+    """BOS + context cut on the left to fit + last word (+ EOS for a DiT) -> (id lists, word spans, number cut)."""
     seqs, spans, n_trunc, diffusion = [], [], 0, lm.kind == 'diffusion'
     for text in texts:
         ctx, word = text.rsplit(' ', 1)
@@ -461,44 +407,38 @@ def lambada_inputs(lm, texts):
         if keep < 0:
             raise ValueError(f'a LAMBADA target of {len(w)} tokens does not fit the context of {lm.name} ({lm.n_ctx})')
         n_trunc += len(c) > keep
-        c = c[len(c) - keep:] if len(c) > keep else c
+        c = c[max(0, len(c) - keep):]
         seqs.append([lm.bos] + c + w + ([lm.eos] if diffusion else []))
         spans.append((1 + len(c), 1 + len(c) + len(w)))
     return seqs, spans, n_trunc
 
 
 def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
-    """LAMBADA (SPEC §6), SDTT's protocol: accuracy and last-word perplexity (not MDLM's per-token one: lambada_ppl) of
-    the last word with its leading space. DiT: BOS + context + MASK per target token + EOS, accuracy from one forward
-    (every target token the argmax), NLL the NELBO of the target with the context clamped, over n_t t draws. Causal
-    LM: BOS + context + target, greedy accuracy and exact NLL. ppl = exp(mean NLL per word). Contexts too long for the
-    model lose tokens on the left (n_truncated)."""
+    """SDTT's LAMBADA (SPEC §6): accuracy and exp(mean NLL per last word, with its space). DiT: all target tokens
+    masked, argmax from one forward, NLL the NELBO over n_t draws with the context clamped; causal LM: greedy, exact."""
     diffusion = lm.kind == 'diffusion'
     seqs, spans, n_trunc = lambada_inputs(lm, texts)
-    # a bidirectional model sees padding, so batches hold passages of one length (sorted by length, then index)
-    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))  # a DiT sees padding: forward one length
 
     def batch(items):  # (in length order: the groups of one length, concatenated, are items)
         res = []
         for L in sorted({len(seqs[i]) for i in items}):
             grp = [i for i in items if len(seqs[i]) == L]
             x0 = torch.tensor([seqs[i] for i in grp], device=lm.device)
-            tgt = torch.zeros_like(x0, dtype=torch.bool)
-            for r, i in enumerate(grp):
-                tgt[r, spans[i][0]:spans[i][1]] = True
+            tgt = torch.tensor([[spans[i][0] <= j < spans[i][1] for j in range(L)] for i in grp], device=lm.device)
             if diffusion:  # the output layer only at the target positions
                 pos = tgt.flatten().nonzero().squeeze(1)
-                lg, _ = lm.logits(x0.masked_fill(tgt, lm.mask), torch.full((len(grp),), SAMPLE_EPS, device=lm.device),
-                                  positions=pos)
+                t = torch.full((len(grp),), SAMPLE_EPS, device=lm.device)
+                lg, _ = lm.logits(x0.masked_fill(tgt, lm.mask), t, positions=pos)
                 wrong = (lg.argmax(-1) != x0.flatten()[pos]).double()
-                correct = torch.zeros(len(grp), dtype=torch.float64, device=lm.device).index_add_(0, pos // L, wrong) == 0
+                correct = x0.new_zeros(len(grp), dtype=torch.float64).index_add_(0, pos // L, wrong) == 0
                 nll = _nelbo(lm, x0, tgt, grp, n_t, seed, SAMPLE_EPS)
             else:  # logits at position p predict token p + 1
                 lg, _ = lm.logits(x0)
                 lg, y, tgt = lg[:, :-1], x0[:, 1:], tgt[:, 1:]
                 correct = ((lg.argmax(-1) == y) | ~tgt).all(1)
-                nll = (F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction='none').view_as(y) * tgt).sum(1).double()
-            res.append(torch.stack([correct.double(), nll, tgt.sum(1).double()], 1))
+                nll = (F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction='none').view_as(y) * tgt).sum(1)
+            res.append(torch.stack([correct.double(), nll.double(), tgt.sum(1).double()], 1))
         return torch.cat(res)
     res = _sharded(order, max(1, batch_size // n_t) if diffusion else batch_size, f'LAMBADA {lm.name}',
                    lambda i: len(seqs[i]), batch)
@@ -507,8 +447,8 @@ def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
                 n_truncated=n_trunc, n_t=n_t if diffusion else None, kind=lm.kind)
 
 
-def _rows_nelbo(lm, rows, draws, seed, batch_size, eps, desc):
-    """Mean per-token NELBO of a DiT over rows [n, L] (all positions maskable, as MDLM), `draws` t >= eps a row."""
+def _rows_nelbo(lm, rows, draws, seed, batch_size, desc):
+    """Mean per-token NELBO of a DiT over rows [n, L], all positions maskable, `draws` t >= 1e-3 (MDLM's) a row."""
     if lm.kind != 'diffusion':
         raise ValueError(f'{desc} needs a diffusion DiT; {lm.name} is {lm.kind}')
     if rows.shape[1] > lm.n_ctx:
@@ -516,48 +456,40 @@ def _rows_nelbo(lm, rows, draws, seed, batch_size, eps, desc):
 
     def batch(idx):
         x0 = torch.from_numpy(np.asarray(rows[idx], dtype=np.int64)).to(lm.device)
-        return _nelbo(lm, x0, torch.ones_like(x0, dtype=torch.bool), idx, draws, seed, eps)
+        return _nelbo(lm, x0, torch.ones_like(x0, dtype=torch.bool), idx, draws, seed, 1e-3)
     return _sharded(range(len(rows)), max(1, batch_size // draws), f'{desc} {lm.name}', lambda i: rows.shape[1],
                     batch).sum() / rows.size
 
 
-def val_ppl(lm, data_dir, n_rows=0, draws=4, seed=0, batch_size=8, eps=1e-3):
-    """exp(mean per-token NELBO) of a DiT on the first n_rows (0: all) rows of data_dir/val.bin (_rows_nelbo; eps:
-    MDLM's sampling_eps)."""
+def val_ppl(lm, data_dir, n_rows=0, draws=4, seed=0, batch_size=8):
+    """exp(mean per-token NELBO) of a DiT on the first n_rows (0: all) rows of data_dir/val.bin."""
     meta = load_meta(data_dir)
     if lm.kind != 'diffusion' or meta['tokenizer'] != lm.tok_name or meta['vocab_size'] != lm.mask + 1:
-        raise ValueError(f"valppl needs a diffusion DiT of the data's vocabulary ({meta['tokenizer']}, V={meta['vocab_size']}); "
-                         f'{lm.name} is {lm.kind} with {lm.tok_name} ids')
-    rows = open_split(data_dir, 'val')
-    rows = rows[:n_rows] if n_rows else rows
-    nelbo = _rows_nelbo(lm, rows, draws, seed, batch_size, eps, 'val NELBO')
+        raise ValueError(f"valppl needs a diffusion DiT of the data's vocabulary ({meta['tokenizer']}, "
+                         f"V={meta['vocab_size']}); {lm.name} is {lm.kind} with {lm.tok_name} ids")
+    rows = open_split(data_dir, 'val')[:n_rows or None]
+    nelbo = _rows_nelbo(lm, rows, draws, seed, batch_size, 'val NELBO')
     return dict(val_nelbo=nelbo, val_ppl=math.exp(nelbo), n_rows=len(rows), n_tokens=rows.size, draws=draws)
 
 
-def lambada_detokenize(text):
-    """MDLM's lambada_detokenizer: curly double quotes made straight, the passage stripped, behind a newline."""
-    return '\n' + text.replace('\u201c', '"').replace('\u201d', '"').strip()
-
-
-def wrap_rows(texts, tok, L, bos, eos):
-    """MDLM's wrap=True: the texts, each + EOS, concatenated and cut into rows BOS + (L - 2 tokens) + EOS, the
-    remainder dropped -> (rows [n, L] int64, tokens dropped). (MDLM drops a remainder per 1000 passages: fewer rows.)"""
-    rows, rest = frame_rows(np.fromiter((i for t in texts for i in [*tok.encode(t), eos]), dtype=np.int64), L, bos, eos)
+def lambada_rows(texts, tok, L, bos, eos):
+    """MDLM's LAMBADA rows: its lambada_detokenizer ('\\n' + stripped, curly double quotes straight), + EOS each, then
+    wrap=True: rows BOS + L - 2 + EOS -> (rows, tokens dropped; MDLM drops a rest per 1000 passages: fewer rows)."""
+    ids = [i for t in texts for i in [*tok.encode('\n' + t.replace('\u201c', '"').replace('\u201d', '"').strip()), eos]]
+    rows, rest = frame_rows(np.array(ids, dtype=np.int64), L, bos, eos)
     return rows, len(rest)
 
 
-def lambada_ppl(lm, texts, draws=4, seed=0, batch_size=8, eps=1e-3):
-    """MDLM's LAMBADA perplexity (ppl_eval, wrap=True; the anchor 47.52): exp of the per-token NELBO of the whole
-    passages, detokenized and wrapped into rows of the model length. Not SDTT's last-word perplexity (lambada)."""
-    rows, dropped = wrap_rows([lambada_detokenize(t) for t in texts], lm.tok, lm.n_ctx, lm.bos, lm.eos)
+def lambada_ppl(lm, texts, draws=4, seed=0, batch_size=8):
+    """MDLM's LAMBADA perplexity (ppl_eval, wrap=True; anchor 47.52): exp(per-token NELBO) of the wrapped passages."""
+    rows, dropped = lambada_rows(texts, lm.tok, lm.n_ctx, lm.bos, lm.eos)
     if not len(rows):
         raise ValueError(f'{len(texts)} passages make less than one row of {lm.n_ctx} tokens')
-    nelbo = _rows_nelbo(lm, rows, draws, seed, batch_size, eps, 'LAMBADA NELBO')
+    nelbo = _rows_nelbo(lm, rows, draws, seed, batch_size, 'LAMBADA NELBO')
     return dict(lambada_ppl=math.exp(nelbo), nelbo=nelbo, n_passages=len(texts), n_rows=len(rows),
                 n_tokens=rows.size, n_dropped=dropped, draws=draws)
 
 
-# ----------------------------------------------------------------------------------------------------- outputs
 def git_commit():
     try:
         return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -567,7 +499,7 @@ def git_commit():
 
 
 def write_record(jsonl, what, metrics, config, settings, source):
-    """Append one evaluation to eval.jsonl: model, round, sampling steps, sampler, metrics, settings, commit."""
+    """Append one evaluation to eval.jsonl."""
     meta = settings.get('meta') or {}
     rec = dict(eval=what, time=time.strftime('%Y-%m-%dT%H:%M:%S'), commit=git_commit(), model=settings.get('model'),
                round=meta.get('round'), num_steps=settings.get('num_steps'), sampler=settings.get('sampler'),
@@ -589,14 +521,13 @@ GENPPL_RECORD = {**RECORD, 'metrics': dict(gen_ppl=(int, float), entropy=(int, f
 
 
 def read_records(jsonl, need=RECORD, keep=None):
-    """The records of eval.jsonl (or distill's log.jsonl: need={'step': int}) with the fields of need; another line
-    (cut short by a kill, a hand edit) is left out with a warning (fileio.read_jsonl)."""
+    """eval.jsonl's records (or log.jsonl's: need={'step': int}) with the fields of need; others are warned of."""
     return [rec for _, rec in read_jsonl(jsonl, need, keep=keep)]
 
 
 def _pyplot():
     import matplotlib  # (an extra: only the plots need it)
-    matplotlib.use('Agg')  # files, no display
+    matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     return plt
 
@@ -608,18 +539,16 @@ def _save_figure(fig, png):
 
 
 def plot_genppl(jsonl, png):
-    """The SDTT figure: gen-PPL and entropy of the unconditional samples of eval.jsonl against sampling steps, a line
-    per model/round (and judge, length or sampler where those vary); a point evaluated twice shows its last record."""
+    """SDTT's figure: gen-PPL and entropy against steps, a line per model/round (+ judge, length, sampler if varied)."""
     if not os.path.exists(jsonl):
         raise FileNotFoundError(f'no {jsonl} to plot: run --eval=genppl (with the same --out_dir) first')
-    recs = [r for r in read_records(jsonl, GENPPL_RECORD, keep=lambda r: r.get('eval') == 'genppl') if r['num_steps']
-            and not (r['settings'].get('mode') == 'cond_prefix' or r['settings'].get('prompt')
-                     or r['settings'].get('prompt_file'))]
+    prompted = lambda s: s.get('mode') == 'cond_prefix' or s.get('prompt') or s.get('prompt_file')
+    recs = [r for r in read_records(jsonl, GENPPL_RECORD, keep=lambda r: r.get('eval') == 'genppl')
+            if r['num_steps'] and not prompted(r['settings'])]
     if not recs:
         raise ValueError(f'no genppl records of unconditional samples in {jsonl}: run --eval=genppl first')
     what = lambda r: (str(r['config'].get('judge')) + (' duo' if r['metrics'].get('protocol') == 'duo' else ''),
-                      r['metrics']['seq_len'], str(r.get('sampler')))  # (whole paths: judges out/judge_small/ckpt.pt
-    # and out/judge_large/ckpt.pt are two; the DUO protocol's numbers are another line)
+                      r['metrics']['seq_len'], str(r.get('sampler')))  # (whole judge paths: two ckpt.pt are two)
     varies = [len({what(r)[k] for r in recs}) > 1 for k in range(3)]
     lines = {}
     for r in recs:
@@ -629,12 +558,14 @@ def plot_genppl(jsonl, png):
     from matplotlib.ticker import FuncFormatter, NullLocator
     fig, axes = _pyplot().subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for (model, rnd, jdg, L, sampler), pts in sorted(lines.items()):
-        label = ' '.join(filter(None, (model, rnd >= 0 and f'round {rnd}', jdg and f'[{jdg}]', L and f'L={L}', sampler)))
+        label = ' '.join(filter(None, (model, rnd >= 0 and f'round {rnd}', jdg and f'[{jdg}]', L and f'L={L}',
+                                       sampler)))
         steps = sorted(pts)
         for k, ax in enumerate(axes):
             ax.plot(steps, [pts[s][k] for s in steps], marker='o', label=label)
     plain = FuncFormatter(lambda v, _: f'{v:g}')
-    titles = ('gen-PPL' + ('' if varies[0] else f" (judge: {recs[-1]['config'].get('judge')})"), 'entropy of the samples')
+    titles = ('gen-PPL' + ('' if varies[0] else f" (judge: {recs[-1]['config'].get('judge')})"),
+              'entropy of the samples')
     for ax, name, title in zip(axes, ('generative perplexity', 'unigram entropy (nats)'), titles):
         ax.set_xscale('log', base=2)
         ax.set_xticks(sorted({s for pts in lines.values() for s in pts}))
@@ -649,9 +580,8 @@ def plot_genppl(jsonl, png):
     return _save_figure(fig, png)
 
 
-def plot_training(log_path, png=None):
-    """A distill.py run's log.jsonl: loss (training, validation) and tokens/s against steps, SDTT's round ends marked,
-    -> png (default: train.png beside the log)."""
+def plot_training(log_path):
+    """A distill.py log.jsonl: loss and tokens/s against steps, round ends marked -> train.png beside the log."""
     if os.path.isdir(log_path):
         log_path = os.path.join(log_path, 'log.jsonl')
     if not os.path.exists(log_path):
@@ -664,13 +594,13 @@ def plot_training(log_path, png=None):
         raise ValueError(f'{log_path} has no training records yet (one every log_interval steps)')
     fig, (ax, ax_speed) = _pyplot().subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     dot = '.' if len(train) == 1 else None  # (a line through one point is not drawn)
-    ax.plot([r['step'] for r in train], [r['loss'] for r in train], lw=1, marker=dot,
-            label='training loss (mean since last log)')
+    steps = [r['step'] for r in train]
+    ax.plot(steps, [r['loss'] for r in train], lw=1, marker=dot, label='training loss (mean since last log)')
     if val:
         ax.plot([r['step'] for r in val], [r[val_key] for r in val], 'o-', label=f'{val_key} (EMA weights)')
     if all(r['loss'] > 0 for r in train) and all(r[val_key] > 0 for r in val):
         ax.set_yscale('log')
-    ax_speed.plot([r['step'] for r in train], [r['tokens_per_s'] for r in train], marker=dot)
+    ax_speed.plot(steps, [r['tokens_per_s'] for r in train], marker=dot)
     mfu = sorted(r['mfu'] for r in train)[len(train) // 2]
     ax_speed.set(xlabel='step', ylabel='tokens/s', title=f'throughput (median MFU {100 * mfu:.1f}%)', ylim=(0, None))
     ax_speed.grid(True, alpha=0.3)
@@ -686,15 +616,11 @@ def plot_training(log_path, png=None):
     ax.set(xlabel='step', ylabel='loss', title=os.path.basename(os.path.dirname(os.path.abspath(log_path))))
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8, loc='lower right' if ends else 'best')  # (SDTT's loss grows round by round; labels on top)
-    return _save_figure(fig, png or os.path.join(os.path.dirname(log_path), 'train.png'))
-
-
-# ----------------------------------------------------------------------------------------------------- script
-EVALS = ('genppl', 'mauve', 'lambada', 'lambada_ppl', 'valppl')
+    return _save_figure(fig, os.path.join(os.path.dirname(log_path), 'train.png'))
 
 
 def report(c, what, metrics, settings, source):
-    """Rank 0: append the record to out_dir/eval.jsonl and print its metrics (but the per-sample lists)."""
+    """Rank 0: append the record to out_dir/eval.jsonl and print its metrics (not the per-sample lists)."""
     if _rank_world()[0] == 0:
         write_record(os.path.join(c.out_dir, 'eval.jsonl'), what, metrics, vars(c), settings, source)
         print(f'{what} {source}: ' + json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)},
@@ -702,7 +628,6 @@ def report(c, what, metrics, settings, source):
 
 
 def eval_samples(c, evals, dev):
-    """--eval=genppl and/or mauve: every sample file at --samples, scored by --judge."""
     paths = sample_files(c.samples)  # (before the judge: a typo should not cost a gpt2-large load first)
     judge_lm, n_cond = LM(c.judge, dev, c.judge_dtype, compile=c.compile), 0
     for path in paths:
@@ -725,7 +650,7 @@ def eval_samples(c, evals, dev):
                 report(c, 'mauve', {**mauve_score(p, q, c.mauve_seeds), 'n_samples': len(q), 'n_refs': len(p)},
                        settings, path)
     if 'mauve' in evals and not n_cond:
-        raise ValueError(f'--eval=mauve needs cond_prefix sample files (sample.py --mode=cond_prefix); none in {paths[:3]}')
+        raise ValueError(f'--eval=mauve needs sample files of sample.py --mode=cond_prefix; none in {paths[:3]}')
 
 
 def main(argv=None):
@@ -745,7 +670,8 @@ def main(argv=None):
         eval_samples(c, evals, dev)
     if {'lambada', 'lambada_ppl', 'valppl'} & set(evals):
         lm = LM(c.init_from, dev, c.dtype, c.revision, c.compile)
-        settings = dict(model=c.init_from + (f'@{c.revision}' if c.revision else ''), meta=getattr(lm.model, 'meta', {}))
+        model = c.init_from + (f'@{c.revision}' if c.revision else '')
+        settings = dict(model=model, meta=getattr(lm.model, 'meta', {}))
         if 'lambada' in evals:
             r = lambada(lm, read_lambada(c.lambada_path), c.n_t, c.seed, c.batch_size)
             report(c, 'lambada', r, settings, c.lambada_path)

@@ -295,7 +295,7 @@ def test_lambada_ppl_is_mdlms_wrapped_per_token_protocol(dit_dir):
     -log p of the row tokens in expectation."""
     texts = ['He said \u201chi\u201d ', '  ok', 'xyz']
     stream = [*b'\nHe said "hi"', 256, *b'\nok', 256, *b'\nxyz', 256]  # 13 + 1 + 3 + 1 + 4 + 1 = 23 tokens
-    rows, dropped = E.wrap_rows([E.lambada_detokenize(t) for t in texts], get_tokenizer('byte'), 8, 256, 256)
+    rows, dropped = E.lambada_rows(texts, get_tokenizer('byte'), 8, 256, 256)
     assert rows.tolist() == [[256, *stream[i:i + 6], 256] for i in (0, 6, 12)] and dropped == 23 - 18
     lp = torch.log_softmax(torch.linspace(-2, 2, 257), -1)
     lm = E.LM(dit_dir[0])
