@@ -1,7 +1,6 @@
 """
-Training, one nanoGPT-style script for three objectives: sdtt (self-distillation through time, SPEC §5: the student
-matches in one step K ancestral steps of a frozen teacher), mdlm (MDLM NELBO pretraining: the teachers) and ar (the
-autoregressive baseline: the same network, causal, next-token loss).
+Training, nanoGPT-style, for three objectives: sdtt (self-distillation through time, SPEC §5: the student learns to
+take K steps of a frozen teacher in one), mdlm (MDLM NELBO pretraining: the teachers), ar (the autoregressive baseline).
 
     python distill.py config/tiny_mdlm.py                                 # CPU, minutes
     torchrun --standalone --nproc_per_node=8 distill.py config/kld_small.py
@@ -45,15 +44,13 @@ init_from = 'kuleshov-group/mdlm-owt'  # 'scratch' | 'resume' | hub id | model d
 init_revision = None        # hub revision of init_from (e.g. 'teacher_1M_sm' of jdeschena/sdtt)
 # model (init_from='scratch'; a loaded or resumed model keeps its architecture: another value set here is an error)
 n_layer, n_head, n_embd, cond_dim, block_size = 12, 12, 768, 128, 1024
-dropout = 0.1
-time_conditioning = False
+dropout, time_conditioning = 0.1, False
 noise_schedule = 'loglinear' # diffusion.NOISE_SCHEDULES: 'loglinear' | 'cosine'; a loaded model keeps its own
 # optimisation (SPEC §3 / §5 reference defaults)
 batch_size = 16             # micro-batch per process
 global_batch_size = 128     # sequences per optimiser step, over all processes and accumulation steps
 max_iters = 80000
-learning_rate = 3e-4        # SDTT paper text: 6e-5 with 500 warm-up steps; the reference code: 3e-4 / 2500
-warmup_iters = 2500
+learning_rate, warmup_iters = 3e-4, 2500  # the reference code's; the SDTT paper's text: 6e-5, 500 steps
 weight_decay, beta1, beta2, grad_clip = 0.0, 0.9, 0.999, 1.0
 ema_decay = 0.9999          # EMA of the weights, warm-up min(decay, (1+n)/(10+n)) at update n = 1, 2, ...; eval, saving
 sampling_eps = None         # lowest training t; None: 1e-5 for sdtt (SDTT), 1e-3 for mdlm (MDLM)
@@ -78,8 +75,7 @@ peak_flops = 989e12         # per device, for MFU (H100 SXM dense bf16)
 _DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
 OBJECTIVES = {'sdtt': 'val_distill_loss', 'mdlm': 'val_nelbo', 'ar': 'val_loss'}  # name -> its validation loss's key
 COMPILE_MODES = ('default', 'max-autotune-no-cudagraphs')  # (bench.py's training steps take the same)
-# what a loaded model keeps (setting one to another value is an error), and the settings that do not change what a
-# run computes: a resumed run with any other setting changed warns that it is no exact continuation
+# KEPT: what a loaded model keeps; FREE_ON_RESUME: what a resumed run may change and still continue exactly (no warning)
 KEPT = ('n_layer', 'n_head', 'n_embd', 'cond_dim', 'block_size', 'time_conditioning', 'noise_schedule')
 FREE_ON_RESUME = KEPT + ('init_from', 'init_revision', 'out_dir', 'max_iters', 'log_interval', 'eval_interval',
                          'eval_iters', 'ckpt_interval', 'device', 'compile', 'compile_mode', 'peak_flops')
@@ -148,15 +144,13 @@ def teacher_targets(teacher, b, K, mask_id, bf16=False, schedule='loglinear'):
 DIVERGENCES = {
     'kld': lambda ls, lt: (ls.exp() * (ls - lt)).sum(-1),          # reverse KL(student || teacher): the paper's best
     'kl_fwd': lambda ls, lt: (lt.exp() * (lt - ls)).sum(-1),       # KL(teacher || student)
-    # squared error of LOG-probs, / V as the reference's mean (MASK's column adds nothing)
-    'mse': lambda ls, lt: (ls - lt).square().sum(-1) / (ls.shape[-1] + 1),
+    'mse': lambda ls, lt: (ls - lt).square().sum(-1) / (ls.shape[-1] + 1),  # LOG-probs; / V: the reference's mean
     'tvd': lambda ls, lt: (ls - lt).abs().sum(-1),                 # the reference's "tvd": L1 of LOG-probs over V
     'tvd_true': lambda ls, lt: 0.5 * (ls.exp() - lt.exp()).abs().sum(-1),  # total variation 0.5 * sum |p_s - p_t|
 }
 
 
-def sdtt_divergence(ls, lt, name):
-    """DIVERGENCES[name] of student ls and teacher lt log-probs [M, V-1] (fp32), averaged over the M positions."""
+def sdtt_divergence(ls, lt, name):  # averaged over the M positions
     d = DIVERGENCES[name](ls, lt)
     return d.sum() / max(d.shape[0], 1)  # a micro-batch with nothing masked: 0, not NaN
 
@@ -231,7 +225,7 @@ def count_rounds(n, K, lowest):
         R += 1
     if R == 0:
         raise ValueError(f'teacher_num_steps={n}, num_distill_steps={K}: the first student would sample with {n / K:g} '
-                         f'< min_num_sampling_steps={lowest} steps: raise the one or lower the other')
+                         f'< min_num_sampling_steps={lowest} steps; raise teacher_num_steps or lower the minimum')
     if n % K ** R:
         ok = ', '.join(str(v) for v in (n // K ** R * K ** R, (n // K ** R + 1) * K ** R) if v)
         raise ValueError(f'teacher_num_steps={n}: the {R} round(s) of num_distill_steps={K} down to min_num_sampling_'
@@ -286,10 +280,10 @@ def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
     model = DiT(cfg)
     shadow = (ck.get('ema') or {}).get('shadow_params')
     if shadow is not None:
-        names = [n for n, _ in model.named_parameters()]
-        if len(shadow) < len(names) or any(s.shape != p.shape for s, (_, p) in zip(shadow, model.named_parameters())):
+        params = dict(model.named_parameters())
+        if len(shadow) < len(params) or any(s.shape != p.shape for s, p in zip(shadow, params.values())):
             raise ValueError(f'{path}: the EMA shadow_params do not follow the DiT parameter order')
-        sd = {**sd, **dict(zip(names, shadow))}
+        sd = {**sd, **dict(zip(params, shadow))}
     print(f'teacher: {path} ({"EMA" if shadow is not None else "raw"} weights, n_head={n_head} from the config)')
     load_state_dict_strict(model, sd, path)
     model.meta = default_meta(cfg.vocab_size)
@@ -301,8 +295,7 @@ def save_checkpoint(ckpt, path):
 
 
 def append_log(path, record, keep_upto=None):
-    """Append one JSON line; keep_upto=n first drops the lines of steps > n (those a resumed run will redo) and any
-    line that is not a record with a step (one cut short by kill -9, a hand edit), with a warning naming it."""
+    """Append one JSON line; keep_upto=n first drops the steps > n (a resume redoes them) and lines with no step."""
     if keep_upto is not None:
         recs = read_jsonl(path, need={'step': int}, what='a log record with a step') if os.path.exists(path) else []
         kept = ''.join(json.dumps(r) + '\n' for _, r in recs if r['step'] <= keep_upto)
@@ -370,8 +363,7 @@ def read_resume_checkpoint(config, meta, ckpt_path, master):
 
 
 def load_models(config, meta, ckpt_path, master):
-    """The network to train (resumed, new, or trained weights: sdtt's teacher) and the ckpt dict when resuming. A
-    loaded network keeps its architecture and noise schedule; config records them."""
+    """The network to train and the resumed ckpt (or None); a loaded one keeps its architecture and noise schedule."""
     if init_from == 'resume' and not os.path.exists(ckpt_path):
         raise FileNotFoundError(f'init_from=resume: no {ckpt_path} (start a run first, or fix out_dir)')
     if master:  # one run per out_dir: only rank 0 writes, so only it takes the lock (released at the end of main)
@@ -485,21 +477,13 @@ def run_meta(run):
 
 
 def write_checkpoint(run, config):
-    """ckpt.pt: everything an exact resume needs. Never non-finite: every save follows a log_window, which stops a
-    non-finite run (the last good checkpoint stays)."""
+    """ckpt.pt: all an exact resume needs; finite, as every save follows a log_window (which stops a NaN run)."""
     save_checkpoint(dict(model_args=asdict(run.model.config), model=run.model.state_dict(), ema=run.ema.state_dict(),
                          teacher=run.teacher.state_dict() if run.teacher is not None else None,
                          optimizer=run.optimizer.state_dict(), step=run.step, round=run.round, dt=dt_of(run.round),
                          ema_updates=run.ema_updates, config=config, meta=run_meta(run),
                          rng=dict(torch=torch.get_rng_state())), run.ckpt_path)
     run.saved_step = run.step
-
-
-def nonfinite(run):
-    kept = 'no checkpoint yet' if not os.path.exists(run.ckpt_path) else \
-        f'the last good checkpoint ({run.ckpt_path}) is kept'
-    return FloatingPointError(f'non-finite loss or gradient before step {run.step}: stopping; {kept}. Lower '
-                              'learning_rate or check the data.')
 
 
 def loss_of(run, net, data, first):
@@ -574,7 +558,10 @@ def log_window(run, lr, grad_norm, stop):
             stop[:] = [int(sig)]
     loss_val, norm_val, bad, stop_any, flops_val = stats.tolist()
     if bad:
-        raise nonfinite(run)
+        kept = (f'the last good checkpoint ({run.ckpt_path}) is kept' if os.path.exists(run.ckpt_path)
+                else 'no checkpoint yet')
+        raise FloatingPointError(f'non-finite loss or gradient before step {run.step}: stopping; {kept}. Lower '
+                                 'learning_rate or check the data.')
     dt_s, n, world = time.time() - run.t_log, run.step - run.step_log, run.world
     rec = dict(step=run.step, loss=loss_val / world / n, lr=lr, round=run.round,
                dt=dt_of(run.round) if objective == 'sdtt' else None, grad_norm=norm_val / world,
@@ -589,8 +576,7 @@ def log_window(run, lr, grad_norm, stop):
 
 @contextmanager
 def stop_on_signals(ckpt_path):
-    """Ctrl-C / SIGTERM append to the list it yields: the run finishes the step, saves and exits (a second Ctrl-C
-    aborts at once). The caller's handlers are back afterwards, however the run ends."""
+    """Ctrl-C / SIGTERM append to the yielded list: the run saves after this step (Ctrl-C again aborts at once)."""
     stop = []
 
     def on_signal(signum, frame):
