@@ -611,7 +611,7 @@ def end_run(run, config):
 def main(argv=None):
     config = configure(dict(_DEFAULTS), argv)  # the settings are the config block's names only
     globals().update(config)  # (from the defaults on every call: main() may run several times in one process)
-    run, K = setup(config), num_distill_steps
+    run = setup(config)
     open_log(run)
     with stop_on_signals(run.ckpt_path) as stop:
         run.loss_sum, run.flops, run.t_log, run.step_log = torch.zeros((), device=run.dev), 0.0, time.time(), run.step
@@ -629,7 +629,7 @@ def main(argv=None):
                 with run.fwd.no_sync() if run.ddp and micro < run.grad_accum - 1 else nullcontext():
                     loss, b = loss_of(run, run.fwd, run.train_data, run.step * global_batch_size + gm * batch_size)
                     (loss / run.grad_accum).backward()
-                run.flops += step_flops(run.model, run.teacher, b, K)
+                run.flops += step_flops(run.model, run.teacher, b, num_distill_steps)
                 run.loss_sum += loss.detach() / run.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip if grad_clip > 0 else math.inf)
             run.finite &= torch.isfinite(run.loss_sum) & torch.isfinite(grad_norm)
