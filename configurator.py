@@ -1,13 +1,10 @@
-"""
-nanoGPT-style configuration: a script's settings are its lower-case module-level globals (its config block; UPPER_CASE
-names are constants), and `config = configure(globals())` applies the command line in order:
-a config file (plain Python, executed; its top-level names override the defaults) or --key=value (a Python literal,
-or a bare string). Unlike nanoGPT's exec'd configurator: an unknown key is an error listing the close matches, keys
-whose default is None can be set, an int is accepted for a float, values may contain '=', a value of the wrong type
-is an error, and --help prints the script's docstring and its settings. Returns {key: value} of all settings.
-"""
+"""nanoGPT-style settings: a script's settings are the lower-case globals of its config block (UPPER_CASE: constants).
+`config = configure(globals())` applies config files (Python, executed) and --key=value (a Python literal or a bare
+string) in order. Unlike nanoGPT: an unknown key (with its close matches) or a wrong type is an error, None defaults
+can be set, an int passes for a float, and --help prints the script's docstring and settings."""
 import ast
 import difflib
+import pathlib
 import re
 import sys
 
@@ -22,13 +19,11 @@ def config_keys(g):
 def _check(key, value, default, source):
     if default is None or value is None:
         return value
-    if isinstance(default, bool) or isinstance(value, bool):
-        if isinstance(default, bool) and isinstance(value, bool):
+    if isinstance(default, bool) == isinstance(value, bool):  # (a bool is an int: only a bool replaces a bool)
+        if isinstance(default, float) and isinstance(value, int):
+            return float(value)
+        if isinstance(value, type(default)) or isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
             return value
-    elif isinstance(default, float) and isinstance(value, int):
-        return float(value)
-    elif isinstance(value, type(default)) or (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple))):
-        return value
     raise ValueError(f'{source}: {key} expects {type(default).__name__} (default {default!r}), got {value!r}')
 
 
@@ -56,12 +51,8 @@ def _print_help(g, keys):
     """--help: the script's docstring, then every setting with its value and the comment beside (and below) it."""
     main = sys.modules['__main__']
     notes, last = {}, []
-    try:
-        with open(getattr(main, '__file__', '')) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
+    path = pathlib.Path(getattr(main, '__file__', ''))  # ('': an interactive session)
+    for line in path.read_text().splitlines() if path.is_file() else []:
         m = re.match(r'([A-Za-z]\w*(?:\s*,\s*[A-Za-z]\w*)*)\s*=[^=#][^#]*(?:#\s?(.*))?$', line)
         if m:
             last = [k.strip() for k in m.group(1).split(',')]
@@ -81,8 +72,7 @@ def _print_help(g, keys):
 def _read_config_file(arg):
     """The settings a config file sets: its top-level names but imports, functions and private names."""
     try:
-        with open(arg) as f:
-            code = f.read()
+        code = pathlib.Path(arg).read_text()
     except OSError as e:
         raise FileNotFoundError(f'config file {arg!r} could not be read ({e.strerror})') from e
     print(f'Overriding config with {arg}')
@@ -114,14 +104,12 @@ def configure(g, argv=None):
             raise _unknown(key, keys, arg)
         if not sep and not isinstance(defaults[key], bool):
             raise ValueError(f'{arg}: expected --{key}=value')
-        val = val if sep else 'True'  # a bare --flag switches a boolean on
-        if isinstance(defaults[key], str):
-            value = val  # strings are taken as written: --out_dir=123 is the string '123'
-        else:
+        value = val if sep else 'True'  # a bare --flag switches a boolean on
+        if not isinstance(defaults[key], str):  # strings are taken as written: --out_dir=123 is the string '123'
             try:
-                value = ast.literal_eval(val)
+                value = ast.literal_eval(value)
             except (SyntaxError, ValueError):
-                value = val
+                pass  # a bare string
         g[key] = _check(key, value, defaults[key], arg)
         print(f'Overriding: {key} = {g[key]!r}')
     return {k: g[k] for k in keys}

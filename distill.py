@@ -1,16 +1,13 @@
 """
-Training for the three objectives of the project, one nanoGPT-style script:
-  sdtt  self-distillation through time (SPEC §5): the student matches in one step K ancestral steps of a frozen teacher
-  mdlm  masked-diffusion pretraining from scratch with the MDLM NELBO (the teachers)
-  ar    the autoregressive baseline: the same network with causal attention and next-token loss
+Training, nanoGPT-style, for three objectives: sdtt (self-distillation through time, SPEC §5: the student learns to
+take K steps of a frozen teacher in one), mdlm (MDLM NELBO pretraining: the teachers), ar (the autoregressive baseline).
 
     python distill.py config/tiny_mdlm.py                                 # CPU, minutes
     torchrun --standalone --nproc_per_node=8 distill.py config/kld_small.py
     python distill.py config/kld_small.py --init_from=resume              # continue out_dir/ckpt.pt exactly
 
-Writes to out_dir: ckpt.pt (latest state, atomic), log.jsonl (a JSON line per log/eval step and round end) and, for
-sdtt, round_{r}_steps_{n}/ (the EMA student after r rounds, to sample with n steps; save_pretrained layout). A step's
-data and random draws are functions of (seed, step, micro-batch): the same on resume, and on any number of GPUs.
+Writes to out_dir: ckpt.pt, log.jsonl and, for sdtt, round_{r}_steps_{n}/ (the EMA student after r rounds). A step's
+data and random draws are functions of (seed, step, micro-batch): the same on resume and on any number of GPUs.
 """
 import copy
 import json
@@ -47,15 +44,13 @@ init_from = 'kuleshov-group/mdlm-owt'  # 'scratch' | 'resume' | hub id | model d
 init_revision = None        # hub revision of init_from (e.g. 'teacher_1M_sm' of jdeschena/sdtt)
 # model (init_from='scratch'; a loaded or resumed model keeps its architecture: another value set here is an error)
 n_layer, n_head, n_embd, cond_dim, block_size = 12, 12, 768, 128, 1024
-dropout = 0.1
-time_conditioning = False
-noise_schedule = 'loglinear' # a name of diffusion.NOISE_SCHEDULES ('loglinear' | 'cosine'); a loaded model keeps its own
+dropout, time_conditioning = 0.1, False
+noise_schedule = 'loglinear' # diffusion.NOISE_SCHEDULES: 'loglinear' | 'cosine'; a loaded model keeps its own
 # optimisation (SPEC §3 / §5 reference defaults)
 batch_size = 16             # micro-batch per process
 global_batch_size = 128     # sequences per optimiser step, over all processes and accumulation steps
 max_iters = 80000
-learning_rate = 3e-4        # SDTT paper text: 6e-5 with 500 warm-up steps; the reference code: 3e-4 / 2500
-warmup_iters = 2500
+learning_rate, warmup_iters = 3e-4, 2500  # the reference code's; the SDTT paper's text: 6e-5, 500 steps
 weight_decay, beta1, beta2, grad_clip = 0.0, 0.9, 0.999, 1.0
 ema_decay = 0.9999          # EMA of the weights, warm-up min(decay, (1+n)/(10+n)) at update n = 1, 2, ...; eval, saving
 sampling_eps = None         # lowest training t; None: 1e-5 for sdtt (SDTT), 1e-3 for mdlm (MDLM)
@@ -80,25 +75,21 @@ peak_flops = 989e12         # per device, for MFU (H100 SXM dense bf16)
 _DEFAULTS = {k: globals()[k] for k in config_keys(globals())}
 OBJECTIVES = {'sdtt': 'val_distill_loss', 'mdlm': 'val_nelbo', 'ar': 'val_loss'}  # name -> its validation loss's key
 COMPILE_MODES = ('default', 'max-autotune-no-cudagraphs')  # (bench.py's training steps take the same)
-# what a loaded model keeps (setting one to another value is an error), and the settings that do not change what a
-# run computes: a resumed run with any other setting changed warns that it is no exact continuation
+# KEPT: what a loaded model keeps; FREE_ON_RESUME: what a resumed run may change and still continue exactly (no warning)
 KEPT = ('n_layer', 'n_head', 'n_embd', 'cond_dim', 'block_size', 'time_conditioning', 'noise_schedule')
 FREE_ON_RESUME = KEPT + ('init_from', 'init_revision', 'out_dir', 'max_iters', 'log_interval', 'eval_interval',
                          'eval_iters', 'ckpt_interval', 'device', 'compile', 'compile_mode', 'peak_flops')
 
 
 # ----------------------------------------------------------------------------------------------------------- losses
-# A micro-batch: draw_noise (host: its random numbers), teacher_targets (sdtt), Objective (the network and loss).
 def real_log_probs(logits, mask_id):
-    """log p(x0 | xt) over the real tokens, fp32 [..., V-1]: SUBS at the masked positions, the only ones the
-    divergences see (without SUBS's -inf mask column and carry-over, nothing there can be inf - inf)."""
+    """log p(x0 | xt), fp32 [..., V-1]: SUBS at the masked positions, without its -inf MASK column (no inf - inf)."""
     return F.log_softmax(logits[..., :mask_id].float(), dim=-1)
 
 
 def teacher_times(t, dt, K, reference_grid=False):
-    """Start times [K, B] of the K teacher steps from t [B], each to t_k - dt: t_k = t - k dt, clamped below at 1e-5
-    as in the reference. The reference's grid (SPEC §5 bug): t*space + (1 - t)*(t - K dt), space = linspace(1, 0, K):
-    its first step starts near t(2 - t) and reveals a factor 1/(2 - t) fewer tokens."""
+    """Start times [K, B] of the K teacher steps of size dt from t [B]: t - k dt, clamped at 1e-5 as the reference.
+    reference_grid (SPEC §5 bug): t*space + (1 - t)*(t - K dt), space = linspace(1, 0, K): 1/(2 - t) fewer reveals."""
     if reference_grid:
         space = torch.linspace(1, 0, K, dtype=t.dtype, device=t.device)[:, None]
         ts = t * space + (1 - t) * (t - K * dt)
@@ -108,9 +99,8 @@ def teacher_times(t, dt, K, reference_grid=False):
 
 
 def draw_noise(x0, objective, mask_id, sampling_eps, dt=None, K=2, reference_grid=False, schedule='loglinear'):
-    """Every random draw of one micro-batch x0 [B, L], on the host (the caller seeds it), so the step never waits for
-    the GPU to learn a size: t [B], xt, pos [M] (flat indices of xt's masked positions, the only ones with a loss);
-    sdtt: and teacher_draws'."""
+    """Every random draw of micro-batch x0 [B, L], on the host (no step waits for the GPU to learn a size): t [B], xt,
+    pos [M] (xt's masked flat indices); sdtt: also teacher_draws' tensors."""
     if objective == 'ar':
         return dict(x0=x0)
     B, L = x0.shape
@@ -141,9 +131,8 @@ def teacher_draws(t, pos, L, dt, K, schedule='loglinear', generator=None, refere
 
 @torch.no_grad()
 def teacher_targets(teacher, b, K, mask_id, bf16=False, schedule='loglinear'):
-    """SDTT soft targets (SPEC §5): the teacher's logits [M, V] at x_t's masked positions after K float64 ancestral
-    steps of size dt: a position revealed at step k gets step k's distribution, the others the last step's (before
-    the last step the output layer runs only at the rows that step reveals, about M dt/t)."""
+    """SDTT targets (SPEC §5): teacher logits [M, V] at xt's masked positions over K float64 ancestral steps; a
+    position revealed at step k gets step k's, the others the last step's (steps k < K-1: head at their reveals)."""
     x, pos, kept = b['xt'], b['pos'], []
     for k in range(K):
         at = pos if k == K - 1 else pos[b[f'reveal_{k}']]
@@ -158,27 +147,23 @@ def teacher_targets(teacher, b, K, mask_id, bf16=False, schedule='loglinear'):
     return logits
 
 
-# the SDTT divergences: name -> per-position divergence of student ls and teacher lt log-probs [M, V-1] (fp32).
-# Names and semantics of the SDTT reference (SPEC §5) plus a true TVD; a new one is one more line here.
+# name -> per-position divergence of student ls and teacher lt log-probs [M, V-1]: the SDTT reference's (SPEC §5) + TVD
 DIVERGENCES = {
     'kld': lambda ls, lt: (ls.exp() * (ls - lt)).sum(-1),          # reverse KL(student || teacher): the paper's best
     'kl_fwd': lambda ls, lt: (lt.exp() * (lt - ls)).sum(-1),       # KL(teacher || student)
-    # squared error of LOG-probs, / V as the reference's mean (MASK's column adds nothing)
-    'mse': lambda ls, lt: (ls - lt).square().sum(-1) / (ls.shape[-1] + 1),
+    'mse': lambda ls, lt: (ls - lt).square().sum(-1) / (ls.shape[-1] + 1),  # LOG-probs; / V: the reference's mean
     'tvd': lambda ls, lt: (ls - lt).abs().sum(-1),                 # the reference's "tvd": L1 of LOG-probs over V
     'tvd_true': lambda ls, lt: 0.5 * (ls.exp() - lt.exp()).abs().sum(-1),  # total variation 0.5 * sum |p_s - p_t|
 }
 
 
-def sdtt_divergence(ls, lt, name):
-    """DIVERGENCES[name] of student ls and teacher lt log-probs [M, V-1] (fp32), averaged over the M positions."""
+def sdtt_divergence(ls, lt, name):  # averaged over the M positions
     d = DIVERGENCES[name](ls, lt)
     return d.sum() / max(d.shape[0], 1)  # a micro-batch with nothing masked: 0, not NaN
 
 
 class Objective(torch.nn.Module):
-    """The network and its loss as one module: torch.compile fuses the fp32 vocabulary-wide work (log-softmax,
-    divergence, backward) with the output layer, which runs at the masked positions only; DDP wraps both."""
+    """The network and its loss as one module, for torch.compile to fuse the fp32 vocabulary-wide work; DDP wraps it."""
     def __init__(self, net, objective, mask_id, divergence='kld', bf16=False, schedule='loglinear'):
         super().__init__()
         self.net, self.objective, self.mask_id, self.divergence, self.bf16 = net, objective, mask_id, divergence, bf16
@@ -200,8 +185,7 @@ def training_loss(objective_fn, b, teacher=None, K=2, mask_id=None, bf16=False, 
     """The loss of one micro-batch b (draw_noise's tensors, on the device)."""
     if 'xt' not in b:  # ar
         return objective_fn(b['x0'])
-    # M, the number of masked positions, changes every micro-batch: compile for a dynamic size from the start (DDP's
-    # graph splitting in some torch versions would otherwise recompile for every new M)
+    # M changes every micro-batch: dynamic from the start (else DDP's graph splitting recompiles for every new M)
     torch._dynamo.maybe_mark_dynamic(b['pos'], 0)
     target = teacher_targets(teacher, b, K, mask_id, bf16, schedule) if 'teacher_t' in b else None
     if target is not None:
@@ -210,9 +194,8 @@ def training_loss(objective_fn, b, teacher=None, K=2, mask_id=None, bf16=False, 
 
 
 def step_flops(student, teacher, b, K):
-    """Matmul FLOPs of one micro-batch b as run (sizes only: no sync): the student's forward and backward with its
-    output layer at the M masked positions (everywhere for ar), and the teacher's K forwards, whose output layer runs
-    at the M positions in the last step and at the revealed rows before."""
+    """Matmul FLOPs of micro-batch b as run, from sizes (no sync): the student's forward and backward, head at the M
+    masked positions (ar: everywhere), and the teacher's K forwards (head at the revealed rows, then at all M)."""
     B, L = b['x0'].shape
     if 'pos' not in b:
         return student.flops_per_token(L) * B * L
@@ -236,55 +219,46 @@ def epoch_permutation(n_rows, seed, epoch):
 
 
 def get_batch(data, first, count, seed, seq_len):
-    """Samples first .. first+count-1 of the stream "every row once per epoch, in a seeded random order", as int64
-    [count, seq_len] on the host (rows cut to seq_len). Sample i of step s is global sample s * global_batch_size + i."""
+    """Samples first.. of the stream "each row once per epoch, seeded order": int64 [count, seq_len] on the host."""
     n = len(data)
     rows = np.array([epoch_permutation(n, seed, i // n)[i % n] for i in range(first, first + count)])
     return torch.from_numpy(data[rows, :seq_len].astype(np.int64))
 
 
 def count_rounds(n, K, lowest):
-    """The number of SDTT rounds from a teacher sampling with n steps: round r's student samples with n / K^r steps,
-    and rounds go on while that is >= lowest. A step count K^r does not divide is an error that says what works."""
+    """The SDTT rounds from a teacher of n steps: round r's student samples with n / K^r >= lowest steps."""
     R = 0
     while n >= lowest * K ** (R + 1):
         R += 1
     if R == 0:
-        raise ValueError(f'teacher_num_steps={n} / num_distill_steps={K}: the first student would sample with {n / K:g} '
-                         f'< min_num_sampling_steps={lowest} steps, so there is no round to run; raise '
-                         'teacher_num_steps or lower min_num_sampling_steps')
+        raise ValueError(f'teacher_num_steps={n}, num_distill_steps={K}: the first student would sample with {n / K:g} '
+                         f'< min_num_sampling_steps={lowest} steps; raise teacher_num_steps or lower the minimum')
     if n % K ** R:
-        D = max(d for d in range(R) if n % K ** d == 0)  # the rounds that divide
-        lo = n // K ** R * K ** R
-        raise ValueError(f'teacher_num_steps={n} with num_distill_steps={K}: the student of round {D + 1} would sample '
-                         f'with {n / K ** (D + 1):.4g} steps; the {R} round(s) down to min_num_sampling_steps={lowest} '
-                         f'need teacher_num_steps divisible by {K}^{R} = {K ** R} (e.g. '
-                         + ', '.join(str(v) for v in (lo, lo + K ** R) if v) + ')'
-                         + (f', or min_num_sampling_steps={n // K ** D} to stop after round {D}' if D else ''))
+        ok = ', '.join(str(v) for v in (n // K ** R * K ** R, (n // K ** R + 1) * K ** R) if v)
+        raise ValueError(f'teacher_num_steps={n}: the {R} round(s) of num_distill_steps={K} down to min_num_sampling_'
+                         f'steps={lowest} need it divisible by {K}^{R} = {K ** R} (e.g. {ok}), or fewer rounds')
     return R
 
 
 # ------------------------------------------------------------------------------------------------------- checkpoints
-# what MDLM Lightning checkpoints pickle besides tensors (their hyper-parameters: an OmegaConf config, a tokenizer)
+# what MDLM Lightning checkpoints pickle besides tensors (in their hyper-parameters)
 MDLM_GLOBALS = ('omegaconf.', 'transformers.models.', 'tokenizers.', 'pytorch_lightning.', 'lightning.',
                 'lightning_fabric.', 'typing.Any', 'collections.defaultdict', 'numpy.core.multiarray._reconstruct',
                 'numpy._core.multiarray._reconstruct', 'numpy.ndarray', 'numpy.dtype')
 
 
 def refused_checkpoint(path, e):
-    """Why torch.load(weights_only=True) refused path (e): the conversion of an MDLM Lightning checkpoint is advised
-    only when the globals it would have to run are all what such a checkpoint holds."""
+    """Why torch.load(weights_only=True) refused path: converting is advised only for an MDLM Lightning checkpoint."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as e2:  # not a zip nor a pickle: not a torch checkpoint at all
+    except Exception as e2:  # not a zip nor a pickle
         return f'{path} is not a torch checkpoint ({str(e2).splitlines()[0] if str(e2) else type(e2).__name__})'
     if not names:
         return f'{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
     other = [n for n in names if not n.startswith(MDLM_GLOBALS)]
     if other:
         return (f'{path} pickles {", ".join(other[:5])}, which no MDLM Lightning checkpoint holds: loading it would '
-                'run that code, so it is refused. Do not load it with weights_only=False; get the weights from a '
-                'source you trust')
+                'run that code. Do not load it with weights_only=False; get the weights from a source you trust')
     return (f'{path}: torch.load(weights_only=True) refuses its pickled hyper-parameters ({", ".join(names[:5])}): an '
             f'MDLM Lightning checkpoint. If you trust the file, keep only the weights once:\n  python -c "import '
             f"torch; c = torch.load('{path}', map_location='cpu', weights_only=False); "
@@ -293,9 +267,8 @@ def refused_checkpoint(path, e):
 
 
 def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
-    """A checkpoint of the original MDLM code: weights under 'state_dict' ('backbone.' prefixes), EMA under 'ema' ->
-    'shadow_params' (a list in parameter order), used when present. Its pickled hyper-parameters are not read: n_head
-    and block_size come from the config."""
+    """A checkpoint of the MDLM code: 'state_dict' ('backbone.' prefixes), EMA (if any) 'ema' -> 'shadow_params' in
+    parameter order. Its pickled hyper-parameters are not read: n_head and block_size come from the config."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'init_from={path}: no such file')
     try:
@@ -314,10 +287,10 @@ def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
     model = DiT(cfg)
     shadow = (ck.get('ema') or {}).get('shadow_params')
     if shadow is not None:
-        names = [n for n, _ in model.named_parameters()]
-        if len(shadow) < len(names) or any(s.shape != p.shape for s, (_, p) in zip(shadow, model.named_parameters())):
+        params = dict(model.named_parameters())
+        if len(shadow) < len(params) or any(s.shape != p.shape for s, p in zip(shadow, params.values())):
             raise ValueError(f'{path}: the EMA shadow_params do not follow the DiT parameter order')
-        sd = {**sd, **dict(zip(names, shadow))}
+        sd = {**sd, **dict(zip(params, shadow))}
     print(f'teacher: {path} ({"EMA" if shadow is not None else "raw"} weights, n_head={n_head} from the config)')
     load_state_dict_strict(model, sd, path)
     model.meta = default_meta(cfg.vocab_size)
@@ -329,8 +302,7 @@ def save_checkpoint(ckpt, path):
 
 
 def append_log(path, record, keep_upto=None):
-    """Append one JSON line; keep_upto=n first drops the lines of steps > n (those a resumed run will redo) and any
-    line that is not a record with a step (one cut short by kill -9, a hand edit), with a warning naming it."""
+    """Append one JSON line; keep_upto=n first drops the steps > n (a resume redoes them) and lines with no step."""
     if keep_upto is not None:
         recs = read_jsonl(path, need={'step': int}, what='a log record with a step') if os.path.exists(path) else []
         kept = ''.join(json.dumps(r) + '\n' for _, r in recs if r['step'] <= keep_upto)
@@ -347,12 +319,9 @@ def append_log(path, record, keep_upto=None):
 # (these read the settings as module globals, as main() leaves them)
 def check_settings(config):
     """Bad settings fail before anything is written. Returns the lowest training t and the rounds (mdlm, ar: inf)."""
-    check_choice('objective', objective, tuple(OBJECTIVES))
-    check_choice('divergence', divergence, tuple(DIVERGENCES))
-    if not init_from:
-        raise ValueError("init_from is empty: set it to 'scratch', 'resume' or the teacher (hub id, dir, ckpt.pt, .ckpt)")
-    check_choice('dtype', dtype, ('bfloat16', 'float32'))  # (bfloat16: autocast on CUDA)
-    check_choice('noise_schedule', noise_schedule, tuple(NOISE_SCHEDULES))
+    for key, allowed in (('objective', OBJECTIVES), ('divergence', DIVERGENCES), ('dtype', ('bfloat16', 'float32')),
+                         ('noise_schedule', NOISE_SCHEDULES), ('compile_mode', COMPILE_MODES)):
+        check_choice(key, config[key], tuple(allowed))
     check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=2,
                 teacher_num_steps=1, min_num_sampling_steps=1, max_iters=0, eval_iters=0, eval_interval=0,
                 ckpt_interval=0, n_layer=1, n_head=1, n_embd=1, cond_dim=1, block_size=1)  # (intervals 0: off)
@@ -361,7 +330,6 @@ def check_settings(config):
         raise ValueError(f'beta1={beta1}, beta2={beta2}, ema_decay={ema_decay}: the betas must be in [0, 1), ema_decay '
                          'in [0, 1]')
     check_device(device)
-    check_choice('compile_mode', compile_mode, COMPILE_MODES)
     eps = sampling_eps if sampling_eps is not None else (1e-5 if objective == 'sdtt' else 1e-3)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise ValueError(f'sampling_eps={sampling_eps!r}: the lowest training t must be a number in (0, 1) (MDLM 1e-3, '
@@ -402,45 +370,41 @@ def read_resume_checkpoint(config, meta, ckpt_path, master):
 
 
 def load_models(config, meta, ckpt_path, master):
-    """The network to train (a run's ckpt.pt to resume, a new one, or trained weights: the teacher of sdtt) and the
-    ckpt dict when resuming. A loaded network keeps its architecture and noise schedule; config records them."""
+    """The network to train and the resumed ckpt (or None); a loaded one keeps its architecture and noise schedule."""
     if init_from == 'resume' and not os.path.exists(ckpt_path):
         raise FileNotFoundError(f'init_from=resume: no {ckpt_path} (start a run first, or fix out_dir)')
     if master:  # one run per out_dir: only rank 0 writes, so only it takes the lock (released at the end of main)
         run_lock(out_dir)
-    ckpt = source = None
+    ckpt, weights, recorded = None, None, config  # recorded: the meta that names the noise schedule
     if init_from == 'resume':
         ckpt = read_resume_checkpoint(config, meta, ckpt_path, master)
-        model = DiT(replace(DiTConfig(**ckpt['model_args']), dropout=dropout))  # (dropout: as a loaded model's)
-        model.load_state_dict(ckpt['model'])
+        cfg, weights, recorded = DiTConfig(**ckpt['model_args']), ckpt['model'], ckpt['meta']
     elif os.path.exists(ckpt_path):
         raise FileExistsError(f'{ckpt_path} exists: continue it with --init_from=resume, or pick another out_dir')
-    if init_from == 'scratch':
+    elif init_from == 'scratch':
         if objective == 'sdtt':
             raise ValueError("objective='sdtt' needs a teacher: init_from = hub id, model directory, ckpt.pt or .ckpt")
-        model = DiT(DiTConfig(vocab_size=meta['vocab_size'], block_size=block_size, n_layer=n_layer, n_head=n_head,
-                              n_embd=n_embd, cond_dim=cond_dim, dropout=dropout, time_conditioning=time_conditioning,
-                              causal=objective == 'ar'))
-    elif init_from != 'resume':  # start from trained weights: the teacher of sdtt, or a model to train further
-        if init_from.endswith('.ckpt'):
-            source = load_lightning_ckpt(os.path.expanduser(init_from), n_head, block_size, time_conditioning)
-        else:
-            source = load_pretrained(init_from, revision=init_revision)
-        model = DiT(replace(source.config, dropout=dropout))
-        model.load_state_dict(source.state_dict())
+        cfg = DiTConfig(vocab_size=meta['vocab_size'], block_size=block_size, n_layer=n_layer, n_head=n_head,
+                        n_embd=n_embd, cond_dim=cond_dim, time_conditioning=time_conditioning, causal=objective == 'ar')
+    else:  # trained weights: the teacher of sdtt, or a model to train further
+        source = (load_lightning_ckpt(os.path.expanduser(init_from), n_head, block_size, time_conditioning)
+                  if init_from.endswith('.ckpt') else load_pretrained(init_from, revision=init_revision))
+        cfg, weights, recorded = source.config, source.state_dict(), source.meta
         steps = source.meta.get('num_sampling_steps')
         if objective == 'sdtt' and steps and steps != teacher_num_steps and master:
             print(f'warning: {init_from} was distilled to sample with {steps} steps (its meta), teacher_num_steps='
-                  f'{teacher_num_steps}: round 1 starts at dt = 1/{teacher_num_steps} (--teacher_num_steps={steps} goes '
-                  'on from where it stopped)')
+                  f'{teacher_num_steps}: round 1 starts there (--teacher_num_steps={steps} goes on where it stopped)')
+    model = DiT(replace(cfg, dropout=dropout))  # (dropout: the setting's, for a loaded model too)
+    if weights is not None:
+        model.load_state_dict(weights)
     # a setting moved from its default to another value would be ignored without a word: an error
     trained = {k: getattr(model.config, k, None) for k in KEPT}
-    trained['noise_schedule'] = schedule_of(ckpt['meta'] if ckpt else source.meta if source else config)
+    trained['noise_schedule'] = schedule_of(recorded)
     ignored = [f'{k}={config[k]!r} (the model: {v!r})' for k, v in trained.items()
                if config[k] != _DEFAULTS[k] and config[k] != v]
     if ignored:
-        raise ValueError(f'init_from={init_from!r}: a loaded model keeps its own architecture, but {", ".join(ignored)} '
-                         'asks for another: leave these settings at their defaults, or start from scratch')
+        raise ValueError(f'init_from={init_from!r}: a loaded model keeps its own architecture, but '
+                         f'{", ".join(ignored)} asks for another: leave these at their defaults, or start from scratch')
     config.update(trained)
     if model.config.vocab_size != meta['vocab_size']:
         raise ValueError(f'{data_dir} is tokenized with {meta.get("tokenizer")} (vocabulary {meta["vocab_size"]}), the '
@@ -451,8 +415,7 @@ def load_models(config, meta, ckpt_path, master):
 
 
 def build_run(model, ckpt, dev, **fields):
-    """The state of a run: the student (or mdlm/ar model), its EMA, for sdtt the frozen teacher (not a submodule of the
-    student: no grads, EMA or optimiser state), AdamW, counters; from ckpt when resuming."""
+    """The run's state (from ckpt when resuming): the model, its EMA, sdtt's frozen teacher (no submodule), AdamW."""
     run = SimpleNamespace(model=model.to(dev), step=0, round=0, ema_updates=0, dev=dev, **fields,
                           finite=torch.ones((), dtype=torch.bool, device=dev))  # (finite: no NaN since the last check)
     run.ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -490,13 +453,12 @@ def setup(config):
     model, ckpt = load_models(config, meta, ckpt_path, rank == 0)
     seq_len = min(meta['row_len'], model.config.block_size)
     if seq_len < meta['row_len'] and rank == 0:
-        print(f"note: the rows of {data_dir} have {meta['row_len']} tokens, the model takes {seq_len}: it trains on the "
-              f"first {seq_len} of each row (prepare the data with --row_len={seq_len} to use all of it)")
+        print(f"note: the rows of {data_dir} have {meta['row_len']} tokens, the model takes the first {seq_len} "
+              f"(prepare_data.py --row_len={seq_len} uses them all)")
     run = build_run(model, ckpt, dev, eps=eps, n_rounds=n_rounds, ddp=ddp, rank=rank, world=world, master=rank == 0,
                     grad_accum=global_batch_size // (world * batch_size), meta=meta, mask_id=meta['mask_id'],
                     schedule=config['noise_schedule'], train_data=train_data, val_data=val_data, ckpt_path=ckpt_path,
                     seq_len=seq_len, bf16=dev.type == 'cuda' and dtype == 'bfloat16')
-    # the network and its loss compiled as one graph, for a number of masked positions that changes every step
     fwd = Objective(model, objective, run.mask_id, divergence, run.bf16, run.schedule)
     fwd = torch.compile(fwd, mode=compile_mode) if compile else fwd
     run.fwd = DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None) if ddp else fwd
@@ -522,29 +484,20 @@ def run_meta(run):
 
 
 def write_checkpoint(run, config):
-    """ckpt.pt: everything an exact resume needs. Never a non-finite state: the last good checkpoint stays."""
-    if bool(run.finite):
-        save_checkpoint(dict(model_args=asdict(run.model.config), model=run.model.state_dict(), ema=run.ema.state_dict(),
-                             teacher=run.teacher.state_dict() if run.teacher is not None else None,
-                             optimizer=run.optimizer.state_dict(), step=run.step, round=run.round, dt=dt_of(run.round),
-                             ema_updates=run.ema_updates, config=config, meta=run_meta(run),
-                             rng=dict(torch=torch.get_rng_state())), run.ckpt_path)
+    """ckpt.pt: all an exact resume needs; finite, as every save follows a log_window (which stops a NaN run)."""
+    save_checkpoint(dict(model_args=asdict(run.model.config), model=run.model.state_dict(), ema=run.ema.state_dict(),
+                         teacher=run.teacher.state_dict() if run.teacher is not None else None,
+                         optimizer=run.optimizer.state_dict(), step=run.step, round=run.round, dt=dt_of(run.round),
+                         ema_updates=run.ema_updates, config=config, meta=run_meta(run),
+                         rng=dict(torch=torch.get_rng_state())), run.ckpt_path)
     run.saved_step = run.step
-
-
-def nonfinite(run):
-    kept = 'no checkpoint yet' if not os.path.exists(run.ckpt_path) else \
-        f'the last good checkpoint ({run.ckpt_path}) is kept'
-    return FloatingPointError(f'non-finite loss or gradient before step {run.step}: stopping; {kept}. Lower '
-                              'learning_rate or check the data.')
 
 
 def loss_of(run, net, data, first):
     """The loss of rows first.. of data (and its batch), the noise drawn on the host from the torch seed."""
-    b = get_batch(data, first, batch_size, seed, run.seq_len)
-    b = draw_noise(b, objective, run.mask_id, run.eps, dt_of(run.round), num_distill_steps, reference_time_grid,
-                   run.schedule)
-    b = to_device(b, run.dev)
+    x0 = get_batch(data, first, batch_size, seed, run.seq_len)
+    b = to_device(draw_noise(x0, objective, run.mask_id, run.eps, dt_of(run.round), num_distill_steps,
+                             reference_time_grid, run.schedule), run.dev)
     return training_loss(net, b, run.teacher_fwd, num_distill_steps, run.mask_id, run.bf16, run.schedule), b
 
 
@@ -565,12 +518,10 @@ def validate(run):
 
 def end_round(run):
     """Round run.round ends: its student (EMA weights) is saved, becomes the teacher, and dt grows K-fold."""
-    if not bool(run.finite):
-        raise nonfinite(run)
     run.round += 1
     if run.master:
-        rdir = os.path.join(out_dir, f'round_{run.round}_steps_{teacher_num_steps // num_distill_steps ** run.round}')
         run.ema.meta = run_meta(run)
+        rdir = os.path.join(out_dir, f'round_{run.round}_steps_{run.ema.meta["num_sampling_steps"]}')
         save_pretrained(run.ema, rdir)
         run.log(dict(step=run.step, round_done=run.round, next_dt=dt_of(run.round)),  # (the plot's round boundaries)
                 f'round {run.round} done at step {run.step}: {rdir}; next dt = {dt_of(run.round):.3e}')
@@ -583,8 +534,7 @@ def end_round(run):
 
 
 def open_log(run):
-    """run.log(record, text): stdout and out_dir/log.jsonl (a resumed run first drops the lines of the steps it
-    redoes); record=None prints only. Prints the run's sizes."""
+    """run.log(record, text): stdout and log.jsonl (resumed: without the steps it redoes); record=None prints only."""
     path = os.path.join(out_dir, 'log.jsonl')
     if run.master:
         os.makedirs(out_dir, exist_ok=True)
@@ -615,7 +565,10 @@ def log_window(run, lr, grad_norm, stop):
             stop[:] = [int(sig)]
     loss_val, norm_val, bad, stop_any, flops_val = stats.tolist()
     if bad:
-        raise nonfinite(run)
+        kept = (f'the last good checkpoint ({run.ckpt_path}) is kept' if os.path.exists(run.ckpt_path)
+                else 'no checkpoint yet')
+        raise FloatingPointError(f'non-finite loss or gradient before step {run.step}: stopping; {kept}. Lower '
+                                 'learning_rate or check the data.')
     dt_s, n, world = time.time() - run.t_log, run.step - run.step_log, run.world
     rec = dict(step=run.step, loss=loss_val / world / n, lr=lr, round=run.round,
                dt=dt_of(run.round) if objective == 'sdtt' else None, grad_norm=norm_val / world,
@@ -630,8 +583,7 @@ def log_window(run, lr, grad_norm, stop):
 
 @contextmanager
 def stop_on_signals(ckpt_path):
-    """Ctrl-C / SIGTERM append to the list it yields: the run finishes the step, saves and exits (a second Ctrl-C
-    aborts at once). The caller's handlers are back afterwards, however the run ends."""
+    """Ctrl-C / SIGTERM append to the yielded list: the run saves after this step (Ctrl-C again aborts at once)."""
     stop = []
 
     def on_signal(signum, frame):
@@ -648,14 +600,11 @@ def stop_on_signals(ckpt_path):
 
 
 def end_run(run, config):
-    """Says why the run ended and writes its final checkpoint (a NaN since the last log step: an error, the last good
-    checkpoint stays). Returns whether it finished (max_iters or the last round)."""
+    """Says why the run ended, writes its last checkpoint; returns whether it finished (max_iters or last round)."""
     if run.round >= run.n_rounds:
         next_steps = teacher_num_steps / num_distill_steps ** (run.round + 1)
         run.log(None, f'done: {run.round} rounds; the next student would sample with {next_steps:g} < '
                       f'min_num_sampling_steps={min_num_sampling_steps} steps')
-    if not bool(run.finite):
-        raise nonfinite(run)
     if run.master and (run.saved_step != run.step or not os.path.exists(run.ckpt_path)):
         write_checkpoint(run, config)
     finished = run.step >= max_iters or run.round >= run.n_rounds
@@ -669,7 +618,7 @@ def end_run(run, config):
 def main(argv=None):
     config = configure(dict(_DEFAULTS), argv)  # the settings are the config block's names only
     globals().update(config)  # (from the defaults on every call: main() may run several times in one process)
-    run, K = setup(config), num_distill_steps
+    run = setup(config)
     open_log(run)
     with stop_on_signals(run.ckpt_path) as stop:
         run.loss_sum, run.flops, run.t_log, run.step_log = torch.zeros((), device=run.dev), 0.0, time.time(), run.step
@@ -687,7 +636,7 @@ def main(argv=None):
                 with run.fwd.no_sync() if run.ddp and micro < run.grad_accum - 1 else nullcontext():
                     loss, b = loss_of(run, run.fwd, run.train_data, run.step * global_batch_size + gm * batch_size)
                     (loss / run.grad_accum).backward()
-                run.flops += step_flops(run.model, run.teacher, b, K)
+                run.flops += step_flops(run.model, run.teacher, b, num_distill_steps)
                 run.loss_sum += loss.detach() / run.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), grad_clip if grad_clip > 0 else math.inf)
             run.finite &= torch.isfinite(run.loss_sum) & torch.isfinite(grad_norm)
@@ -700,8 +649,7 @@ def main(argv=None):
             boundary = objective == 'sdtt' and run.step % round_every == 0  # round run.round ends with this step
             last = run.step >= max_iters or (boundary and run.round + 1 >= run.n_rounds)
             save = boundary or (ckpt_interval and run.step % ckpt_interval == 0)
-            # ---- logging, evaluation, round boundaries, checkpoints. A log window also ends at every checkpoint (a
-            # resumed run logs what an uninterrupted one does), at halt and the last step (no steps lost)
+            # ---- a log window also ends at checkpoints (a resumed run logs what an uninterrupted one does), at the end
             if run.step % log_interval == 0 or last or halt or save:
                 halt = log_window(run, lr, grad_norm, stop) or halt
             t_aside = time.time()  # evaluation, round boundaries and checkpoints are not training: not in tokens/s
@@ -717,8 +665,7 @@ def main(argv=None):
     if run.ddp:
         dist.barrier()  # wait for rank 0's final checkpoint: gloo aborts if a peer leaves the group early
         dist.destroy_process_group()
-    # a run stopped by a signal exits with the shell's 128 + signal, not success: a pipeline (`distill.py a &&
-    # distill.py b`, e2e.py) must not go on with a half-trained model
+    # stopped by a signal: the shell's 128 + signal, not success (`a && b`, e2e.py must not go on half-trained)
     return 0 if finished else 128 + (stop[0] if stop else signal.SIGINT)
 
 
