@@ -4,7 +4,6 @@ import json
 import math
 import os
 import re
-import time
 
 import pytest
 import torch
@@ -469,22 +468,3 @@ def test_hub_id_offline_fails_fast_with_advice(monkeypatch):
         load_pretrained('jdeschena/sdtt', revision='baselines_kld_step_70000')
     assert calls['repo_id'] == 'jdeschena/sdtt' and calls['revision'] == 'baselines_kld_step_70000'
     assert set(calls['allow_patterns']) == {'config.json', 'model.safetensors'}  # never code
-
-
-def test_forward_not_slower_than_plain_sdpa_implementation():
-    """Speed guard, measured as a ratio in one run: our forward vs the independent reference with SDPA attention
-    (the same network written plainly). A generous bound: CI machines are noisy; the ratio is ~1."""
-    m = random_model(n_layer=2, n_embd=128, n_head=4, block_size=128)
-    idx = torch.randint(0, CFG['vocab_size'], (4, 128))
-    sd, cfg = m.state_dict(), m.config
-
-    def bench(f, n=5):
-        f()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            f()
-        return time.perf_counter() - t0
-    with torch.no_grad():
-        ours = min(bench(lambda: m(idx)) for _ in range(3))
-        ref = min(bench(lambda: reference_forward(sd, cfg, idx, None, sdpa=True)) for _ in range(3))
-    assert ours < 1.5 * ref, (ours, ref)

@@ -1,15 +1,15 @@
 """
-The ceiling of one SDTT round: samples of the student that a perfectly trained round would give, at any scale.
+The ideal student of one SDTT round: what a round's objective asks for, with unlimited capacity and training.
 
-A round trains the student at x_t on one random draw of the teacher's K steps at a time. With unlimited capacity and
-training, its output at x_t is the minimiser over those draws of the divergence: per masked position, kld (reverse
-KL): the normalised geometric mean of the draws' distributions; kl_fwd: their mean. This script estimates it from
-`draws` draws at every sampling step and samples with it, batch for batch with sample.py's seeds, so evaluate.py's
-gen-PPL, paired with the teacher's samples, says how much of a round's reach (teacher@n -> teacher@Kn) a one-step
-student, whose tokens within a step are independent, can take at all; a trained student is measured against that.
+A round trains the student at x_t on one random draw of the teacher's K steps at a time; the minimiser of the
+divergence over those draws is, per masked position, for kld (reverse KL) the normalised geometric mean of the draws'
+distributions, for kl_fwd their mean. This script estimates it at every sampling step (Rao-Blackwellised over `draws`
+draws) and samples with it, batch for batch with sample.py's seeds: gen-PPL paired with the teacher's and the trained
+student's samples says whether a round falls short of its reach (teacher@n -> teacher@Kn) for want of training or
+because its objective itself, a one-step student whose tokens within a step are independent, goes no further.
 
-    python ceiling.py --teacher=out/e2e/teacher --num_steps=16 --seed=1 --out_dir=out/e2e
-    python evaluate.py --eval=genppl --samples=out/e2e/samples/ceiling --judge=out/e2e/judge --out_dir=out/e2e
+    python ideal.py --teacher=out/e2e/sdtt/round_2_steps_8 --num_steps=4 --seed=1 --out_dir=out/e2e
+    python evaluate.py --eval=genppl --samples=out/e2e/samples/ideal --judge=out/e2e/judge --out_dir=out/e2e
 """
 import os
 import re
@@ -32,9 +32,9 @@ n_samples, batch_size, seq_len, seed = 512, 64, 128, 1   # as sample.py's: the s
 out_dir = 'out/e2e'
 device = 'cpu'
 _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
-# divergence -> (f, finish): its minimiser over random targets t is finish(E f(log t)), E the weighted mean
-MINIMISERS = {'kld': (lambda lp: lp, lambda s: torch.log_softmax(s, -1)),  # argmin_s E KL(s || t) = normalised exp E log t
-              'kl_fwd': (torch.exp, torch.log)}                           # argmin_s E KL(t || s) = E t
+# divergence -> (f, finish): its minimiser over random targets t is finish(E f(log t)), E the weighted mean.
+# kld: argmin_s E KL(s || t) = normalised exp E log t; kl_fwd: argmin_s E KL(t || s) = E t
+MINIMISERS = {'kld': (lambda lp: lp, lambda s: torch.log_softmax(s, -1)), 'kl_fwd': (torch.exp, torch.log)}
 
 
 def time_of(sig, schedule, iters=60):
@@ -54,7 +54,8 @@ class IdealStudent(torch.nn.Module):
 
     def __init__(self, net, mask_id, num_steps, K, draws, divergence, schedule, generator):
         super().__init__()
-        self.net, self.mask_id, self.K, self.draws, self.schedule, self.gen = net, mask_id, K, draws, schedule, generator
+        self.net, self.mask_id, self.K, self.draws = net, mask_id, K, draws
+        self.schedule, self.gen = schedule, generator
         self.dt = (1 - SAMPLE_EPS) / (K * num_steps)  # the teacher's step at K n steps (diffusion.sampling_grid)
         self.f, self.finish = MINIMISERS[divergence]
 
@@ -111,7 +112,7 @@ def main(argv=None):
         print(f'batch {i + 1}: {time.time() - t0:.0f}s', flush=True)
     tokens = np.concatenate(batches)
     name = f"ideal-{c['divergence']}-K{K}-d{c['draws']}-" + re.sub(r'[^A-Za-z0-9._@-]+', '-', lm.name).strip('-')
-    path = os.path.join(c['out_dir'], 'samples', 'ceiling', f"{name}_ancestral_T{n}_L{c['seq_len']}_n{len(tokens)}"
+    path = os.path.join(c['out_dir'], 'samples', 'ideal', f"{name}_ancestral_T{n}_L{c['seq_len']}_n{len(tokens)}"
                                                              f"_s{c['seed']}")
     tok = lm.tokenizer if lm.meta.get('tokenizer') else None
     texts = tok.batch_decode(tokens) if tok else [' '.join(map(str, r)) for r in tokens]
