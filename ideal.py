@@ -122,4 +122,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad input: the message says what to do
+        raise SystemExit(f'ideal.py: error: {e}')
