@@ -1,4 +1,4 @@
-# SDTT on CPU (16 min on 2 cores shared with other jobs): distil the tiny MDLM of config/tiny_mdlm.py (run that first)
+# SDTT on CPU (13 min on 2 idle cores): distil the tiny MDLM of config/tiny_mdlm.py (run that first)
 # with the reverse KL.
 # The teacher samples with 32 steps (teacher_num_steps); 3 rounds of 400 steps give students of 16, 8 and 4 steps:
 # out/tiny_kld/round_1_steps_16, round_2_steps_8, round_3_steps_4 (then a round-4 student would need 2 < 4: stop).
