@@ -38,6 +38,7 @@ from configurator import configure
 from evaluate import closer, read_records
 from fileio import RunLocked, run_lock
 from model import write_atomic
+from prepare_data import open_split
 
 corpus = 'corpus'                 # prepare_data.py --source: the embedded English corpus (corpus/SOURCES.md), any
                                    # directory/file of .jsonl/.txt(.gz), or an HF dataset name
@@ -61,6 +62,8 @@ eval_batch = 64
 jobs = 2                           # independent commands run this many at a time (2 cores: 2)
 val_rows = 1024                    # validation rows for the NELBO perplexity (0: all)
 replicas = 1                       # independent replicas (1: everything in work_dir itself)
+min_teacher_gain = 0.1             # stop before SDTT unless the teacher's val NELBO is this far (a share) below the
+                                   # unigram entropy of the val tokens (0: no check)
 config = configure(globals())
 
 py = sys.executable
@@ -89,7 +92,7 @@ def stage(logs, name, *cmds, parallel=True):
     if os.path.exists(done):
         with open(done) as f:
             before = json.load(f)
-        if before.get('commands', argv) != argv:  # its results would be reported under the new settings
+        if sorted(before.get('commands', argv)) != sorted(argv):  # its results would be reported under new settings
             new = sorted({a for c in argv for a in c} - {a for c in before['commands'] for a in c})
             sys.exit(f'e2e.py: {logs} holds a finished {name} stage run with other settings (now {" ".join(new)}): '
                      f'use another --work_dir, or delete {os.path.dirname(logs)} to start over')
@@ -99,37 +102,36 @@ def stage(logs, name, *cmds, parallel=True):
     t0, width = time.time(), min(jobs, len(cmds)) if parallel else 1
     # tiny models run best on one thread each: two processes on two cores beat one process with two threads
     env = {**os.environ, 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // width))}
-    for i in range(0, len(cmds), width):
-        running = []
-        for j, cmd in enumerate(cmds[i:i + width]):
-            out = [a.split('=', 1)[1] for a in cmd if a.startswith('--out_dir=')]
-            if cmd[1] == 'distill.py' and out and os.path.exists(os.path.join(out[-1], 'ckpt.pt')):
-                cmd = cmd + ['--init_from=resume']  # an interrupted run of this stage: continue it
-            line = ' '.join(shlex.quote(c) for c in cmd)
-            print(f'== {name}: {line}', flush=True)
-            log = open(os.path.join(logs, f'{name}.{i + j}.log'), 'w')
-            log.write(f'$ {line}\n')
-            log.flush()
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                             pass_fds=(_lock.fileno(),), preexec_fn=_end_with_parent), log))
-        try:
-            waiting = list(running)
-            while waiting:  # whichever ends first: a failure stops the others at once
-                for p, log in waiting:
-                    if p.poll() is not None:
-                        if p.returncode:
-                            sys.exit(f'e2e.py: stage {name} failed (exit {p.returncode}); see {log.name}. Run the same '
-                                     'command again to continue (finished stages are skipped, training resumes)')
-                        log.close()
-                waiting = [(p, log) for p, log in waiting if p.returncode is None]
-                time.sleep(0.2)
-        except BaseException:  # Ctrl-C, SIGTERM or a failed command: stop the others (training saves), then exit
-            for p, _ in running:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p, _ in running:
-                p.wait()
-            raise
+    queue, running = list(enumerate(cmds)), []
+    try:
+        while queue or running:  # a pool: the next command starts as soon as one ends (callers put the long first)
+            while queue and len(running) < width:
+                i, cmd = queue.pop(0)
+                out = [a.split('=', 1)[1] for a in cmd if a.startswith('--out_dir=')]
+                if cmd[1] == 'distill.py' and out and os.path.exists(os.path.join(out[-1], 'ckpt.pt')):
+                    cmd = cmd + ['--init_from=resume']  # an interrupted run of this stage: continue it
+                line = ' '.join(shlex.quote(c) for c in cmd)
+                print(f'== {name}: {line}', flush=True)
+                log = open(os.path.join(logs, f'{name}.{i}.log'), 'w')
+                log.write(f'$ {line}\n')
+                log.flush()
+                running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                 pass_fds=(_lock.fileno(),), preexec_fn=_end_with_parent), log))
+            for p, log in running:  # whichever ends first: a failure stops the others at once
+                if p.poll() is not None:
+                    if p.returncode:
+                        sys.exit(f'e2e.py: stage {name} failed (exit {p.returncode}); see {log.name}. Run the same '
+                                 'command again to continue (finished stages are skipped, training resumes)')
+                    log.close()
+            running = [(p, log) for p, log in running if p.returncode is None]
+            time.sleep(0.2)
+    except BaseException:  # Ctrl-C, SIGTERM or a failed command: stop the others (training saves), then exit
+        for p, _ in running:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p, _ in running:
+            p.wait()
+        raise
     timings[name] = timings.get(name, 0) + time.time() - t0
     write_atomic(done, lambda f: f.write(json.dumps({'seconds': time.time() - t0, 'commands': argv}).encode()))
     print(f'   {name}: {time.time() - t0:.0f} s', flush=True)
@@ -154,6 +156,7 @@ def replica(wd, seed):
     stage(logs, 'teacher+judge',
           [py, 'distill.py', teacher_config, *common, f'--out_dir={wd}/teacher', *extra(teacher_args)],
           [py, 'distill.py', judge_config, *common, f'--out_dir={wd}/judge', *extra(judge_args)])
+    check_teacher(wd, data)
     stage(logs, 'sdtt', [py, 'distill.py', sdtt_config, f'--data_dir={data}', f'--device={device}', f'--seed={seed}',
                          f'--out_dir={wd}/sdtt', f'--init_from={wd}/teacher',
                          f'--teacher_num_steps={teacher_num_steps}', *extra(sdtt_args)])
@@ -164,11 +167,13 @@ def replica(wd, seed):
             r, n = int(d.split('_')[1]), int(d.split('_')[3])
             models.append((d, r, os.path.join(wd, 'sdtt', d), n))
     models.sort(key=lambda m: m[1])
+    # the teacher to 2N (is N enough?), each student up to its own steps; the longest first, so the pool ends together
+    cells = sorted(((steps, path) for _, r, path, n in models for steps in steps_upto(2 * n if r == 0 else n)),
+                   key=lambda cell: -cell[0])
     stage(logs, 'sample', *[[py, 'sample.py', f'--init_from={path}', f'--num_steps={steps}', f'--n_samples={n_samples}',
                              f'--batch_size={sample_batch}', f'--seq_len={seq_len}', f'--seed={seed}',
                              f'--out_dir={wd}', f'--device={device}', '--n_print=0', '--overwrite=True']
-                            for name, r, path, n in models
-                            for steps in steps_upto(2 * n if r == 0 else n)])  # (teacher: to 2N, is N enough?)
+                            for steps, path in cells])
     ev = [py, 'evaluate.py', f'--out_dir={wd}', f'--device={device}', f'--batch_size={eval_batch}']
     # evaluate.py appends to one eval.jsonl: its runs go one at a time
     stage(logs, 'evaluate', [*ev, '--eval=genppl', f'--samples={wd}/samples/uncond', f'--judge={wd}/judge'],
@@ -225,6 +230,22 @@ def replica(wd, seed):
     write_atomic(os.path.join(wd, 'results.md'), lambda f: f.write(('\n'.join(out) + '\n').encode()))
     print('\n'.join(out))
     return rows
+
+
+def check_teacher(wd, data):
+    """Stop before SDTT if the teacher learnt little beyond token frequencies: a tiny MDLM can sit on that plateau for
+    1000+ steps (seed 200 did), and its students would show nothing."""
+    val = np.asarray(open_split(data, 'val')).ravel()
+    p = np.bincount(val) / len(val)
+    unigram = -np.sum(p[p > 0] * np.log(p[p > 0]))
+    nelbo = [r['val_nelbo'] for r in read_records(os.path.join(wd, 'teacher', 'log.jsonl'), {'step': int},
+                                                   keep=lambda r: 'val_nelbo' in r)]
+    if min_teacher_gain and (not nelbo or nelbo[-1] > (1 - min_teacher_gain) * unigram):
+        got = f'{nelbo[-1]:.3f} nats per token' if nelbo else 'not measured (no val_nelbo in its log.jsonl)'
+        sys.exit(f'e2e.py: the teacher in {wd}/teacher is stuck near the unigram plateau: its validation NELBO is '
+                 f"{got}, the val tokens' unigram entropy {unigram:.3f}, and it must be {100 * min_teacher_gain:.0f}% "
+                 "below. Train it longer or with another seed in a new --work_dir (--teacher_args='--max_iters=1500', "
+                 '--seed=...)')
 
 
 def gap_closed(rows):
