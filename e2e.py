@@ -1,7 +1,7 @@
 """
 SDTT end to end at small scale, with nothing but this repo's scripts: does it work?
 
-    python e2e.py                                   # CPU, byte tokenizer: 31 min on 2 idle cores
+    python e2e.py                                   # CPU, byte tokenizer: 24 min on 2 idle cores
     python e2e.py --replicas=3                      # 3 independent replicas (seeds seed, seed+1, ...) and their spread
     python e2e.py --corpus=openwebtext --tokenizer=gpt2 --seq_len=1024 --device=cuda ...   # bigger, on a GPU
 
