@@ -65,21 +65,11 @@ def q_xt(x0, p_mask, mask_id, generator=None):
     return torch.where(u < p_mask[:, None], mask_id, x0)
 
 
-# ---------------------------------------------------------------------------------------------------- SUBS + loss
-def subs_log_probs(logits, xt, mask_id):
-    """SUBS: log p_theta(x0 | xt) [B, L, V] in fp32: MASK gets probability 0, an fp32 log-softmax over the real
-    tokens, and where xt is not MASK the one-hot of xt (carry-over; at masked positions the MASK column stays -inf)."""
-    V = logits.shape[-1]
-    assert mask_id == V - 1, f'the mask id must be the last vocabulary id ({V - 1}), got {mask_id}'
-    logp = F.pad(F.log_softmax(logits[..., :mask_id].float(), dim=-1), (0, 1), value=float('-inf'))
-    unmasked = (xt != mask_id)[..., None]
-    logp = logp.masked_fill(unmasked, float('-inf'))
-    return logp.scatter(-1, xt[..., None], torch.where(unmasked, 0.0, float('-inf')))
-
-
+# ---------------------------------------------------------------------------------------------------- loss
 def mdlm_loss(logits, x0, xt, t, mask_id, positions=None, schedule='loglinear'):
-    """MDLM NELBO per token: sum over masked positions of -log p_theta(x0 | xt) m'(t)/m(t) / B L (fp32). logits:
-    [B, L, V], or [M, V] at positions, the flat indices of xt's masked positions (None: found here, a host sync)."""
+    """MDLM NELBO per token: sum over masked positions of -log p_theta(x0 | xt) m'(t)/m(t) / B L, with SUBS (MASK never
+    predicted: an fp32 log-softmax over the real tokens; unmasked positions carried over: no loss). logits: [B, L, V],
+    or [M, V] at positions, the flat indices of xt's masked positions (None: found here, a host sync)."""
     if positions is None:
         positions = (xt == mask_id).flatten().nonzero().squeeze(1)
         logits = logits.flatten(0, 1)[positions]

@@ -144,6 +144,7 @@ def teacher_targets(teacher, b, K, mask_id, bf16=False, schedule='loglinear'):
             x = x.flatten().index_put((at,), draw_categorical(logits[:, :mask_id], b[f'u_{k}'])).view_as(x)
     for rows, lg in kept:  # (in place into the teacher's output: do not compile the teacher with CUDA graphs)
         logits[rows] = lg
+    torch._dynamo.maybe_mark_dynamic(logits, 0)  # [M, V]: as pos, a new M every micro-batch
     return logits
 
 
@@ -188,8 +189,6 @@ def training_loss(objective_fn, b, teacher=None, K=2, mask_id=None, bf16=False, 
     # M changes every micro-batch: dynamic from the start (else DDP's graph splitting recompiles for every new M)
     torch._dynamo.maybe_mark_dynamic(b['pos'], 0)
     target = teacher_targets(teacher, b, K, mask_id, bf16, schedule) if 'teacher_t' in b else None
-    if target is not None:
-        torch._dynamo.maybe_mark_dynamic(target, 0)
     return objective_fn(b['x0'], b['xt'], b['t'], b['pos'], target)
 
 
@@ -324,8 +323,8 @@ def check_settings(config):
         check_choice(key, config[key], tuple(allowed))
     check_sizes(config, batch_size=1, global_batch_size=1, log_interval=1, round_every=1, num_distill_steps=2,
                 teacher_num_steps=1, min_num_sampling_steps=1, max_iters=0, eval_iters=0, eval_interval=0,
-                ckpt_interval=0, n_layer=1, n_head=1, n_embd=1, cond_dim=1, block_size=1)  # (intervals 0: off)
-    check_sizes(config, learning_rate=0, weight_decay=0, warmup_iters=0, grad_clip=0, ema_decay=0, beta1=0, beta2=0)
+                ckpt_interval=0, n_layer=1, n_head=1, n_embd=1, cond_dim=1, block_size=1, learning_rate=0,
+                weight_decay=0, warmup_iters=0, grad_clip=0, ema_decay=0, beta1=0, beta2=0)  # (intervals 0: off)
     if beta1 >= 1 or beta2 >= 1 or ema_decay > 1:  # (torch's message from inside AdamW, or an EMA that runs away)
         raise ValueError(f'beta1={beta1}, beta2={beta2}, ema_decay={ema_decay}: the betas must be in [0, 1), ema_decay '
                          'in [0, 1]')

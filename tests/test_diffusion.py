@@ -32,7 +32,7 @@ def test_schedule_derivatives_and_nelbo_weight(schedule):
     torch.manual_seed(0)
     logits, x0, tt = torch.randn(3, 9, 13), torch.randint(0, 12, (3, 9)), torch.tensor([0.05, 0.5, 0.95])
     xt = D.q_xt(x0, m(tt), 12)
-    nll = -D.subs_log_probs(logits, xt, 12).gather(-1, x0[..., None])[..., 0]
+    nll = -torch.log_softmax(logits[..., :12], -1).gather(-1, x0[..., None])[..., 0]  # SUBS at the masked positions
     th = 1e-7 * tt.double()
     w = ((m(tt.double() + th) - m(tt.double() - th)) / (2 * th) / m(tt.double())).float()
     direct = (nll * (xt == 12) * w[:, None]).sum() / x0.numel()
@@ -61,34 +61,19 @@ def test_q_xt_masks_with_the_right_probability():
     assert ((xt == 9) | (xt == x0)).all()
 
 
-def test_subs_invariants():
-    torch.manual_seed(0)
-    V, mask = 11, 10
-    logits = torch.randn(2, 7, V).bfloat16()
-    xt = torch.randint(0, V - 1, (2, 7))
-    xt[:, ::2] = mask
-    logp = D.subs_log_probs(logits, xt, mask)
-    assert logp.dtype == torch.float32
-    assert torch.isneginf(logp[..., mask]).all()  # MASK never predicted
-    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(2, 7))  # normalised
-    um = xt != mask
-    assert (logp[um].argmax(-1) == xt[um]).all() and (logp[um].max(-1).values == 0).all()  # carry-over one-hot
-    ref = torch.log_softmax(logits.float()[..., :mask], -1)  # masked rows: fp32 log-softmax over real tokens
-    torch.testing.assert_close(logp[~um][:, :mask], ref[~um])
-
-
 def test_mdlm_loss_equals_direct_computation():
     torch.manual_seed(0)
     V, mask, B, L = 13, 12, 3, 9
     logits, x0 = torch.randn(B, L, V), torch.randint(0, V - 1, (B, L))
     t = torch.tensor([0.1, 0.5, 0.9])
     xt = D.q_xt(x0, D.move_chance(t), mask)
-    logp = D.subs_log_probs(logits, xt, mask)
+    logits[..., mask] = 1e4  # SUBS: MASK is never predicted, however large its logit
+    logits[xt != mask] = float('nan')  # and unmasked positions carry over: their logits are never read
     direct = 0.0
     for b in range(B):
         for l in range(L):
             if xt[b, l] == mask:
-                direct += -logp[b, l, x0[b, l]].item() / t[b].item()
+                direct += -torch.log_softmax(logits[b, l, :mask], -1)[x0[b, l]].item() / t[b].item()
     direct /= B * L
     assert abs(D.mdlm_loss(logits, x0, xt, t, mask).item() - direct) < 1e-5
 
