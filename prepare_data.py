@@ -12,7 +12,7 @@ import re
 import signal
 import sys
 import time
-from functools import lru_cache
+from functools import cache
 import multiprocessing
 from types import SimpleNamespace
 
@@ -98,9 +98,7 @@ class Tokenizer:
         return [self.decode(ids) for ids in batch]
 
 
-@lru_cache(maxsize=None)
-def get_tokenizer(name):
-    return Tokenizer(name)
+get_tokenizer = cache(Tokenizer)  # one per name and process
 
 # ----------------------------------------------------------------------------- prepared data (for the other scripts)
 def load_meta(data_dir):
@@ -145,11 +143,8 @@ def read_local(path, args, issues):
         piece = piece.strip(b"\r\n")  # line breaks around a document are framing, not content
         if not piece.strip():
             continue
-        try:
-            text = piece.decode("utf-8")
-        except UnicodeDecodeError:
-            text = piece.decode("utf-8", errors="replace")
-            issues["not_utf8"] += 1
+        text = piece.decode("utf-8", errors="replace")
+        issues["not_utf8"] += text.encode("utf-8") != piece  # (invalid bytes became U+FFFD)
         if jsonl:
             obj, bad = parse_line(text, {args.text_field: str})  # (the project's one JSON-lines check)
             if bad and not args.skip_bad_lines:
@@ -246,14 +241,13 @@ def frame_rows(tokens, row_len, bos, eos):
 
 
 def write_split(docs, split, tmp_path, args, tok, pool):
-    n_docs, starts = len(docs), range(0, len(docs), _CHUNK_DOCS)
+    n_docs = len(docs)
     get = lambda i: docs[i: i + _CHUNK_DOCS] if isinstance(docs, list) else docs[i: i + _CHUNK_DOCS][args.text_field]
+    jobs = ((args.tokenizer, get(i)) for i in range(0, n_docs, _CHUNK_DOCS))
 
     def results():  # Pool.imap would read the whole source ahead into its queue: feed it a window at a time
-        window = 8 * args.num_proc
-        for w in range(0, len(starts), window):
-            jobs = [(args.tokenizer, get(i)) for i in starts[w: w + window]]
-            yield from pool.imap(tokenize_chunk, jobs) if pool else map(tokenize_chunk, jobs)  # in order
+        while window := list(itertools.islice(jobs, 8 * args.num_proc)):
+            yield from pool.imap(tokenize_chunk, window) if pool else map(tokenize_chunk, window)  # in order
 
     L, buf, n_used, n_doc_tokens, n_rows = args.row_len, np.empty(0, np.uint16), 0, 0, 0
     with open(tmp_path, "wb") as f, tqdm(total=n_docs, desc=f"{split} docs", unit="doc", disable=args.quiet) as bar:
