@@ -3,6 +3,7 @@
 string) in order. Unlike nanoGPT: an unknown key (with its close matches) or a wrong type is an error, None defaults
 can be set, an int passes for a float, and --help prints the script's docstring and settings."""
 import ast
+import contextlib
 import difflib
 import pathlib
 import re
@@ -16,7 +17,12 @@ def config_keys(g):
     return [k for k, v in g.items() if not k.startswith('_') and not k.isupper() and isinstance(v, _TYPES)]
 
 
-def _check(key, value, default, source):
+def _check(key, value, defaults, source):
+    """value for setting key if its type fits the default's; an unknown key's error names its close matches."""
+    if key not in defaults:
+        close = ', '.join(difflib.get_close_matches(key, defaults, n=3, cutoff=0.6))
+        raise ValueError(f'{source}: unknown config key {key!r}' + (f'; did you mean {close}?' if close else ''))
+    default = defaults[key]
     if default is None or value is None:
         return value
     if isinstance(default, bool) == isinstance(value, bool):  # (a bool is an int: only a bool replaces a bool)
@@ -25,12 +31,6 @@ def _check(key, value, default, source):
         if isinstance(value, type(default)) or isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
             return value
     raise ValueError(f'{source}: {key} expects {type(default).__name__} (default {default!r}), got {value!r}')
-
-
-def _unknown(key, keys, source):
-    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ''
-    return ValueError(f'{source}: unknown config key {key!r}{hint}')
 
 
 def check_choice(key, value, allowed):
@@ -53,8 +53,7 @@ def _print_help(g, keys):
     notes, last = {}, []
     path = pathlib.Path(getattr(main, '__file__', ''))  # ('': an interactive session)
     for line in path.read_text().splitlines() if path.is_file() else []:
-        m = re.match(r'([A-Za-z]\w*(?:\s*,\s*[A-Za-z]\w*)*)\s*=[^=#][^#]*(?:#\s?(.*))?$', line)
-        if m:
+        if m := re.match(r'([A-Za-z]\w*(?:\s*,\s*[A-Za-z]\w*)*)\s*=[^=#][^#]*(?:#\s?(.*))?$', line):
             last = [k.strip() for k in m.group(1).split(',')]
             for k in last:
                 notes.setdefault(k, (m.group(2) or '').strip())
@@ -87,29 +86,20 @@ def _read_config_file(arg):
 
 
 def configure(g, argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    keys = config_keys(g)
-    defaults = {k: g[k] for k in keys}
-    for arg in argv:
+    defaults = {k: g[k] for k in config_keys(g)}
+    for arg in sys.argv[1:] if argv is None else argv:
         if arg in ('-h', '--help'):
-            _print_help(g, keys)
+            _print_help(g, defaults)
         if not arg.startswith('--'):  # a config file
-            for k, v in _read_config_file(arg).items():
-                if k not in defaults:
-                    raise _unknown(k, keys, arg)
-                g[k] = _check(k, v, defaults[k], arg)
+            g.update({k: _check(k, v, defaults, arg) for k, v in _read_config_file(arg).items()})
             continue
         key, sep, val = arg[2:].partition('=')
-        if key not in defaults:
-            raise _unknown(key, keys, arg)
-        if not sep and not isinstance(defaults[key], bool):
+        if key in defaults and not sep and not isinstance(defaults[key], bool):
             raise ValueError(f'{arg}: expected --{key}=value')
         value = val if sep else 'True'  # a bare --flag switches a boolean on
-        if not isinstance(defaults[key], str):  # strings are taken as written: --out_dir=123 is the string '123'
-            try:
+        if not isinstance(defaults.get(key), str):  # strings are taken as written: --out_dir=123 is the string '123'
+            with contextlib.suppress(SyntaxError, ValueError):  # (else a bare string)
                 value = ast.literal_eval(value)
-            except (SyntaxError, ValueError):
-                pass  # a bare string
-        g[key] = _check(key, value, defaults[key], arg)
+        g[key] = _check(key, value, defaults, arg)
         print(f'Overriding: {key} = {g[key]!r}')
-    return {k: g[k] for k in keys}
+    return {k: g[k] for k in defaults}

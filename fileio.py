@@ -18,15 +18,12 @@ _HELD = {}  # lock file path -> its open file, while this process holds it
 
 
 def _holder(path):
-    try:
-        with open(path) as f:
-            pid, _, cmd = f.read().strip().partition(' ')
-    except OSError:
-        return 'another process'
-    if not pid.isdigit():
-        return 'another process'
-    gone = '' if _alive(int(pid)) else ', which has ended: its child processes hold the lock'
-    return f'pid {pid}{gone} ({cmd})' if cmd else f'pid {pid}{gone}'
+    with contextlib.suppress(OSError), open(path) as f:
+        pid, _, cmd = f.read().strip().partition(' ')
+        if pid.isdigit():
+            gone = '' if _alive(int(pid)) else ', which has ended: its child processes hold the lock'
+            return f'pid {pid}{gone}' + (f' ({cmd})' if cmd else '')
+    return 'another process'
 
 
 def run_lock(out_dir, name='.lock'):
@@ -91,13 +88,9 @@ def temp_prefix():
 def clean_leftovers(directory):
     """Remove the temporaries in directory of writers on this host that are gone (killed mid-write). Those of live
     processes, of other hosts (a shared disk) and a replaced round directory kept by save_pretrained (*_old) stay."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for n in names:
-        m = re.match(r'\.tmp_(\d+)@', n)
-        if not m or not n.startswith(f'.tmp_{m.group(1)}@{_HOST}_') or n.endswith('_old') or _alive(int(m.group(1))):
+    for n in os.listdir(directory):
+        m = re.match(rf'\.tmp_(\d+)@{re.escape(_HOST)}_', n)
+        if not m or n.endswith('_old') or _alive(int(m.group(1))):
             continue
         p = os.path.join(directory, n)
         with contextlib.suppress(OSError):  # (removed by another process meanwhile)
@@ -211,9 +204,8 @@ def parse_line(line, need):
 
 
 def read_jsonl(path, need=None, strict=False, keep=None, what='a record'):
-    """Yield (line number, record) for each line of path with the fields of need (check_record), skipping blank
-    lines and, unchecked, objects keep(record) rejects. Another line (cut by a kill, a hand edit) is a ValueError
-    naming path:line (strict) or left out, with one warning at the end."""
+    """(line number, record) for each line of path with the fields of need; blank lines and objects keep() rejects
+    are skipped, another line (cut by a kill, a hand edit) is a ValueError (strict) or left out with a warning."""
     bad = []
     try:
         with (gzip.open if str(path).endswith('.gz') else open)(path, 'rt', encoding='utf-8', errors='replace') as f:

