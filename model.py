@@ -1,6 +1,5 @@
-"""
-The DiT of MDLM (Sahoo et al. 2024) as SDTT uses it, and MDLM/SDTT's AR baseline (causal=True: causal attention, plain
-pre-LN blocks), with checkpoint loading and saving. Parameter names are those of the published checkpoints minus
+"""The DiT of MDLM (Sahoo et al. 2024) as SDTT uses it, and MDLM/SDTT's AR baseline (causal=True: causal attention,
+plain pre-LN blocks), with checkpoint loading and saving. Parameter names are those of the published checkpoints minus
 `backbone.` (a strict load_state_dict). The network returns raw logits [B, L, V]; SUBS is in diffusion.py, as in MDLM.
 """
 import json
@@ -277,15 +276,12 @@ def is_ar_state_dict(sd):
 def load_state_dict_strict(model, state_dict, source='checkpoint'):  # an error naming every tensor that differs
     state_dict = strip_prefix(state_dict)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
               for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         msg = [f'{source} does not match the model:'] + [f'  {what} tensors ({len(ks)}): {ks[:10]}' for what, ks in
                (('missing', missing), ('unexpected', unexpected), ('mis-shaped', shapes)) if ks]
-        if model.config.causal and any('adaLN' in k for k in unexpected):
-            msg.append('  (a causal DiT with adaLN: an AR baseline of an older version; train it again, objective=ar)')
         raise ValueError('\n'.join(msg))
     model.load_state_dict(state_dict, strict=True)
     return model
