@@ -244,7 +244,7 @@ def config_from_json(cfg, vocab_size=None):
     missing = [prefix + layout[k] for k in ('cond_dim', 'n_layer', 'n_head', 'block_size') if layout[k] not in m]
     if missing:
         raise ValueError(f'config.json ({"SDTT" if sdtt else "MDLM"} layout) lacks {", ".join(missing)}')
-    args = {k: m[name] for k, name in layout.items() if name in m and k != 'vocab_size'}
+    args = {k: m[name] for k, name in layout.items() if name in m}
     if sdtt:  # (SDTT's run config says time_conditioning at its top level)
         args['time_conditioning'] = cfg.get('time_conditioning', m.get('time_conditioning', False))
     args['vocab_size'] = vocab_size or m.get('vocab_size') or cfg.get('vocab_size')  # (None: an error naming it)
@@ -394,21 +394,20 @@ def save_pretrained(model, out_dir, meta=None):
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     clean_leftovers(parent)
+    sd = {'backbone.' + k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = tempfile.mkdtemp(dir=parent, prefix=temp_prefix())  # (removed by the next writer if this one is killed)
     try:
-        sd = {'backbone.' + k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-        try:
-            save_file(sd, os.path.join(tmp, 'model.safetensors'))
-            with open(os.path.join(tmp, 'config.json'), 'w') as f:
-                json.dump(config, f, indent=2)
-        except Exception as e:  # a full disk (safetensors raises its own error type)
-            raise write_failed(out_dir, e) from e
+        save_file(sd, os.path.join(tmp, 'model.safetensors'))
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            json.dump(config, f, indent=2)
         os.chmod(tmp, 0o777 & ~_umask())  # the permissions mkdir and open() give (mkdtemp, safetensors: owner only)
         os.chmod(os.path.join(tmp, 'model.safetensors'), 0o666 & ~_umask())
         if os.path.exists(out_dir):  # moved aside first, so that a crash never leaves neither
             os.replace(out_dir, tmp + '_old')
         os.replace(tmp, out_dir)
         shutil.rmtree(tmp + '_old', ignore_errors=True)
+    except Exception as e:  # a full disk (safetensors raises its own error type)
+        raise write_failed(out_dir, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

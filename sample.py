@@ -69,11 +69,7 @@ class DiffusionLM(torch.nn.Module):
     """A DiT with its tokenizer, special ids (meta) and name; as `backbone`, state_dict() has the published keys."""
     def __init__(self, backbone, name='model'):
         super().__init__()
-        self.backbone, self.name = backbone, name
-
-    @property
-    def meta(self):
-        return self.backbone.meta
+        self.backbone, self.name, self.meta = backbone, name, backbone.meta  # (one dict: the backbone's)
 
     @property
     def device(self):
@@ -187,8 +183,7 @@ def analytic_step(x, logits, t, s, u, mask_id, schedule='loglinear'):
 
 def reference_step(generator):
     """A step_fn drawing as the MDLM/SDTT reference (SPEC §4): argmax of weight / E, E = 1e-10 - log(U + 1e-10) with
-    float32 U < 1 - 2^-24: a token under ~6e-8 of MASK's weight is never drawn, so more steps starve rare tokens
-    (Zheng et al. 2024: gen-PPL 31.2 instead of 126.1 at 2048 steps). Only to compare with numbers sampled so."""
+    float32 U < 1 - 2^-24: a token under ~6e-8 of MASK's weight is never drawn (rare tokens starve). To compare only."""
     def step(x, logits, t, s, u, mask_id, schedule='loglinear'):
         m_t, m_s = diffusion.move_chance(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
 
@@ -350,28 +345,26 @@ def prompts_of(c, tok, L, rank):
 
 def draw(lm, c, n, L, prompts, rank, world):
     """Batches rank, rank + world, ... (batch i: seed batch_seed(seed, i)) -> on rank 0 (tokens, mean NFE, t_first)."""
-    mine, nfe, t_first, n_batches = [], 0.0, None, math.ceil(n / c.batch_size)
+    mine, t_first, n_batches = [], None, math.ceil(n / c.batch_size)
     for i in range(rank, n_batches, world):
         rows = slice(i * c.batch_size, min(n, (i + 1) * c.batch_size))
-        b = rows.stop - rows.start
         proj = None if prompts is None else clamp_prefix(prompts[rows].to(lm.device))
         tb = time.time()
-        x, f = lm.sample(b, c.num_steps, L, verbose=c.verbose, project_fn=proj, cache=c.sampler == 'cached',
-                         seed=batch_seed(c.seed, i), sampler='ancestral' if c.sampler == 'cached' else c.sampler,
-                         add_bos=c.add_bos, return_nfe=True, final_step=c.final_step)
-        mine.append((i, x.cpu().numpy()))  # the .cpu() waits for the batch: the timing below is real
-        nfe += f * b
+        x, f = lm.sample(rows.stop - rows.start, c.num_steps, L, verbose=c.verbose, project_fn=proj,
+                         cache=c.sampler == 'cached', seed=batch_seed(c.seed, i), add_bos=c.add_bos, return_nfe=True,
+                         sampler='ancestral' if c.sampler == 'cached' else c.sampler, final_step=c.final_step)
+        mine.append((i, x.cpu().numpy(), f * len(x)))  # the .cpu() waits for the batch: the timing below is real
         tb = time.time() - tb
         t_first = t_first or tb  # (one-off start-up in it: kernels, allocator, compilation)
         if c.verbose and rank == 0:
-            print(f'batch {i + 1}/{n_batches}: {tb:.2f}s, {b * L / tb:,.0f} tokens/s, nfe {f:.1f}')
-    parts = [(mine, nfe)]
+            print(f'batch {i + 1}/{n_batches}: {tb:.2f}s, {len(x) * L / tb:,.0f} tokens/s, nfe {f:.1f}')
+    parts = [mine]
     if world > 1:
         parts = [None] * world if rank == 0 else None
-        dist.gather_object((mine, nfe), parts, dst=0)
+        dist.gather_object(mine, parts, dst=0)
     if rank == 0:
-        batches = sorted((batch for p in parts for batch in p[0]), key=lambda batch: batch[0])
-        return np.concatenate([x for _, x in batches]), sum(p[1] for p in parts) / n, t_first or 0
+        batches = sorted((batch for p in parts for batch in p), key=lambda batch: batch[0])
+        return np.concatenate([x for _, x, _ in batches]), sum(f for _, _, f in batches) / n, t_first or 0
 
 
 def main(argv=None):
