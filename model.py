@@ -376,9 +376,9 @@ def _load_directory(path, use_ema):
             raise ValueError(f'config.json does not match model.safetensors: {", ".join(bad)}')
         if is_ar_state_dict(sd):  # MDLM/SDTT's AR checkpoints need not say causal in their config
             config = replace(config, causal=True, time_conditioning=False)
+    except json.JSONDecodeError as e:  # (a ValueError, but a damaged file, not a wrong layout)
+        raise ValueError(f'{cfg_file} is not valid JSON ({e}); download it again') from e
     except ValueError as e:
-        if isinstance(e, json.JSONDecodeError):  # (a ValueError too) a damaged file, not a wrong layout
-            raise ValueError(f'{cfg_file} is not valid JSON ({e}); download it again') from e
         raise ValueError(f'{path}: {e}') from e
     except Exception as e:
         raise ValueError(f'{path}: config.json or model.safetensors is not readable ({type(e).__name__}: {e}); '
