@@ -32,7 +32,7 @@ from diffusion import (NOISE_SCHEDULES, SAMPLE_EPS, draw_categorical, mdlm_loss,
                        schedule_of, sigma, to_device)
 from fileio import RunLocked, WriteFailed, read_jsonl, release_lock, run_lock, write_failed
 from model import (DiT, DiTConfig, check_device, default_meta, is_ar_state_dict, load_pretrained,
-                   load_state_dict_strict, read_checkpoint, save_pretrained, strip_prefix, write_atomic)
+                   load_state_dict_strict, read_checkpoint, save_pretrained, strip_prefix, weight_sizes, write_atomic)
 from prepare_data import load_meta, open_split
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -281,7 +281,7 @@ def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
     ar = is_ar_state_dict(sd)  # MDLM's AR baseline (models/autoregressive.py): no sigma_map, no adaLN
     cfg = DiTConfig(vocab_size=emb.shape[0], n_embd=emb.shape[1],
                     cond_dim=DiTConfig.cond_dim if ar else sd['sigma_map.mlp.0.weight'].shape[0],
-                    n_layer=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}), n_head=n_head,
+                    n_layer=weight_sizes(sd)['n_layer'], n_head=n_head,
                     block_size=block_size, time_conditioning=time_conditioning and not ar, causal=ar)
     model = DiT(cfg)
     shadow = (ck.get('ema') or {}).get('shadow_params')

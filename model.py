@@ -1,6 +1,5 @@
-"""
-The DiT of MDLM (Sahoo et al. 2024) as SDTT uses it, and MDLM/SDTT's AR baseline (causal=True: causal attention, plain
-pre-LN blocks), with checkpoint loading and saving. Parameter names are those of the published checkpoints minus
+"""The DiT of MDLM (Sahoo et al. 2024) as SDTT uses it, and MDLM/SDTT's AR baseline (causal=True: causal attention,
+plain pre-LN blocks), with checkpoint loading and saving. Parameter names are those of the published checkpoints minus
 `backbone.` (a strict load_state_dict). The network returns raw logits [B, L, V]; SUBS is in diffusion.py, as in MDLM.
 """
 import json
@@ -213,26 +212,22 @@ class DiT(nn.Module):
 _HUB_NAMES = dict(n_embd='hidden_dim', n_layer='n_blocks', n_head='n_heads', block_size='model_length')
 _SDTT_NAMES = dict(n_embd='hidden_size', cond_dim='cond_dim', n_layer='n_blocks', n_head='n_heads', block_size='length',
                    dropout='dropout')
-MAX_BLOCK_SIZE = 2 ** 20  # rotary tables, KV caches and samples are block_size long: a larger one is a typo
+# check_config's rules, per field or else per type: (test, what a value must be). block_size <= 2**20: rotary tables,
+# KV caches and samples are that long, so a larger one is a typo. A float a fork adds: any finite number.
+_RULES = {bool: (lambda v: type(v) is bool, 'true or false'),
+          int: (lambda v: type(v) is int and v >= 1, 'an integer >= 1'),
+          float: (lambda v: type(v) in (int, float) and math.isfinite(v), 'a finite number'),
+          'block_size': (lambda v: type(v) is int and 1 <= v <= 2 ** 20, f'an integer >= 1 and <= {2 ** 20}'),
+          'dropout': (lambda v: type(v) in (int, float) and 0 <= v < 1, 'a number in [0, 1)')}
 
 
 def check_config(args, names=None):
     """DiTConfig(**args) or one error naming each bad value as names[field] (bool() had made "false" True)."""
-    names, bad = names or {}, []
+    bad = []
     for f in fields(DiTConfig):
-        v, t = args.get(f.name), type(f.default)
-        if f.name not in args or t not in (bool, int, float):
-            continue
-        if t is bool:
-            ok, want = isinstance(v, bool), 'true or false'
-        elif t is int:
-            top = MAX_BLOCK_SIZE if f.name == 'block_size' else float('inf')
-            ok, want = type(v) is int and 1 <= v <= top, 'an integer >= 1' + (f' and <= {top}' if top < 1e9 else '')
-        else:  # (dropout; a float a fork adds: any finite number)
-            ok = type(v) in (int, float) and math.isfinite(v) and (f.name != 'dropout' or 0 <= v < 1)
-            want = 'a number in [0, 1)' if f.name == 'dropout' else 'a finite number'
-        if not ok:
-            bad.append(f'{names.get(f.name, f.name)}={v!r} (must be {want})')
+        ok, want = _RULES.get(f.name) or _RULES.get(type(f.default), (None, None))
+        if f.name in args and ok and not ok(args[f.name]):
+            bad.append(f'{(names or {}).get(f.name, f.name)}={args[f.name]!r} (must be {want})')
     if bad:
         raise ValueError(f'bad values: {", ".join(bad)}')
     return DiTConfig(**args)
@@ -240,35 +235,30 @@ def check_config(args, names=None):
 
 def config_from_json(cfg, vocab_size=None):
     """Either published config.json layout (or ours) -> a checked DiTConfig; vocab_size: from the weights if given."""
-    if 'model' in cfg and isinstance(cfg['model'], dict) and 'hidden_size' in cfg['model']:  # SDTT run config
-        m, prefix, layout = cfg['model'], 'model.', _SDTT_NAMES
-        args = {k: m[name] for k, name in layout.items() if name in m}
-        args['time_conditioning'] = cfg.get('time_conditioning', m.get('time_conditioning', False))
-    elif 'hidden_dim' in cfg:  # MDLM hub layout (and ours)
-        m, prefix, layout = cfg, '', {f.name: _HUB_NAMES.get(f.name, f.name) for f in fields(DiTConfig)}
-        args = {k: cfg[name] for k, name in layout.items() if name in cfg and k != 'vocab_size'}
-    else:
+    sdtt = isinstance(cfg.get('model'), dict) and 'hidden_size' in cfg['model']  # an SDTT run config
+    if not sdtt and 'hidden_dim' not in cfg:
         raise ValueError('config.json is neither the MDLM layout (hidden_dim, n_blocks, ...) nor the SDTT layout '
                          f'(model: {{hidden_size, ...}}); keys found: {sorted(cfg)[:20]}')
+    m, prefix = (cfg['model'], 'model.') if sdtt else (cfg, '')
+    layout = _SDTT_NAMES if sdtt else {f.name: _HUB_NAMES.get(f.name, f.name) for f in fields(DiTConfig)}
     missing = [prefix + layout[k] for k in ('cond_dim', 'n_layer', 'n_head', 'block_size') if layout[k] not in m]
     if missing:
-        raise ValueError(f'config.json ({"SDTT" if prefix else "MDLM"} layout) lacks {", ".join(missing)}')
-    v = vocab_size or m.get('vocab_size') or cfg.get('vocab_size')
-    if v is None:
-        raise ValueError('config.json has no vocab_size and it could not be read from the weights')
-    return check_config(dict(vocab_size=v, **args), {k: prefix + name for k, name in layout.items()})
+        raise ValueError(f'config.json ({"SDTT" if sdtt else "MDLM"} layout) lacks {", ".join(missing)}')
+    args = {k: m[name] for k, name in layout.items() if name in m}
+    if sdtt:  # (SDTT's run config says time_conditioning at its top level)
+        args['time_conditioning'] = cfg.get('time_conditioning', m.get('time_conditioning', False))
+    args['vocab_size'] = vocab_size or m.get('vocab_size') or cfg.get('vocab_size')  # (None: an error naming it)
+    return check_config(args, {k: prefix + name for k, name in layout.items()})
 
 
-def check_weights(config, sd, source):
-    """config's sizes against the weights', before a network is allocated (n_embd=10**6 would ask for terabytes)."""
-    emb, sig = sd.get('vocab_embed.embedding'), sd.get('sigma_map.mlp.0.weight')
-    have = dict(n_layer=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}),
-                n_embd=emb.shape[1] if emb is not None and emb.dim() == 2 else None,
-                cond_dim=sig.shape[0] if sig is not None and sig.dim() == 2 else None)
-    bad = [f'{k}={getattr(config, k)} but the weights have {v}' for k, v in have.items()
-           if v is not None and v != getattr(config, k)]
-    if bad:
-        raise ValueError(f'{source}: config.json does not match model.safetensors: {", ".join(bad)}')
+def weight_sizes(sd):
+    """The sizes the weights fix (cond_dim: not in the AR network's), read before a network is allocated."""
+    sizes = dict(n_layer=len({k.split('.')[1] for k in sd if k.startswith('blocks.')}))
+    if 'vocab_embed.embedding' in sd:
+        sizes['vocab_size'], sizes['n_embd'] = sd['vocab_embed.embedding'].shape
+    if 'sigma_map.mlp.0.weight' in sd:
+        sizes['cond_dim'] = sd['sigma_map.mlp.0.weight'].shape[0]
+    return sizes
 
 
 def strip_prefix(state_dict, prefix='backbone.'):
@@ -286,15 +276,12 @@ def is_ar_state_dict(sd):
 def load_state_dict_strict(model, state_dict, source='checkpoint'):  # an error naming every tensor that differs
     state_dict = strip_prefix(state_dict)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
               for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         msg = [f'{source} does not match the model:'] + [f'  {what} tensors ({len(ks)}): {ks[:10]}' for what, ks in
                (('missing', missing), ('unexpected', unexpected), ('mis-shaped', shapes)) if ks]
-        if model.config.causal and any('adaLN' in k for k in unexpected):
-            msg.append('  (a causal DiT with adaLN: an AR baseline of an older version; train it again, objective=ar)')
         raise ValueError('\n'.join(msg))
     model.load_state_dict(state_dict, strict=True)
     return model
@@ -308,11 +295,8 @@ def check_device(device):
 
 def default_meta(vocab_size):
     """Special ids of a checkpoint that does not record them: GPT-2 (published models) or our byte tokenizer."""
-    if vocab_size == 50258:
-        return dict(tokenizer='gpt2', bos_id=50256, eos_id=50256, mask_id=50257)
-    if vocab_size == 258:
-        return dict(tokenizer='byte', bos_id=256, eos_id=256, mask_id=257)
-    return dict(tokenizer=None, bos_id=None, eos_id=None, mask_id=vocab_size - 1)
+    tokenizer, bos_id = {50258: ('gpt2', 50256), 258: ('byte', 256)}.get(vocab_size, (None, None))  # (EOS = BOS)
+    return dict(tokenizer=tokenizer, bos_id=bos_id, eos_id=bos_id, mask_id=vocab_size - 1)
 
 
 def local_or_hub(name_or_path):
@@ -320,11 +304,10 @@ def local_or_hub(name_or_path):
     path = os.path.expanduser(name_or_path)
     if os.path.exists(path):
         return path
-    if path.endswith(('.pt', '.ckpt', '.safetensors')) or path.startswith(('.', '/', '~')) or path.count('/') > 1:
-        raise FileNotFoundError(f'no checkpoint at {name_or_path!r} (not a local file or directory, nor a hub id)')
-    if os.path.isdir(path.split('/')[0]):  # out/kld_smal: a typo, not a hub id
-        raise FileNotFoundError(f'no checkpoint at {name_or_path!r}: {path.split("/")[0]}/ is a local directory, '
-                                'so this reads as a local path (a typo?); for the hub id run from another directory')
+    if path.endswith(('.pt', '.ckpt', '.safetensors')) or path.startswith(('.', '/', '~')) or path.count('/') > 1 \
+            or os.path.isdir(path.split('/')[0]):  # (out/kld_smal, out/ a local directory: a typo, not a hub id)
+        raise FileNotFoundError(f'no checkpoint at {name_or_path!r}: no such local file or directory (a name like '
+                                'this is a local path, not a hub id)')
     return None
 
 
@@ -336,11 +319,10 @@ def _download(name_or_path, revision):
         from huggingface_hub import snapshot_download
         return snapshot_download(name_or_path, revision=revision, allow_patterns=['config.json', 'model.safetensors'])
     except Exception as e:  # offline, unknown repo/revision, no huggingface_hub: every script reports it in one line
-        raise FileNotFoundError(
-            f'{name_or_path!r} is not a local path, and downloading it from the Hugging Face hub (revision '
-            f'{revision!r}) failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}): train it first '
-            'or fix the path; without network, download config.json and model.safetensors and pass the local directory'
-        ) from e
+        raise FileNotFoundError(f'{name_or_path!r} is not a local path, and its hub download (revision {revision!r}) '
+                                f'failed ({type(e).__name__}: {(str(e).splitlines() or [""])[0]}): train it first '
+                                'or fix the path; offline, download config.json and model.safetensors and pass the '
+                                'local directory') from e
 
 
 def read_checkpoint(path, advice=''):
@@ -355,8 +337,7 @@ def load_pretrained(name_or_path, revision=None, device='cpu', use_ema=True):
     """A DiT in eval mode from a directory, a ckpt.pt (or its out_dir) or a hub id (config and weights: never remote
     code); model.meta: its tokenizer and special ids (and an SDTT student's round and steps)."""
     path = local_or_hub(name_or_path) or _download(name_or_path, revision)
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'model.safetensors')) \
-            and os.path.exists(os.path.join(path, 'ckpt.pt')):
+    if os.path.isfile(os.path.join(path, 'ckpt.pt')) and not os.path.exists(os.path.join(path, 'model.safetensors')):
         path = os.path.join(path, 'ckpt.pt')  # a training out_dir
     model, meta = (_load_training_checkpoint if os.path.isfile(path) else _load_directory)(path, use_ema)
     model.meta = {**default_meta(model.config.vocab_size), **meta}
@@ -373,10 +354,8 @@ def _load_training_checkpoint(path, use_ema):
                          f'.ckpt use distill.py init_from, for published models pass the directory')
     try:
         model = DiT(check_config(ckpt['model_args']))
-    except TypeError as e:  # a key this version's DiTConfig lacks: a checkpoint of another code
-        raise ValueError(f'{path}: its model_args do not fit this DiTConfig ({e}); it was written by other code') from e
-    except ValueError as e:
-        raise ValueError(f'{path}: model_args: {e}') from e
+    except (TypeError, ValueError) as e:  # (TypeError: a key DiTConfig lacks, a checkpoint written by other code)
+        raise ValueError(f'{path}: its model_args do not fit this DiTConfig: {e}') from e
     sd = ckpt['ema'] if use_ema and ckpt.get('ema') is not None else ckpt['model']
     return load_state_dict_strict(model, sd, source=path), ckpt.get('meta', {})
 
@@ -390,17 +369,20 @@ def _load_directory(path, use_ema):
         with open(cfg_file) as f:
             cfg = json.load(f)
         sd = strip_prefix(load_file(st_file))
-        config = config_from_json(cfg, sd['vocab_embed.embedding'].shape[0] if 'vocab_embed.embedding' in sd else None)
+        have = weight_sizes(sd)
+        config = config_from_json(cfg, have.get('vocab_size'))
+        bad = [f'{k}={getattr(config, k)} but the weights have {v}' for k, v in have.items() if v != getattr(config, k)]
+        if bad:  # (n_embd=10**6 would ask for terabytes)
+            raise ValueError(f'config.json does not match model.safetensors: {", ".join(bad)}')
         if is_ar_state_dict(sd):  # MDLM/SDTT's AR checkpoints need not say causal in their config
             config = replace(config, causal=True, time_conditioning=False)
+    except json.JSONDecodeError as e:  # (a ValueError, but a damaged file, not a wrong layout)
+        raise ValueError(f'{cfg_file} is not valid JSON ({e}); download it again') from e
     except ValueError as e:
-        if isinstance(e, json.JSONDecodeError):  # (a ValueError too) a damaged file, not a wrong layout
-            raise ValueError(f'{cfg_file} is not valid JSON ({e}); download it again') from e
         raise ValueError(f'{path}: {e}') from e
     except Exception as e:
         raise ValueError(f'{path}: config.json or model.safetensors is not readable ({type(e).__name__}: {e}); '
                          f'download it again') from e
-    check_weights(config, sd, path)
     return load_state_dict_strict(DiT(config), sd, source=st_file), cfg.get('meta', {})
 
 
@@ -412,22 +394,20 @@ def save_pretrained(model, out_dir, meta=None):
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     clean_leftovers(parent)
+    sd = {'backbone.' + k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = tempfile.mkdtemp(dir=parent, prefix=temp_prefix())  # (removed by the next writer if this one is killed)
     try:
-        sd = {'backbone.' + k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-        try:
-            save_file(sd, os.path.join(tmp, 'model.safetensors'))
-            with open(os.path.join(tmp, 'config.json'), 'w') as f:
-                json.dump(config, f, indent=2)
-        except Exception as e:  # a full disk (safetensors raises its own error type)
-            raise write_failed(out_dir, e) from e
+        save_file(sd, os.path.join(tmp, 'model.safetensors'))
+        with open(os.path.join(tmp, 'config.json'), 'w') as f:
+            json.dump(config, f, indent=2)
         os.chmod(tmp, 0o777 & ~_umask())  # the permissions mkdir and open() give (mkdtemp, safetensors: owner only)
-        for name in ('model.safetensors', 'config.json'):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~_umask())
+        os.chmod(os.path.join(tmp, 'model.safetensors'), 0o666 & ~_umask())
         if os.path.exists(out_dir):  # moved aside first, so that a crash never leaves neither
             os.replace(out_dir, tmp + '_old')
         os.replace(tmp, out_dir)
         shutil.rmtree(tmp + '_old', ignore_errors=True)
+    except Exception as e:  # a full disk (safetensors raises its own error type)
+        raise write_failed(out_dir, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -1,15 +1,11 @@
-"""
-Sample from a masked diffusion LM (MDLM, SDTT student or teacher) or the causal AR baseline (KV cache); also the Python
-API of the SDTT release (sdtt.py re-exports it).
+"""Sample from a masked diffusion LM (MDLM, SDTT student or teacher) or the causal AR baseline (KV cache) into
+out_dir/samples/{uncond,cond}/<settings>.npz and .jsonl; also the SDTT release's Python API (sdtt.py re-exports it).
 
     python sample.py --init_from=jdeschena/sdtt --revision=baselines_kld_step_70000 --num_steps=32 --n_samples=8
     python sample.py --init_from=out/kld_small --prompt="Today is a great day." --n_samples=4 --seq_len=128
     python sample.py --init_from=out/kld_small --mode=cond_prefix --cond_data=corpus/val.jsonl.gz
     torchrun --standalone --nproc_per_node=8 sample.py --init_from=out/kld_small --n_samples=1024 --batch_size=16
     python sample.py --init_from=out/ar_small --n_samples=1024   # a causal checkpoint: AR sampling, KV cache
-
-Output: out_dir/samples/{uncond,cond}/<settings>.npz (load_samples) and the decoded .jsonl. Batch i draws with seed
-batch_seed(seed, i) whichever process draws it: any number of processes gives the same samples (for one batch_size).
 """
 import hashlib
 import json
@@ -17,7 +13,6 @@ import math
 import os
 import re
 import time
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -63,7 +58,7 @@ verbose = False
 _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
 
 HUB_MDLM, HUB_SDTT = 'kuleshov-group/mdlm-owt', 'jdeschena/sdtt'
-LOSSES, SCALING_SIZES, ROUNDS = ('kld', 'mse', 'tvd'), ('sm', 'md', 'large'), tuple(range(1, 8))
+RELEASE_CHOICES = dict(loss=('kld', 'mse', 'tvd'), size=('sm', 'md', 'large'), round=tuple(range(1, 8)))
 # name -> diffusion.sample's step_fn (None: ancestral) from a seeded generator; the script adds 'cached' (ancestral)
 SAMPLERS = {'ancestral': lambda generator: None, 'analytic': lambda generator: analytic_step,
             'ancestral_fp32': lambda generator: reference_step(generator)}
@@ -74,11 +69,7 @@ class DiffusionLM(torch.nn.Module):
     """A DiT with its tokenizer, special ids (meta) and name; as `backbone`, state_dict() has the published keys."""
     def __init__(self, backbone, name='model'):
         super().__init__()
-        self.backbone, self.name = backbone, name
-
-    @property
-    def meta(self):
-        return self.backbone.meta
+        self.backbone, self.name, self.meta = backbone, name, backbone.meta  # (one dict: the backbone's)
 
     @property
     def device(self):
@@ -104,15 +95,14 @@ class DiffusionLM(torch.nn.Module):
         after each step. add_bos None: the release's all-MASK prior (SPEC §4), BOS for a causal backbone (AR)."""
         check_choice('sampler', sampler, tuple(SAMPLERS))
         causal = self.backbone.config.causal
-        add_bos = causal if add_bos is None else add_bos
+        add_bos = causal if add_bos is None else add_bos  # (BOS and MASK ids: the backbone's meta, as the samplers')
         if causal:
-            out = sample_ar(self.backbone, n_samples, seq_len, bos_id=self.meta.get('bos_id'), add_bos=add_bos,
-                            project_fn=project_fn, seed=seed, verbose=verbose)
+            out = sample_ar(self.backbone, n_samples, seq_len, add_bos=add_bos, project_fn=project_fn, seed=seed,
+                            verbose=verbose)
         else:
             seed = diffusion.fresh_seed() if seed is None else seed
             step_fn = SAMPLERS[sampler](torch.Generator(self.device).manual_seed(seed))
-            out = diffusion.sample(self.backbone, n_samples, num_steps, seq_len, mask_id=self.meta['mask_id'],
-                                   bos_id=self.meta.get('bos_id'), add_bos=add_bos, project_fn=project_fn,
+            out = diffusion.sample(self.backbone, n_samples, num_steps, seq_len, add_bos=add_bos, project_fn=project_fn,
                                    cache=cache, seed=seed, verbose=verbose, step_fn=step_fn, final_step=final_step)
         return out if return_nfe else out[0]
 
@@ -127,36 +117,33 @@ def load_model(name_or_path, revision=None, device='cpu'):
     return DiffusionLM(backbone, os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path)))
 
 
-def _load_release(repo, rev, path, device, round):  # (path: a local copy of the model)
-    lm = load_model(path, device=device) if path else load_model(repo, revision=rev, device=device)
-    lm.meta.setdefault('round', round)
-    lm.meta.setdefault('source', path or (f'{repo}@{rev}' if rev else repo))
+def _load_release(revision, path, device, repo=HUB_SDTT, **choices):  # (path: a local copy of the model)
+    for name, value in choices.items():
+        check_choice(name, value, RELEASE_CHOICES[name])
+    lm = load_model(path or repo, None if path else revision, device)
+    lm.meta.setdefault('round', choices.get('round', 0))
+    lm.meta.setdefault('source', path or lm.name)
     return lm
 
 
 def load_mdlm_small(path=None, device='cpu', revision='teacher_1M_sm'):
     """MDLM small (1M steps): jdeschena/sdtt@teacher_1M_sm, or with revision=None the same model from mdlm-owt."""
-    return _load_release(HUB_SDTT if revision else HUB_MDLM, revision, path, device, round=0)
+    return _load_release(revision, path, device, HUB_SDTT if revision else HUB_MDLM)
 
 
 def load_small_student(loss='kld', round=7, path=None, device='cpu'):
     """The students distilled from MDLM small with divergence `loss` (kld/mse/tvd), after `round` (1..7) rounds."""
-    check_choice('loss', loss, LOSSES)
-    check_choice('round', round, ROUNDS)
-    return _load_release(HUB_SDTT, f'baselines_{loss}_step_{10000 * round}', path, device, round)
+    return _load_release(f'baselines_{loss}_step_{10000 * round}', path, device, loss=loss, round=round)
 
 
 def load_scaling_student(size='sm', round=7, path=None, device='cpu'):
     """The students of the scaling experiments (teachers trained 400k steps), size sm/md/large, round 1..7."""
-    check_choice('size', size, SCALING_SIZES)
-    check_choice('round', round, ROUNDS)
-    return _load_release(HUB_SDTT, f'scaling_400k_{size}_step_{10000 * round}', path, device, round)
+    return _load_release(f'scaling_400k_{size}_step_{10000 * round}', path, device, size=size, round=round)
 
 
 def load_scaling_teacher(size='sm', path=None, device='cpu'):
     """The teachers of the scaling experiments (400k steps, not distilled), size sm/md/large."""
-    check_choice('size', size, SCALING_SIZES)
-    return _load_release(HUB_SDTT, f'teacher_400k_{size}_step_400000', path, device, round=0)
+    return _load_release(f'teacher_400k_{size}_step_400000', path, device, size=size)
 
 
 # -------------------------------------------------------------------- the analytic (SEDD) and reference samplers
@@ -196,8 +183,7 @@ def analytic_step(x, logits, t, s, u, mask_id, schedule='loglinear'):
 
 def reference_step(generator):
     """A step_fn drawing as the MDLM/SDTT reference (SPEC §4): argmax of weight / E, E = 1e-10 - log(U + 1e-10) with
-    float32 U < 1 - 2^-24: a token under ~6e-8 of MASK's weight is never drawn, so more steps starve rare tokens
-    (Zheng et al. 2024: gen-PPL 31.2 instead of 126.1 at 2048 steps). Only to compare with numbers sampled so."""
+    float32 U < 1 - 2^-24: a token under ~6e-8 of MASK's weight is never drawn (rare tokens starve). To compare only."""
     def step(x, logits, t, s, u, mask_id, schedule='loglinear'):
         m_t, m_s = diffusion.move_chance(torch.tensor([t, s], dtype=torch.float64), schedule).tolist()
 
@@ -221,7 +207,6 @@ def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=N
     device = torch.device(device or next(model.parameters()).device)
     generator = torch.Generator(device=device).manual_seed(seed if seed is not None else diffusion.fresh_seed())
     cuda = device.type == 'cuda'
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()
     mask_id = model.config.vocab_size - 1
     x = diffusion.prior(model, n_samples, seq_len, mask_id, bos_id, add_bos, project_fn, device)
     forced = x != mask_id
@@ -233,7 +218,7 @@ def sample_ar(model, n_samples, seq_len, bos_id=None, add_bos=True, project_fn=N
     start, new = 0, x[:, :P]
     finite = torch.ones((), dtype=torch.bool, device=device)  # (checked once, at the end: no sync per token)
     for t in tqdm(range(P, seq_len), f'sampling {n_samples}x{seq_len} autoregressively', disable=not verbose):
-        with autocast:  # feed positions start .. t - 1, draw position t
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=cuda):  # feed positions start .. t - 1, draw t
             logits = model(new, cache=cache, start=start)[:, -1, :mask_id]
         x[:, t] = torch.where(forced[:, t], x[:, t], diffusion.draw_categorical(logits, u[:, t], finite=finite))
         start, new = t, x[:, t:t + 1]
@@ -342,9 +327,8 @@ def prompts_of(c, tok, L, rank):
         prefix, refs, idx = load_prefixes(c.cond_data, tok, c.n_prompts, c.prefix_len, c.cond_len,
                                           c.min_doc_len, c.cond_split, c.prefix_bos)
         n = c.n_prompts * c.n_continuations
-        if rank == 0:
-            print(f'cond_prefix: {c.n_prompts} prompts x {c.n_continuations} continuations = {n} samples of {L} tokens '
-                  '(n_samples and seq_len are for uncond mode)')
+        if rank == 0:  # (n_samples and seq_len are for uncond mode)
+            print(f'cond_prefix: {c.n_prompts} prompts x {c.n_continuations} continuations = {n} samples of {L} tokens')
         extra = dict(prompt_ids=prefix, ref_tokens=refs, doc_idx=idx,
                      prompt_index=np.repeat(np.arange(c.n_prompts), c.n_continuations))
         source = json.dumps([c.cond_data, c.cond_split, c.min_doc_len, c.prefix_bos])  # which prompts: in the name
@@ -361,28 +345,26 @@ def prompts_of(c, tok, L, rank):
 
 def draw(lm, c, n, L, prompts, rank, world):
     """Batches rank, rank + world, ... (batch i: seed batch_seed(seed, i)) -> on rank 0 (tokens, mean NFE, t_first)."""
-    mine, nfe, t_first, n_batches = [], 0.0, None, math.ceil(n / c.batch_size)
+    mine, t_first, n_batches = [], None, math.ceil(n / c.batch_size)
     for i in range(rank, n_batches, world):
         rows = slice(i * c.batch_size, min(n, (i + 1) * c.batch_size))
-        b = rows.stop - rows.start
         proj = None if prompts is None else clamp_prefix(prompts[rows].to(lm.device))
         tb = time.time()
-        x, f = lm.sample(b, c.num_steps, L, verbose=c.verbose, project_fn=proj, cache=c.sampler == 'cached',
-                         seed=batch_seed(c.seed, i), sampler='ancestral' if c.sampler == 'cached' else c.sampler,
-                         add_bos=c.add_bos, return_nfe=True, final_step=c.final_step)
-        mine.append((i, x.cpu().numpy()))  # the .cpu() waits for the batch: the timing below is real
-        nfe += f * b
+        x, f = lm.sample(rows.stop - rows.start, c.num_steps, L, verbose=c.verbose, project_fn=proj,
+                         cache=c.sampler == 'cached', seed=batch_seed(c.seed, i), add_bos=c.add_bos, return_nfe=True,
+                         sampler='ancestral' if c.sampler == 'cached' else c.sampler, final_step=c.final_step)
+        mine.append((i, x.cpu().numpy(), f * len(x)))  # the .cpu() waits for the batch: the timing below is real
         tb = time.time() - tb
         t_first = t_first or tb  # (one-off start-up in it: kernels, allocator, compilation)
         if c.verbose and rank == 0:
-            print(f'batch {i + 1}/{n_batches}: {tb:.2f}s, {b * L / tb:,.0f} tokens/s, nfe {f:.1f}')
-    parts = [(mine, nfe)]
+            print(f'batch {i + 1}/{n_batches}: {tb:.2f}s, {len(x) * L / tb:,.0f} tokens/s, nfe {f:.1f}')
+    parts = [mine]
     if world > 1:
         parts = [None] * world if rank == 0 else None
-        dist.gather_object((mine, nfe), parts, dst=0)
+        dist.gather_object(mine, parts, dst=0)
     if rank == 0:
-        batches = sorted((batch for p in parts for batch in p[0]), key=lambda batch: batch[0])
-        return np.concatenate([x for _, x in batches]), sum(p[1] for p in parts) / n, t_first or 0
+        batches = sorted((batch for p in parts for batch in p), key=lambda batch: batch[0])
+        return np.concatenate([x for _, x, _ in batches]), sum(f for _, _, f in batches) / n, t_first or 0
 
 
 def main(argv=None):
@@ -430,10 +412,8 @@ def main(argv=None):
         save_samples(path, tokens, {**config, **stats, 'model': lm.name, 'meta': lm.meta}, texts, **extra)
         for i, t in enumerate(texts[:c.n_print]):
             print(f'---------- sample {i}\n{t}')
-        print(f'{n} samples x {L} tokens in {dt:.2f}s ({n * L / dt:,.0f} tokens/s; the first batch, with the one-off '
-              f'start-up, took {t_first:.2f}s), NFE {nfe:.1f} per sequence '
-              f'({"autoregressive, KV cache" if causal else f"{c.num_steps} steps, {c.sampler}"}) -> {path}.npz')
-        print(json.dumps(stats))
+        print(f'{"autoregressive, KV cache" if causal else f"{c.num_steps} steps, {c.sampler}"}: {n * L / dt:,.0f} '
+              f'tokens/s -> {path}.npz {json.dumps(stats)}')
         release_lock(*lock)
     end_dist()
     return path
