@@ -277,12 +277,9 @@ def load_lightning_ckpt(path, n_head, block_size, time_conditioning):
     if not isinstance(ck, dict) or 'state_dict' not in ck:
         raise ValueError(f'{path} has no state_dict: not an MDLM Lightning checkpoint')
     sd = strip_prefix(ck['state_dict'])
-    emb = sd['vocab_embed.embedding']
     ar = is_ar_state_dict(sd)  # MDLM's AR baseline (models/autoregressive.py): no sigma_map, no adaLN
-    cfg = DiTConfig(vocab_size=emb.shape[0], n_embd=emb.shape[1],
-                    cond_dim=DiTConfig.cond_dim if ar else sd['sigma_map.mlp.0.weight'].shape[0],
-                    n_layer=weight_sizes(sd)['n_layer'], n_head=n_head,
-                    block_size=block_size, time_conditioning=time_conditioning and not ar, causal=ar)
+    cfg = DiTConfig(**weight_sizes(sd), n_head=n_head, block_size=block_size,
+                    time_conditioning=time_conditioning and not ar, causal=ar)
     model = DiT(cfg)
     shadow = (ck.get('ema') or {}).get('shadow_params')
     if shadow is not None:
