@@ -11,6 +11,7 @@ Evaluation of masked diffusion LMs (SPEC §6): gen-PPL with unigram entropy, MAU
     torchrun --nproc_per_node=8 evaluate.py ...      # the work is sharded across ranks and gathered
 Every evaluation appends one JSON line to out_dir/eval.jsonl.
 """
+import functools
 import glob
 import json
 import math
@@ -61,17 +62,6 @@ EVALS = ('genppl', 'mauve', 'lambada', 'lambada_ppl', 'valppl')
 GENPPL_PROTOCOLS = ('sdtt', 'duo')
 
 
-class _HFTokenizer:
-    """A transformers tokenizer with the project tokenizer's interface (encode without special tokens)."""
-    def __init__(self, name):
-        from transformers import AutoTokenizer
-        self.t = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        self.name, self.bos_token_id, self.eos_token_id = name, self.t.bos_token_id, self.t.eos_token_id
-
-    def encode(self, text):
-        return self.t(text, add_special_tokens=False)['input_ids']
-
-
 def _is_dit(name):
     """A project/MDLM/SDTT DiT (loaded by model.load_pretrained) rather than a transformers causal LM."""
     if os.path.isfile(name):
@@ -115,8 +105,10 @@ class LM:
             self.n_ctx = getattr(cfg, 'n_positions', None) or getattr(cfg, 'max_position_embeddings', None) or 10**9
             if cfg.model_type == 'gpt2' and cfg.vocab_size == 50257:  # GPT-2's own ids: our offline tokenizer
                 self.tok, self.tok_name = get_tokenizer('gpt2'), 'gpt2'
-            else:
-                self.tok, self.tok_name = _HFTokenizer(name), name
+            else:  # encode() as the project tokenizer's: no BOS/EOS added
+                from transformers import AutoTokenizer
+                self.tok, self.tok_name = AutoTokenizer.from_pretrained(name, trust_remote_code=False), name
+                self.tok.encode = functools.partial(self.tok.encode, add_special_tokens=False)
             self.eos = self.tok.eos_token_id
             self.bos = self.eos if self.tok.bos_token_id is None else self.tok.bos_token_id
         self.fwd = torch.compile(self.model, dynamic=True) if compile else self.model
