@@ -64,16 +64,14 @@ GENPPL_PROTOCOLS = ('sdtt', 'duo')
 
 def _is_dit(name):
     """A project/MDLM/SDTT DiT (loaded by model.load_pretrained) rather than a transformers causal LM."""
-    if os.path.isfile(name):
-        return True  # ckpt.pt
-    if os.path.isdir(name):
-        cfg_path = os.path.join(name, 'config.json')
-        if os.path.exists(os.path.join(name, 'ckpt.pt')) or not os.path.exists(cfg_path):
-            return True  # load_pretrained explains what is missing
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        return cfg.get('model_type') == 'mdlm' or 'hidden_dim' in cfg or isinstance(cfg.get('model'), dict)
-    return any(k in name.lower() for k in ('mdlm', 'sdtt'))  # a hub id: kuleshov-group/mdlm-owt, jdeschena/sdtt
+    if not os.path.exists(name):
+        return any(k in name.lower() for k in ('mdlm', 'sdtt'))  # a hub id: kuleshov-group/mdlm-owt, jdeschena/sdtt
+    cfg_path = os.path.join(name, 'config.json')
+    if os.path.isfile(name) or os.path.exists(os.path.join(name, 'ckpt.pt')) or not os.path.exists(cfg_path):
+        return True  # a ckpt.pt, an out_dir, or a directory whose lack load_pretrained explains
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    return cfg.get('model_type') == 'mdlm' or 'hidden_dim' in cfg or isinstance(cfg.get('model'), dict)
 
 
 class LM:
@@ -84,8 +82,6 @@ class LM:
             raise ValueError('no model given: set --judge (genppl/mauve) or --init_from (lambada/valppl)')
         name = local_or_hub(name) or name  # a missing local path fails here, not as a hub download
         self.name, self.device, amp = name, torch.device(device), getattr(torch, dtype)
-        cuda_amp = self.device.type == 'cuda' and amp != torch.float32
-        self.autocast = torch.autocast('cuda', dtype=amp) if cuda_amp else nullcontext()
         if _is_dit(name):
             dit = load_model(name, revision, device)
             self.model, self.tok, m, cfg = dit.backbone, dit.tokenizer, dit.meta, dit.backbone.config
@@ -97,10 +93,9 @@ class LM:
                 from transformers import AutoModelForCausalLM
                 model = AutoModelForCausalLM.from_pretrained(name, dtype=amp, trust_remote_code=False)
             except Exception as e:
-                first_line = str(e).splitlines()[0] if str(e) else ''
-                raise RuntimeError(f'could not load the causal LM {name!r} with transformers ({type(e).__name__}: '
-                                   f'{first_line}). Offline? Pass a local directory or a project AR checkpoint.') from e
-            self.model, self.autocast, cfg = model.to(device).eval(), nullcontext(), model.config
+                raise RuntimeError(f"could not load the causal LM {name!r} with transformers ({type(e).__name__}: "
+                                   f"{(str(e).splitlines() or [''])[0]}); offline, pass a local directory") from e
+            self.model, cfg = model.to(device).eval(), model.config
             self.kind, self.mask, self.n_real = 'causal', None, cfg.vocab_size
             self.n_ctx = getattr(cfg, 'n_positions', None) or getattr(cfg, 'max_position_embeddings', None) or 10**9
             if cfg.model_type == 'gpt2' and cfg.vocab_size == 50257:  # GPT-2's own ids: our offline tokenizer
@@ -111,6 +106,8 @@ class LM:
                 self.tok.encode = functools.partial(self.tok.encode, add_special_tokens=False)
             self.eos = self.tok.eos_token_id
             self.bos = self.eos if self.tok.bos_token_id is None else self.tok.bos_token_id
+        autocast = self.mask is not None and self.device.type == 'cuda' and amp != torch.float32  # a DiT on CUDA
+        self.autocast = torch.autocast('cuda', dtype=amp) if autocast else nullcontext()
         self.fwd = torch.compile(self.model, dynamic=True) if compile else self.model
         self.schedule = schedule_of(getattr(self.model, 'meta', None))  # a DiT's NELBO: the schedule it was trained on
 
@@ -125,11 +122,9 @@ class LM:
                 lg, h['h'] = out.logits, out.hidden_states[-1] if hidden else None
             else:  # hidden: after the final LayerNorm, as GPT-2's; a hook is not in a compiled graph, so eager
                 norm = self.model.output_layer.norm_final
-                hook = norm.register_forward_hook(lambda m, i, o: h.update(h=o)) if hidden else None
-                lg = (self.model if hidden else self.fwd)(ids, None if t is None else sigma(t, self.schedule),
-                                                          *(() if positions is None else (positions,)))[..., :self.mask]
-                if hook:
-                    hook.remove()
+                with norm.register_forward_hook(lambda m, i, o: h.update(h=o)) if hidden else nullcontext():
+                    lg = (self.model if hidden else self.fwd)(ids, None if t is None else sigma(t, self.schedule),
+                                                              positions)[..., :self.mask]
         return lg.float(), (h['h'].float() if hidden else None)
 
 
