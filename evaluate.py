@@ -502,9 +502,8 @@ def write_record(jsonl, what, metrics, config, settings, source):
     return rec
 
 
-# the fields the readers of eval.jsonl use (write_record writes them all); a genppl record's metrics too
+# the fields the readers of eval.jsonl use (write_record writes them all)
 RECORD = dict(eval=str, model=(str, type(None)), num_steps=(int, type(None)), settings=dict, config=dict, metrics=dict)
-GENPPL_RECORD = {**RECORD, 'metrics': dict(gen_ppl=(int, float), entropy=(int, float), seq_len=int)}
 
 
 def read_records(jsonl, need=RECORD, keep=None):
@@ -530,7 +529,8 @@ def plot_genppl(jsonl, png):
     if not os.path.exists(jsonl):
         raise FileNotFoundError(f'no {jsonl} to plot: run --eval=genppl (with the same --out_dir) first')
     prompted = lambda s: s.get('mode') == 'cond_prefix' or s.get('prompt') or s.get('prompt_file')
-    recs = [r for r in read_records(jsonl, GENPPL_RECORD, keep=lambda r: r.get('eval') == 'genppl')
+    need = {**RECORD, 'metrics': dict(gen_ppl=(int, float), entropy=(int, float), seq_len=int)}
+    recs = [r for r in read_records(jsonl, need, keep=lambda r: r.get('eval') == 'genppl')
             if r['num_steps'] and not prompted(r['settings'])]
     if not recs:
         raise ValueError(f'no genppl records of unconditional samples in {jsonl}: run --eval=genppl first')
@@ -547,22 +547,19 @@ def plot_genppl(jsonl, png):
     for (model, rnd, jdg, L, sampler), pts in sorted(lines.items()):
         label = ' '.join(filter(None, (model, rnd >= 0 and f'round {rnd}', jdg and f'[{jdg}]', L and f'L={L}',
                                        sampler)))
-        steps = sorted(pts)
-        for k, ax in enumerate(axes):
-            ax.plot(steps, [pts[s][k] for s in steps], marker='o', label=label)
-    plain = FuncFormatter(lambda v, _: f'{v:g}')
+        steps, ys = zip(*sorted(pts.items()))
+        for ax, y in zip(axes, zip(*ys)):
+            ax.plot(steps, y, marker='o', label=label)
+    plain, ticks = FuncFormatter(lambda v, _: f'{v:g}'), sorted({s for pts in lines.values() for s in pts})
     titles = ('gen-PPL' + ('' if varies[0] else f" (judge: {recs[-1]['config'].get('judge')})"),
               'entropy of the samples')
     for ax, name, title in zip(axes, ('generative perplexity', 'unigram entropy (nats)'), titles):
         ax.set_xscale('log', base=2)
-        ax.set_xticks(sorted({s for pts in lines.values() for s in pts}))
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set(xlabel='sampling steps', ylabel=name, title=title)
+        ax.set(xticks=ticks, xlabel='sampling steps', ylabel=name, title=title)
+        ax.xaxis.set(major_formatter=plain, minor_locator=NullLocator())
         ax.grid(True, which='both', alpha=0.3)
     axes[0].set_yscale('log')
-    axes[0].yaxis.set_major_formatter(plain)
-    axes[0].yaxis.set_minor_formatter(plain)
+    axes[0].yaxis.set(major_formatter=plain, minor_formatter=plain)
     axes[1].legend(fontsize=8, loc='best')
     return _save_figure(fig, png)
 
@@ -591,10 +588,8 @@ def plot_training(log_path):
     mfu = sorted(r['mfu'] for r in train)[len(train) // 2]
     ax_speed.set(xlabel='step', ylabel='tokens/s', title=f'throughput (median MFU {100 * mfu:.1f}%)', ylim=(0, None))
     ax_speed.grid(True, alpha=0.3)
-    ends = [(r['step'], r['round_done']) for r in recs if 'round_done' in r]
-    if not ends:  # a log written before distill.py logged its round ends: the last step logged with the old round
-        ends = [(p['step'], r['round']) for p, r in zip(train, train[1:])
-                if (r.get('round') or 0) > (p.get('round') or 0)]
+    ends = [(r['step'], r['round_done']) for r in recs if 'round_done' in r] or [  # an older log: a round's last step
+        (p['step'], r['round']) for p, r in zip(train, train[1:]) if (r.get('round') or 0) > (p.get('round') or 0)]
     for step, rnd in ends:
         for a in (ax, ax_speed):
             a.axvline(step, color='gray', ls=':', lw=1)
