@@ -59,7 +59,6 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
 _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
 EVALS = ('genppl', 'mauve', 'lambada', 'lambada_ppl', 'valppl')
-GENPPL_PROTOCOLS = ('sdtt', 'duo')
 
 
 def _is_dit(name):
@@ -417,8 +416,7 @@ def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
                 pos = tgt.flatten().nonzero().squeeze(1)
                 t = torch.full((len(grp),), SAMPLE_EPS, device=lm.device)
                 lg, _ = lm.logits(x0.masked_fill(tgt, lm.mask), t, positions=pos)
-                wrong = (lg.argmax(-1) != x0.flatten()[pos]).double()
-                correct = x0.new_zeros(len(grp), dtype=torch.float64).index_add_(0, pos // L, wrong) == 0
+                correct = (x0.masked_scatter(tgt, lg.argmax(-1)) == x0).all(1)  # (pos: tgt in row-major order)
                 nll = _nelbo(lm, x0, tgt, grp, n_t, seed, SAMPLE_EPS)
             else:  # logits at position p predict token p + 1
                 lg, _ = lm.logits(x0)
@@ -429,6 +427,9 @@ def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
         return torch.cat(res)
     res = _sharded(order, max(1, batch_size // n_t) if diffusion else batch_size, f'LAMBADA {lm.name}',
                    lambda i: len(seqs[i]), batch)
+    if n_trunc and _rank_world()[0] == 0:  # (a tiny model's 128-token block cuts nearly every passage)
+        print(f'warning: {n_trunc} of {len(texts)} LAMBADA contexts were cut on the left to fit the {lm.n_ctx}-token '
+              f'context of {lm.name}: not comparable with a full-context evaluation')
     return dict(lambada_acc=res[:, 0].mean(), lastword_ppl=math.exp(res[:, 1].mean()), nll_per_word=res[:, 1].mean(),
                 nll_per_token=res[:, 1].sum() / res[:, 2].sum(), n_words=len(res), n_target_tokens=int(res[:, 2].sum()),
                 n_truncated=n_trunc, n_t=n_t if diffusion else None, kind=lm.kind)
@@ -646,26 +647,20 @@ def main(argv=None):
     check_sizes(vars(c), val_rows=0, n_t=1, val_draws=1, batch_size=1, mauve_seeds=1)  # (val_rows 0: all rows)
     for key in ('dtype', 'judge_dtype'):
         check_choice(key, getattr(c, key), ('float32', 'bfloat16', 'float16'))
-    check_choice('genppl_protocol', c.genppl_protocol, GENPPL_PROTOCOLS)
+    check_choice('genppl_protocol', c.genppl_protocol, ('sdtt', 'duo'))
     rank, _, dev = init_dist(c.device)  # torchrun: every rank scores its share, results are gathered
     if 'genppl' in evals or 'mauve' in evals:
         eval_samples(c, evals, dev)
     if {'lambada', 'lambada_ppl', 'valppl'} & set(evals):
         lm = LM(c.init_from, dev, c.dtype, c.revision, c.compile)
-        model = c.init_from + (f'@{c.revision}' if c.revision else '')
-        settings = dict(model=model, meta=getattr(lm.model, 'meta', {}))
-        if 'lambada' in evals:
-            r = lambada(lm, read_lambada(c.lambada_path), c.n_t, c.seed, c.batch_size)
-            report(c, 'lambada', r, settings, c.lambada_path)
-            if r['n_truncated'] and rank == 0:  # (a tiny model's 128-token block cuts nearly every passage)
-                print(f"warning: {r['n_truncated']} of {r['n_words']} LAMBADA contexts were cut on the left to fit the "
-                      f'{lm.n_ctx}-token context of {lm.name}: not comparable with a full-context evaluation')
-        if 'lambada_ppl' in evals:
-            report(c, 'lambada_ppl', lambada_ppl(lm, read_lambada(c.lambada_path), c.val_draws, c.seed, c.batch_size),
-                   settings, c.lambada_path)
-        if 'valppl' in evals:
-            report(c, 'valppl', val_ppl(lm, c.data_dir, c.val_rows, c.val_draws, c.seed, c.batch_size), settings,
-                   c.data_dir)
+        settings = dict(model=c.init_from + (f'@{c.revision}' if c.revision else ''),
+                        meta=getattr(lm.model, 'meta', {}))
+        texts = read_lambada(c.lambada_path) if {'lambada', 'lambada_ppl'} & set(evals) else None
+        runs = dict(lambada=lambda: lambada(lm, texts, c.n_t, c.seed, c.batch_size),
+                    lambada_ppl=lambda: lambada_ppl(lm, texts, c.val_draws, c.seed, c.batch_size),
+                    valppl=lambda: val_ppl(lm, c.data_dir, c.val_rows, c.val_draws, c.seed, c.batch_size))
+        for what in (w for w in runs if w in evals):  # (in this order)
+            report(c, what, runs[what](), settings, c.data_dir if what == 'valppl' else c.lambada_path)
     if c.plot and rank == 0:
         print(f"plot -> {plot_genppl(os.path.join(c.out_dir, 'eval.jsonl'), os.path.join(c.out_dir, 'genppl.png'))}")
     for run in filter(None, map(str.strip, c.train_log.split(',') if rank == 0 else [])):
