@@ -1,5 +1,4 @@
-"""
-Evaluation of masked diffusion LMs (SPEC §6): gen-PPL with unigram entropy, MAUVE, LAMBADA, validation NELBO, plots.
+"""Evaluation of masked diffusion LMs (SPEC §6): gen-PPL with unigram entropy, MAUVE, LAMBADA, validation NELBO, plots.
 
     python evaluate.py --eval=genppl --samples=out/samples/uncond --judge=gpt2-large --plot
     python evaluate.py --eval=genppl --genppl_protocol=duo ...   # DUO's protocol (its Table 7), see gen_ppl
@@ -142,11 +141,10 @@ def _sharded(items, bs, desc, tokens_of, fn):
     """fn(batch) -> a result per item (on the device: no sync per batch), over this rank's share -> all, in order."""
     rank, world = _rank_world()
     idx, parts = list(items)[rank::world], []
-    bar = tqdm(total=sum(tokens_of(i) for i in idx), desc=desc, unit='tok', unit_scale=True, disable=rank != 0)
-    for b in range(0, len(idx), bs):
-        parts.append(fn(idx[b: b + bs]))
-        bar.update(sum(tokens_of(i) for i in idx[b: b + bs]))
-    bar.close()
+    with tqdm(total=sum(map(tokens_of, idx)), desc=desc, unit='tok', unit_scale=True, disable=rank != 0) as bar:
+        for b in range(0, len(idx), bs):
+            parts.append(fn(idx[b: b + bs]))
+            bar.update(sum(map(tokens_of, idx[b: b + bs])))
     vals = torch.cat(parts).double().cpu().numpy() if parts else np.empty(0)
     if not dist.is_initialized():
         return vals
@@ -217,18 +215,14 @@ def judge_inputs(judge, tokens, tok_name, n_prompt=0):
 def windows(seq, first, n_ctx, bos):
     """A judge input -> [(window, first scored position in it)]: a strided pass, each position from `first` scored
     once, after BOS and >= n_ctx - n_ctx // 2 - 1 tokens of context. (The reference truncates: the tail unscored.)"""
-    if len(seq) <= n_ctx:
-        return [(seq, first)]
-    if n_ctx < 2:
+    if n_ctx < 2 and len(seq) > n_ctx:
         raise ValueError(f'a judge context of {n_ctx} token(s) cannot score a longer text')
     out, done = [], first
-    while done < len(seq):
+    while done < len(seq):  # (a sequence that fits: one window, itself)
         end = min(len(seq), max(done + n_ctx // 2, n_ctx))
-        begin = max(0, end - n_ctx)
-        if begin == 0:
-            out.append((seq[:end], done))
-        else:  # window position j >= 1 holds seq[begin + j]
-            out.append((torch.cat([torch.as_tensor([bos], dtype=seq.dtype), seq[begin + 1:end]]), done - begin))
+        begin = max(0, end - n_ctx)  # then window position j >= 1 holds seq[begin + j]
+        win = seq[:end] if begin == 0 else torch.cat([torch.as_tensor([bos], dtype=seq.dtype), seq[begin + 1:end]])
+        out.append((win, done - begin))
         done = end
     return out
 
@@ -274,15 +268,13 @@ def duo_judge_inputs(judge, tokens, tok_name, group):
             ids += [eos] if cut < L else []
             start = cut + 1
         seqs.append(ids[:L])
-    rows, valid, owner = [], [], []
+    parts = []
     for g in range(0, len(seqs), group):
         longest = max(len(s) for s in seqs[g:g + group])
         for i, s in enumerate(seqs[g:g + group], g):
             for r in torch.tensor(s + [eos] * (longest - len(s)), dtype=torch.long).split(judge.n_ctx):
-                is_eos = r == eos
-                rows.append(r)
-                valid.append(((is_eos.cumsum(0) == 1) | ~is_eos)[1:])
-                owner.append(i)
+                parts.append((r, (((r == eos).cumsum(0) == 1) | (r != eos))[1:], i))
+    rows, valid, owner = zip(*parts)
     return rows, valid, np.array(owner)
 
 
@@ -317,9 +309,8 @@ def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0, protocol='sdtt'):
 
 
 def closer(ref, a, b):
-    """nll_per_sample of three files (e.g. teacher@N, teacher@n, student@n) -> (gain = |d_a| - |d_b|, gain / s.e.),
-    d = log gen-PPL - ref's (> 0: b closer). Paired s.e. of g_i = sign(d_a) (a_i - ref_i) - sign(d_b) (b_i - ref_i):
-    a shared seed correlates the triples, and an unpaired error would count the shared noise twice."""
+    """nll_per_sample of three files (teacher@N, teacher@n, student@n) -> (gain = |d_a| - |d_b| > 0: b closer, gain /
+    s.e.), d = log gen-PPL - ref's; the s.e. paired over g_i = sign(d_a) (a_i - ref_i) - sign(d_b) (b_i - ref_i)."""
     ref, a, b = (np.asarray(x, dtype=np.float64) for x in (ref, a, b))
     if not len(ref) == len(a) == len(b) > 1:
         raise ValueError(f'closer: paired comparison needs files with the same number of samples (> 1), got '
@@ -413,14 +404,12 @@ def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
             x0 = torch.tensor([seqs[i] for i in grp], device=lm.device)
             tgt = torch.tensor([[spans[i][0] <= j < spans[i][1] for j in range(L)] for i in grp], device=lm.device)
             if diffusion:  # the output layer only at the target positions
-                pos = tgt.flatten().nonzero().squeeze(1)
                 t = torch.full((len(grp),), SAMPLE_EPS, device=lm.device)
-                lg, _ = lm.logits(x0.masked_fill(tgt, lm.mask), t, positions=pos)
-                correct = (x0.masked_scatter(tgt, lg.argmax(-1)) == x0).all(1)  # (pos: tgt in row-major order)
+                lg, _ = lm.logits(x0.masked_fill(tgt, lm.mask), t, positions=tgt.flatten().nonzero().squeeze(1))
+                correct = (x0.masked_scatter(tgt, lg.argmax(-1)) == x0).all(1)  # (lg: tgt's positions in order)
                 nll = _nelbo(lm, x0, tgt, grp, n_t, seed, SAMPLE_EPS)
             else:  # logits at position p predict token p + 1
-                lg, _ = lm.logits(x0)
-                lg, y, tgt = lg[:, :-1], x0[:, 1:], tgt[:, 1:]
+                lg, y, tgt = lm.logits(x0)[0][:, :-1], x0[:, 1:], tgt[:, 1:]
                 correct = ((lg.argmax(-1) == y) | ~tgt).all(1)
                 nll = (F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction='none').view_as(y) * tgt).sum(1)
             res.append(torch.stack([correct.double(), nll.double(), tgt.sum(1).double()], 1))
