@@ -111,8 +111,7 @@ class LM:
 
     @torch.no_grad()
     def logits(self, ids, t=None, attn=None, hidden=False, positions=None):
-        """ids [B, L] -> (fp32 logits [B, L, n_real] over the real tokens, last hidden state [B, L, d] or None).
-        positions (a DiT): flat indices into B * L -> logits [M, n_real] of those only (LAMBADA: saves the bulk)."""
+        """ids [B, L] -> (fp32 logits [B, L, n_real] (a DiT: [M, n_real] at flat positions), hidden state or None)."""
         h = {}
         with self.autocast:
             if self.mask is None:
@@ -169,11 +168,9 @@ def read_samples(path):
 
 def sample_files(spec):
     """A file, a glob, or a directory (all .npz below it) -> sorted paths; nothing found is an error."""
-    if os.path.isdir(spec):
-        paths = glob.glob(os.path.join(spec, '**', '*.npz'), recursive=True)
-    else:
-        paths = [p for p in glob.glob(spec) if os.path.isfile(p)]
-        paths = [p for p in paths if p.endswith('.npz')] or paths  # (a glob also catches the .jsonl beside each .npz)
+    pattern = os.path.join(spec, '**', '*.npz') if os.path.isdir(spec) else spec
+    paths = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    paths = [p for p in paths if p.endswith('.npz')] or paths  # (a glob also catches the .jsonl beside each .npz)
     if not paths:
         raise FileNotFoundError(f'no sample files at --samples={spec!r} (a .npz of sample.py, a glob, or a directory)')
     return sorted(paths)
@@ -194,12 +191,11 @@ def _sample_ids(judge, tokens, tok_name):
 
 
 def judge_inputs(judge, tokens, tok_name, n_prompt=0):
-    """Sample ids -> (judge inputs, first[i] >= 1: the first position scored, after n_prompt forced ids). Another
-    tokenizer: the text without BOS/EOS (SDTT's llama path) retokenized, prompt and continuation apart."""
+    """Sample ids -> (judge inputs, first[i] >= 1: the first position scored, after n_prompt forced ids)."""
     tok, tokens = _sample_ids(judge, tokens, tok_name)
     if tok_name == judge.tok_name:
         seqs, first = list(torch.from_numpy(tokens)), [max(1, n_prompt)] * len(tokens)
-    else:
+    else:  # another tokenizer: the text without BOS/EOS (SDTT's llama path), prompt and continuation apart
         text = lambda ids: tok.decode([i for i in ids if i not in (tok.bos_token_id, tok.eos_token_id)])
         rows = tokens.tolist()
         head = [judge.tok.encode(text(row[:n_prompt])) if n_prompt else [] for row in rows]
@@ -238,8 +234,7 @@ def unigram_entropy(tokens):
 
 
 def judge_pass(judge, seqs, batch_size=8, hidden=False, valid=None):
-    """Per sequence: [NLL sum, count] of the positions valid marks (a bool tensor over positions 1..n-1), or with
-    hidden=True the last hidden state at its final token (MAUVE's features)."""
+    """Per sequence: [NLL sum, count] at the positions 1..n-1 valid[i] marks, or (hidden) its final token's state."""
     longest = max(len(s) for s in seqs)
     if longest > judge.n_ctx:  # (gen_ppl cuts windows; MAUVE's features of a truncated text would be another's)
         raise ValueError(f'a judge input is {longest} tokens long, more than the context of {judge.name} '
@@ -354,15 +349,14 @@ def _draws(keys, n_t, L, seed, eps):
 
 
 def _nelbo(lm, x0, maskable, keys, n_t, seed, eps):
-    """MDLM NELBO (nats) of each row of x0 [B, L] over n_t t draws, only `maskable` tokens masked. Exact savings: no
-    forward for nothing masked, and without time conditioning one per distinct (x_t, x0) (LAMBADA: 1, not n_t)."""
+    """MDLM NELBO (nats) of each row of x0 [B, L] over n_t t draws, only `maskable` tokens masked."""
     B, L = x0.shape
     t, u = (v.to(x0.device) for v in _draws(keys, n_t, L, seed, eps))
     x0r = x0.repeat_interleave(n_t, 0)
     hit = maskable.repeat_interleave(n_t, 0) & (u < move_chance(t, lm.schedule)[:, None])
-    keep = hit.any(1).nonzero().squeeze(1)
+    keep = hit.any(1).nonzero().squeeze(1)  # rows with a mask: the others need no forward
     pairs = torch.cat([torch.where(hit, lm.mask, x0r)[keep], x0r[keep]], 1)  # (x_t, x0) of each row with a mask
-    timed = getattr(lm.model.config, 'time_conditioning', False)
+    timed = getattr(lm.model.config, 'time_conditioning', False)  # untimed: one forward per distinct (x_t, x0)
     pairs, inv = (pairs, torch.arange(len(keep), device=x0.device)) if timed else \
         torch.unique(pairs, dim=0, return_inverse=True)
     pos = (pairs[:, :L] == lm.mask).flatten().nonzero().squeeze(1)  # the masked positions: the only ones with a loss
@@ -489,7 +483,6 @@ def write_record(jsonl, what, metrics, config, settings, source):
             f.write((('\n' if torn else '') + line).encode())
     except OSError as e:  # a full disk
         raise write_failed(jsonl, e, kept='the records before are intact') from e
-    return rec
 
 
 # the fields the readers of eval.jsonl use (write_record writes them all)
@@ -556,8 +549,7 @@ def plot_genppl(jsonl, png):
 
 def plot_training(log_path):
     """A distill.py log.jsonl: loss and tokens/s against steps, round ends marked -> train.png beside the log."""
-    if os.path.isdir(log_path):
-        log_path = os.path.join(log_path, 'log.jsonl')
+    log_path = os.path.join(log_path, 'log.jsonl') if os.path.isdir(log_path) else log_path
     if not os.path.exists(log_path):
         raise FileNotFoundError(f'no {log_path}: --train_log takes a distill.py out_dir (or its log.jsonl)')
     recs = read_records(log_path, need={'step': int})
