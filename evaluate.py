@@ -8,8 +8,7 @@
     python evaluate.py --eval= --plot                  # only redraw out_dir/genppl.png from out_dir/eval.jsonl
     python evaluate.py --eval= --train_log=out/kld_small  # a run's loss and tokens/s -> out/kld_small/train.png
     torchrun --nproc_per_node=8 evaluate.py ...      # the work is sharded across ranks and gathered
-Every evaluation appends one JSON line to out_dir/eval.jsonl.
-"""
+Every evaluation appends one JSON line to out_dir/eval.jsonl."""
 import functools
 import glob
 import json
@@ -84,7 +83,7 @@ class LM:
             dit = load_model(name, revision, device)
             self.model, self.tok, m, cfg = dit.backbone, dit.tokenizer, dit.meta, dit.backbone.config
             self.kind = 'causal' if cfg.causal else 'diffusion'
-            self.tok_name, self.n_ctx = m['tokenizer'], cfg.block_size
+            self.tok_name, self.n_ctx, self.schedule = m['tokenizer'], cfg.block_size, schedule_of(m)
             self.bos, self.eos, self.mask, self.n_real = m['bos_id'], m['eos_id'], m['mask_id'], m['mask_id']
         else:
             try:
@@ -107,7 +106,6 @@ class LM:
         autocast = self.mask is not None and self.device.type == 'cuda' and amp != torch.float32  # a DiT on CUDA
         self.autocast = torch.autocast('cuda', dtype=amp) if autocast else nullcontext()
         self.fwd = torch.compile(self.model, dynamic=True) if compile else self.model
-        self.schedule = schedule_of(getattr(self.model, 'meta', None))  # a DiT's NELBO: the schedule it was trained on
 
     @torch.no_grad()
     def logits(self, ids, t=None, attn=None, hidden=False, positions=None):
@@ -127,9 +125,8 @@ class LM:
 
 def _pad(seqs, device):
     """Right-pad 1-D id tensors with 0: causal models never see the padding from real positions."""
-    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device)
-    lengths = torch.tensor([len(s) for s in seqs], device=device)
-    return ids, (torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]).long()
+    pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True).to(device)
+    return pad(seqs), pad([torch.ones(len(s), dtype=torch.long) for s in seqs])  # (ids, attention mask)
 
 
 def _rank_world():
@@ -227,8 +224,7 @@ def unigram_entropy(tokens):
     """Entropy (nats) of the token ids within each sample: [N, L] -> [N] (sorted rows: counts of the runs of ids)."""
     s = np.sort(np.asarray(tokens), axis=1)
     N, L = s.shape
-    start = np.ones_like(s, dtype=bool)
-    start[:, 1:] = s[:, 1:] != s[:, :-1]
+    start = np.concatenate([np.ones((N, 1), dtype=bool), s[:, 1:] != s[:, :-1]], 1)
     p = np.bincount(np.cumsum(start.ravel()) - 1) / L  # one count per run, runs in row order
     return -np.bincount(np.repeat(np.arange(N), start.sum(1)), weights=p * np.log(p), minlength=N)
 
@@ -294,13 +290,12 @@ def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0, protocol='sdtt'):
         per_row = judge_pass(judge, [p[1] for p in parts], batch_size, valid=scored)
         owner, mean, count = np.array([p[0] for p in parts]), per_row[:, 0] / per_row[:, 1], per_row[:, 1]
         nll = np.bincount(owner, weights=mean * count) / np.bincount(owner, weights=count)  # each sample's mean
-        nll_mean, per_sample = nll.mean(), [round(float(x), 6) for x in nll]
+        nll_mean, per_sample = nll.mean(), [round(float(x), 6) for x in nll]  # (in order: paired comparisons)
         extra = dict(nll_std=nll.std(), n_windowed=int(sum(len(s) > judge.n_ctx for s in seqs)))
     ent = unigram_entropy(np.asarray(tokens)[:, n_prompt:])
     return dict(gen_ppl=math.exp(nll_mean), nll_mean=nll_mean, **extra, entropy=ent.mean(), entropy_std=ent.std(),
                 n_samples=len(tokens), seq_len=tokens.shape[1], n_prompt=n_prompt, protocol=protocol,
-                retokenized=protocol == 'duo' or tok_name != judge.tok_name,
-                nll_per_sample=per_sample)  # in sample order: for paired comparisons
+                retokenized=protocol == 'duo' or tok_name != judge.tok_name, nll_per_sample=per_sample)
 
 
 def closer(ref, a, b):
@@ -308,8 +303,7 @@ def closer(ref, a, b):
     s.e.), d = log gen-PPL - ref's; the s.e. paired over g_i = sign(d_a) (a_i - ref_i) - sign(d_b) (b_i - ref_i)."""
     ref, a, b = (np.asarray(x, dtype=np.float64) for x in (ref, a, b))
     if not len(ref) == len(a) == len(b) > 1:
-        raise ValueError(f'closer: paired comparison needs files with the same number of samples (> 1), got '
-                         f'{len(ref)}, {len(a)}, {len(b)}')
+        raise ValueError(f'closer needs files of the same number of samples (> 1), got {len(ref)}, {len(a)}, {len(b)}')
     g = np.sign(a.mean() - ref.mean()) * (a - ref) - np.sign(b.mean() - ref.mean()) * (b - ref)
     gain, se = float(g.mean()), g.std(ddof=1) / math.sqrt(len(g))
     if se == 0:  # every g_i equal (e.g. identical files)
@@ -608,7 +602,7 @@ def eval_samples(c, evals, dev):
             n_cond += 1
             if 'ref_tokens' not in s:
                 raise ValueError(f'{path} holds no ref_tokens (the documents of its prompts): write it with sample.py')
-            q, p = (judge_pass(judge_lm, judge_inputs(judge_lm, s[k].astype(np.int64), tok_name)[0], c.batch_size,
+            q, p = (judge_pass(judge_lm, judge_inputs(judge_lm, s[k], tok_name)[0], c.batch_size,
                                hidden=True) for k in ('tokens', 'ref_tokens'))
             if _rank_world()[0] == 0:
                 report(c, 'mauve', {**mauve_score(p, q, c.mauve_seeds), 'n_samples': len(q), 'n_refs': len(p)},
@@ -634,8 +628,7 @@ def main(argv=None):
         eval_samples(c, evals, dev)
     if {'lambada', 'lambada_ppl', 'valppl'} & set(evals):
         lm = LM(c.init_from, dev, c.dtype, c.revision, c.compile)
-        settings = dict(model=c.init_from + (f'@{c.revision}' if c.revision else ''),
-                        meta=getattr(lm.model, 'meta', {}))
+        settings = dict(model='@'.join(filter(None, (c.init_from, c.revision))), meta=getattr(lm.model, 'meta', {}))
         texts = read_lambada(c.lambada_path) if {'lambada', 'lambada_ppl'} & set(evals) else None
         runs = dict(lambada=lambda: lambada(lm, texts, c.n_t, c.seed, c.batch_size),
                     lambada_ppl=lambda: lambada_ppl(lm, texts, c.val_draws, c.seed, c.batch_size),
