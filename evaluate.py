@@ -299,8 +299,8 @@ def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0, protocol='sdtt'):
 
 
 def closer(ref, a, b):
-    """nll_per_sample of three files (teacher@N, teacher@n, student@n) -> (gain = |d_a| - |d_b| > 0: b closer, gain /
-    s.e.), d = log gen-PPL - ref's; the s.e. paired over g_i = sign(d_a) (a_i - ref_i) - sign(d_b) (b_i - ref_i)."""
+    """nll_per_sample of three files (teacher@N, teacher@n, student@n) -> (gain = |d_a| - |d_b|, gain / s.e.), d = log
+    gen-PPL - ref's (> 0: b closer); s.e. paired (shared seeds) of sign(d_a) (a_i - ref_i) - sign(d_b) (b_i - ref_i)."""
     ref, a, b = (np.asarray(x, dtype=np.float64) for x in (ref, a, b))
     if not len(ref) == len(a) == len(b) > 1:
         raise ValueError(f'closer needs files of the same number of samples (> 1), got {len(ref)}, {len(a)}, {len(b)}')
