@@ -1,5 +1,4 @@
-"""
-Evaluation of masked diffusion LMs (SPEC §6): gen-PPL with unigram entropy, MAUVE, LAMBADA, validation NELBO, plots.
+"""Evaluation of masked diffusion LMs (SPEC §6): gen-PPL with unigram entropy, MAUVE, LAMBADA, validation NELBO, plots.
 
     python evaluate.py --eval=genppl --samples=out/samples/uncond --judge=gpt2-large --plot
     python evaluate.py --eval=genppl --genppl_protocol=duo ...   # DUO's protocol (its Table 7), see gen_ppl
@@ -9,8 +8,8 @@ Evaluation of masked diffusion LMs (SPEC §6): gen-PPL with unigram entropy, MAU
     python evaluate.py --eval= --plot                  # only redraw out_dir/genppl.png from out_dir/eval.jsonl
     python evaluate.py --eval= --train_log=out/kld_small  # a run's loss and tokens/s -> out/kld_small/train.png
     torchrun --nproc_per_node=8 evaluate.py ...      # the work is sharded across ranks and gathered
-Every evaluation appends one JSON line to out_dir/eval.jsonl.
-"""
+Every evaluation appends one JSON line to out_dir/eval.jsonl."""
+import functools
 import glob
 import json
 import math
@@ -58,32 +57,18 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 compile = False
 _CONFIG_KEYS = config_keys(globals())  # exactly the settings above
 EVALS = ('genppl', 'mauve', 'lambada', 'lambada_ppl', 'valppl')
-GENPPL_PROTOCOLS = ('sdtt', 'duo')
-
-
-class _HFTokenizer:
-    """A transformers tokenizer with the project tokenizer's interface (encode without special tokens)."""
-    def __init__(self, name):
-        from transformers import AutoTokenizer
-        self.t = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        self.name, self.bos_token_id, self.eos_token_id = name, self.t.bos_token_id, self.t.eos_token_id
-
-    def encode(self, text):
-        return self.t(text, add_special_tokens=False)['input_ids']
 
 
 def _is_dit(name):
     """A project/MDLM/SDTT DiT (loaded by model.load_pretrained) rather than a transformers causal LM."""
-    if os.path.isfile(name):
-        return True  # ckpt.pt
-    if os.path.isdir(name):
-        cfg_path = os.path.join(name, 'config.json')
-        if os.path.exists(os.path.join(name, 'ckpt.pt')) or not os.path.exists(cfg_path):
-            return True  # load_pretrained explains what is missing
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        return cfg.get('model_type') == 'mdlm' or 'hidden_dim' in cfg or isinstance(cfg.get('model'), dict)
-    return any(k in name.lower() for k in ('mdlm', 'sdtt'))  # a hub id: kuleshov-group/mdlm-owt, jdeschena/sdtt
+    if not os.path.exists(name):
+        return any(k in name.lower() for k in ('mdlm', 'sdtt'))  # a hub id: kuleshov-group/mdlm-owt, jdeschena/sdtt
+    cfg_path = os.path.join(name, 'config.json')
+    if os.path.isfile(name) or os.path.exists(os.path.join(name, 'ckpt.pt')) or not os.path.exists(cfg_path):
+        return True  # a ckpt.pt, an out_dir, or a directory whose lack load_pretrained explains
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    return cfg.get('model_type') == 'mdlm' or 'hidden_dim' in cfg or isinstance(cfg.get('model'), dict)
 
 
 class LM:
@@ -94,38 +79,37 @@ class LM:
             raise ValueError('no model given: set --judge (genppl/mauve) or --init_from (lambada/valppl)')
         name = local_or_hub(name) or name  # a missing local path fails here, not as a hub download
         self.name, self.device, amp = name, torch.device(device), getattr(torch, dtype)
-        cuda_amp = self.device.type == 'cuda' and amp != torch.float32
-        self.autocast = torch.autocast('cuda', dtype=amp) if cuda_amp else nullcontext()
         if _is_dit(name):
             dit = load_model(name, revision, device)
             self.model, self.tok, m, cfg = dit.backbone, dit.tokenizer, dit.meta, dit.backbone.config
             self.kind = 'causal' if cfg.causal else 'diffusion'
-            self.tok_name, self.n_ctx = m['tokenizer'], cfg.block_size
+            self.tok_name, self.n_ctx, self.schedule = m['tokenizer'], cfg.block_size, schedule_of(m)
             self.bos, self.eos, self.mask, self.n_real = m['bos_id'], m['eos_id'], m['mask_id'], m['mask_id']
         else:
             try:
                 from transformers import AutoModelForCausalLM
                 model = AutoModelForCausalLM.from_pretrained(name, dtype=amp, trust_remote_code=False)
             except Exception as e:
-                first_line = str(e).splitlines()[0] if str(e) else ''
-                raise RuntimeError(f'could not load the causal LM {name!r} with transformers ({type(e).__name__}: '
-                                   f'{first_line}). Offline? Pass a local directory or a project AR checkpoint.') from e
-            self.model, self.autocast, cfg = model.to(device).eval(), nullcontext(), model.config
+                raise RuntimeError(f"could not load the causal LM {name!r} with transformers ({type(e).__name__}: "
+                                   f"{(str(e).splitlines() or [''])[0]}); offline, pass a local directory") from e
+            self.model, cfg = model.to(device).eval(), model.config
             self.kind, self.mask, self.n_real = 'causal', None, cfg.vocab_size
             self.n_ctx = getattr(cfg, 'n_positions', None) or getattr(cfg, 'max_position_embeddings', None) or 10**9
             if cfg.model_type == 'gpt2' and cfg.vocab_size == 50257:  # GPT-2's own ids: our offline tokenizer
                 self.tok, self.tok_name = get_tokenizer('gpt2'), 'gpt2'
-            else:
-                self.tok, self.tok_name = _HFTokenizer(name), name
+            else:  # encode() as the project tokenizer's: no BOS/EOS added
+                from transformers import AutoTokenizer
+                self.tok, self.tok_name = AutoTokenizer.from_pretrained(name, trust_remote_code=False), name
+                self.tok.encode = functools.partial(self.tok.encode, add_special_tokens=False)
             self.eos = self.tok.eos_token_id
             self.bos = self.eos if self.tok.bos_token_id is None else self.tok.bos_token_id
+        autocast = self.mask is not None and self.device.type == 'cuda' and amp != torch.float32  # a DiT on CUDA
+        self.autocast = torch.autocast('cuda', dtype=amp) if autocast else nullcontext()
         self.fwd = torch.compile(self.model, dynamic=True) if compile else self.model
-        self.schedule = schedule_of(getattr(self.model, 'meta', None))  # a DiT's NELBO: the schedule it was trained on
 
     @torch.no_grad()
     def logits(self, ids, t=None, attn=None, hidden=False, positions=None):
-        """ids [B, L] -> (fp32 logits [B, L, n_real] over the real tokens, last hidden state [B, L, d] or None).
-        positions (a DiT): flat indices into B * L -> logits [M, n_real] of those only (LAMBADA: saves the bulk)."""
+        """ids [B, L] -> (fp32 logits [B, L, n_real] (a DiT: [M, n_real] at flat positions), hidden state or None)."""
         h = {}
         with self.autocast:
             if self.mask is None:
@@ -133,19 +117,16 @@ class LM:
                 lg, h['h'] = out.logits, out.hidden_states[-1] if hidden else None
             else:  # hidden: after the final LayerNorm, as GPT-2's; a hook is not in a compiled graph, so eager
                 norm = self.model.output_layer.norm_final
-                hook = norm.register_forward_hook(lambda m, i, o: h.update(h=o)) if hidden else None
-                lg = (self.model if hidden else self.fwd)(ids, None if t is None else sigma(t, self.schedule),
-                                                          *(() if positions is None else (positions,)))[..., :self.mask]
-                if hook:
-                    hook.remove()
+                with norm.register_forward_hook(lambda m, i, o: h.update(h=o)) if hidden else nullcontext():
+                    lg = (self.model if hidden else self.fwd)(ids, None if t is None else sigma(t, self.schedule),
+                                                              positions)[..., :self.mask]
         return lg.float(), (h['h'].float() if hidden else None)
 
 
 def _pad(seqs, device):
     """Right-pad 1-D id tensors with 0: causal models never see the padding from real positions."""
-    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True).to(device)
-    lengths = torch.tensor([len(s) for s in seqs], device=device)
-    return ids, (torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]).long()
+    pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True).to(device)
+    return pad(seqs), pad([torch.ones(len(s), dtype=torch.long) for s in seqs])  # (ids, attention mask)
 
 
 def _rank_world():
@@ -156,11 +137,10 @@ def _sharded(items, bs, desc, tokens_of, fn):
     """fn(batch) -> a result per item (on the device: no sync per batch), over this rank's share -> all, in order."""
     rank, world = _rank_world()
     idx, parts = list(items)[rank::world], []
-    bar = tqdm(total=sum(tokens_of(i) for i in idx), desc=desc, unit='tok', unit_scale=True, disable=rank != 0)
-    for b in range(0, len(idx), bs):
-        parts.append(fn(idx[b: b + bs]))
-        bar.update(sum(tokens_of(i) for i in idx[b: b + bs]))
-    bar.close()
+    with tqdm(total=sum(map(tokens_of, idx)), desc=desc, unit='tok', unit_scale=True, disable=rank != 0) as bar:
+        for b in range(0, len(idx), bs):
+            parts.append(fn(idx[b: b + bs]))
+            bar.update(sum(map(tokens_of, idx[b: b + bs])))
     vals = torch.cat(parts).double().cpu().numpy() if parts else np.empty(0)
     if not dist.is_initialized():
         return vals
@@ -185,11 +165,9 @@ def read_samples(path):
 
 def sample_files(spec):
     """A file, a glob, or a directory (all .npz below it) -> sorted paths; nothing found is an error."""
-    if os.path.isdir(spec):
-        paths = glob.glob(os.path.join(spec, '**', '*.npz'), recursive=True)
-    else:
-        paths = [p for p in glob.glob(spec) if os.path.isfile(p)]
-        paths = [p for p in paths if p.endswith('.npz')] or paths  # (a glob also catches the .jsonl beside each .npz)
+    pattern = os.path.join(spec, '**', '*.npz') if os.path.isdir(spec) else spec
+    paths = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    paths = [p for p in paths if p.endswith('.npz')] or paths  # (a glob also catches the .jsonl beside each .npz)
     if not paths:
         raise FileNotFoundError(f'no sample files at --samples={spec!r} (a .npz of sample.py, a glob, or a directory)')
     return sorted(paths)
@@ -210,12 +188,11 @@ def _sample_ids(judge, tokens, tok_name):
 
 
 def judge_inputs(judge, tokens, tok_name, n_prompt=0):
-    """Sample ids -> (judge inputs, first[i] >= 1: the first position scored, after n_prompt forced ids). Another
-    tokenizer: the text without BOS/EOS (SDTT's llama path) retokenized, prompt and continuation apart."""
+    """Sample ids -> (judge inputs, first[i] >= 1: the first position scored, after n_prompt forced ids)."""
     tok, tokens = _sample_ids(judge, tokens, tok_name)
     if tok_name == judge.tok_name:
         seqs, first = list(torch.from_numpy(tokens)), [max(1, n_prompt)] * len(tokens)
-    else:
+    else:  # another tokenizer: the text without BOS/EOS (SDTT's llama path), prompt and continuation apart
         text = lambda ids: tok.decode([i for i in ids if i not in (tok.bos_token_id, tok.eos_token_id)])
         rows = tokens.tolist()
         head = [judge.tok.encode(text(row[:n_prompt])) if n_prompt else [] for row in rows]
@@ -231,18 +208,14 @@ def judge_inputs(judge, tokens, tok_name, n_prompt=0):
 def windows(seq, first, n_ctx, bos):
     """A judge input -> [(window, first scored position in it)]: a strided pass, each position from `first` scored
     once, after BOS and >= n_ctx - n_ctx // 2 - 1 tokens of context. (The reference truncates: the tail unscored.)"""
-    if len(seq) <= n_ctx:
-        return [(seq, first)]
-    if n_ctx < 2:
+    if n_ctx < 2 and len(seq) > n_ctx:
         raise ValueError(f'a judge context of {n_ctx} token(s) cannot score a longer text')
     out, done = [], first
-    while done < len(seq):
+    while done < len(seq):  # (a sequence that fits: one window, itself)
         end = min(len(seq), max(done + n_ctx // 2, n_ctx))
-        begin = max(0, end - n_ctx)
-        if begin == 0:
-            out.append((seq[:end], done))
-        else:  # window position j >= 1 holds seq[begin + j]
-            out.append((torch.cat([torch.as_tensor([bos], dtype=seq.dtype), seq[begin + 1:end]]), done - begin))
+        begin = max(0, end - n_ctx)  # then window position j >= 1 holds seq[begin + j]
+        win = seq[:end] if begin == 0 else torch.cat([torch.as_tensor([bos], dtype=seq.dtype), seq[begin + 1:end]])
+        out.append((win, done - begin))
         done = end
     return out
 
@@ -251,15 +224,13 @@ def unigram_entropy(tokens):
     """Entropy (nats) of the token ids within each sample: [N, L] -> [N] (sorted rows: counts of the runs of ids)."""
     s = np.sort(np.asarray(tokens), axis=1)
     N, L = s.shape
-    start = np.ones_like(s, dtype=bool)
-    start[:, 1:] = s[:, 1:] != s[:, :-1]
+    start = np.concatenate([np.ones((N, 1), dtype=bool), s[:, 1:] != s[:, :-1]], 1)
     p = np.bincount(np.cumsum(start.ravel()) - 1) / L  # one count per run, runs in row order
     return -np.bincount(np.repeat(np.arange(N), start.sum(1)), weights=p * np.log(p), minlength=N)
 
 
 def judge_pass(judge, seqs, batch_size=8, hidden=False, valid=None):
-    """Per sequence: [NLL sum, count] of the positions valid marks (a bool tensor over positions 1..n-1), or with
-    hidden=True the last hidden state at its final token (MAUVE's features)."""
+    """Per sequence: [NLL sum, count] at the positions 1..n-1 valid[i] marks, or (hidden) its final token's state."""
     longest = max(len(s) for s in seqs)
     if longest > judge.n_ctx:  # (gen_ppl cuts windows; MAUVE's features of a truncated text would be another's)
         raise ValueError(f'a judge input is {longest} tokens long, more than the context of {judge.name} '
@@ -288,15 +259,13 @@ def duo_judge_inputs(judge, tokens, tok_name, group):
             ids += [eos] if cut < L else []
             start = cut + 1
         seqs.append(ids[:L])
-    rows, valid, owner = [], [], []
+    parts = []
     for g in range(0, len(seqs), group):
         longest = max(len(s) for s in seqs[g:g + group])
         for i, s in enumerate(seqs[g:g + group], g):
             for r in torch.tensor(s + [eos] * (longest - len(s)), dtype=torch.long).split(judge.n_ctx):
-                is_eos = r == eos
-                rows.append(r)
-                valid.append(((is_eos.cumsum(0) == 1) | ~is_eos)[1:])
-                owner.append(i)
+                parts.append((r, (((r == eos).cumsum(0) == 1) | (r != eos))[1:], i))
+    rows, valid, owner = zip(*parts)
     return rows, valid, np.array(owner)
 
 
@@ -321,23 +290,20 @@ def gen_ppl(judge, tokens, tok_name, batch_size=8, n_prompt=0, protocol='sdtt'):
         per_row = judge_pass(judge, [p[1] for p in parts], batch_size, valid=scored)
         owner, mean, count = np.array([p[0] for p in parts]), per_row[:, 0] / per_row[:, 1], per_row[:, 1]
         nll = np.bincount(owner, weights=mean * count) / np.bincount(owner, weights=count)  # each sample's mean
-        nll_mean, per_sample = nll.mean(), [round(float(x), 6) for x in nll]
+        nll_mean, per_sample = nll.mean(), [round(float(x), 6) for x in nll]  # (in order: paired comparisons)
         extra = dict(nll_std=nll.std(), n_windowed=int(sum(len(s) > judge.n_ctx for s in seqs)))
     ent = unigram_entropy(np.asarray(tokens)[:, n_prompt:])
     return dict(gen_ppl=math.exp(nll_mean), nll_mean=nll_mean, **extra, entropy=ent.mean(), entropy_std=ent.std(),
                 n_samples=len(tokens), seq_len=tokens.shape[1], n_prompt=n_prompt, protocol=protocol,
-                retokenized=protocol == 'duo' or tok_name != judge.tok_name,
-                nll_per_sample=per_sample)  # in sample order: for paired comparisons
+                retokenized=protocol == 'duo' or tok_name != judge.tok_name, nll_per_sample=per_sample)
 
 
 def closer(ref, a, b):
-    """nll_per_sample of three files (e.g. teacher@N, teacher@n, student@n) -> (gain = |d_a| - |d_b|, gain / s.e.),
-    d = log gen-PPL - ref's (> 0: b closer). Paired s.e. of g_i = sign(d_a) (a_i - ref_i) - sign(d_b) (b_i - ref_i):
-    a shared seed correlates the triples, and an unpaired error would count the shared noise twice."""
+    """nll_per_sample of three files (teacher@N, teacher@n, student@n) -> (gain = |d_a| - |d_b|, gain / s.e.), d = log
+    gen-PPL - ref's (> 0: b closer); s.e. paired (shared seeds) of sign(d_a) (a_i - ref_i) - sign(d_b) (b_i - ref_i)."""
     ref, a, b = (np.asarray(x, dtype=np.float64) for x in (ref, a, b))
     if not len(ref) == len(a) == len(b) > 1:
-        raise ValueError(f'closer: paired comparison needs files with the same number of samples (> 1), got '
-                         f'{len(ref)}, {len(a)}, {len(b)}')
+        raise ValueError(f'closer needs files of the same number of samples (> 1), got {len(ref)}, {len(a)}, {len(b)}')
     g = np.sign(a.mean() - ref.mean()) * (a - ref) - np.sign(b.mean() - ref.mean()) * (b - ref)
     gain, se = float(g.mean()), g.std(ddof=1) / math.sqrt(len(g))
     if se == 0:  # every g_i equal (e.g. identical files)
@@ -377,15 +343,14 @@ def _draws(keys, n_t, L, seed, eps):
 
 
 def _nelbo(lm, x0, maskable, keys, n_t, seed, eps):
-    """MDLM NELBO (nats) of each row of x0 [B, L] over n_t t draws, only `maskable` tokens masked. Exact savings: no
-    forward for nothing masked, and without time conditioning one per distinct (x_t, x0) (LAMBADA: 1, not n_t)."""
+    """MDLM NELBO (nats) of each row of x0 [B, L] over n_t t draws, only `maskable` tokens masked."""
     B, L = x0.shape
     t, u = (v.to(x0.device) for v in _draws(keys, n_t, L, seed, eps))
     x0r = x0.repeat_interleave(n_t, 0)
     hit = maskable.repeat_interleave(n_t, 0) & (u < move_chance(t, lm.schedule)[:, None])
-    keep = hit.any(1).nonzero().squeeze(1)
+    keep = hit.any(1).nonzero().squeeze(1)  # rows with a mask: the others need no forward
     pairs = torch.cat([torch.where(hit, lm.mask, x0r)[keep], x0r[keep]], 1)  # (x_t, x0) of each row with a mask
-    timed = getattr(lm.model.config, 'time_conditioning', False)
+    timed = getattr(lm.model.config, 'time_conditioning', False)  # untimed: one forward per distinct (x_t, x0)
     pairs, inv = (pairs, torch.arange(len(keep), device=x0.device)) if timed else \
         torch.unique(pairs, dim=0, return_inverse=True)
     pos = (pairs[:, :L] == lm.mask).flatten().nonzero().squeeze(1)  # the masked positions: the only ones with a loss
@@ -427,21 +392,21 @@ def lambada(lm, texts, n_t=32, seed=0, batch_size=8):
             x0 = torch.tensor([seqs[i] for i in grp], device=lm.device)
             tgt = torch.tensor([[spans[i][0] <= j < spans[i][1] for j in range(L)] for i in grp], device=lm.device)
             if diffusion:  # the output layer only at the target positions
-                pos = tgt.flatten().nonzero().squeeze(1)
                 t = torch.full((len(grp),), SAMPLE_EPS, device=lm.device)
-                lg, _ = lm.logits(x0.masked_fill(tgt, lm.mask), t, positions=pos)
-                wrong = (lg.argmax(-1) != x0.flatten()[pos]).double()
-                correct = x0.new_zeros(len(grp), dtype=torch.float64).index_add_(0, pos // L, wrong) == 0
+                lg, _ = lm.logits(x0.masked_fill(tgt, lm.mask), t, positions=tgt.flatten().nonzero().squeeze(1))
+                correct = (x0.masked_scatter(tgt, lg.argmax(-1)) == x0).all(1)  # (lg: tgt's positions in order)
                 nll = _nelbo(lm, x0, tgt, grp, n_t, seed, SAMPLE_EPS)
             else:  # logits at position p predict token p + 1
-                lg, _ = lm.logits(x0)
-                lg, y, tgt = lg[:, :-1], x0[:, 1:], tgt[:, 1:]
+                lg, y, tgt = lm.logits(x0)[0][:, :-1], x0[:, 1:], tgt[:, 1:]
                 correct = ((lg.argmax(-1) == y) | ~tgt).all(1)
                 nll = (F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction='none').view_as(y) * tgt).sum(1)
             res.append(torch.stack([correct.double(), nll.double(), tgt.sum(1).double()], 1))
         return torch.cat(res)
     res = _sharded(order, max(1, batch_size // n_t) if diffusion else batch_size, f'LAMBADA {lm.name}',
                    lambda i: len(seqs[i]), batch)
+    if n_trunc and _rank_world()[0] == 0:  # (a tiny model's 128-token block cuts nearly every passage)
+        print(f'warning: {n_trunc} of {len(texts)} LAMBADA contexts were cut on the left to fit the {lm.n_ctx}-token '
+              f'context of {lm.name}: not comparable with a full-context evaluation')
     return dict(lambada_acc=res[:, 0].mean(), lastword_ppl=math.exp(res[:, 1].mean()), nll_per_word=res[:, 1].mean(),
                 nll_per_token=res[:, 1].sum() / res[:, 2].sum(), n_words=len(res), n_target_tokens=int(res[:, 2].sum()),
                 n_truncated=n_trunc, n_t=n_t if diffusion else None, kind=lm.kind)
@@ -512,12 +477,10 @@ def write_record(jsonl, what, metrics, config, settings, source):
             f.write((('\n' if torn else '') + line).encode())
     except OSError as e:  # a full disk
         raise write_failed(jsonl, e, kept='the records before are intact') from e
-    return rec
 
 
-# the fields the readers of eval.jsonl use (write_record writes them all); a genppl record's metrics too
+# the fields the readers of eval.jsonl use (write_record writes them all)
 RECORD = dict(eval=str, model=(str, type(None)), num_steps=(int, type(None)), settings=dict, config=dict, metrics=dict)
-GENPPL_RECORD = {**RECORD, 'metrics': dict(gen_ppl=(int, float), entropy=(int, float), seq_len=int)}
 
 
 def read_records(jsonl, need=RECORD, keep=None):
@@ -543,7 +506,8 @@ def plot_genppl(jsonl, png):
     if not os.path.exists(jsonl):
         raise FileNotFoundError(f'no {jsonl} to plot: run --eval=genppl (with the same --out_dir) first')
     prompted = lambda s: s.get('mode') == 'cond_prefix' or s.get('prompt') or s.get('prompt_file')
-    recs = [r for r in read_records(jsonl, GENPPL_RECORD, keep=lambda r: r.get('eval') == 'genppl')
+    need = {**RECORD, 'metrics': dict(gen_ppl=(int, float), entropy=(int, float), seq_len=int)}
+    recs = [r for r in read_records(jsonl, need, keep=lambda r: r.get('eval') == 'genppl')
             if r['num_steps'] and not prompted(r['settings'])]
     if not recs:
         raise ValueError(f'no genppl records of unconditional samples in {jsonl}: run --eval=genppl first')
@@ -560,30 +524,26 @@ def plot_genppl(jsonl, png):
     for (model, rnd, jdg, L, sampler), pts in sorted(lines.items()):
         label = ' '.join(filter(None, (model, rnd >= 0 and f'round {rnd}', jdg and f'[{jdg}]', L and f'L={L}',
                                        sampler)))
-        steps = sorted(pts)
-        for k, ax in enumerate(axes):
-            ax.plot(steps, [pts[s][k] for s in steps], marker='o', label=label)
-    plain = FuncFormatter(lambda v, _: f'{v:g}')
+        steps, ys = zip(*sorted(pts.items()))
+        for ax, y in zip(axes, zip(*ys)):
+            ax.plot(steps, y, marker='o', label=label)
+    plain, ticks = FuncFormatter(lambda v, _: f'{v:g}'), sorted({s for pts in lines.values() for s in pts})
     titles = ('gen-PPL' + ('' if varies[0] else f" (judge: {recs[-1]['config'].get('judge')})"),
               'entropy of the samples')
     for ax, name, title in zip(axes, ('generative perplexity', 'unigram entropy (nats)'), titles):
         ax.set_xscale('log', base=2)
-        ax.set_xticks(sorted({s for pts in lines.values() for s in pts}))
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set(xlabel='sampling steps', ylabel=name, title=title)
+        ax.set(xticks=ticks, xlabel='sampling steps', ylabel=name, title=title)
+        ax.xaxis.set(major_formatter=plain, minor_locator=NullLocator())
         ax.grid(True, which='both', alpha=0.3)
     axes[0].set_yscale('log')
-    axes[0].yaxis.set_major_formatter(plain)
-    axes[0].yaxis.set_minor_formatter(plain)
+    axes[0].yaxis.set(major_formatter=plain, minor_formatter=plain)
     axes[1].legend(fontsize=8, loc='best')
     return _save_figure(fig, png)
 
 
 def plot_training(log_path):
     """A distill.py log.jsonl: loss and tokens/s against steps, round ends marked -> train.png beside the log."""
-    if os.path.isdir(log_path):
-        log_path = os.path.join(log_path, 'log.jsonl')
+    log_path = os.path.join(log_path, 'log.jsonl') if os.path.isdir(log_path) else log_path
     if not os.path.exists(log_path):
         raise FileNotFoundError(f'no {log_path}: --train_log takes a distill.py out_dir (or its log.jsonl)')
     recs = read_records(log_path, need={'step': int})
@@ -604,10 +564,8 @@ def plot_training(log_path):
     mfu = sorted(r['mfu'] for r in train)[len(train) // 2]
     ax_speed.set(xlabel='step', ylabel='tokens/s', title=f'throughput (median MFU {100 * mfu:.1f}%)', ylim=(0, None))
     ax_speed.grid(True, alpha=0.3)
-    ends = [(r['step'], r['round_done']) for r in recs if 'round_done' in r]
-    if not ends:  # a log written before distill.py logged its round ends: the last step logged with the old round
-        ends = [(p['step'], r['round']) for p, r in zip(train, train[1:])
-                if (r.get('round') or 0) > (p.get('round') or 0)]
+    ends = [(r['step'], r['round_done']) for r in recs if 'round_done' in r] or [  # an older log: a round's last step
+        (p['step'], r['round']) for p, r in zip(train, train[1:]) if (r.get('round') or 0) > (p.get('round') or 0)]
     for step, rnd in ends:
         for a in (ax, ax_speed):
             a.axvline(step, color='gray', ls=':', lw=1)
@@ -644,7 +602,7 @@ def eval_samples(c, evals, dev):
             n_cond += 1
             if 'ref_tokens' not in s:
                 raise ValueError(f'{path} holds no ref_tokens (the documents of its prompts): write it with sample.py')
-            q, p = (judge_pass(judge_lm, judge_inputs(judge_lm, s[k].astype(np.int64), tok_name)[0], c.batch_size,
+            q, p = (judge_pass(judge_lm, judge_inputs(judge_lm, s[k], tok_name)[0], c.batch_size,
                                hidden=True) for k in ('tokens', 'ref_tokens'))
             if _rank_world()[0] == 0:
                 report(c, 'mauve', {**mauve_score(p, q, c.mauve_seeds), 'n_samples': len(q), 'n_refs': len(p)},
@@ -664,26 +622,19 @@ def main(argv=None):
     check_sizes(vars(c), val_rows=0, n_t=1, val_draws=1, batch_size=1, mauve_seeds=1)  # (val_rows 0: all rows)
     for key in ('dtype', 'judge_dtype'):
         check_choice(key, getattr(c, key), ('float32', 'bfloat16', 'float16'))
-    check_choice('genppl_protocol', c.genppl_protocol, GENPPL_PROTOCOLS)
+    check_choice('genppl_protocol', c.genppl_protocol, ('sdtt', 'duo'))
     rank, _, dev = init_dist(c.device)  # torchrun: every rank scores its share, results are gathered
     if 'genppl' in evals or 'mauve' in evals:
         eval_samples(c, evals, dev)
     if {'lambada', 'lambada_ppl', 'valppl'} & set(evals):
         lm = LM(c.init_from, dev, c.dtype, c.revision, c.compile)
-        model = c.init_from + (f'@{c.revision}' if c.revision else '')
-        settings = dict(model=model, meta=getattr(lm.model, 'meta', {}))
-        if 'lambada' in evals:
-            r = lambada(lm, read_lambada(c.lambada_path), c.n_t, c.seed, c.batch_size)
-            report(c, 'lambada', r, settings, c.lambada_path)
-            if r['n_truncated'] and rank == 0:  # (a tiny model's 128-token block cuts nearly every passage)
-                print(f"warning: {r['n_truncated']} of {r['n_words']} LAMBADA contexts were cut on the left to fit the "
-                      f'{lm.n_ctx}-token context of {lm.name}: not comparable with a full-context evaluation')
-        if 'lambada_ppl' in evals:
-            report(c, 'lambada_ppl', lambada_ppl(lm, read_lambada(c.lambada_path), c.val_draws, c.seed, c.batch_size),
-                   settings, c.lambada_path)
-        if 'valppl' in evals:
-            report(c, 'valppl', val_ppl(lm, c.data_dir, c.val_rows, c.val_draws, c.seed, c.batch_size), settings,
-                   c.data_dir)
+        settings = dict(model='@'.join(filter(None, (c.init_from, c.revision))), meta=getattr(lm.model, 'meta', {}))
+        texts = read_lambada(c.lambada_path) if {'lambada', 'lambada_ppl'} & set(evals) else None
+        runs = dict(lambada=lambda: lambada(lm, texts, c.n_t, c.seed, c.batch_size),
+                    lambada_ppl=lambda: lambada_ppl(lm, texts, c.val_draws, c.seed, c.batch_size),
+                    valppl=lambda: val_ppl(lm, c.data_dir, c.val_rows, c.val_draws, c.seed, c.batch_size))
+        for what in (w for w in runs if w in evals):  # (in this order)
+            report(c, what, runs[what](), settings, c.data_dir if what == 'valppl' else c.lambada_path)
     if c.plot and rank == 0:
         print(f"plot -> {plot_genppl(os.path.join(c.out_dir, 'eval.jsonl'), os.path.join(c.out_dir, 'genppl.png'))}")
     for run in filter(None, map(str.strip, c.train_log.split(',') if rank == 0 else [])):

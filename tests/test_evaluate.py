@@ -76,6 +76,30 @@ def test_gen_ppl_hf_gpt2_matches_direct(gpt2_dir):
     assert np.allclose(r['nll_per_sample'], nll.numpy(), rtol=0, atol=2e-6)  # each sample's, in order
 
 
+def test_a_judge_with_its_own_transformers_tokenizer_encodes_without_special_tokens(tmp):
+    """A causal LM that is not GPT-2: its AutoTokenizer (here one that adds BOS by default) encodes the text alone,
+    the judge puts its own BOS first, and gen-PPL is that of those ids."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(PASSAGES * 20, vocab_size=300, special_tokens=['<s>', '</s>'], show_progress=False)
+    bpe._tokenizer.post_processor = processors.TemplateProcessing(single='<s> $A', special_tokens=[('<s>', 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token='<s>', eos_token='</s>')
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    tok.save_pretrained(tmp / 'own_tok')
+    m.save_pretrained(tmp / 'own_tok')
+    judge = E.LM(str(tmp / 'own_tok'))
+    assert tok('The dog')['input_ids'][0] == 0 and judge.tok.encode('The dog') == tok('The dog')['input_ids'][1:]
+    assert (judge.bos, judge.eos, judge.tok_name) == (0, 1, str(tmp / 'own_tok'))
+    tokens = np.array([[256, *b'The old man walked his dog'], [256, *b'She fed the hungry cat too']])
+    r = E.gen_ppl(judge, tokens, 'byte')
+    with torch.no_grad():
+        nll = [direct_nll(m(ids).logits, ids).item() for ids in
+               (torch.tensor([[0] + judge.tok.encode(bytes(row[1:].tolist()).decode())]) for row in tokens)]
+    assert r['retokenized'] and r['gen_ppl'] == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
+
+
 def test_closer_is_a_paired_comparison():
     # hand-made: ref below both, so gain = mean(a - b); g = a - b = [0.1, 0.3, 0.2] -> mean 0.2, s.e. 0.1 / sqrt(3)
     gain, margin = E.closer([3.0, 3.0, 3.0], [3.4, 3.6, 3.5], [3.3, 3.3, 3.3])
