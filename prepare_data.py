@@ -143,8 +143,11 @@ def read_local(path, args, issues):
         piece = piece.strip(b"\r\n")  # line breaks around a document are framing, not content
         if not piece.strip():
             continue
-        text = piece.decode("utf-8", errors="replace")
-        issues["not_utf8"] += text.encode("utf-8") != piece  # (invalid bytes became U+FFFD)
+        try:
+            text = piece.decode("utf-8")
+        except UnicodeDecodeError:  # (only such a document pays for a second decode)
+            text = piece.decode("utf-8", errors="replace")
+            issues["not_utf8"] += 1
         if jsonl:
             obj, bad = parse_line(text, {args.text_field: str})  # (the project's one JSON-lines check)
             if bad and not args.skip_bad_lines:

@@ -69,7 +69,11 @@ class DiffusionLM(torch.nn.Module):
     """A DiT with its tokenizer, special ids (meta) and name; as `backbone`, state_dict() has the published keys."""
     def __init__(self, backbone, name='model'):
         super().__init__()
-        self.backbone, self.name, self.meta = backbone, name, backbone.meta  # (one dict: the backbone's)
+        self.backbone, self.name = backbone, name
+
+    @property
+    def meta(self):  # the backbone's, never a copy that could fall behind it
+        return self.backbone.meta
 
     @property
     def device(self):
